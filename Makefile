@@ -1,0 +1,69 @@
+# The README's two commands: `make demo` and `make test`. Each makes .venv when needed, installs torch and
+# the project into it (the extension built with --no-build-isolation), then runs.
+# SYSTEM_TORCH=1 uses the python on PATH and the torch (>= 2.11) already installed there: no download.
+
+PYTHON ?= python3
+VENV ?= .venv
+SYSTEM_TORCH ?= 0
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+PIP_DEPS ?= ninja pybind11 triton tqdm scikit-learn matplotlib pytest pytest-benchmark expecttest pyautoattack torchattacks
+MAX_JOBS ?= 2
+CMAKE_BUILD ?= build-cmake
+
+ifeq ($(SYSTEM_TORCH),1)
+PY := $(PYTHON)
+STAMP := build/.installed-system
+else
+PY := $(abspath $(VENV))/bin/python
+STAMP := $(VENV)/.installed
+endif
+
+SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py pyproject.toml
+
+.PHONY: install test test-python test-triton test-cpp demo bench clean
+
+install: $(STAMP)
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip "setuptools>=64" wheel
+
+ifeq ($(SYSTEM_TORCH),1)
+$(STAMP): $(SOURCES)
+	@$(PY) -c "import torch, sys; v = tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]); sys.exit(0 if v >= (2, 11) else 'SYSTEM_TORCH=1 needs torch >= 2.11, found ' + torch.__version__)"
+	MAX_JOBS=$(MAX_JOBS) $(PY) -m pip install --no-build-isolation --no-deps -e .
+	mkdir -p build && touch $@
+else
+$(STAMP): $(SOURCES) | $(VENV)/bin/python
+	$(PY) -m pip install -q $(TORCH_SPEC) $(PIP_DEPS)
+	MAX_JOBS=$(MAX_JOBS) $(PY) -m pip install -q --no-build-isolation -e .
+	touch $@
+endif
+
+test: install test-python test-triton test-cpp
+
+test-python: install
+	$(PY) -m pytest -q tests
+
+# Triton kernels on CPU run under the interpreter, which must be switched on before triton is imported:
+# a process of their own.
+test-triton: install
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/triton
+
+# The CMake build of the same kernels against libtorch, with the C++ test run by ctest (CPU only unless a
+# CUDA compiler is found), in its own build directory and process.
+test-cpp: install
+	cmake -S . -B $(CMAKE_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release \
+	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" \
+	  -DPython_EXECUTABLE=$(PY) -DCMAKE_MAKE_PROGRAM="$$($(PY) -c 'import ninja, os; print(os.path.join(ninja.BIN_DIR, "ninja"))')"
+	cmake --build $(CMAKE_BUILD) -j $(MAX_JOBS)
+	cd $(CMAKE_BUILD) && ctest --output-on-failure
+
+demo: install
+	$(PY) -m rkd_fast demo
+
+bench: install
+	$(PY) -m pytest benchmarks --benchmark-only
+
+clean:
+	rm -rf build $(CMAKE_BUILD) rkd_fast/_C*.so rkd_fast/_build_info.py *.egg-info

@@ -1,0 +1,92 @@
+"""What every op shares: argument checks that raise clear Python errors, and the choice of backend."""
+
+import os
+
+import torch
+
+from .. import _extension
+
+BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_choice(name, value, choices):
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(map(repr, choices))}")
+
+
+def check_float_tensor(name, value):
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16 or float64), "
+                        f"got {value.dtype}")
+    if value.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"{name} has unsupported dtype {value.dtype}")
+
+
+def check_same_device(**tensors):
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise ValueError(f"inputs must be on the same device, got {listing}")
+
+
+def _gpu_verified(op_name, backend):
+    return backend in _extension.GPU_VERIFIED.get(op_name, ())
+
+
+def backend_status(op_name, backend, device_type):
+    """None when `backend` can run `op_name` on `device_type`, otherwise the reason it cannot."""
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        if device_type != "cpu":
+            return f"the 'cpu' backend takes CPU tensors, got {device_type} tensors"
+        _extension.load_extension()
+        return None if _extension.extension_loaded() else _extension.extension_reason()
+    if backend == "cuda":
+        if device_type != "cuda":
+            return f"the 'cuda' backend takes CUDA tensors, got {device_type} tensors"
+        _extension.load_extension()
+        if not _extension.extension_loaded():
+            return _extension.extension_reason()
+        return None if _extension.extension_has_cuda() else "extension built without CUDA kernels"
+    if backend == "triton":
+        ok, reason = _extension.triton_available()
+        if not ok:
+            return reason
+        if device_type == "cpu" and not _triton_interpreting():
+            return "Triton runs CPU tensors only under TRITON_INTERPRET=1"
+        if device_type not in ("cpu", "cuda"):
+            return f"Triton does not run {device_type} tensors"
+        return None
+    return f"unknown backend {backend!r}"
+
+
+def _triton_interpreting():
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def auto_backend(op_name, device_type):
+    """(backend, why) that `backend="auto"` uses on this device type."""
+    if device_type == "cpu":
+        if backend_status(op_name, "cpu", "cpu") is None:
+            return "cpu", "C++ kernel (fastest on CPU, see README benchmarks)"
+        return "reference", f"C++ kernel unavailable: {_extension.extension_reason()}"
+    if device_type == "cuda":
+        for backend in ("cuda", "triton"):
+            if _gpu_verified(op_name, backend) and backend_status(op_name, backend, "cuda") is None:
+                return backend, f"{backend} kernel verified on a GPU"
+        return "reference", "no GPU kernel of this op has passed the GPU tests on a real GPU yet"
+    return "reference", f"no fused kernel for {device_type} tensors"
+
+
+def choose_backend(op_name, backend, device):
+    check_choice("backend", backend, BACKENDS)
+    if backend == "auto":
+        return auto_backend(op_name, device.type)[0]
+    reason = backend_status(op_name, backend, device.type)
+    if reason is not None:
+        raise RuntimeError(f"{op_name}: backend {backend!r} is unavailable: {reason}")
+    return backend

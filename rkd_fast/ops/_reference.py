@@ -1,0 +1,46 @@
+"""Pure PyTorch definitions of every op: the oracle the tests compare kernels against, and the fallback when no
+kernel serves a device. Written for clarity, not speed. Each computes in float32 (float64 for float64 inputs)
+and returns per-sample losses reduced as asked (float32; float64 when an input is float64); autograd gives
+the gradients, in each input's dtype."""
+
+import torch
+
+NORM_EPS = 1e-12  # the floor of ‖x‖ in the normalisations, as in torch.nn.functional.normalize
+
+
+def accumulation_dtype(*tensors):
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def reduce(losses, reduction):
+    if reduction == "mean":
+        return losses.mean()
+    if reduction == "sum":
+        return losses.sum()
+    return losses
+
+
+def _normalize_rows(x):
+    return x / x.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
+
+
+def attention_map(features, p):
+    """Σ_c |F[c]|^p over channels of (N, C, H, W) features, flattened to (N, H·W) and L2-normalised."""
+    a = features.abs().pow(p).sum(dim=1).flatten(1)
+    return _normalize_rows(a)
+
+
+def feature_distance(student, teacher, mode="normalized", p=2.0, reduction="mean"):
+    acc = accumulation_dtype(student, teacher)
+    s, t = student.to(acc), teacher.to(acc)
+    n = s.shape[0]
+    if mode == "mse":
+        losses = (s - t).pow(2).reshape(n, -1).mean(dim=1)
+    elif mode == "normalized":
+        diff = _normalize_rows(s.reshape(n, -1)) - _normalize_rows(t.reshape(n, -1))
+        losses = diff.pow(2).sum(dim=1)
+    elif mode == "attention":
+        losses = (attention_map(s, p) - attention_map(t, p)).pow(2).sum(dim=1)
+    else:
+        raise ValueError(f"unknown mode {mode!r}")
+    return reduce(losses, reduction)

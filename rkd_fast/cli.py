@@ -1,0 +1,40 @@
+"""`rkd-fast <command>` (also `python -m rkd_fast <command>`).
+
+Each command lives in its own module, which provides `add_arguments(parser)` and `run(args) -> int`; this file
+only wires them to argparse, importing a module when its command runs."""
+
+import argparse
+import importlib
+import importlib.util
+import sys
+
+COMMANDS = {
+    "demo": ("rkd_fast.demo", "train a robust teacher and students on the embedded digits data, evaluate, plot"),
+    "train": ("rkd_fast.train.cli", "train a model (natural, kd, robust-kd, pgd-at, ...)"),
+    "export": ("rkd_fast.train.export", "write the student of a training checkpoint as a model file"),
+    "eval": ("rkd_fast.attacks.cli", "evaluate a model file against white-box attacks"),
+    "bench": ("rkd_fast.bench.cli", "benchmark the fused ops and training steps, write a report"),
+}
+
+
+def _available():
+    return {name: spec for name, spec in COMMANDS.items() if importlib.util.find_spec(spec[0]) is not None}
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="rkd-fast", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in _available().items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(command)
+        command.set_defaults(_module=module)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    return importlib.import_module(args._module).run(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

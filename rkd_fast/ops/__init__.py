@@ -2,11 +2,12 @@
 
 from .. import _extension
 from ._dispatch import BACKENDS, auto_backend, backend_status
+from .fd_jacobian import fd_jacobian_loss
 from .feature_distance import feature_distance
 
 _extension.load_extension()
 
-OPS = ("feature_distance",)
+OPS = ("feature_distance", "fd_jacobian")
 
 
 def backends():

@@ -32,6 +32,15 @@ def check_same_device(**tensors):
         raise ValueError(f"inputs must be on the same device, got {listing}")
 
 
+def _kernel_registered(op_name, dispatch_key):
+    # An extension built before an op's kernels existed loads fine but has no kernel for it: the op would fail
+    # with NotImplementedError, so the backend counts as unavailable.
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"rkd_fast::{op_name}_fwd", dispatch_key)
+    except RuntimeError:  # the op's schema is not defined
+        return False
+
+
 def _gpu_verified(op_name, backend):
     return backend in _extension.GPU_VERIFIED.get(op_name, ())
 
@@ -44,14 +53,22 @@ def backend_status(op_name, backend, device_type):
         if device_type != "cpu":
             return f"the 'cpu' backend takes CPU tensors, got {device_type} tensors"
         _extension.load_extension()
-        return None if _extension.extension_loaded() else _extension.extension_reason()
+        if not _extension.extension_loaded():
+            return _extension.extension_reason()
+        if not _kernel_registered(op_name, "CPU"):
+            return "the loaded extension has no CPU kernel for this op; rebuild it"
+        return None
     if backend == "cuda":
         if device_type != "cuda":
             return f"the 'cuda' backend takes CUDA tensors, got {device_type} tensors"
         _extension.load_extension()
         if not _extension.extension_loaded():
             return _extension.extension_reason()
-        return None if _extension.extension_has_cuda() else "extension built without CUDA kernels"
+        if not _extension.extension_has_cuda():
+            return "extension built without CUDA kernels"
+        if not _kernel_registered(op_name, "CUDA"):
+            return "the loaded extension has no CUDA kernel for this op; rebuild it"
+        return None
     if backend == "triton":
         ok, reason = _extension.triton_available()
         if not ok:
@@ -71,9 +88,10 @@ def _triton_interpreting():
 def auto_backend(op_name, device_type):
     """(backend, why) that `backend="auto"` uses on this device type."""
     if device_type == "cpu":
-        if backend_status(op_name, "cpu", "cpu") is None:
+        reason = backend_status(op_name, "cpu", "cpu")
+        if reason is None:
             return "cpu", "C++ kernel (fastest on CPU, see README benchmarks)"
-        return "reference", f"C++ kernel unavailable: {_extension.extension_reason()}"
+        return "reference", f"C++ kernel unavailable: {reason}"
     if device_type == "cuda":
         for backend in ("cuda", "triton"):
             if _gpu_verified(op_name, backend) and backend_status(op_name, backend, "cuda") is None:

@@ -44,3 +44,24 @@ def feature_distance(student, teacher, mode="normalized", p=2.0, reduction="mean
     else:
         raise ValueError(f"unknown mode {mode!r}")
     return reduce(losses, reduction)
+
+
+def fd_jacobian(s_clean, s_pert, h, t_clean=None, t_pert=None, on="logits", temperature=1.0, reduction="mean"):
+    """Finite-difference Jacobian term. g = identity (on="logits") or softmax(·/temperature) (on="probs");
+    per sample ‖(g(s_pert) - g(s_clean))/h - (g(t_pert) - g(t_clean))/h‖² with a teacher, and
+    ‖(g(s_pert) - g(s_clean))/h‖² without. The teacher is a constant (detached); h is a number or a tensor
+    of shape () or (N,), and receives a gradient when it requires one."""
+    acc = accumulation_dtype(s_clean, s_pert, t_clean, t_pert)
+
+    def g(x):
+        x = x.to(acc)
+        return x if on == "logits" else torch.softmax(x / temperature, dim=1)
+
+    if on not in ("logits", "probs"):
+        raise ValueError(f"unknown on {on!r}")
+    h = torch.as_tensor(h, device=s_clean.device).to(acc)
+    h = h.reshape(-1, 1) if h.dim() == 1 else h
+    diff = (g(s_pert) - g(s_clean)) / h
+    if t_clean is not None:
+        diff = diff - (g(t_pert.detach()) - g(t_clean.detach())) / h
+    return reduce(diff.pow(2).sum(dim=1), reduction)

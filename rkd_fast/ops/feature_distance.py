@@ -140,10 +140,11 @@ def feature_distance(student, teacher, *, mode="normalized", p=2, reduction="mea
     """
     _check(student, teacher, mode, p, reduction)
     chosen = choose_backend("feature_distance", backend, student.device)
-    if chosen == "reference":
-        return _reference.feature_distance(student, teacher, mode=mode, p=float(p), reduction=reduction)
+    # Before the backend split, so every backend gives the same result (and result dtype) for mixed dtypes.
     if teacher.dtype != student.dtype:
         teacher = teacher.to(student.dtype)
+    if chosen == "reference":
+        return _reference.feature_distance(student, teacher, mode=mode, p=float(p), reduction=reduction)
     student, teacher = _kernel_layouts(student, teacher, mode)
     grad_enabled = torch.is_grad_enabled()
     op = torch.ops.rkd_fast.feature_distance_fwd_triton if chosen == "triton" else torch.ops.rkd_fast.feature_distance_fwd

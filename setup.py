@@ -42,7 +42,7 @@ def _want_cuda():
 def _cpu_flags():
     """at::vec picks its SIMD width from CPU_CAPABILITY_* macros; PyTorch builds kernels per capability and
     dispatches at run time, we build once for the build machine (a source install)."""
-    flags = ["-O3", "-std=c++17"]
+    flags = ["-O3"]  # no -std: cpp_extension adds the standard this torch's headers need (C++20 for 2.14)
     if os.environ.get("RKD_FAST_CPU_ARCH", "") == "generic" or platform.machine() not in ("x86_64", "AMD64"):
         return flags
     try:
@@ -53,6 +53,12 @@ def _cpu_flags():
     if {"avx2", "fma", "f16c"} <= cpu_flags:
         flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
     return flags
+
+
+def _openmp_flags():
+    """at::parallel_for is a header template that runs on one thread unless the extension itself is compiled
+    with OpenMP (ATen/ParallelOpenMP.h); the link resolves libgomp.so.1 to the copy torch has already loaded."""
+    return ["-fopenmp"] if platform.system() == "Linux" and torch.backends.openmp.is_available() else []
 
 
 def _write_build_info(with_cuda):
@@ -67,7 +73,7 @@ def _write_build_info(with_cuda):
 def extensions():
     with_cuda = _want_cuda()
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    extra = {"cxx": _cpu_flags()}
+    extra = {"cxx": _cpu_flags() + _openmp_flags()}
     define_macros = []
     if with_cuda:
         home = _find_nvcc()
@@ -76,15 +82,15 @@ def extensions():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        extra["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo", "-std=c++17"]
+        extra["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo"]
         define_macros.append(("RKD_FAST_WITH_CUDA", None))
         ext = cpp_extension.CUDAExtension
     else:
         ext = cpp_extension.CppExtension
     _write_build_info(with_cuda)
     print(f"rkd_fast: building {'CPU + CUDA' if with_cuda else 'CPU'} kernels from {len(sources)} sources")
-    return [ext("rkd_fast._C", sources, extra_compile_args=extra, define_macros=define_macros,
-                include_dirs=[os.path.join(ROOT, "csrc")])]
+    return [ext("rkd_fast._C", sources, extra_compile_args=extra, extra_link_args=_openmp_flags(),
+                define_macros=define_macros, include_dirs=[os.path.join(ROOT, "csrc")])]
 
 
 setup(

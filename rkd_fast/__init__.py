@@ -1,6 +1,13 @@
 """rkd_fast: robust knowledge distillation with fused feature-map and finite-difference Jacobian losses."""
 
+from . import attacks
+from .attacks import evaluate
+from .checkpoint import load_model, save_model
+from .jacobian import jacobian_penalty
 from .ops import backends, fd_jacobian_loss, feature_distance
+from .losses import RobustKDLoss
+from . import train
 
-__all__ = ["backends", "fd_jacobian_loss", "feature_distance"]
+__all__ = ["attacks", "evaluate", "load_model", "save_model", "backends", "fd_jacobian_loss", "feature_distance",
+           "jacobian_penalty", "RobustKDLoss", "train"]
 __version__ = "0.1.0"

@@ -32,6 +32,7 @@ def check_same_device(**tensors):
         raise ValueError(f"inputs must be on the same device, got {listing}")
 
 
+@torch.compiler.assume_constant_result  # a fact about the loaded library: torch.compile reads it at trace time
 def _kernel_registered(op_name, dispatch_key):
     # An extension built before an op's kernels existed loads fine but has no kernel for it: the op would fail
     # with NotImplementedError, so the backend counts as unavailable.

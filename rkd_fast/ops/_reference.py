@@ -3,6 +3,8 @@ kernel serves a device. Written for clarity, not speed. Each computes in float32
 and returns per-sample losses reduced as asked (float32; float64 when an input is float64); autograd gives
 the gradients, in each input's dtype."""
 
+import math
+
 import torch
 
 NORM_EPS = 1e-12  # the floor of ‖x‖ in the normalisations, as in torch.nn.functional.normalize
@@ -33,11 +35,11 @@ def attention_map(features, p):
 def feature_distance(student, teacher, mode="normalized", p=2.0, reduction="mean"):
     acc = accumulation_dtype(student, teacher)
     s, t = student.to(acc), teacher.to(acc)
-    n = s.shape[0]
+    rows = (s.shape[0], math.prod(s.shape[1:]))  # (N, K), also for N = 0, where reshape(N, -1) is ambiguous
     if mode == "mse":
-        losses = (s - t).pow(2).reshape(n, -1).mean(dim=1)
+        losses = (s - t).pow(2).reshape(rows).mean(dim=1)
     elif mode == "normalized":
-        diff = _normalize_rows(s.reshape(n, -1)) - _normalize_rows(t.reshape(n, -1))
+        diff = _normalize_rows(s.reshape(rows)) - _normalize_rows(t.reshape(rows))
         losses = diff.pow(2).sum(dim=1)
     elif mode == "attention":
         losses = (attention_map(s, p) - attention_map(t, p)).pow(2).sum(dim=1)
@@ -59,7 +61,7 @@ def fd_jacobian(s_clean, s_pert, h, t_clean=None, t_pert=None, on="logits", temp
 
     if on not in ("logits", "probs"):
         raise ValueError(f"unknown on {on!r}")
-    h = torch.as_tensor(h, device=s_clean.device).to(acc)
+    h = h.to(acc) if isinstance(h, torch.Tensor) else torch.tensor(h, dtype=acc, device=s_clean.device)
     h = h.reshape(-1, 1) if h.dim() == 1 else h
     diff = (g(s_pert) - g(s_clean)) / h
     if t_clean is not None:

@@ -11,6 +11,7 @@ loss_i = ‖D_i‖² / h_i², so d loss_i / d h_i = -2 loss_i / h_i.
 """
 
 import math
+from typing import Optional  # custom_op maps Optional[Tensor] to `Tensor?`
 
 import torch
 
@@ -36,8 +37,8 @@ def _fake(s_clean, s_pert, h, t_clean, t_pert, on, temperature, grad_clean, grad
 
 
 @torch.library.custom_op("rkd_fast::fd_jacobian_fwd_triton", mutates_args=())
-def _triton_fwd(s_clean: torch.Tensor, s_pert: torch.Tensor, h: torch.Tensor, t_clean: torch.Tensor | None,
-                t_pert: torch.Tensor | None, on: int, temperature: float, grad_clean: bool,
+def _triton_fwd(s_clean: torch.Tensor, s_pert: torch.Tensor, h: torch.Tensor, t_clean: Optional[torch.Tensor],
+                t_pert: Optional[torch.Tensor], on: int, temperature: float, grad_clean: bool,
                 grad_pert: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from .triton import fd_jacobian as kernel  # imports triton only when this backend runs
     return kernel.forward(s_clean, s_pert, h, t_clean, t_pert, on, temperature, grad_clean, grad_pert)
@@ -123,19 +124,6 @@ def _rows_in_place(x):
     return x if x.shape[1] <= 1 or x.stride(1) == 1 else x.contiguous()
 
 
-def _choose(backend, device):
-    chosen = choose_backend("fd_jacobian", backend, device)
-    # An extension built before this op's kernels existed loads fine but has no kernel for it: say so, or let
-    # "auto" use the reference.
-    if chosen in ("cpu", "cuda") and not torch._C._dispatch_has_kernel_for_dispatch_key(
-            "rkd_fast::fd_jacobian_fwd", chosen.upper()):
-        if backend == "auto":
-            return "reference"
-        raise RuntimeError(f"fd_jacobian: backend {backend!r} is unavailable: the loaded extension has no "
-                           f"{chosen} kernel for this op; rebuild it")
-    return chosen
-
-
 def fd_jacobian_loss(s_clean, s_pert, h, *, t_clean=None, t_pert=None, on="logits", temperature=1.0,
                      reduction="mean", backend="auto"):
     """Finite-difference estimate of the input-Jacobian term along one direction, per sample.
@@ -166,18 +154,22 @@ def fd_jacobian_loss(s_clean, s_pert, h, *, t_clean=None, t_pert=None, on="logit
     Gradients to ``s_clean`` and ``s_pert`` come back in each one's dtype.
     """
     _check(s_clean, s_pert, h, t_clean, t_pert, on, temperature, reduction)
-    chosen = _choose(backend, s_clean.device)
-    if chosen == "reference":
-        return _reference.fd_jacobian(s_clean, s_pert, h, t_clean, t_pert, on=on, temperature=float(temperature),
-                                      reduction=reduction)
+    chosen = choose_backend("fd_jacobian", backend, s_clean.device)
     teacher = (t_clean, t_pert) if t_clean is not None else ()
     dtype = s_clean.dtype
     for t in (s_pert,) + teacher:
         dtype = torch.promote_types(dtype, t.dtype)
-    # The casts are differentiable: the student's gradient returns to each input in its own dtype.
-    s_clean, s_pert = _rows_in_place(s_clean.to(dtype)), _rows_in_place(s_pert.to(dtype))
+    # Before the backend split, so every backend gives the same result for mixed dtypes. The casts are
+    # differentiable: the student's gradient returns to each input in its own dtype.
+    s_clean, s_pert = s_clean.to(dtype), s_pert.to(dtype)
     if t_clean is not None:  # a constant target: detached, so no gradient reaches it
-        t_clean, t_pert = (_rows_in_place(t.detach().to(dtype)) for t in (t_clean, t_pert))
+        t_clean, t_pert = t_clean.detach().to(dtype), t_pert.detach().to(dtype)
+    if chosen == "reference":
+        return _reference.fd_jacobian(s_clean, s_pert, h, t_clean, t_pert, on=on, temperature=float(temperature),
+                                      reduction=reduction)
+    s_clean, s_pert = _rows_in_place(s_clean), _rows_in_place(s_pert)
+    if t_clean is not None:
+        t_clean, t_pert = _rows_in_place(t_clean), _rows_in_place(t_pert)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     n = s_clean.shape[0]
     if isinstance(h, torch.Tensor):

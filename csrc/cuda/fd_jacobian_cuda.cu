@@ -1,0 +1,228 @@
+// CUDA kernel of rkd_fast::fd_jacobian_fwd (schema in rkd_fast/ops/fd_jacobian.py; CPU twin in
+// csrc/cpu/fd_jacobian.cpp).
+//
+// One warp per row (sample): K is small (10 to 1000), so each lane handles at most a few dozen elements and
+// the row reductions are warp shuffles, with no shared memory and no block-wide barriers. Math in fp32 (fp64
+// for fp64 inputs). With on="probs" the warp first finds each row's max and softmax normaliser (the max
+// subtracted, so exp never overflows); then one pass sums the loss (and the two dot products the softmax
+// gradient needs) and, when a gradient is asked for, a last pass writes it. Re-reads of a row hit L1/L2.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <tuple>
+
+#include "kernels.h"
+
+namespace rkd_fast {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kRowsPerBlock = 4;  // 4 warps (128 threads) per block, one row each
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_max(T v) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    const T other = __shfl_xor_sync(0xffffffffu, v, offset);
+    v = other > v ? other : v;
+  }
+  return v;
+}
+
+// Softmax statistics of one row: its max and 1 / Σ exp((x - max) / T).
+template <typename scalar_t, typename acc_t>
+__device__ void softmax_stats(const scalar_t* x, int64_t k, acc_t inv_t, int lane, acc_t& row_max,
+                              acc_t& inv_sum) {
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t j = lane; j < k; j += kWarp) {
+    const acc_t v = static_cast<acc_t>(x[j]);
+    m = v > m ? v : m;
+  }
+  m = warp_max(m);
+  acc_t s = 0;
+  for (int64_t j = lane; j < k; j += kWarp) s += exp((static_cast<acc_t>(x[j]) - m) * inv_t);
+  row_max = m;
+  inv_sum = acc_t(1) / warp_sum(s);
+}
+
+template <typename scalar_t, typename acc_t, bool PROBS>
+__device__ __forceinline__ acc_t g(const scalar_t* x, int64_t j, acc_t row_max, acc_t inv_sum, acc_t inv_t) {
+  const acc_t v = static_cast<acc_t>(x[j]);
+  if constexpr (PROBS) {
+    return exp((v - row_max) * inv_t) * inv_sum;
+  } else {
+    return v;
+  }
+}
+
+template <typename scalar_t, bool PROBS, bool TEACHER>
+__global__ void fd_jacobian_rows(const scalar_t* __restrict__ sc, const scalar_t* __restrict__ sp,
+                                 const scalar_t* __restrict__ tc, const scalar_t* __restrict__ tp, int64_t sc_rs,
+                                 int64_t sp_rs, int64_t tc_rs, int64_t tp_rs,
+                                 const at::opmath_type<scalar_t>* __restrict__ h,
+                                 at::opmath_type<scalar_t>* __restrict__ losses, scalar_t* __restrict__ grad_c,
+                                 scalar_t* __restrict__ grad_p, int64_t n, int64_t k,
+                                 at::opmath_type<scalar_t> inv_t) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
+  if (row >= n) return;  // the whole warp leaves together, so the shuffles below stay full-warp
+  sc += row * sc_rs;
+  sp += row * sp_rs;
+  if constexpr (TEACHER) {
+    tc += row * tc_rs;
+    tp += row * tp_rs;
+  }
+  const acc_t inv_h = acc_t(1) / h[row];
+
+  acc_t m_sc = 0, z_sc = 1, m_sp = 0, z_sp = 1, m_tc = 0, z_tc = 1, m_tp = 0, z_tp = 1;
+  if constexpr (PROBS) {
+    softmax_stats(sc, k, inv_t, lane, m_sc, z_sc);
+    softmax_stats(sp, k, inv_t, lane, m_sp, z_sp);
+    if constexpr (TEACHER) {
+      softmax_stats(tc, k, inv_t, lane, m_tc, z_tc);
+      softmax_stats(tp, k, inv_t, lane, m_tp, z_tp);
+    }
+  }
+
+  // u = ((g(s') - g(s)) - (g(t') - g(t))) / h, loss = Σ u², v = d loss / d g(s') = 2u/h.
+  acc_t loss = 0, dot_c = 0, dot_p = 0;
+  for (int64_t j = lane; j < k; j += kWarp) {
+    const acc_t gc = g<scalar_t, acc_t, PROBS>(sc, j, m_sc, z_sc, inv_t);
+    const acc_t gp = g<scalar_t, acc_t, PROBS>(sp, j, m_sp, z_sp, inv_t);
+    acc_t diff = gp - gc;
+    if constexpr (TEACHER) {
+      diff -= g<scalar_t, acc_t, PROBS>(tp, j, m_tp, z_tp, inv_t) - g<scalar_t, acc_t, PROBS>(tc, j, m_tc, z_tc, inv_t);
+    }
+    const acc_t u = diff * inv_h;
+    loss += u * u;
+    const acc_t v = 2 * inv_h * u;
+    if constexpr (PROBS) {
+      dot_c += gc * v;
+      dot_p += gp * v;
+    } else {  // identity g: d loss / d s' = v, d loss / d s = -v
+      if (grad_p) grad_p[row * k + j] = static_cast<scalar_t>(v);
+      if (grad_c) grad_c[row * k + j] = static_cast<scalar_t>(-v);
+    }
+  }
+  loss = warp_sum(loss);
+  if (lane == 0) losses[row] = loss;
+
+  if constexpr (PROBS) {
+    if (grad_c == nullptr && grad_p == nullptr) return;
+    // Softmax g with p = softmax(x/T): d loss / d x = p ⊙ (w - <p, w>) / T for an upstream gradient w.
+    const acc_t a_c = warp_sum(dot_c), a_p = warp_sum(dot_p);
+    for (int64_t j = lane; j < k; j += kWarp) {
+      const acc_t gc = g<scalar_t, acc_t, PROBS>(sc, j, m_sc, z_sc, inv_t);
+      const acc_t gp = g<scalar_t, acc_t, PROBS>(sp, j, m_sp, z_sp, inv_t);
+      acc_t diff = gp - gc;
+      if constexpr (TEACHER) {
+        diff -= g<scalar_t, acc_t, PROBS>(tp, j, m_tp, z_tp, inv_t) -
+                g<scalar_t, acc_t, PROBS>(tc, j, m_tc, z_tc, inv_t);
+      }
+      const acc_t v = 2 * inv_h * (diff * inv_h);
+      if (grad_p) grad_p[row * k + j] = static_cast<scalar_t>(gp * (v - a_p) * inv_t);
+      if (grad_c) grad_c[row * k + j] = static_cast<scalar_t>(gc * (a_c - v) * inv_t);
+    }
+  }
+}
+
+template <typename scalar_t, bool PROBS, bool TEACHER>
+void launch(const at::Tensor& s_clean, const at::Tensor& s_pert, const at::Tensor* t_clean,
+            const at::Tensor* t_pert, const at::Tensor& h, at::Tensor& losses, scalar_t* grad_c, scalar_t* grad_p,
+            double temperature) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = s_clean.size(0), k = s_clean.size(1);
+  const int64_t blocks = (n + kRowsPerBlock - 1) / kRowsPerBlock;
+  const scalar_t* tc = TEACHER ? t_clean->const_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* tp = TEACHER ? t_pert->const_data_ptr<scalar_t>() : nullptr;
+  fd_jacobian_rows<scalar_t, PROBS, TEACHER>
+      <<<static_cast<unsigned int>(blocks), kRowsPerBlock * kWarp, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          s_clean.const_data_ptr<scalar_t>(), s_pert.const_data_ptr<scalar_t>(), tc, tp, s_clean.stride(0),
+          s_pert.stride(0), TEACHER ? t_clean->stride(0) : 0, TEACHER ? t_pert->stride(0) : 0,
+          h.const_data_ptr<acc_t>(), losses.data_ptr<acc_t>(), grad_c, grad_p, n, k,
+          static_cast<acc_t>(1.0 / temperature));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void check_rows(const char* name, const at::Tensor& x, const at::Tensor& ref) {
+  TORCH_CHECK(x.is_cuda() && x.device() == ref.device(), "fd_jacobian_fwd: ", name, " must be on ",
+              ref.device(), ", got ", x.device());
+  TORCH_CHECK(x.dim() == 2 && x.sizes() == ref.sizes(), "fd_jacobian_fwd: ", name, " must have shape ",
+              ref.sizes(), ", got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == ref.scalar_type(), "fd_jacobian_fwd: ", name, " must have dtype ",
+              ref.scalar_type(), ", got ", x.scalar_type());
+  TORCH_CHECK(x.size(1) <= 1 || x.stride(1) == 1, "fd_jacobian_fwd: ", name, " rows must be unit-stride");
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fd_jacobian_fwd_cuda(
+    const at::Tensor& s_clean, const at::Tensor& s_pert, const at::Tensor& h,
+    const std::optional<at::Tensor>& t_clean, const std::optional<at::Tensor>& t_pert, int64_t on,
+    double temperature, bool grad_clean, bool grad_pert) {
+  TORCH_CHECK(s_clean.dim() == 2, "fd_jacobian_fwd: s_clean must be 2-D (N, K), got ", s_clean.sizes());
+  TORCH_CHECK(at::isFloatingType(s_clean.scalar_type()), "fd_jacobian_fwd: inputs must be floating point");
+  check_rows("s_clean", s_clean, s_clean);
+  check_rows("s_pert", s_pert, s_clean);
+  TORCH_CHECK(t_clean.has_value() == t_pert.has_value(),
+              "fd_jacobian_fwd: give both t_clean and t_pert or neither");
+  const bool teacher = t_clean.has_value();
+  if (teacher) {
+    check_rows("t_clean", *t_clean, s_clean);
+    check_rows("t_pert", *t_pert, s_clean);
+  }
+  TORCH_CHECK(on == 0 || on == 1, "fd_jacobian_fwd: on must be 0 (logits) or 1 (probs), got ", on);
+  TORCH_CHECK(temperature > 0, "fd_jacobian_fwd: temperature must be > 0, got ", temperature);
+  const auto acc = s_clean.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t n = s_clean.size(0);
+  TORCH_CHECK(h.device() == s_clean.device() && h.dim() == 1 && h.size(0) == n && h.is_contiguous() &&
+                  h.scalar_type() == acc,
+              "fd_jacobian_fwd: h must be a contiguous tensor of shape (", n, ",) and dtype ", acc, " on ",
+              s_clean.device());
+
+  const c10::cuda::CUDAGuard guard(s_clean.device());
+  at::Tensor losses = at::empty({n}, s_clean.options().dtype(acc));
+  at::Tensor gc = grad_clean ? at::empty(s_clean.sizes(), s_clean.options()) : at::empty({0}, s_clean.options());
+  at::Tensor gp = grad_pert ? at::empty(s_pert.sizes(), s_pert.options()) : at::empty({0}, s_pert.options());
+  if (n == 0) return {losses, gc, gp};
+  const at::Tensor* tc = teacher ? &*t_clean : nullptr;
+  const at::Tensor* tp = teacher ? &*t_pert : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s_clean.scalar_type(), "fd_jacobian_fwd_cuda", [&] {
+    scalar_t* gc_ptr = grad_clean ? gc.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gp_ptr = grad_pert ? gp.data_ptr<scalar_t>() : nullptr;
+    if (on == 1) {
+      if (teacher) {
+        launch<scalar_t, true, true>(s_clean, s_pert, tc, tp, h, losses, gc_ptr, gp_ptr, temperature);
+      } else {
+        launch<scalar_t, true, false>(s_clean, s_pert, tc, tp, h, losses, gc_ptr, gp_ptr, temperature);
+      }
+    } else {
+      if (teacher) {
+        launch<scalar_t, false, true>(s_clean, s_pert, tc, tp, h, losses, gc_ptr, gp_ptr, temperature);
+      } else {
+        launch<scalar_t, false, false>(s_clean, s_pert, tc, tp, h, losses, gc_ptr, gp_ptr, temperature);
+      }
+    }
+  });
+  return {losses, gc, gp};
+}
+
+TORCH_LIBRARY_IMPL(rkd_fast, CUDA, m) {
+  m.impl("fd_jacobian_fwd", &fd_jacobian_fwd_cuda);
+}
+
+}  // namespace rkd_fast

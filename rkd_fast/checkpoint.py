@@ -1,0 +1,155 @@
+"""The model file format: what `rkd-fast eval` reads and `rkd-fast export` writes.
+
+One `torch.save`d dict, readable with ``torch.load(weights_only=True)`` (plain containers, numbers, strings and
+tensors only, so loading a file never runs code)::
+
+    format         "rkd_fast.model"
+    version        1
+    arch           name in rkd_fast.models.MODELS
+    kwargs         the constructor keyword arguments given to build_model
+    num_classes    number of logits
+    normalization  {"mean": [...], "std": [...]} of the model's InputNormalization, or None
+    state_dict     the weights, on CPU
+    meta           free-form metadata given to save_model (same plain types)
+    torch_version  the torch that wrote it
+"""
+
+import inspect
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .models import MODELS, InputNormalization, build_model
+
+FORMAT = "rkd_fast.model"
+VERSION = 1
+REQUIRED_KEYS = ("format", "version", "arch", "kwargs", "num_classes", "normalization", "state_dict", "meta")
+
+
+def _check_plain(name, value):
+    """Raises TypeError unless `value` is made of what weights_only loading accepts."""
+    # Exact types: subclasses (numpy scalars, torch's TorchVersion str) are not on weights_only's allow-list.
+    if value is None or type(value) in (str, bool, int, float) or isinstance(value, torch.Tensor):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_plain(f"{name}[{i}]", item)
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, (str, int)):
+                raise TypeError(f"{name} has a key of type {type(key).__name__}; use str or int keys")
+            _check_plain(f"{name}[{key!r}]", item)
+        return
+    raise TypeError(f"{name} is a {type(value).__name__}, which a weights_only load cannot read; store plain "
+                    f"numbers, strings, lists, dicts or tensors")
+
+
+def _num_classes(arch, kwargs, model):
+    params = inspect.signature(MODELS[arch]).parameters
+    if "num_classes" in kwargs:
+        return int(kwargs["num_classes"])
+    if "num_classes" in params and params["num_classes"].default is not inspect.Parameter.empty:
+        return int(params["num_classes"].default)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"cannot tell the number of classes of {arch!r}: no num_classes argument and no Linear layer")
+    return linears[-1].out_features
+
+
+def _normalization(model):
+    for module in model.modules():
+        if isinstance(module, InputNormalization):
+            return {"mean": module.mean.flatten().tolist(), "std": module.std.flatten().tolist()}
+    return None
+
+
+def save_model(model, path, **meta):
+    """Writes `model` (built with `rkd_fast.models.build_model`, which records its architecture name and
+    keyword arguments on it) to `path`, atomically: a temporary file in the same directory, fsync'd, then
+    renamed over `path`. ``meta``: extra plain metadata stored beside the weights (epoch, method, eps...)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    arch, kwargs = getattr(model, "rkd_arch", None), getattr(model, "rkd_kwargs", None)
+    if arch is None or kwargs is None:
+        raise ValueError("save_model needs a model built with rkd_fast.models.build_model(arch, **kwargs) "
+                         "(it records the architecture name and arguments the file must hold)")
+    if arch not in MODELS:
+        raise ValueError(f"model architecture {arch!r} is not registered in rkd_fast.models.MODELS")
+    _check_plain("the model's constructor kwargs", kwargs)
+    _check_plain("meta", meta)
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "arch": arch,
+        "kwargs": dict(kwargs),
+        "num_classes": _num_classes(arch, kwargs, model),
+        "normalization": _normalization(model),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "meta": dict(meta),
+        "torch_version": str(torch.__version__),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _reason(error):
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    detail = [line for line in lines if "WeightsUnpickler error" in line]  # the informative line, when there
+    return (detail or lines or ["no details"])[0]
+
+
+def read_model_file(path):
+    """The checked contents of a model file (the dict described above), loaded with weights_only=True."""
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as error:  # unpickling errors differ by cause and torch version; all mean "not ours"
+        raise ValueError(f"{path} is not an rkd_fast model file: torch.load(weights_only=True) failed "
+                         f"({type(error).__name__}: {_reason(error)})") from error
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an rkd_fast model file (no 'format': {FORMAT!r} entry); a raw state_dict "
+                         f"or a training checkpoint? `rkd-fast export` writes a model file from the latter")
+    missing = [key for key in REQUIRED_KEYS if key not in payload]
+    if missing:
+        raise ValueError(f"{path} is an incomplete rkd_fast model file: missing {', '.join(missing)}")
+    if not isinstance(payload["version"], int) or payload["version"] > VERSION:
+        raise ValueError(f"{path} has model file version {payload['version']!r}; this rkd_fast reads up to "
+                         f"version {VERSION}: upgrade rkd_fast")
+    if payload["arch"] not in MODELS:
+        raise ValueError(f"{path} holds architecture {payload['arch']!r}, which is not registered; available: "
+                         f"{', '.join(sorted(MODELS))}")
+    return payload
+
+
+def load_model(path, device=None):
+    """The model stored in `path` by `save_model`, on `device` (default CPU), in eval mode.
+
+    The file's metadata is on the model as ``model.rkd_meta`` (meta, num_classes, normalization)."""
+    payload = read_model_file(path)
+    model = build_model(payload["arch"], **payload["kwargs"])
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as error:
+        raise ValueError(f"{path}: the weights do not fit {payload['arch']}({payload['kwargs']}): {error}") from error
+    model.rkd_meta = {"meta": payload["meta"], "num_classes": payload["num_classes"],
+                      "normalization": payload["normalization"]}
+    if device is not None:
+        model.to(device)
+    return model.eval()

@@ -1,0 +1,304 @@
+"""RobustKDLoss: the robust knowledge-distillation objective for one training step.
+
+    total = ce_weight · CE(student(x), y)
+          + kd_weight · T² · KL(softmax(teacher(x)/T) ‖ softmax(student(x)/T))
+          + feat_weight · mean over feature pairs of feature_distance(adapter(F_s), F_t)
+          + jac_weight · jacobian_penalty(student, x, teacher=teacher, ...)
+
+Feature maps are captured with forward hooks on the named modules (model code is not changed). The hooks record
+only the clean forward of a step: they are armed before it and disarm themselves when the model's forward
+returns, so the perturbed forwards of the Jacobian term pass through unrecorded.
+
+The student and teacher are held by reference, not as submodules: `parameters()`, `state_dict()`, `.to()` and
+`.train()` of the loss see only the feature adapters.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .jacobian import jacobian_penalty
+from .ops.feature_distance import MODES as FEATURE_MODES
+from .ops.feature_distance import feature_distance
+
+# jacobian_penalty keyword arguments a caller may set through `jacobian={...}`; the loss supplies the others.
+JACOBIAN_OPTIONS = ("h", "direction", "norm", "on", "temperature", "fraction", "method")
+JACOBIAN_DEFAULTS = {"direction": "gaussian"}
+
+
+class FeatureAdapter(nn.Module):
+    """Maps a student feature to the teacher's shape: a 1×1 conv (or a linear map for 2-D features) where the
+    channel counts differ, then adaptive average pooling (student map larger) or bilinear interpolation
+    (smaller) where the spatial sizes differ."""
+
+    def __init__(self, student_shape, teacher_shape, *, map_channels=True):
+        super().__init__()
+        c_s, c_t = student_shape[1], teacher_shape[1]
+        self.size = tuple(teacher_shape[2:])
+        self.resize = tuple(student_shape[2:]) != self.size
+        self.pool = all(s >= t for s, t in zip(student_shape[2:], self.size))
+        if not map_channels or c_s == c_t:
+            self.proj = nn.Identity()
+        elif len(student_shape) == 4:
+            self.proj = nn.Conv2d(c_s, c_t, kernel_size=1, bias=False)
+        else:
+            self.proj = nn.Linear(c_s, c_t, bias=False)
+
+    def forward(self, x):
+        x = self.proj(x)
+        if self.resize:
+            x = F.adaptive_avg_pool2d(x, self.size) if self.pool else F.interpolate(
+                x, size=self.size, mode="bilinear", align_corners=False)
+        return x
+
+
+class _Capture:
+    """Hook state shared by the hooks of one model. Kept outside the loss so the hooks (owned by the model)
+    do not keep the loss alive."""
+
+    def __init__(self, count):
+        self.armed = False
+        self.features = [None] * count
+
+    def arm(self):
+        self.features = [None] * len(self.features)
+        self.armed = True
+
+
+def _named_modules(model, names, side):
+    modules = dict(model.named_modules())
+    missing = [name for name in names if name not in modules]
+    if missing:
+        available = ", ".join(repr(n) for n in modules if n) or "(none)"
+        raise ValueError(f"{side} has no module named {', '.join(map(repr, missing))}; available: {available}")
+    return [modules[name] for name in names]
+
+
+def _check_weight(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+class RobustKDLoss(nn.Module):
+    """The distillation loss of a student against a frozen teacher; ``total, terms = loss_fn(x, y)``.
+
+    Args:
+        student, teacher: models taking inputs in [0, 1] and returning logits. The teacher is frozen here
+            (``requires_grad_(False)``, eval mode) and always run under ``torch.no_grad()``.
+        feature_pairs: ``[(student_module_name, teacher_module_name), ...]`` whose outputs are matched by
+            the feature term. Where the shapes differ a student-side :class:`FeatureAdapter` is created now,
+            so an optimizer built from ``loss_fn.parameters()`` right after sees it.
+        example_input: a batch the shapes are read from (both models run on it once, in eval mode, under
+            no_grad). Needed when ``feature_pairs`` is not empty.
+        feature_mode: ``"normalized"``, ``"mse"`` or ``"attention"`` (see :func:`rkd_fast.feature_distance`).
+            Attention maps allow differing channel counts, so no channel adapter is made in that mode.
+        ce_weight, kd_weight, feat_weight, jac_weight: the terms' weights; a weight of 0 skips its term, and
+            when kd, feat and jac are all 0 the teacher is not run.
+        kd_temperature: T of the KD term (the term is multiplied by T²).
+        label_smoothing: of the cross-entropy term.
+        jacobian: keyword arguments of :func:`rkd_fast.jacobian.jacobian_penalty` (h, direction, norm, on,
+            temperature, fraction, method); ``direction`` defaults to ``"gaussian"``.
+
+    Returns ``(total, terms)``: ``total`` a 0-d float32 tensor with a gradient, ``terms`` a dict of detached
+    0-d tensors (``"ce"``, ``"kd"``, ``"feat"``, ``"jac"`` for the terms computed, and ``"total"``). Nothing
+    in the call reads a value back to the host.
+    """
+
+    def __init__(self, student, teacher, *, feature_pairs=(), example_input=None, feature_mode="normalized",
+                 ce_weight=1.0, kd_weight=1.0, kd_temperature=4.0, feat_weight=1.0, jac_weight=1.0,
+                 label_smoothing=0.0, jacobian=None):
+        super().__init__()
+        for name, model in (("student", student), ("teacher", teacher)):
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
+        if feature_mode not in FEATURE_MODES:
+            raise ValueError(f"unknown feature_mode {feature_mode!r}; expected one of {', '.join(FEATURE_MODES)}")
+        self.ce_weight = _check_weight("ce_weight", ce_weight)
+        self.kd_weight = _check_weight("kd_weight", kd_weight)
+        self.feat_weight = _check_weight("feat_weight", feat_weight)
+        self.jac_weight = _check_weight("jac_weight", jac_weight)
+        self.kd_temperature = _check_weight("kd_temperature", kd_temperature)
+        if self.kd_temperature == 0:
+            raise ValueError("kd_temperature must be > 0")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+        self.label_smoothing = float(label_smoothing)
+        self.feature_mode = feature_mode
+        jacobian = dict(jacobian or {})
+        unknown = sorted(set(jacobian) - set(JACOBIAN_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown jacobian option(s) {', '.join(unknown)}; allowed: {', '.join(JACOBIAN_OPTIONS)}")
+        self.jacobian = {**JACOBIAN_DEFAULTS, **jacobian}
+
+        # Held by reference (a tuple is not registered as a submodule): the loss's state_dict and train()
+        # never touch the models.
+        self._models = (student, teacher)
+        teacher.requires_grad_(False)
+        teacher.eval()
+
+        feature_pairs = [tuple(pair) for pair in feature_pairs]
+        if any(len(pair) != 2 or not all(isinstance(n, str) for n in pair) for pair in feature_pairs):
+            raise ValueError("feature_pairs must be (student_module_name, teacher_module_name) string pairs, "
+                             f"got {feature_pairs!r}")
+        if self.feat_weight == 0:
+            feature_pairs = []  # a skipped term needs neither hooks nor adapters
+        self.feature_pairs = feature_pairs
+        self._captures = (_Capture(len(feature_pairs)), _Capture(len(feature_pairs)))
+        self._hooks = []
+        if feature_pairs:
+            for side, model, names, capture in (("student", student, [p[0] for p in feature_pairs], self._captures[0]),
+                                                ("teacher", teacher, [p[1] for p in feature_pairs], self._captures[1])):
+                for i, module in enumerate(_named_modules(model, names, side)):
+                    self._hooks.append(module.register_forward_hook(_record_hook(capture, i)))
+                # Registered after the feature hooks and on the root, so it runs when the whole forward is done.
+                self._hooks.append(model.register_forward_hook(_disarm_hook(capture)))
+        elif self.feat_weight > 0:
+            raise ValueError("feat_weight > 0 needs feature_pairs (or set feat_weight=0)")
+
+        self.adapters = nn.ModuleList()
+        if example_input is not None:
+            self._inspect(example_input)
+        elif feature_pairs:
+            raise ValueError("example_input is needed to read the feature shapes and build the adapters")
+
+    @property
+    def student(self):
+        return self._models[0]
+
+    @property
+    def teacher(self):
+        return self._models[1]
+
+    @property
+    def uses_teacher(self):
+        return self.kd_weight > 0 or self.feat_weight > 0 or self.jac_weight > 0
+
+    def _inspect(self, example_input):
+        """Runs both models once on example_input (eval mode, no_grad; training flags restored) to check the
+        class counts agree and to build an adapter for each feature pair."""
+        student, teacher = self._models
+        was_training = student.training
+        try:
+            student.eval()
+            for capture in self._captures:
+                capture.arm()
+            with torch.no_grad():
+                s_logits = student(example_input)
+                t_logits = teacher(example_input) if self.uses_teacher else None
+        finally:
+            student.train(was_training)
+            for capture in self._captures:
+                capture.armed = False
+        if t_logits is not None and s_logits.shape[1:] != t_logits.shape[1:]:
+            raise ValueError(f"student and teacher disagree on the number of classes: student outputs "
+                             f"{tuple(s_logits.shape[1:])}, teacher {tuple(t_logits.shape[1:])}")
+        for (s_name, t_name), s_feat, t_feat in zip(self.feature_pairs, *[c.features for c in self._captures]):
+            s_shape, t_shape = tuple(s_feat.shape), tuple(t_feat.shape)
+            if len(s_shape) != len(t_shape) or len(s_shape) not in (2, 4):
+                raise ValueError(f"feature pair ({s_name!r}, {t_name!r}): student output {s_shape} and teacher "
+                                 f"output {t_shape} must both be (N, C) or (N, C, H, W)")
+            map_channels = self.feature_mode != "attention"
+            if s_shape[1:] == t_shape[1:] or (not map_channels and s_shape[2:] == t_shape[2:]):
+                self.adapters.append(nn.Identity())
+            else:
+                adapter = FeatureAdapter(s_shape, t_shape, map_channels=map_channels)
+                self.adapters.append(adapter.to(device=s_feat.device))
+        for capture in self._captures:
+            capture.features = [None] * len(capture.features)
+
+    def remove_hooks(self):
+        """Detaches the feature hooks from the models (the loss cannot compute the feature term after)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    def forward(self, x, y):
+        student, teacher = self._models
+        if teacher.training:  # someone called teacher.train(): BN statistics must stay frozen
+            teacher.eval()
+        s_capture, t_capture = self._captures
+        if self.feature_pairs:
+            s_capture.arm()
+            t_capture.arm()
+        terms = {}
+        total = None
+
+        def add(name, weight, value):
+            nonlocal total
+            value = value.float()
+            terms[name] = value.detach()
+            total = weight * value if total is None else total + weight * value
+
+        try:
+            if self.jac_weight > 0:
+                # One call makes the clean forwards of both models (recorded by the hooks) and the perturbed
+                # ones; the clean logits it returns serve the other terms.
+                jac, s_logits, t_logits = jacobian_penalty(student, x, y, teacher=teacher, reduction="mean",
+                                                           return_outputs=True, **self.jacobian)
+            else:
+                s_logits = student(x)
+                t_logits = None
+                if self.uses_teacher:
+                    with torch.no_grad():
+                        t_logits = teacher(x)
+        finally:
+            s_capture.armed = t_capture.armed = False
+        if t_logits is not None:
+            t_logits = t_logits.detach()
+            if t_logits.shape != s_logits.shape:
+                raise ValueError(f"student logits {tuple(s_logits.shape)} and teacher logits "
+                                 f"{tuple(t_logits.shape)} differ in shape (different class counts?)")
+
+        if self.ce_weight > 0:
+            add("ce", self.ce_weight, F.cross_entropy(s_logits.float(), y, label_smoothing=self.label_smoothing))
+        if self.kd_weight > 0:
+            add("kd", self.kd_weight, kd_loss(s_logits, t_logits, self.kd_temperature))
+        if self.feat_weight > 0:
+            add("feat", self.feat_weight, self._feature_term(x.shape[0]))
+        if self.jac_weight > 0:
+            add("jac", self.jac_weight, jac)
+        if total is None:  # every weight 0: a zero loss that still connects to the student's graph
+            total = s_logits.float().sum() * 0.0
+        terms["total"] = total.detach()
+        return total, terms
+
+    def _feature_term(self, batch):
+        s_feats, t_feats = self._captures[0].features, self._captures[1].features
+        losses = []
+        for (s_name, t_name), adapter, s_feat, t_feat in zip(self.feature_pairs, self.adapters, s_feats, t_feats):
+            if s_feat is None or t_feat is None:
+                raise RuntimeError(f"feature pair ({s_name!r}, {t_name!r}) was not recorded in the clean forward")
+            if s_feat.shape[0] != batch or t_feat.shape[0] != batch:
+                raise RuntimeError(f"feature pair ({s_name!r}, {t_name!r}): recorded batch sizes "
+                                   f"{s_feat.shape[0]}, {t_feat.shape[0]} differ from the input's {batch}")
+            losses.append(feature_distance(adapter(s_feat), t_feat.detach(), mode=self.feature_mode))
+        for capture in self._captures:  # drop the references so the activations can be freed
+            capture.features = [None] * len(capture.features)
+        return torch.stack(losses).mean()
+
+    def extra_repr(self):
+        return (f"ce_weight={self.ce_weight}, kd_weight={self.kd_weight}, kd_temperature={self.kd_temperature}, "
+                f"feat_weight={self.feat_weight}, jac_weight={self.jac_weight}, feature_mode={self.feature_mode!r}, "
+                f"feature_pairs={self.feature_pairs}, jacobian={self.jacobian}")
+
+
+def kd_loss(student_logits, teacher_logits, temperature):
+    """Hinton et al.'s distillation term: T² · KL(softmax(t/T) ‖ softmax(s/T)), batch mean, in float32."""
+    t = float(temperature)
+    log_p_s = F.log_softmax(student_logits.float() / t, dim=1)
+    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=1)
+    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
+
+
+def _record_hook(capture, index):
+    def hook(module, inputs, output):
+        if capture.armed:
+            capture.features[index] = output
+    return hook
+
+
+def _disarm_hook(capture):
+    def hook(module, inputs, output):
+        capture.armed = False
+    return hook

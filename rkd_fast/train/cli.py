@@ -1,0 +1,127 @@
+"""`rkd-fast train`: the command-line face of rkd_fast.train.train_model (same options, dashes for underscores)."""
+
+import dataclasses
+import sys
+
+from .config import DEFAULT_FEATURE_LAYER, FEATURE_MODES, METHODS, PRECISIONS, SCHEDULES, TrainConfig
+
+_D = TrainConfig()
+
+
+def add_arguments(parser):
+    run = parser.add_argument_group("run")
+    run.add_argument("--method", choices=METHODS, default=_D.method, help="training method (default: %(default)s)")
+    run.add_argument("--dataset", default=_D.dataset, help="data set (default: %(default)s)")
+    run.add_argument("--arch", default=_D.arch, help="student architecture (small_cnn, preact_resnet18, resnet18)")
+    run.add_argument("--width", type=int, default=_D.width, help="base width of the architecture (default: its own)")
+    run.add_argument("--teacher", metavar="PATH", default=_D.teacher,
+                     help="teacher model file (from `rkd-fast export`); kd and robust-kd need one")
+    run.add_argument("--teacher-arch", default=_D.teacher_arch, help="refuse a teacher file of another architecture")
+    run.add_argument("--epochs", type=int, default=_D.epochs)
+    run.add_argument("--batch-size", type=int, default=_D.batch_size)
+    run.add_argument("--seed", type=int, default=_D.seed)
+    run.add_argument("--deterministic", action="store_true",
+                     help="deterministic algorithms (bit-identical reruns and resumes on the same machine)")
+    run.add_argument("--device", default=_D.device, help="cpu, cuda, cuda:N or auto (default)")
+    run.add_argument("--precision", choices=PRECISIONS, default=_D.precision,
+                     help="fp32, bf16 autocast, or fp16 autocast with loss scaling (CUDA)")
+    run.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    run.add_argument("--compile", action="store_true", help="torch.compile the student")
+
+    opt = parser.add_argument_group("optimisation")
+    opt.add_argument("--lr", type=float, default=_D.lr)
+    opt.add_argument("--momentum", type=float, default=_D.momentum)
+    opt.add_argument("--nesterov", action="store_true")
+    opt.add_argument("--weight-decay", type=float, default=_D.weight_decay)
+    opt.add_argument("--schedule", choices=SCHEDULES, default=_D.schedule,
+                     help="learning-rate schedule, advanced every step (default: %(default)s)")
+    opt.add_argument("--milestones", type=int, nargs="+", default=list(_D.milestones), metavar="EPOCH",
+                     help="multistep: epochs at which the rate is multiplied by --gamma (default: 50%%, 75%%)")
+    opt.add_argument("--gamma", type=float, default=_D.gamma)
+    opt.add_argument("--label-smoothing", type=float, default=_D.label_smoothing)
+
+    attack = parser.add_argument_group("attack (pgd-at training and the robust validation)")
+    attack.add_argument("--eps", type=float, default=_D.eps, help="L∞ radius on [0, 1] pixels (digits: 0.1)")
+    attack.add_argument("--alpha", type=float, default=_D.alpha, help="PGD step (default: eps/4)")
+    attack.add_argument("--attack-steps", type=int, default=_D.attack_steps, help="PGD steps (default: %(default)s)")
+
+    loss = parser.add_argument_group("distillation loss (kd, robust-kd)")
+    loss.add_argument("--ce-weight", type=float, default=_D.ce_weight)
+    loss.add_argument("--kd-weight", type=float, default=_D.kd_weight)
+    loss.add_argument("--kd-temperature", type=float, default=_D.kd_temperature)
+    loss.add_argument("--feat-weight", type=float, default=_D.feat_weight)
+    loss.add_argument("--jac-weight", type=float, default=_D.jac_weight)
+    loss.add_argument("--feature-pair", dest="feature_pairs", action="append", default=[], metavar="S:T",
+                      help="student and teacher module names whose outputs are matched; repeatable (default: "
+                           + ", ".join(f"{a}: {m}" for a, m in DEFAULT_FEATURE_LAYER.items()) + ")")
+    loss.add_argument("--feature-mode", choices=FEATURE_MODES, default=_D.feature_mode)
+    loss.add_argument("--jac-h", type=float, default=_D.jac_h, help="finite-difference step (default: automatic)")
+    loss.add_argument("--jac-direction", choices=("rademacher", "gaussian", "grad"), default=_D.jac_direction)
+    loss.add_argument("--jac-norm", choices=("l2", "linf"), default=_D.jac_norm)
+    loss.add_argument("--jac-on", choices=("logits", "probs"), default=_D.jac_on)
+    loss.add_argument("--jac-temperature", type=float, default=_D.jac_temperature)
+    loss.add_argument("--jac-fraction", type=float, default=_D.jac_fraction)
+
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", metavar="DIR", default=_D.out, required=True,
+                     help="run directory: metrics, checkpoints, best.pt")
+    out.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    out.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    out.add_argument("--eval-every", type=int, default=_D.eval_every,
+                     help="robust validation every N epochs (and after the last)")
+    out.add_argument("--ckpt-every", type=int, default=_D.ckpt_every,
+                     help="also checkpoint every N steps (default: epoch ends only)")
+    out.add_argument("--keep", type=int, default=_D.keep, help="rolling checkpoints kept (default: %(default)s)")
+    out.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def config_from_args(args):
+    from .config import make_config
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"command"}  # args.command is the subcommand
+    values = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    return make_config(values)
+
+
+def command_line(cfg):
+    """The `rkd-fast train` command that reproduces `cfg` (its options that differ from the defaults), whatever
+    way the run was started (console, `python -m rkd_fast`, or rkd_fast.cli.main from Python)."""
+    words = ["rkd-fast", "train"]
+    for f in dataclasses.fields(TrainConfig):
+        value, default = getattr(cfg, f.name), getattr(_D, f.name)
+        if f.name == "command" or value == default or (f.name == "feature_pairs" and not value):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "progress":
+            words.append("--no-progress")
+        elif isinstance(value, bool):
+            words.append(flag)
+        elif f.name == "feature_pairs":
+            words += [w for pair in cfg.pairs() for w in ("--feature-pair", ":".join(pair))]
+        elif f.name == "milestones":
+            words += [flag, *map(str, value)]
+        else:
+            words += [flag, str(value)]
+    return words
+
+
+def run(args):
+    from .trainer import Run
+
+    run_ = None
+    try:
+        try:  # bad input: a one-line error, exit status 2, nothing written
+            run_ = Run(config_from_args(args))
+            run_.prepare()
+        except (ValueError, TypeError) as error:
+            print(f"rkd-fast train: error: {error}", file=sys.stderr)
+            return 2
+        result = run_.train()
+    finally:
+        if run_ is not None:
+            run_.close()
+    best = result.best
+    if best:
+        print(f"best: epoch {best['epoch']}, val clean {best['val_clean_acc']:.4f}, "
+              f"val robust {best['val_robust_acc']:.4f}; train {result.train_seconds:.1f}s; run in {result.out}")
+    return 0

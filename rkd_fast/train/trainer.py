@@ -1,0 +1,489 @@
+"""The training loop: `train_model(config)` trains a student with one of the methods and returns a TrainResult.
+
+Reproducibility and resumption: the batch order of an epoch is a function of (seed, epoch) alone, the PGD
+random starts of a step are seeded from (seed, global step), and a checkpoint holds everything else that
+changes (weights, adapters, optimizer, LR scheduler, loss scaler, RNG states, position within the epoch,
+metrics so far). A run resumed from any checkpoint therefore replays the same batches and, with
+``deterministic=True``, ends with bit-identical weights to a run that was never interrupted.
+
+Files in ``out`` (when given): run.json (metadata), metrics.csv and metrics.json (per epoch),
+checkpoints/ckpt-<step>.pt (the last ``keep``), best.pt (the checkpoint of the best robust validation
+accuracy). `rkd-fast export` turns best.pt (or any checkpoint) into a model file.
+"""
+
+import contextlib
+import csv
+import json
+import math
+import os
+import random
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..models import build_model
+from . import checkpoints
+from .config import RESUME_MAY_CHANGE, TrainConfig, load_dataset, make_config, run_metadata
+from .methods import build_method
+
+# What marks a directory as holding a run (and what --overwrite removes; nothing else is touched).
+RUN_FILES = ("run.json", "metrics.json", "metrics.csv", "best.pt", checkpoints.CHECKPOINT_DIR)
+LOG_EVERY = 10  # steps between progress-bar updates (each reads the running losses back to the host)
+
+
+@dataclass
+class TrainResult:
+    metrics: list  # one dict per epoch (see metrics.csv)
+    model: nn.Module  # the student after the last epoch, eval mode
+    best_model: nn.Module | None  # the student of the best robust validation accuracy (None if never evaluated)
+    best: dict  # {"epoch", "val_clean_acc", "val_robust_acc"} of best_model, or {}
+    train_seconds: float  # time in training steps (evaluation and checkpointing excluded)
+    out: Path | None
+    config: TrainConfig
+
+
+def train_model(config=None, **overrides):
+    """Trains as `rkd-fast train` does. `config`: a TrainConfig or a dict of its fields; keyword arguments
+    override. Returns a TrainResult (metrics, trained model, best model, train seconds)."""
+    return Run(make_config(config, **overrides)).run()
+
+
+# --- checks that run before anything is written -----------------------------------------------------------
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"unknown device {name!r}: {error}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked, but no CUDA device is available")
+    return device
+
+
+def resolve_precision(precision, device):
+    """The autocast dtype of `precision` on `device` (None for fp32), or a ValueError when the device cannot."""
+    if precision == "fp32":
+        return None
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise ValueError(f"precision 'fp16' needs a CUDA device (loss-scaled float16 training); on {device.type} "
+                             "use 'bf16' or 'fp32'")
+        return torch.float16
+    if device.type == "cuda":
+        if not torch.cuda.is_bf16_supported(including_emulation=False):
+            raise ValueError(f"precision 'bf16': {torch.cuda.get_device_name(device)} has no native bfloat16; "
+                             "use 'fp16' or 'fp32'")
+    elif device.type != "cpu":
+        raise ValueError(f"precision 'bf16' is not supported on {device.type}; use 'fp32'")
+    return torch.bfloat16
+
+
+def check_out_dir(cfg):
+    """Refuses an --out holding another run unless --resume or --overwrite; with --resume, the newest
+    readable checkpoint (or an error when there is none)."""
+    if cfg.out is None:
+        return None
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    holds_run = out.is_dir() and any((out / name).exists() for name in RUN_FILES)
+    if cfg.resume:
+        state, path = checkpoints.load_latest(out)
+        if state is None:
+            raise ValueError(f"--resume: no readable checkpoint in {out / checkpoints.CHECKPOINT_DIR}")
+        return state, path
+    if holds_run and not cfg.overwrite:
+        raise ValueError(f"--out {out} holds another run; pass --resume to continue it or --overwrite to replace it")
+    return None
+
+
+def load_teacher(cfg, info, device):
+    from ..checkpoint import load_model, read_model_file
+
+    if not Path(cfg.teacher).is_file():
+        raise ValueError(f"teacher model file {cfg.teacher} does not exist")
+    payload = read_model_file(cfg.teacher)
+    if cfg.teacher_arch is not None and payload["arch"] != cfg.teacher_arch:
+        raise ValueError(f"teacher {cfg.teacher} is a {payload['arch']!r}, but --teacher-arch {cfg.teacher_arch!r} was asked")
+    if payload["num_classes"] != info.num_classes:
+        raise ValueError(f"teacher {cfg.teacher} has {payload['num_classes']} classes; {info.name} has {info.num_classes}")
+    norm = payload["normalization"]
+    if norm is not None and len(norm["mean"]) != info.in_channels:
+        raise ValueError(f"teacher {cfg.teacher} takes {len(norm['mean'])}-channel inputs; {info.name} has "
+                         f"{info.in_channels} channel(s)")
+    return load_model(cfg.teacher, device=device)
+
+
+def _check_resume_config(saved, cfg, path):
+    current = cfg.to_dict()
+    differ = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in current.items()
+              if k not in RESUME_MAY_CHANGE and saved.get(k) != v]
+    if differ:
+        raise ValueError(f"--resume from {path}: the run's options differ from the checkpoint's (resume with the "
+                         f"same options, or start a new run): " + "; ".join(differ))
+
+
+# --- the run -----------------------------------------------------------------------------------------------
+
+def epoch_order(seed, epoch, n):
+    """The sample order of an epoch: a function of (seed, epoch) only, so a resumed run replays it."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator)
+
+
+def step_seed(seed, global_step):
+    """Seed of a step's non-global randomness (PGD random starts)."""
+    return seed * 1_000_003 + global_step
+
+
+def lr_lambda(cfg, steps_per_epoch):
+    """The learning-rate factor as a function of the optimizer step (schedules advance every step)."""
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "cosine":
+        return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+    if cfg.schedule == "multistep":
+        epochs = cfg.milestones or tuple(e for e in (cfg.epochs // 2, cfg.epochs * 3 // 4) if e > 0)
+        bounds = sorted(e * steps_per_epoch for e in epochs)
+        return lambda step: cfg.gamma ** sum(step >= b for b in bounds)
+    return lambda step: 1.0
+
+
+def robust_accuracy(model, x, y, *, eps, alpha, steps, batch_size, precision, autocast, seed):
+    """(clean accuracy, PGD accuracy) of `model` on (x, y); the model is left in eval mode."""
+    from ..attacks import pgd
+
+    model.eval()
+    clean = torch.zeros((), dtype=torch.long, device=x.device)
+    robust = torch.zeros((), dtype=torch.long, device=x.device)
+    for start in range(0, x.shape[0], batch_size):
+        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+        x_adv = pgd(model, xb, yb, eps, alpha, steps, norm="linf", random_start=True, precision=precision,
+                    seed=seed + start)
+        with torch.no_grad(), autocast():
+            clean += (model(xb).argmax(1) == yb).sum()
+            robust += (model(x_adv).argmax(1) == yb).sum()
+    n = max(x.shape[0], 1)
+    return clean.item() / n, robust.item() / n
+
+
+def _plain(value):
+    if isinstance(value, torch.Tensor):
+        return value.item()
+    return value
+
+
+class Run:
+    """One training run: prepare() (checks, builds, creates the files), train(), close()."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    # Everything that can refuse the run happens here, before a file is written.
+    def _setup(self):
+        cfg = self.cfg
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_precision(cfg.precision, self.device)
+        self.resume_from = check_out_dir(cfg)
+        if self.resume_from is not None:
+            _check_resume_config(self.resume_from[0]["config"], cfg, self.resume_from[1])
+
+        _seed_everything(cfg.seed)
+        self.info, (self.x_train, self.y_train), (self.x_val, self.y_val) = load_dataset(cfg.dataset, self.device)
+        if self.x_train.shape[0] == 0:
+            raise ValueError(f"{cfg.dataset}: empty training split")
+        info = self.info
+        self.model_kwargs = {"num_classes": info.num_classes, "in_channels": info.in_channels,
+                             "mean": list(info.mean), "std": list(info.std)}
+        if cfg.width is not None:
+            self.model_kwargs["width"] = cfg.width
+        # The student is initialised right after seeding: its initial weights depend on the seed alone (building
+        # the teacher draws random numbers too, before its weights are loaded).
+        student = build_model(cfg.arch, **self.model_kwargs).to(self.device)
+        teacher = load_teacher(cfg, self.info, self.device) if cfg.teacher else None
+        if cfg.channels_last:
+            student = student.to(memory_format=torch.channels_last)
+            if teacher is not None:
+                teacher = teacher.to(memory_format=torch.channels_last)
+        self.student, self.teacher = student, teacher
+
+        if self.dtype is None:
+            self.autocast = contextlib.nullcontext
+        else:
+            device_type, dtype = self.device.type, self.dtype
+            self.autocast = lambda: torch.autocast(device_type, dtype=dtype)
+        example = self._layout(self.x_train[:8])
+        self.method = build_method(cfg, student, teacher, info, example, self.autocast).to(self.device)
+        self.eps = cfg.eps if cfg.eps is not None else info.eps
+        self.alpha = cfg.alpha if cfg.alpha is not None else self.eps / 4
+        if self.alpha <= 0:
+            raise ValueError("the PGD step alpha must be > 0: with eps = 0 give --alpha explicitly")
+
+        self.steps_per_epoch = math.ceil(self.x_train.shape[0] / cfg.batch_size)
+        params = list(student.parameters()) + list(self.method.parameters())
+        self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                         weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.steps_per_epoch))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+        if cfg.compile:
+            student.compile()  # in place: module names and state_dict keys stay as they are
+
+    def _layout(self, x):
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last and x.dim() == 4 else x
+
+    def run(self):
+        try:
+            self.prepare()
+            return self.train()
+        finally:
+            self.close()
+
+    def prepare(self):
+        """Checks the inputs and builds everything (raising ValueError/TypeError before any file is written),
+        then creates the run's files. Sets the process's determinism flags until close()."""
+        self._saved_flags = _set_determinism(self.cfg.deterministic, resolve_device(self.cfg.device))
+        self._setup()
+        self._start_files()
+
+    def train(self):
+        return self._loop()
+
+    def close(self):
+        if getattr(self, "_saved_flags", None) is not None:
+            _restore_determinism(self._saved_flags)
+            self._saved_flags = None
+
+    # --- files ---------------------------------------------------------------------------------------------
+
+    def _start_files(self):
+        cfg = self.cfg
+        self.meta = run_metadata(cfg, self.device)
+        self.out = Path(cfg.out) if cfg.out else None
+        self.history, self.best, self.best_state = [], {}, None
+        self.position = {"epoch": 0, "step": 0, "global_step": 0}
+        self.accum = {"sums": {}, "images": 0, "seconds": 0.0}
+        self.train_seconds = 0.0
+        if self.resume_from is not None:
+            self._restore(*self.resume_from)
+        if self.out is None:
+            return
+        if cfg.overwrite:
+            for name in RUN_FILES:
+                target = self.out / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+        self.out.mkdir(parents=True, exist_ok=True)
+        checkpoints.remove_temporary_files(self.out)
+        run_file = self.out / "run.json"
+        if cfg.resume and run_file.exists():
+            record = json.loads(run_file.read_text())
+            record.setdefault("resumes", []).append({"from": str(self.resume_from[1]), **{
+                k: self.meta[k] for k in ("command", "git_commit", "git_dirty", "versions", "device")}})
+        else:
+            record = dict(self.meta)
+        _write_json(run_file, record)
+
+    def _restore(self, state, path):
+        cfg = self.cfg
+        self.student.load_state_dict(state["student"])
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.position = dict(state["position"])
+        self.accum = {"sums": dict(state["epoch_accum"]["sums"]), "images": state["epoch_accum"]["images"],
+                      "seconds": state["epoch_accum"]["seconds"]}
+        self.accum["sums"] = {k: v.to(self.device) for k, v in self.accum["sums"].items()}
+        self.history = list(state["history"])
+        self.best = dict(state["best"])
+        self.train_seconds = float(state["train_seconds"])
+        best_file = Path(cfg.out) / "best.pt"
+        if self.best and best_file.exists():
+            try:
+                self.best_state = checkpoints.read_checkpoint(best_file)["student"]
+            except ValueError as error:
+                warnings.warn(f"cannot read {best_file} ({error}); the best model is forgotten", RuntimeWarning)
+                self.best = {}
+        checkpoints.set_rng_state(state["rng"])  # last: nothing after this may draw random numbers
+
+    def _state(self):
+        return {
+            "format": checkpoints.FORMAT,
+            "version": checkpoints.VERSION,
+            "config": self.cfg.to_dict(),
+            "model": {"arch": self.cfg.arch, "kwargs": self.model_kwargs, "num_classes": self.info.num_classes},
+            "dataset": self.info.name,
+            "eps": self.eps,
+            "student": self.student.state_dict(),
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": checkpoints.rng_state(),
+            "position": dict(self.position),
+            "epoch_accum": {"sums": {k: v.detach().cpu() for k, v in self.accum["sums"].items()},
+                            "images": self.accum["images"], "seconds": self.accum["seconds"]},
+            "history": list(self.history),
+            "best": dict(self.best),
+            "train_seconds": self.train_seconds,
+        }
+
+    def _write_metrics(self):
+        columns = []
+        for row in self.history:
+            columns += [k for k in row if k not in columns]
+        with open(self.out / "metrics.csv.tmp", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.history)
+        os.replace(self.out / "metrics.csv.tmp", self.out / "metrics.csv")
+        _write_json(self.out / "metrics.json", {**self.meta, "epochs": self.history, "best": self.best,
+                                                "train_seconds": self.train_seconds})
+
+    # --- the loop ------------------------------------------------------------------------------------------
+
+    def _loop(self):
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        n, batch = self.x_train.shape[0], cfg.batch_size
+        for epoch in range(self.position["epoch"], cfg.epochs):
+            order = epoch_order(cfg.seed, epoch, n).to(self.device)
+            self.student.train()
+            self.method.train()
+            first = self.position["step"]
+            bar = tqdm(total=self.steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       unit="step", disable=not cfg.progress, dynamic_ncols=True, leave=True)
+            # Seconds of training in this epoch: the clock excludes checkpoint writes; `base` carries the
+            # seconds of a resumed epoch's earlier part.
+            base, started, paused = self.accum["seconds"], time.perf_counter(), 0.0
+            for step in range(first, self.steps_per_epoch):
+                index = order[step * batch:(step + 1) * batch]
+                x, y = self._layout(self.x_train[index]), self.y_train[index]
+                self._step(x, y)
+                self.position.update(step=step + 1, global_step=self.position["global_step"] + 1)
+                bar.update(1)
+                if (step + 1) % LOG_EVERY == 0 or step + 1 == self.steps_per_epoch:
+                    bar.set_postfix(self._postfix(base + time.perf_counter() - started - paused))
+                last_step = step + 1 == self.steps_per_epoch
+                if self.out and cfg.ckpt_every and self.position["global_step"] % cfg.ckpt_every == 0 and not last_step:
+                    # Mid-epoch checkpoint (an epoch's last step is covered by the epoch-end one).
+                    self._sync()
+                    now = time.perf_counter()
+                    self.accum["seconds"] = base + now - started - paused
+                    checkpoints.save_checkpoint(self.out, self._state(), self.position["global_step"], cfg.keep)
+                    paused += time.perf_counter() - now
+            bar.close()
+            self._sync()
+            self.accum["seconds"] = base + time.perf_counter() - started - paused
+            self._end_epoch(epoch)
+        return self._result()
+
+    def _step(self, x, y):
+        total, terms = self.method(x, y, step_seed(self.cfg.seed, self.position["global_step"]))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        sums, size = self.accum["sums"], x.shape[0]
+        for name, value in terms.items():  # running sums stay on the device: no sync per step
+            sums[name] = sums[name] + value * size if name in sums else value * size
+        self.accum["images"] += size
+
+    def _postfix(self, seconds):
+        images = max(self.accum["images"], 1)
+        postfix = {name: f"{(value / images).item():.4f}" for name, value in self.accum["sums"].items()}
+        postfix["img/s"] = f"{self.accum['images'] / max(seconds, 1e-9):.0f}"
+        postfix["lr"] = f"{self.scheduler.get_last_lr()[0]:.4g}"
+        return postfix
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _end_epoch(self, epoch):
+        cfg = self.cfg
+        images = max(self.accum["images"], 1)
+        row = {"epoch": epoch + 1, "lr": self.scheduler.get_last_lr()[0]}
+        row.update({f"train_{name}": (value / images).item() for name, value in self.accum["sums"].items()})
+        row["train_seconds"] = self.accum["seconds"]
+        row["images_per_s"] = self.accum["images"] / max(self.accum["seconds"], 1e-9)
+        self.train_seconds += self.accum["seconds"]
+        row["val_clean_acc"] = row["val_robust_acc"] = None
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            t = time.perf_counter()
+            clean, robust = robust_accuracy(self.student, self.x_val, self.y_val, eps=self.eps, alpha=self.alpha,
+                                            steps=cfg.attack_steps, batch_size=max(cfg.batch_size, 256),
+                                            precision=cfg.precision, autocast=self.autocast, seed=cfg.seed)
+            row.update(val_clean_acc=clean, val_robust_acc=robust, eval_seconds=time.perf_counter() - t)
+            improved = not self.best or robust > self.best["val_robust_acc"]
+            if improved:
+                self.best = {"epoch": epoch + 1, "val_clean_acc": clean, "val_robust_acc": robust}
+                self.best_state = {k: v.detach().clone() for k, v in self.student.state_dict().items()}
+        else:
+            improved = False
+        self.history.append({k: _plain(v) for k, v in row.items()})
+        self.position = {"epoch": epoch + 1, "step": 0, "global_step": self.position["global_step"]}
+        self.accum = {"sums": {}, "images": 0, "seconds": 0.0}
+        if self.out is not None:
+            state = self._state()
+            if improved:
+                checkpoints.atomic_save(state, self.out / "best.pt")
+            checkpoints.save_checkpoint(self.out, state, self.position["global_step"], cfg.keep)
+            self._write_metrics()
+        if cfg.progress:
+            shown = {k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in self.history[-1].items()}
+            print(" ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
+
+    def _result(self):
+        self.student.eval()
+        best_model = None
+        if self.best_state is not None:
+            best_model = build_model(self.cfg.arch, **self.model_kwargs).to(self.device)
+            best_model.load_state_dict(self.best_state)
+            best_model.eval()
+        return TrainResult(metrics=list(self.history), model=self.student, best_model=best_model, best=dict(self.best),
+                           train_seconds=self.train_seconds, out=self.out, config=self.cfg)
+
+
+def _seed_everything(seed):
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def _set_determinism(deterministic, device):
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+             torch.backends.cudnn.benchmark)
+    if deterministic:
+        # cuBLAS needs this workspace setting for deterministic GEMMs (read when CUDA initialises).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return saved
+
+
+def _restore_determinism(saved):
+    torch.use_deterministic_algorithms(saved[0])
+    torch.backends.cudnn.deterministic = saved[1]
+    torch.backends.cudnn.benchmark = saved[2]
+
+
+def _write_json(path, payload):
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    os.replace(tmp, path)

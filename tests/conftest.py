@@ -1,0 +1,19 @@
+"""Shared pytest setup for tests/."""
+
+import os
+
+import pytest
+import torch
+
+# tests/triton runs Triton kernels, which on a machine without a GPU need TRITON_INTERPRET=1 set before triton
+# is first imported: `make test-triton` runs that directory in a process of its own. A plain `pytest tests`
+# leaves it out unless the interpreter is already on or a GPU is present.
+collect_ignore = []
+if os.environ.get("TRITON_INTERPRET", "") != "1" and not torch.cuda.is_available():
+    collect_ignore.append("triton")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    # Each test draws its inputs from a fixed seed, so a failure reproduces when the test runs alone.
+    torch.manual_seed(0)

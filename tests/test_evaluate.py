@@ -1,0 +1,208 @@
+"""rkd_fast.evaluate, the sanity checks and `rkd-fast eval` end to end."""
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import rkd_fast
+from _digits_model import EPS, robust_digits_model
+from rkd_fast.attacks import (EvaluationWarning, GradientMaskingWarning, ProbabilityOutputWarning,
+                              RandomizedModelWarning, parse_attack, sanity_check)
+from rkd_fast.cli import main
+from rkd_fast.data import load_digits
+from rkd_fast.models import build_model
+
+pytest.importorskip("pyautoattack")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def model():
+    return robust_digits_model()
+
+
+@pytest.fixture(scope="session")
+def data():
+    return load_digits("test")
+
+
+def test_default_attacks_on_a_robust_model(model, data):
+    x, y = data[0][:100], data[1][:100]  # AutoAttack standard on 100 samples keeps this to seconds
+    results = rkd_fast.evaluate(model, (x, y), eps=EPS)
+    assert list(results) == ["clean", "fgsm", "pgd20", "cw20", "autoattack", "worst_case"]
+    assert all(0 <= acc <= 1 for acc in results.values())
+    assert results["clean"] > 0.9 and results["autoattack"] > 0.3  # meaningful, not trivially 0
+    assert all(results["worst_case"] <= acc for name, acc in results.items())
+    assert results["autoattack"] <= results["pgd20"] + 0.005
+    assert results["pgd20"] <= results["fgsm"] + 0.005 and results["fgsm"] <= results["clean"]
+
+
+def test_worst_case_is_the_intersection(model, data):
+    x, y = data
+    only_clean = rkd_fast.evaluate(model, (x, y), attacks=["clean"], eps=EPS)
+    assert only_clean["worst_case"] == only_clean["clean"]
+    # Every attack's accuracy already requires the clean prediction to be right, so with one attack the
+    # worst case is that attack's accuracy; with two it lies between the union bound and the smaller.
+    two = rkd_fast.evaluate(model, (x, y), attacks=["fgsm", "cw5"], eps=EPS)
+    assert two["worst_case"] <= min(two["fgsm"], two["cw5"])
+    assert two["worst_case"] >= two["fgsm"] + two["cw5"] - only_clean["clean"] - 1e-9
+    one = rkd_fast.evaluate(model, (x, y), attacks=["pgd5"], eps=EPS)
+    assert one["worst_case"] == one["pgd5"]
+
+
+def test_step_counts_are_parsed(model, data):
+    x, y = data
+    results = rkd_fast.evaluate(model, (x, y), attacks=["pgd1", "pgd10"], eps=EPS)
+    assert results["pgd10"] < results["pgd1"]  # more steps find more adversarials on this model
+    assert parse_attack("pgd50") == ("pgd", 50) and parse_attack("cw7") == ("cw", 7)
+    assert parse_attack("autoattack") == ("autoattack", None)
+
+
+def test_iterable_of_batches_equals_the_pair(model, data):
+    x, y = data
+    attacks = ["clean", "fgsm", "pgd3"]
+    pair = rkd_fast.evaluate(model, (x, y), attacks=attacks, eps=EPS, batch_size=100)
+    batches = [(x[i:i + 100], y[i:i + 100]) for i in range(0, len(x), 100)]
+    assert rkd_fast.evaluate(model, batches, attacks=attacks, eps=EPS, batch_size=100) == pair
+    assert rkd_fast.evaluate(model, iter(batches), attacks=attacks, eps=EPS) == pair  # no len() either
+
+
+def test_bf16_evaluation_matches_fp32(model, data):
+    attacks = ["pgd20", "cw20"]
+    fp32 = rkd_fast.evaluate(model, data, attacks=attacks, eps=EPS)
+    bf16 = rkd_fast.evaluate(model, data, attacks=attacks, eps=EPS, precision="bf16")
+    for name in attacks:
+        assert abs(bf16[name] - fp32[name]) <= 0.01, name
+
+
+def test_model_state_restored_after_evaluate(data):
+    model = build_model("small_cnn", width=4).train()
+    rkd_fast.evaluate(model, (data[0][:16], data[1][:16]), attacks=["clean", "pgd2"], eps=EPS,
+                      sanity_checks=False)
+    assert model.training and all(p.requires_grad and p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"attacks": ["pgd"]}, ValueError, "unknown attack 'pgd'"),
+    ({"attacks": ["pgd0"]}, ValueError, "unknown attack 'pgd0'"),
+    ({"attacks": ["square"]}, ValueError, "unknown attack 'square'"),
+    ({"attacks": "pgd20"}, TypeError, "list of attack names"),
+    ({"attacks": []}, TypeError, "list of attack names"),
+    ({"attacks": ["fgsm", "fgsm"]}, ValueError, "twice"),
+    ({"eps": -0.1}, ValueError, "eps must be >= 0"),
+    ({"batch_size": 0}, ValueError, "batch_size must be >= 1"),
+    ({"precision": "int8"}, ValueError, "unknown precision"),
+    ({"seed": "0"}, TypeError, "seed must be an int"),
+], ids=lambda value: str(value) if isinstance(value, dict) else None)
+def test_bad_arguments(data, kwargs, error, match):
+    model = build_model("small_cnn", width=4)
+    kwargs = {"eps": EPS, **kwargs}
+    with pytest.raises(error, match=match):
+        rkd_fast.evaluate(model, (data[0][:4], data[1][:4]), **kwargs)
+
+
+def test_bad_data(data):
+    model = build_model("small_cnn", width=4)
+    x, y = data
+    with pytest.raises(ValueError, match="no samples"):
+        rkd_fast.evaluate(model, [], attacks=["clean"], eps=EPS)
+    with pytest.raises(ValueError, match="same number of samples"):
+        rkd_fast.evaluate(model, (x, y[:-1]), attacks=["clean"], eps=EPS)
+    with pytest.raises(TypeError, match="iterable of"):
+        rkd_fast.evaluate(model, [x, x, x], attacks=["clean"], eps=EPS)
+    with pytest.raises(ValueError, match=r"x must lie in \[0, 1\]"):
+        rkd_fast.evaluate(model, (x * 16, y), attacks=["clean"], eps=EPS)
+
+
+# --- sanity checks -----------------------------------------------------------------------------------------
+
+class Noisy(nn.Module):
+    """Randomised: noise on the input in eval mode too."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x + 0.05 * torch.randn_like(x))
+
+
+class Quantised(nn.Module):
+    """Gradient masking: rounding the input to 0/1 makes the input gradient zero everywhere."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(torch.round(x))  # round's derivative is zero
+
+
+@pytest.mark.parametrize("wrap, warning", [
+    (Noisy, RandomizedModelWarning),
+    (Quantised, GradientMaskingWarning),
+    (lambda m: nn.Sequential(m, nn.Softmax(dim=1)), ProbabilityOutputWarning),
+], ids=["randomized", "zero-gradients", "probabilities"])
+def test_sanity_checks_warn(model, data, wrap, warning):
+    suspicious = wrap(model)
+    x, y = data[0][:64], data[1][:64]
+    with pytest.warns(warning):
+        sanity_check(suspicious, x, y)
+    with pytest.warns(warning):  # evaluate runs them on its first batch
+        rkd_fast.evaluate(suspicious, (x, y), attacks=["clean"], eps=EPS)
+    assert issubclass(warning, EvaluationWarning)
+
+
+def test_sanity_checks_pass_on_a_plain_model(model, data):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EvaluationWarning)
+        assert sanity_check(model, data[0][:64], data[1][:64]) == []
+
+
+# --- rkd-fast eval ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def model_file(model, tmp_path_factory):
+    return rkd_fast.save_model(model, tmp_path_factory.mktemp("model") / "robust.pt", method="pgd-at", eps=EPS)
+
+
+def test_eval_cli_end_to_end(model_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["eval", "--checkpoint", str(model_file), "--dataset", "digits", "--n-examples", "60",
+               "--attacks", "clean", "fgsm,pgd5", "cw5", "--eps", str(EPS), "--out", str(out), "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "robust accuracy on 60 samples" in printed and "pgd5" in printed and "worst_case" in printed
+    report = json.loads((out / "eval.json").read_text())
+    assert report["config"]["attacks"] == ["clean", "fgsm", "pgd5", "cw5"]
+    assert report["config"]["n_examples"] == 60 and report["config"]["split"] == "test"
+    assert report["command"].startswith("rkd-fast eval --checkpoint")
+    assert report["model"]["arch"] == "small_cnn" and report["model"]["meta"]["method"] == "pgd-at"
+    assert set(report["results"]) == {"clean", "fgsm", "pgd5", "cw5", "worst_case"}
+    assert {"torch", "rkd_fast", "pyautoattack", "python"} <= set(report["versions"])
+    assert "git_commit" in report
+    x, y = load_digits("test")
+    expected = rkd_fast.evaluate(rkd_fast.load_model(model_file), (x[:60], y[:60]),
+                                 attacks=["clean", "fgsm", "pgd5", "cw5"], eps=EPS)
+    assert report["results"] == pytest.approx(expected)
+
+
+def test_eval_cli_rejects_a_bad_attack_name(model_file, capsys):
+    assert main(["eval", "--checkpoint", str(model_file), "--dataset", "digits", "--attacks", "pgdx"]) == 2
+    assert "unknown attack 'pgdx'" in capsys.readouterr().err
+
+
+def test_eval_cli_as_a_process(model_file, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-m", "rkd_fast", "eval", "--checkpoint", str(model_file),
+                             "--dataset", "digits", "--n-examples", "20", "--attacks", "clean", "fgsm",
+                             "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "eval.json").read_text())["config"]["n_examples"] == 20

@@ -1,0 +1,252 @@
+"""RobustKDLoss: each term against a plain PyTorch computation, hooks, adapters, weights, frozen teacher."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rkd_fast import RobustKDLoss, jacobian_penalty
+from rkd_fast.losses import FeatureAdapter, kd_loss
+from rkd_fast.models import build_model
+from rkd_fast.ops import _reference
+
+
+def _models(student_width=4, teacher_width=8, num_classes=10):
+    student = build_model("small_cnn", width=student_width)
+    teacher = build_model("small_cnn", width=teacher_width, num_classes=num_classes)
+    return student, teacher
+
+
+def _batch(n=12):
+    return torch.rand(n, 1, 8, 8), torch.randint(0, 10, (n,))
+
+
+def _features(model, x, names):
+    """Outputs of the named modules in a plain forward (hooks removed right after)."""
+    modules = dict(model.named_modules())
+    out = {}
+    handles = [modules[n].register_forward_hook(lambda m, i, o, n=n: out.__setitem__(n, o)) for n in names]
+    logits = model(x)
+    for h in handles:
+        h.remove()
+    return logits, [out[n] for n in names]
+
+
+def test_terms_match_plain_pytorch():
+    student, teacher = _models()
+    student.eval()  # eval mode: a second forward of the reference sees the same function
+    x, y = _batch()
+    pairs = [("block2", "block3"), ("block3", "block3")]
+    weights = dict(ce_weight=0.7, kd_weight=1.3, kd_temperature=3.0, feat_weight=0.4, jac_weight=2.0)
+    jac_options = {"direction": "rademacher", "h": 1e-2, "on": "probs", "temperature": 2.0}
+    loss_fn = RobustKDLoss(student, teacher, feature_pairs=pairs, example_input=x, label_smoothing=0.1,
+                           jacobian=jac_options, **weights)
+    torch.manual_seed(5)
+    total, terms = loss_fn(x, y)
+
+    s_logits, s_feats = _features(student, x, ["block2", "block3"])
+    with torch.no_grad():
+        t_logits, t_feats = _features(teacher, x, ["block3", "block3"])
+    ce = F.cross_entropy(s_logits, y, label_smoothing=0.1)
+    T = 3.0
+    p_t = F.softmax(t_logits / T, dim=1)
+    kd = (p_t * (p_t.log() - F.log_softmax(s_logits / T, dim=1))).sum(1).mean() * T * T
+    feat = torch.stack([_reference.feature_distance(adapter(s), t, mode="normalized")
+                        for adapter, s, t in zip(loss_fn.adapters, s_feats, t_feats)]).mean()
+    torch.manual_seed(5)
+    jac = jacobian_penalty(student, x, y, teacher=teacher, **jac_options)
+    expected = {"ce": ce, "kd": kd, "feat": feat, "jac": jac}
+    for name, value in expected.items():
+        torch.testing.assert_close(terms[name], value.detach(), rtol=1e-5, atol=1e-6, msg=name)
+    weighted = sum(weights[f"{name}_weight"] * value for name, value in expected.items())
+    torch.testing.assert_close(total, weighted, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(terms["total"], total.detach())
+
+    # Gradients reach the student and the adapters, never the teacher.
+    total.backward()
+    assert all(p.grad is not None for p in student.parameters())
+    assert all(p.grad is not None for p in loss_fn.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+
+
+def test_terms_are_detached_0d_tensors():
+    student, teacher = _models()
+    x, y = _batch()
+    total, terms = RobustKDLoss(student, teacher, feature_pairs=[("block3", "block3")], example_input=x)(x, y)
+    assert set(terms) == {"ce", "kd", "feat", "jac", "total"}
+    for value in terms.values():
+        assert isinstance(value, torch.Tensor) and value.dim() == 0 and not value.requires_grad
+    assert total.requires_grad and total.dtype == torch.float32
+
+
+def test_hooks_record_the_clean_pass_only():
+    # Train mode: the Jacobian term's perturbed forward must not replace the clean features. A copy made before
+    # the step gives the clean forward's features (same weights, same batch statistics).
+    student, teacher = _models()
+    x, y = _batch()
+    loss_fn = RobustKDLoss(student, teacher, feature_pairs=[("block2", "block2")], example_input=x,
+                           ce_weight=0, kd_weight=0, jac_weight=1.0, jacobian={"h": 0.5})
+    reference_student = copy.deepcopy(student)
+    for hook_owner in reference_student.modules():
+        hook_owner._forward_hooks.clear()
+    _, terms = loss_fn(x, y)
+    _, (s_feat,) = _features(reference_student, x, ["block2"])
+    with torch.no_grad():
+        _, (t_feat,) = _features(teacher, x, ["block2"])
+    expected = _reference.feature_distance(loss_fn.adapters[0](s_feat), t_feat, mode="normalized")
+    torch.testing.assert_close(terms["feat"], expected.detach(), rtol=1e-5, atol=1e-6)
+
+
+def _count_clean_calls(model, x):
+    calls = {"clean": 0, "all": 0}
+
+    def count(module, inputs):
+        calls["all"] += 1
+        calls["clean"] += int(inputs[0].shape == x.shape and torch.equal(inputs[0], x))
+    return calls, model.register_forward_pre_hook(count)
+
+
+@pytest.mark.parametrize("jac_weight", [0.0, 1.0])
+def test_one_clean_forward_per_model(jac_weight):
+    student, teacher = _models()
+    x, y = _batch()
+    loss_fn = RobustKDLoss(student, teacher, feature_pairs=[("block3", "block3")], example_input=x,
+                           jac_weight=jac_weight)
+    s_calls, s_handle = _count_clean_calls(student, x)
+    t_calls, t_handle = _count_clean_calls(teacher, x)
+    loss_fn(x, y)
+    s_handle.remove(), t_handle.remove()
+    assert s_calls["clean"] == 1 and t_calls["clean"] == 1
+    # With the Jacobian term each model runs once more, on the perturbed input.
+    assert s_calls["all"] == t_calls["all"] == (2 if jac_weight else 1)
+
+
+def test_zero_weights_skip_terms_and_teacher():
+    student, teacher = _models()
+    x, y = _batch()
+    loss_fn = RobustKDLoss(student, teacher, feature_pairs=[("block3", "block3")], example_input=x,
+                           kd_weight=0, feat_weight=0, jac_weight=0)
+    assert not loss_fn.feature_pairs and len(loss_fn.adapters) == 0  # no hooks, no adapters for a skipped term
+    t_calls, handle = _count_clean_calls(teacher, x)
+    total, terms = loss_fn(x, y)
+    handle.remove()
+    assert t_calls["all"] == 0
+    assert set(terms) == {"ce", "total"}
+    torch.testing.assert_close(total, F.cross_entropy(student(x), y))
+
+
+def test_parameters_state_dict_and_mode_hold_adapters_only():
+    student, teacher = _models()
+    x, _ = _batch()
+    loss_fn = RobustKDLoss(student, teacher, feature_pairs=[("block2", "block3")], example_input=x)
+    names = [name for name, _ in loss_fn.named_parameters()]
+    assert names == ["adapters.0.proj.weight"]
+    assert list(loss_fn.state_dict()) == names
+    assert loss_fn.student is student and loss_fn.teacher is teacher
+    assert not teacher.training and all(not p.requires_grad for p in teacher.parameters())
+    student.train()
+    loss_fn.eval()
+    assert student.training  # the loss's mode is its own
+    loss_fn.train()
+    assert not teacher.training
+    # An optimizer built right after construction sees the adapter, which then learns.
+    optimizer = torch.optim.SGD(list(student.parameters()) + list(loss_fn.parameters()), lr=0.1)
+    before = loss_fn.adapters[0].proj.weight.detach().clone()
+    x, y = _batch()
+    loss_fn(x, y)[0].backward()
+    optimizer.step()
+    assert not torch.equal(before, loss_fn.adapters[0].proj.weight)
+
+
+def test_teacher_runs_in_eval_mode_even_if_switched():
+    student, teacher = _models()
+    x, y = _batch()
+    loss_fn = RobustKDLoss(student, teacher, feat_weight=0, jac_weight=0)
+    teacher.train()
+    stats = teacher.block1[1].running_mean.clone()
+    loss_fn(x, y)
+    assert not teacher.training
+    assert torch.equal(stats, teacher.block1[1].running_mean)
+
+
+def test_construction_leaves_batchnorm_statistics_alone():
+    student, teacher = _models()
+    student.train()
+    stats = student.block1[1].running_mean.clone()
+    RobustKDLoss(student, teacher, feature_pairs=[("block3", "block3")], example_input=_batch()[0])
+    assert student.training and torch.equal(stats, student.block1[1].running_mean)
+
+
+@pytest.mark.parametrize("s_shape,t_shape,mode,kind", [
+    ((2, 4, 8, 8), (2, 16, 4, 4), "normalized", "conv+pool"),
+    ((2, 4, 2, 2), (2, 16, 4, 4), "mse", "conv+interpolate"),
+    ((2, 4, 4, 4), (2, 16, 4, 4), "attention", "identity"),
+    ((2, 4, 8, 8), (2, 16, 4, 4), "attention", "pool"),
+    ((2, 6), (2, 9), "normalized", "linear"),
+])
+def test_adapter_shapes(s_shape, t_shape, mode, kind):
+    adapter = FeatureAdapter(s_shape, t_shape, map_channels=mode != "attention")
+    out = adapter(torch.randn(s_shape))
+    expected = t_shape if mode != "attention" else s_shape[:2] + t_shape[2:]
+    assert tuple(out.shape) == expected
+    assert isinstance(adapter.proj, torch.nn.Conv2d) == kind.startswith("conv")
+    assert isinstance(adapter.proj, torch.nn.Linear) == (kind == "linear")
+    assert adapter.resize == ("pool" in kind or "interpolate" in kind)
+
+
+def test_attention_mode_needs_no_channel_adapter():
+    student, teacher = _models()
+    x, y = _batch()
+    loss_fn = RobustKDLoss(student, teacher, feature_pairs=[("block3", "block3")], example_input=x,
+                           feature_mode="attention", jac_weight=0)
+    assert isinstance(loss_fn.adapters[0], torch.nn.Identity)
+    _, terms = loss_fn(x, y)
+    assert torch.isfinite(terms["feat"])
+
+
+def test_kd_loss_is_zero_for_equal_logits_and_scales_with_t_squared():
+    logits = torch.randn(5, 10)
+    assert kd_loss(logits, logits, 4.0).abs() < 1e-6
+    other = torch.randn(5, 10)
+    p_t = F.softmax(other, dim=1)
+    plain = (p_t * (p_t.log() - F.log_softmax(logits, dim=1))).sum(1).mean()
+    torch.testing.assert_close(kd_loss(logits, other, 1.0), plain)
+
+
+def test_unknown_layer_names_list_the_available_ones():
+    student, teacher = _models()
+    x, _ = _batch()
+    with pytest.raises(ValueError, match=r"student has no module named 'blok3'; available: .*'block3'"):
+        RobustKDLoss(student, teacher, feature_pairs=[("blok3", "block3")], example_input=x)
+    with pytest.raises(ValueError, match=r"teacher has no module named 'fc'; available: .*'head'"):
+        RobustKDLoss(student, teacher, feature_pairs=[("block3", "fc")], example_input=x)
+
+
+def test_class_count_mismatch():
+    student, teacher = _models(num_classes=5)
+    x, y = _batch()
+    with pytest.raises(ValueError, match="number of classes"):
+        RobustKDLoss(student, teacher, feature_pairs=[("block3", "block3")], example_input=x)
+    loss_fn = RobustKDLoss(student, teacher, feat_weight=0, jac_weight=0)  # no example input: caught at the call
+    with pytest.raises(ValueError, match="class counts"):
+        loss_fn(x, y)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"kd_weight": -1.0}, "kd_weight"),
+    ({"jac_weight": float("nan")}, "jac_weight"),
+    ({"kd_temperature": 0.0}, "kd_temperature"),
+    ({"feature_mode": "cosine"}, "feature_mode"),
+    ({"jacobian": {"steps": 3}}, "unknown jacobian option"),
+    ({"feature_pairs": [("block3",)]}, "feature_pairs"),
+    ({"feature_pairs": []}, "feat_weight > 0 needs feature_pairs"),
+    ({"feature_pairs": [("block3", "block3")], "example_input": None}, "example_input"),
+])
+def test_bad_arguments(kwargs, match):
+    student, teacher = _models()
+    base = {"feature_pairs": [("block3", "block3")], "example_input": _batch()[0]}
+    with pytest.raises(ValueError, match=match):
+        RobustKDLoss(student, teacher, **{**base, **kwargs})
+    with pytest.raises(TypeError, match="teacher must be"):
+        RobustKDLoss(student, lambda x: x)

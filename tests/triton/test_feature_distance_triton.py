@@ -1,0 +1,314 @@
+"""The Triton kernel of feature_distance against the pure PyTorch reference: forward, gradients, layouts,
+dtypes, odd shapes, opcheck and torch.compile. On CPU it runs under TRITON_INTERPRET=1 (see conftest.py), so
+shapes are small."""
+
+import pytest
+import torch
+
+import rkd_fast
+from rkd_fast.ops import _reference
+from rkd_fast.ops.feature_distance import MODE_IDS
+
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# relative to the largest magnitude of the expected tensor: the kernels and the reference both accumulate in
+# fp32 (fp64), but in a different order, and round gradients to the input dtype separately
+TOLERANCE = {torch.float32: 2e-5, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def kernel_module():
+    from rkd_fast.ops.triton import feature_distance  # imports triton, after conftest set the interpreter up
+    return feature_distance
+
+
+def assert_close(actual, expected, dtype, what, loss=False):
+    assert actual.dtype == expected.dtype, what
+    assert actual.shape == expected.shape, what
+    scale = expected.detach().double().abs().nan_to_num(0.0, 0.0, 0.0).max().item() if expected.numel() else 0.0
+    if loss:
+        # modes 1 and 2 form the loss as ‖x̂‖² + ‖ŷ‖² - 2 x̂·ŷ from the sums: an absolute error of a few
+        # rounding units of 1 (the losses lie in [0, 4]), even when the loss itself is ~0
+        scale = max(scale, 1.0)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * max(scale, 1e-30), equal_nan=True,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def layout(x, kind):
+    if kind == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if kind == "strided":  # every other column of a wider tensor: neither layout, copied by the public function
+        wide = torch.cat([x, x], dim=-1)
+        return wide[..., ::2]
+    return x.contiguous()
+
+
+def make(shape, dtype, device, kind="contiguous"):
+    x = torch.randn(shape, dtype=torch.float64).to(dtype)
+    return layout(x, kind).to(device)
+
+
+def compare(student, teacher, mode, p=2.0, reduction="none", check_grads=True):
+    """The loss and both gradients of backend="triton" against backend="reference", with a random weight per
+    sample in the backward so that the per-sample scaling of the saved gradients is tested too."""
+    dtype = student.dtype
+    out = {}
+    for backend in ("triton", "reference"):
+        s = student.detach().clone().requires_grad_(check_grads)
+        t = teacher.detach().clone().requires_grad_(check_grads)
+        loss = rkd_fast.feature_distance(s, t, mode=mode, p=p, reduction=reduction, backend=backend)
+        grads = (None, None)
+        if check_grads:
+            weight = torch.rand(loss.shape, dtype=loss.dtype, generator=torch.Generator().manual_seed(1))
+            (loss * weight.to(loss.device)).sum().backward()
+            grads = (s.grad, t.grad)
+        out[backend] = (loss.detach(), *grads)
+    got, want = out["triton"], out["reference"]
+    assert_close(got[0], want[0], dtype, f"{mode} loss", loss=True)
+    if check_grads:
+        assert_close(got[1], want[1], dtype, f"{mode} student grad")
+        assert_close(got[2], want[2], dtype, f"{mode} teacher grad")
+    return got
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", ["mse", "normalized", "attention"])
+def test_matches_reference(mode, dtype, kind, device):
+    student = make((3, 5, 6, 7), dtype, device, kind)
+    teacher = make((3, 4 if mode == "attention" else 5, 6, 7), dtype, device, kind)
+    compare(student, teacher, mode, p=2.0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("mode", ["mse", "normalized", "attention"])
+def test_reductions(mode, reduction, device):
+    student = make((4, 3, 5, 5), torch.float32, device)
+    teacher = make((4, 3, 5, 5), torch.float32, device)
+    loss = compare(student, teacher, mode, reduction=reduction)[0]
+    assert loss.shape == ((4,) if reduction == "none" else ())
+
+
+@pytest.mark.parametrize("shape", [(1, 7, 11, 13), (5, 37), (2, 3, 1, 1), (3, 2, 1, 5)], ids=str)
+@pytest.mark.parametrize("mode", ["mse", "normalized"])
+def test_odd_shapes_flat(mode, shape, device):
+    compare(make(shape, torch.float32, device), make(shape, torch.float32, device), mode)
+
+
+def test_mse_one_dim_input(device):
+    compare(make((7,), torch.float32, device), make((7,), torch.float32, device), "mse")
+
+
+def test_normalized_single_element_samples(device):
+    """With one element per sample x̂ = sign(x): the loss is 0 or 4 and the gradient is 0 up to rounding
+    (where a comparison relative to the reference's own rounding noise means nothing)."""
+    student, teacher = make((6,), torch.float32, device), make((6,), torch.float32, device)
+    op = torch.ops.rkd_fast.feature_distance_fwd_triton
+    losses, grad_s, grad_t = op(student, teacher, MODE_IDS["normalized"], 2.0, True, True)
+    assert_close(losses, (student.sign() - teacher.sign()).pow(2), torch.float32, "loss")
+    assert grad_s.abs().max() < 1e-5 and grad_t.abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("shapes", [((1, 7, 11, 13), (1, 3, 11, 13)), ((2, 1, 5, 1), (2, 3, 5, 1)),
+                                    ((2, 3, 1, 13), (2, 2, 1, 13))], ids=str)
+@pytest.mark.parametrize("kinds", [("contiguous", "contiguous"), ("channels_last", "contiguous"),
+                                   ("contiguous", "channels_last")], ids="-".join)
+def test_odd_shapes_attention(shapes, kinds, device):
+    student = make(shapes[0], torch.float32, device, kinds[0])
+    teacher = make(shapes[1], torch.float32, device, kinds[1])
+    compare(student, teacher, "attention")
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last"])
+def test_attention_single_position(kind, device):
+    """H·W = 1: both normalised maps are 1, so the loss and the gradients are 0 up to rounding (the
+    reference's exact zeros leave nothing to compare relative to)."""
+    student = make((4, 8, 1, 1), torch.float32, device, kind)
+    teacher = make((4, 2, 1, 1), torch.float32, device, kind)
+    op = torch.ops.rkd_fast.feature_distance_fwd_triton
+    losses, grad_s, grad_t = op(student, teacher, MODE_IDS["attention"], 2.0, True, True)
+    assert losses.abs().max() < 1e-6
+    assert grad_s.abs().max() < 1e-5 and grad_t.abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("p", [1.0, 1.5, 3.0, 0.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_attention_p(p, dtype, device):
+    student = make((2, 5, 4, 6), dtype, device, "channels_last")
+    teacher = make((2, 3, 4, 6), dtype, device)
+    compare(student, teacher, "attention", p=p)
+
+
+@pytest.mark.parametrize("p", [1.0, 1.5, 2.0])
+def test_attention_relu_features(p, device):
+    """Exact zeros (ReLU maps): d|F|^p/dF is 0 at F = 0 for p >= 1, in the reference and the kernel."""
+    student = make((2, 6, 5, 5), torch.float32, device).relu()
+    teacher = make((2, 4, 5, 5), torch.float32, device).relu()
+    compare(student, teacher, "attention", p=p)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf * 0 in the interpreter
+def test_attention_gradient_at_zero_small_p(device):
+    """For p < 1, |F|^p has no derivative at F = 0: like autograd through abs().pow(p) (p |F|^(p-1) sign(F)
+    = inf * 0) the kernel gives NaN there, and matches the reference everywhere else."""
+    student = make((2, 3, 4, 4), torch.float32, device)
+    student[0, 1, 2, 3] = 0.0
+    teacher = make((2, 2, 4, 4), torch.float32, device)
+    grad_s = compare(student, teacher, "attention", p=0.5)[1]
+    assert grad_s.isnan().sum() == 1 and grad_s[0, 1, 2, 3].isnan()
+
+
+@pytest.mark.parametrize("mode", ["mse", "normalized", "attention"])
+def test_empty_batch(mode, device):
+    student = make((0, 3, 4, 4), torch.float32, device).requires_grad_()
+    teacher = make((0, 3, 4, 4), torch.float32, device).requires_grad_()
+    losses = rkd_fast.feature_distance(student, teacher, mode=mode, reduction="none", backend="triton")
+    assert losses.shape == (0,) and losses.dtype == torch.float32
+    losses.sum().backward()
+    assert student.grad.shape == student.shape and teacher.grad.shape == teacher.shape
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's 0/0
+@pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
+def test_empty_samples(device):
+    """D = 0: the mean of no elements is NaN (as in the reference); the distance of two empty vectors is 0."""
+    student = make((3, 0), torch.float32, device)
+    teacher = make((3, 0), torch.float32, device)
+    mse = compare(student, teacher, "mse")[0]
+    assert mse.isnan().all()
+    normalized = compare(student, teacher, "normalized")[0]
+    assert (normalized == 0).all()
+    attention = compare(make((2, 3, 0, 4), torch.float32, device), make((2, 2, 0, 4), torch.float32, device),
+                        "attention")[0]
+    assert (attention == 0).all()
+
+
+def test_attention_without_channels(device):
+    """C = 0: the student's map is 0, so loss = ‖0 - â_t‖² = 1 and the teacher's gradient (that of ‖â_t‖²)
+    is 0 up to rounding."""
+    student, teacher = make((2, 0, 3, 3), torch.float32, device), make((2, 2, 3, 3), torch.float32, device)
+    op = torch.ops.rkd_fast.feature_distance_fwd_triton
+    losses, grad_s, grad_t = op(student, teacher, MODE_IDS["attention"], 2.0, True, True)
+    assert_close(losses, torch.ones(2, device=device), torch.float32, "loss", loss=True)
+    assert grad_s.shape == student.shape and grad_t.abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["normalized", "attention"])
+def test_zero_norm_sample(mode, device):
+    """A sample whose norm is below the 1e-12 floor: the normalisation divides by the floor, no projection."""
+    student = make((3, 2, 3, 3), torch.float64, device)
+    teacher = make((3, 2, 3, 3), torch.float64, device)
+    student[1] = 0.0
+    loss = compare(student, teacher, mode)[0]
+    assert loss[1].item() == pytest.approx(1.0)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's inf - inf
+@pytest.mark.parametrize("mode", ["mse", "normalized", "attention"])
+def test_nan_and_inf_propagate(mode, device):
+    student = make((3, 2, 4, 4), torch.float32, device)
+    teacher = make((3, 2, 4, 4), torch.float32, device)
+    student[0, 1, 2, 2] = float("nan")
+    teacher[2, 0, 0, 1] = float("inf")
+    op = torch.ops.rkd_fast.feature_distance_fwd_triton
+    losses, grad_s, grad_t = op(student, teacher, MODE_IDS[mode], 2.0, True, True)
+    assert losses[0].isnan() and not losses[2].isfinite()  # mse of an inf is inf, the normalised ones NaN
+    s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_()
+    expected = _reference.feature_distance(s, t, mode=mode, reduction="none")
+    expected.sum().backward()
+    assert_close(losses, expected.detach(), torch.float32, "losses", loss=True)
+    assert grad_s[0].isnan().any() and grad_t[0].isnan().any()
+    assert grad_s[1].isfinite().all() and grad_t[1].isfinite().all()
+    assert_close(grad_s[1], s.grad[1], torch.float32, "student grad of the clean sample")
+    assert_close(grad_t[1], t.grad[1], torch.float32, "teacher grad of the clean sample")
+
+
+def test_sample_groups_and_chunks(monkeypatch, device):
+    """Force the paths a large input takes: many chunks per sample and one sample per L2 group."""
+    module = kernel_module()
+    config = module._config
+
+    def small_groups(dev):
+        cfg = dict(config(dev))
+        cfg.update(programs=64, group_bytes=1)
+        return cfg
+
+    monkeypatch.setattr(module, "_config", small_groups)
+    for mode in ("mse", "normalized", "attention"):
+        student = make((3, 4, 9, 10), torch.float32, device, "channels_last")
+        teacher = make((3, 2 if mode == "attention" else 4, 9, 10), torch.float32, device, "channels_last")
+        compare(student, teacher, mode)
+
+
+@pytest.mark.parametrize("needs", [(True, False), (False, True), (False, False)], ids=str)
+def test_gradient_flags(needs, device):
+    student, teacher = make((2, 3, 4, 5), torch.float16, device), make((2, 3, 4, 5), torch.float16, device)
+    op = torch.ops.rkd_fast.feature_distance_fwd_triton
+    losses, grad_s, grad_t = op(student, teacher, MODE_IDS["normalized"], 2.0, *needs)
+    assert losses.dtype == torch.float32
+    for need, grad, x in ((needs[0], grad_s, student), (needs[1], grad_t, teacher)):
+        if need:
+            assert grad.shape == x.shape and grad.dtype == x.dtype and grad.stride() == x.stride()
+        else:
+            assert grad.shape == (0,) and grad.dtype == x.dtype
+    expected = _reference.feature_distance(student, teacher, mode="normalized", reduction="none")
+    assert_close(losses, expected, torch.float16, "loss")
+
+
+def test_channels_last_gradient_keeps_strides(device):
+    student = make((2, 3, 4, 5), torch.float32, device, "channels_last")
+    teacher = make((2, 6, 4, 5), torch.float32, device)
+    op = torch.ops.rkd_fast.feature_distance_fwd_triton
+    _, grad_s, grad_t = op(student, teacher, MODE_IDS["attention"], 2.0, True, True)
+    assert grad_s.stride() == student.stride() and grad_t.stride() == teacher.stride()
+
+
+def test_contract_errors(device):
+    forward = kernel_module().forward
+    a = make((2, 3, 4, 5), torch.float32, device)
+    with pytest.raises(ValueError, match="both contiguous or both channels_last"):
+        forward(a, a.contiguous(memory_format=torch.channels_last), 0, 2.0, False, False)
+    with pytest.raises(ValueError, match="mode"):
+        forward(a, a, 3, 2.0, False, False)
+    with pytest.raises(TypeError, match="dtypes differ"):
+        forward(a, a.double(), 1, 2.0, False, False)
+    with pytest.raises(TypeError, match="unsupported dtype"):
+        forward(a.int(), a.int(), 1, 2.0, False, False)
+    with pytest.raises(ValueError, match="equal shapes"):
+        forward(a, a[:, :2], 0, 2.0, False, False)
+    with pytest.raises(ValueError, match="contiguous or channels_last"):
+        forward(a[..., ::2], a[..., ::2].contiguous(), 2, 2.0, False, False)
+    with pytest.raises(ValueError, match="p must be"):
+        forward(a, a, 2, 0.0, False, False)
+
+
+@pytest.mark.parametrize("mode", ["mse", "normalized", "attention"])
+def test_opcheck(mode, device):
+    student = make((2, 3, 4, 5), torch.float32, device, "channels_last")
+    teacher = make((2, 2 if mode == "attention" else 3, 4, 5), torch.float32, device, "channels_last")
+    torch.library.opcheck(torch.ops.rkd_fast.feature_distance_fwd_triton,
+                          (student.requires_grad_(), teacher, MODE_IDS[mode], 1.5, True, False))
+
+
+def test_opcheck_both_gradients_half(device):
+    student = make((3, 2, 3, 3), torch.bfloat16, device).requires_grad_()
+    teacher = make((3, 2, 3, 3), torch.bfloat16, device).requires_grad_()
+    torch.library.opcheck(torch.ops.rkd_fast.feature_distance_fwd_triton,
+                          (student, teacher, MODE_IDS["normalized"], 2.0, True, True))
+
+
+@pytest.mark.parametrize("mode", ["normalized", "attention"])
+def test_torch_compile_fullgraph(mode, device):
+    def loss_fn(s, t):
+        return rkd_fast.feature_distance(s, t, mode=mode, reduction="mean", backend="triton") * 3.0
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager" if device.type == "cpu" else "inductor")
+    student = make((3, 4, 5, 5), torch.float32, device, "channels_last").requires_grad_()
+    teacher = make((3, 2 if mode == "attention" else 4, 5, 5), torch.float32, device).requires_grad_()
+    loss = compiled(student, teacher)
+    loss.backward()
+    s, t = student.detach().clone().requires_grad_(), teacher.detach().clone().requires_grad_()
+    expected = _reference.feature_distance(s, t, mode=mode) * 3.0
+    expected.backward()
+    assert_close(loss.detach(), expected.detach(), torch.float32, "compiled loss")
+    assert_close(student.grad, s.grad, torch.float32, "compiled student grad")
+    assert_close(teacher.grad, t.grad, torch.float32, "compiled teacher grad")

@@ -55,7 +55,7 @@ test-triton: install
 test-cpp: install
 	cmake -S . -B $(CMAKE_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release \
 	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" \
-	  -DPython_EXECUTABLE=$(PY) -DCMAKE_MAKE_PROGRAM="$$($(PY) -c 'import ninja, os; print(os.path.join(ninja.BIN_DIR, "ninja"))')"
+	  -DCMAKE_MAKE_PROGRAM="$$($(PY) -c 'import ninja, os; print(os.path.join(ninja.BIN_DIR, "ninja"))')"
 	cmake --build $(CMAKE_BUILD) -j $(MAX_JOBS)
 	cd $(CMAKE_BUILD) && ctest --output-on-failure
 

@@ -20,9 +20,13 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def _find_nvcc():
-    home = cpp_extension.CUDA_HOME or ("/usr/local/cuda" if os.path.exists("/usr/local/cuda") else None)
-    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-        return home
+    """The CUDA toolkit directory: one with bin/nvcc and the runtime library. torch's own guess follows the nvcc
+    on PATH, which may be a wrapper in /usr/local/bin whose parent holds no libcudart."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda", cpp_extension.CUDA_HOME]
+    for home in filter(None, candidates):
+        has_runtime = any(glob.glob(os.path.join(home, lib, "libcudart*")) for lib in ("lib64", "lib"))
+        if os.path.exists(os.path.join(home, "bin", "nvcc")) and has_runtime:
+            return home
     return None
 
 
@@ -77,8 +81,8 @@ def extensions():
     define_macros = []
     if with_cuda:
         home = _find_nvcc()
-        os.environ.setdefault("CUDA_HOME", home)
-        cpp_extension.CUDA_HOME = cpp_extension.CUDA_HOME or home
+        os.environ["CUDA_HOME"] = home
+        cpp_extension.CUDA_HOME = home  # the include and library paths cpp_extension adds come from here
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
         sources += sorted(glob.glob("csrc/cuda/*.cu"))

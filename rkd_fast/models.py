@@ -155,3 +155,195 @@ class ResNet18(_CifarResNet):
 
     def __init__(self, num_classes=10, in_channels=3, width=64, mean=CIFAR10_MEAN, std=CIFAR10_STD):
         super().__init__(BasicBlock, False, num_classes, in_channels, width, mean, std)
+
+
+# --- larger architectures: ResNet-34/50, WRN-34-10, MobileNetV2 ---------------------------------------------
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+STEMS = ("cifar", "imagenet")
+
+
+def _default_stats(stem, mean, std):
+    # The statistics of the data set a stem is meant for, unless given.
+    if stem not in STEMS:
+        raise ValueError(f"stem must be one of {', '.join(STEMS)}, got {stem!r}")
+    default_mean, default_std = (CIFAR10_MEAN, CIFAR10_STD) if stem == "cifar" else (IMAGENET_MEAN, IMAGENET_STD)
+    return mean if mean is not None else default_mean, std if std is not None else default_std
+
+
+def _init_weights(model):
+    """torchvision's initialisation: He (fan-out) for convolutions, BN to identity, small normal linears."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)
+
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck (1×1 reduce, 3×3, 1×1 expand ×4), stride on the 3×3 conv as in torchvision ("v1.5")."""
+
+    expansion = 4
+
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        mid = c_out // self.expansion
+        self.conv1 = nn.Conv2d(c_in, mid, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, mid, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid)
+        self.conv3 = nn.Conv2d(mid, c_out, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = torch.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class _ResNet(nn.Module):
+    """ResNet (He et al., "Deep Residual Learning for Image Recognition", CVPR 2016) with four stages
+    ``layer1``..``layer4`` of `blocks` blocks (strides 1, 2, 2, 2), global average pool and ``linear``.
+
+    stem="imagenet": 7×7 stride-2 conv, BN, ReLU, 3×3 stride-2 max-pool (224×224 inputs); stem="cifar": one
+    3×3 stride-1 conv, BN, ReLU (32×32 inputs)."""
+
+    def __init__(self, block, blocks, num_classes, stem, in_channels, width, mean, std):
+        super().__init__()
+        mean, std = _default_stats(stem, mean, std)
+        self.normalize = InputNormalization(mean, std)
+        if stem == "imagenet":
+            self.conv1 = nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
+        pool = nn.MaxPool2d(3, stride=2, padding=1) if stem == "imagenet" else nn.Identity()
+        self.stem = nn.Sequential(nn.BatchNorm2d(width), nn.ReLU(), pool)
+        expansion = getattr(block, "expansion", 1)
+        c_in = width
+        for i, (n, stride) in enumerate(zip(blocks, (1, 2, 2, 2))):
+            c_out = width * 2 ** i * expansion
+            stage = [block(c_in, c_out, stride)] + [block(c_out, c_out, 1) for _ in range(n - 1)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*stage))
+            c_in = c_out
+        self.linear = nn.Linear(c_in, num_classes)
+        _init_weights(self)
+
+    def forward(self, x):
+        out = self.stem(self.conv1(self.normalize(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        return self.linear(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(out, 1), 1))
+
+
+@register_model("resnet34")
+class ResNet34(_ResNet):
+    """ResNet-34 (He et al., 2016): basic blocks (3, 4, 6, 3). 21.8M parameters with the ImageNet stem and
+    1000 classes, 21.3M with the CIFAR stem and 10 classes."""
+
+    def __init__(self, num_classes=10, stem="cifar", in_channels=3, width=64, mean=None, std=None):
+        super().__init__(BasicBlock, (3, 4, 6, 3), num_classes, stem, in_channels, width, mean, std)
+
+
+@register_model("resnet50")
+class ResNet50(_ResNet):
+    """ResNet-50 (He et al., 2016): bottleneck blocks (3, 4, 6, 3), stride on the 3×3 conv (torchvision's
+    layout). 25.6M parameters with the ImageNet stem and 1000 classes, 23.5M with the CIFAR stem and 10."""
+
+    def __init__(self, num_classes=10, stem="cifar", in_channels=3, width=64, mean=None, std=None):
+        super().__init__(Bottleneck, (3, 4, 6, 3), num_classes, stem, in_channels, width, mean, std)
+
+
+@register_model("wide_resnet34_10")
+class WideResNet34_10(nn.Module):
+    """WRN-34-10 (Zagoruyko & Komodakis, "Wide Residual Networks", BMVC 2016) as used in robust training
+    (Madry et al., 2018; Zhang et al., TRADES, 2019): CIFAR stem (3×3 conv to 16 channels), three stages
+    ``layer1``..``layer3`` of (34 - 4) / 6 = 5 pre-activation blocks of widths 160, 320, 640 (strides 1, 2, 2),
+    final BN-ReLU, global average pool, ``linear``. 46.2M parameters with 10 classes."""
+
+    def __init__(self, num_classes=10, in_channels=3, depth=34, widen_factor=10, mean=CIFAR10_MEAN, std=CIFAR10_STD):
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError(f"WideResNet depth must be 6n + 4, got {depth}")
+        n = (depth - 4) // 6
+        self.normalize = InputNormalization(mean, std)
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, stride=1, padding=1, bias=False)
+        c_in = 16
+        for i, stride in enumerate((1, 2, 2)):
+            c_out = 16 * widen_factor * 2 ** i
+            stage = [PreActBlock(c_in, c_out, stride)] + [PreActBlock(c_out, c_out, 1) for _ in range(n - 1)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*stage))
+            c_in = c_out
+        self.final = nn.Sequential(nn.BatchNorm2d(c_in), nn.ReLU())
+        self.linear = nn.Linear(c_in, num_classes)
+        _init_weights(self)
+
+    def forward(self, x):
+        out = self.layer3(self.layer2(self.layer1(self.conv1(self.normalize(x)))))
+        out = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(self.final(out), 1), 1)
+        return self.linear(out)
+
+
+def _conv_bn_relu6(c_in, c_out, kernel, stride, groups=1):
+    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False),
+                         nn.BatchNorm2d(c_out), nn.ReLU6())
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1×1 expand (×t), 3×3 depthwise, 1×1 linear projection; residual when shapes match."""
+
+    def __init__(self, c_in, c_out, stride, expand):
+        super().__init__()
+        hidden = c_in * expand
+        layers = [] if expand == 1 else [_conv_bn_relu6(c_in, hidden, 1, 1)]
+        layers += [_conv_bn_relu6(hidden, hidden, 3, stride, groups=hidden),
+                   nn.Conv2d(hidden, c_out, 1, bias=False), nn.BatchNorm2d(c_out)]
+        self.conv = nn.Sequential(*layers)
+        self.residual = stride == 1 and c_in == c_out
+
+    def forward(self, x):
+        return x + self.conv(x) if self.residual else self.conv(x)
+
+
+@register_model("mobilenet_v2")
+class MobileNetV2(nn.Module):
+    """MobileNetV2 (Sandler et al., "MobileNetV2: Inverted Residuals and Linear Bottlenecks", CVPR 2018),
+    width 1.0: 3.5M parameters with 1000 classes (2.2M with 10).
+
+    stem="imagenet": the paper's network (first conv stride 2, 224×224 inputs). stem="cifar": first conv and
+    the second stage at stride 1 (the common CIFAR adaptation), so 32×32 inputs reach 4×4, not 1×1.
+    ``features`` ends in the 1×1 conv to 1280 channels; ``classifier`` is dropout then the linear layer."""
+
+    # (expansion t, channels c, repeats n, first stride s) of the paper's Table 2.
+    SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                (6, 320, 1, 1))
+
+    def __init__(self, num_classes=10, stem="cifar", in_channels=3, dropout=0.2, mean=None, std=None):
+        super().__init__()
+        mean, std = _default_stats(stem, mean, std)
+        self.normalize = InputNormalization(mean, std)
+        cifar = stem == "cifar"
+        layers = [_conv_bn_relu6(in_channels, 32, 3, 1 if cifar else 2)]
+        c_in = 32
+        for i, (t, c, n, s) in enumerate(self.SETTINGS):
+            s = 1 if cifar and i == 1 else s
+            for j in range(n):
+                layers.append(InvertedResidual(c_in, c, s if j == 0 else 1, t))
+                c_in = c
+        layers.append(_conv_bn_relu6(c_in, 1280, 1, 1))
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(1280, num_classes))
+        _init_weights(self)
+
+    def forward(self, x):
+        out = self.features(self.normalize(x))
+        return self.classifier(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(out, 1), 1))

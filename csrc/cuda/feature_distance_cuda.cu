@@ -10,8 +10,9 @@
 //      reads the sample again and writes the gradients.
 // Mode 2 ("attention") first builds the maps a[n, hw] = Σ_c |F[c, hw]|^p of student and teacher into an fp32
 // (fp64 for fp64) scratch (2, N, H·W) with attention_map_kernel, each tensor through its own strides
-// (contiguous: a thread per hw position walks the channels; channels_last: a warp per hw position reads the
-// contiguous channels); steps 1 and 2 run on the two maps; attention_grad_kernel chains dL/da into dL/dF.
+// (contiguous: lanes over 32 consecutive hw positions, warps over channels; channels_last: a warp per hw
+// position, lanes over its contiguous channels); steps 1 and 2 run on the two maps; attention_grad_kernel
+// chains dL/da into dL/dF.
 //
 // When a gradient is needed the samples are processed in groups whose bytes fit in half the L2 cache, steps
 // 1-3 launched per group, so that the gradient pass re-reads each sample from L2 rather than from HBM.

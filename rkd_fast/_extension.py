@@ -5,6 +5,8 @@ version, or a library that fails to load each leave the ops on their Triton or r
 warning that names the reason. Set RKD_FAST_NO_EXTENSION=1 to skip loading it on purpose.
 """
 
+import glob
+import hashlib
 import importlib
 import importlib.util
 import os
@@ -18,6 +20,21 @@ GPU_VERIFIED = {}
 
 _state = {"loaded": False, "reason": None, "with_cuda": False}
 
+CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+
+
+def sources_digest(csrc=CSRC):
+    """sha256 of the kernel sources. setup.py records it at build time; in a source checkout (an editable
+    install) a library built from other sources is never loaded: its kernels may not match the schemas defined
+    in Python, and a mismatch found while the library registers its kernels aborts the process."""
+    digest = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(csrc, "**", "*"), recursive=True)):
+        if path.endswith((".cpp", ".cu", ".h", ".cuh")):
+            digest.update(os.path.relpath(path, csrc).encode())
+            with open(path, "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()
+
 
 def _load():
     if os.environ.get("RKD_FAST_NO_EXTENSION", "") == "1":
@@ -28,6 +45,8 @@ def _load():
         return "extension not built (run `pip install --no-build-isolation -e .`)"
     if info.TORCH_VERSION != torch.__version__:
         return f"extension built against torch {info.TORCH_VERSION}, running torch {torch.__version__}; rebuild it"
+    if os.path.isdir(CSRC) and getattr(info, "SOURCES_SHA256", None) != sources_digest():
+        return "extension built from other kernel sources than csrc/ holds now; rebuild it"
     if importlib.util.find_spec("rkd_fast._C") is None:
         return "extension not built (rkd_fast/_C*.so missing; run `pip install --no-build-isolation -e .`)"
     try:

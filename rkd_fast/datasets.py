@@ -306,24 +306,23 @@ class GPULoader:
     def _batch(self, index, offsets, flips):
         x_nhwc = self.x.permute(0, 2, 3, 1)  # a view: x is channels_last
         _, h, w, _ = x_nhwc.shape
-        dev = self.x.device
-        index_dev = index.to(dev)
         if self.augment:
-            rows, row_in = self._source_index(offsets[index, 0].to(dev), None, h)
-            cols, col_in = self._source_index(offsets[index, 1].to(dev), flips[index].to(dev), w)
-            out = x_nhwc[index_dev[:, None, None], rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+            rows, row_in = self._source_index(offsets[index, 0], None, h)
+            cols, col_in = self._source_index(offsets[index, 1], flips[index], w)
+            out = x_nhwc[index[:, None, None], rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
             if row_in is not None:  # zero padding: blank the pixels that came from outside the image
                 out = out * (row_in[:, :, None] & col_in[:, None, :])[..., None].to(out.dtype)
         else:
-            out = x_nhwc[index_dev]
+            out = x_nhwc[index]
         out = out.permute(0, 3, 1, 2)  # NCHW view of NHWC memory: channels_last
         out = out.to(self.dtype) / 255 if self.x.dtype == torch.uint8 else out.to(self.dtype)
         if not self.channels_last:
             out = out.contiguous()
-        return out, self.y[index_dev]
+        return out, self.y[index]
 
     def __iter__(self):
-        order, offsets, flips = self._plan()
+        # The epoch's plan goes to the device once, so the batches below never wait on a host copy.
+        order, offsets, flips = (t.to(self.x.device) for t in self._plan())
         start = self.start_batch
         self.start_batch = 0  # a resume offset applies to one pass only
         for b in range(start, len(self)):

@@ -44,7 +44,7 @@ def test_imagenet_stem_matches_torchvision(arch, tv_name):
     ref_sd = reference.state_dict()
     assert [v.shape for v in ours_sd.values()] == [v.shape for v in ref_sd.values()]
     ours.load_state_dict(dict(zip(ours_sd, ref_sd.values())), strict=False)
-    x = torch.rand(2, 3, 64, 64)
+    x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), reference(ours.normalize(x)), rtol=1e-4, atol=1e-4)
 
@@ -53,9 +53,10 @@ def test_stem_changes_resolution_and_bad_stem_is_rejected():
     # ImageNet stem: /4 before layer1; CIFAR stem: full resolution.
     feats = {}
     for stem in ("cifar", "imagenet"):
-        model = build_model("resnet34", stem=stem)
+        model = build_model("resnet34", stem=stem, width=8).eval()
         model.layer1.register_forward_hook(lambda m, i, o, stem=stem: feats.__setitem__(stem, o.shape))
-        model(torch.rand(1, 3, 32, 32))
+        with torch.no_grad():
+            model(torch.rand(1, 3, 32, 32))
     assert feats["cifar"][-1] == 32 and feats["imagenet"][-1] == 8
     with pytest.raises(ValueError, match="stem"):
         build_model("resnet50", stem="tiny")

@@ -1,10 +1,14 @@
 """rkd_fast.feature_distance: the feature-map term of robust distillation.
 
-Two custom ops share one schema and one autograd formula:
-  rkd_fast::feature_distance_fwd         kernels registered from C++ (csrc/cpu, csrc/cuda) per dispatch key
-  rkd_fast::feature_distance_fwd_triton  the Triton kernel (rkd_fast/ops/triton), a torch.library.custom_op
-Both return (per-sample losses, d loss_i / d student_i, d loss_i / d teacher_i): when an input needs a
-gradient the kernel computes it in the same pass that reads the sample, so the backward is a per-sample scale.
+The kernels come as two ops each, forward and backward, under one autograd formula:
+  rkd_fast::feature_distance_fwd / _bwd               kernels registered from C++ (csrc/cpu, csrc/cuda)
+  rkd_fast::feature_distance_fwd_triton / _bwd_triton  the Triton kernels (rkd_fast/ops/triton), custom_ops
+The forward reads each input once and returns the per-sample losses, four per-sample coefficients and, in
+mode "attention", the channel-summed maps. Every gradient is linear in the inputs given those:
+    d loss_i / d s_i = c0·s_i + c1·t_i,   d loss_i / d t_i = c2·s_i + c3·t_i
+(in "attention" this holds for the maps, chained through Σ_c |F|^p), so the backward reads the inputs once
+and writes each needed gradient once, already scaled by the upstream gradient: no gradient-sized tensor is
+kept between forward and backward, and one is allocated per input that needs it.
 """
 
 import math
@@ -17,51 +21,76 @@ from ._dispatch import REDUCTIONS, check_choice, check_float_tensor, check_same_
 MODES = ("mse", "normalized", "attention")
 MODE_IDS = {name: i for i, name in enumerate(MODES)}  # the kernels' `mode` argument
 
-SCHEMA = ("(Tensor student, Tensor teacher, int mode, float p, bool grad_student, bool grad_teacher)"
-          " -> (Tensor, Tensor, Tensor)")
+FWD_SCHEMA = "(Tensor student, Tensor teacher, int mode, float p) -> (Tensor, Tensor, Tensor, Tensor)"
+BWD_SCHEMA = ("(Tensor grad_losses, Tensor student, Tensor teacher, Tensor coeffs, Tensor map_s, Tensor map_t,"
+              " int mode, float p, bool grad_student, bool grad_teacher) -> (Tensor, Tensor)")
 
 _lib = torch.library.Library("rkd_fast", "FRAGMENT")
-_lib.define("feature_distance_fwd" + SCHEMA)
+_lib.define("feature_distance_fwd" + FWD_SCHEMA)
+_lib.define("feature_distance_bwd" + BWD_SCHEMA)
 
 
-def _fake(student, teacher, mode, p, grad_student, grad_teacher):
-    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
-    losses = student.new_empty((student.shape[0],), dtype=acc)
-    grad_s = torch.empty_like(student) if grad_student else student.new_empty((0,))
-    grad_t = torch.empty_like(teacher) if grad_teacher else teacher.new_empty((0,))
-    return losses, grad_s, grad_t
+def _accumulation_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _fake_fwd(student, teacher, mode, p):
+    acc = _accumulation_dtype(student)
+    n = student.shape[0]
+    losses = student.new_empty((n,), dtype=acc)
+    coeffs = student.new_empty((n, 4), dtype=acc)
+    if mode == MODE_IDS["attention"]:
+        map_shape = (n, student.shape[2] * student.shape[3])
+        return losses, coeffs, student.new_empty(map_shape, dtype=acc), student.new_empty(map_shape, dtype=acc)
+    return losses, coeffs, student.new_empty((0,), dtype=acc), student.new_empty((0,), dtype=acc)
+
+
+def _fake_bwd(grad_losses, student, teacher, coeffs, map_s, map_t, mode, p, grad_student, grad_teacher):
+    return (torch.empty_like(student) if grad_student else student.new_empty((0,)),
+            torch.empty_like(teacher) if grad_teacher else teacher.new_empty((0,)))
 
 
 @torch.library.custom_op("rkd_fast::feature_distance_fwd_triton", mutates_args=())
-def _triton_fwd(student: torch.Tensor, teacher: torch.Tensor, mode: int, p: float, grad_student: bool,
-                grad_teacher: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _triton_fwd(student: torch.Tensor, teacher: torch.Tensor, mode: int,
+                p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from .triton import feature_distance as kernel  # imports triton only when this backend runs
-    return kernel.forward(student, teacher, mode, p, grad_student, grad_teacher)
+    return kernel.forward(student, teacher, mode, p)
 
 
-def _setup_context(ctx, inputs, output):
-    _, grad_s, grad_t = output
-    ctx.needs = (inputs[4], inputs[5])
-    ctx.save_for_backward(grad_s, grad_t)
+@torch.library.custom_op("rkd_fast::feature_distance_bwd_triton", mutates_args=())
+def _triton_bwd(grad_losses: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, coeffs: torch.Tensor,
+                map_s: torch.Tensor, map_t: torch.Tensor, mode: int, p: float, grad_student: bool,
+                grad_teacher: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from .triton import feature_distance as kernel
+    return kernel.backward(grad_losses, student, teacher, coeffs, map_s, map_t, mode, p, grad_student, grad_teacher)
 
 
-def _scale(grad_unit, grad_losses):
-    # grad_unit keeps the input's dtype and memory format; the per-sample factor is cast once to that dtype.
-    shape = (-1,) + (1,) * (grad_unit.dim() - 1)
-    return grad_unit * grad_losses.to(grad_unit.dtype).view(shape)
+def _autograd_for(bwd_op):
+    def setup_context(ctx, inputs, output):
+        student, teacher, mode, p = inputs
+        _, coeffs, map_s, map_t = output
+        ctx.mode, ctx.p = mode, p
+        ctx.mark_non_differentiable(coeffs, map_s, map_t)
+        ctx.set_materialize_grads(False)  # no zero tensors for the outputs that get no gradient
+        ctx.save_for_backward(student, teacher, coeffs, map_s, map_t)
+
+    def backward(ctx, grad_losses, _coeffs, _map_s, _map_t):
+        student, teacher, coeffs, map_s, map_t = ctx.saved_tensors
+        need_s, need_t = ctx.needs_input_grad[:2]
+        grad_s, grad_t = bwd_op(grad_losses.to(coeffs.dtype).contiguous(), student, teacher, coeffs, map_s, map_t,
+                                ctx.mode, ctx.p, need_s, need_t)
+        return grad_s if need_s else None, grad_t if need_t else None, None, None
+
+    return backward, setup_context
 
 
-def _backward(ctx, grad_losses, _unused_s, _unused_t):
-    grad_s, grad_t = ctx.saved_tensors
-    need_s, need_t = ctx.needs
-    return (_scale(grad_s, grad_losses) if need_s else None, _scale(grad_t, grad_losses) if need_t else None,
-            None, None, None, None)
-
-
-torch.library.register_fake("rkd_fast::feature_distance_fwd", _fake, lib=_lib)
-torch.library.register_autograd("rkd_fast::feature_distance_fwd", _backward, setup_context=_setup_context,
-                                lib=_lib)
-_triton_fwd.register_fake(_fake)
+torch.library.register_fake("rkd_fast::feature_distance_fwd", _fake_fwd, lib=_lib)
+torch.library.register_fake("rkd_fast::feature_distance_bwd", _fake_bwd, lib=_lib)
+_backward, _setup_context = _autograd_for(torch.ops.rkd_fast.feature_distance_bwd)
+torch.library.register_autograd("rkd_fast::feature_distance_fwd", _backward, setup_context=_setup_context, lib=_lib)
+_triton_fwd.register_fake(_fake_fwd)
+_triton_bwd.register_fake(_fake_bwd)
+_backward, _setup_context = _autograd_for(_triton_bwd)
 _triton_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
@@ -135,6 +164,8 @@ def feature_distance(student, teacher, *, mode="normalized", p=2, reduction="mea
     copied to contiguous first; in modes "mse" and "normalized" a teacher whose layout differs from the
     student's (one contiguous, the other channels_last) is copied to the student's layout.
 
+    For the backward the op keeps references to the inputs (no copy) and a few numbers per sample.
+
     Returns the loss in float32 (float64 for float64 inputs): a 0-d tensor, or ``(N,)`` for ``"none"``.
     Accumulation is in float32 (float64 for float64). Gradients come back in each input's dtype.
     """
@@ -146,8 +177,6 @@ def feature_distance(student, teacher, *, mode="normalized", p=2, reduction="mea
     if chosen == "reference":
         return _reference.feature_distance(student, teacher, mode=mode, p=float(p), reduction=reduction)
     student, teacher = _kernel_layouts(student, teacher, mode)
-    grad_enabled = torch.is_grad_enabled()
     op = torch.ops.rkd_fast.feature_distance_fwd_triton if chosen == "triton" else torch.ops.rkd_fast.feature_distance_fwd
-    losses, _, _ = op(student, teacher, MODE_IDS[mode], float(p), grad_enabled and student.requires_grad,
-                      grad_enabled and teacher.requires_grad)
+    losses = op(student, teacher, MODE_IDS[mode], float(p))[0]
     return _reference.reduce(losses, reduction)

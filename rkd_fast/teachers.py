@@ -1,0 +1,98 @@
+"""Teacher loading for distillation: an rkd_fast model file, or a RobustBench model already on disk.
+
+Specs:
+- a path to a model file written by `rkd_fast.checkpoint.save_model` (`rkd-fast export`);
+- ``robustbench:DATASET/THREAT/NAME``, e.g. ``robustbench:cifar10/Linf/Addepalli2022Efficient_RN18``: loaded
+  with RobustBench's ``load_model`` from ``teacher_dir/DATASET/THREAT/NAME.pt`` (RobustBench's own layout).
+  The checkpoint must already be there: this never downloads (the training machines are offline).
+
+Teachers come back in eval mode with ``requires_grad`` off (they are never trained; input gradients still flow
+through them), and with ``model.rkd_teacher`` = {"spec", "source", "num_classes"}.
+"""
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROBUSTBENCH_PREFIX = "robustbench:"
+ROBUSTBENCH_PIP = "pip install git+https://github.com/RobustBench/robustbench"
+ROBUSTBENCH_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
+DEFAULT_TEACHER_DIR = "models"  # RobustBench's default model_dir
+
+
+def parse_robustbench_spec(spec):
+    """``robustbench:DATASET/THREAT/NAME`` -> (dataset, threat, name)."""
+    parts = spec[len(ROBUSTBENCH_PREFIX):].split("/")
+    if len(parts) != 3 or not all(parts):
+        raise ValueError(f"bad teacher spec {spec!r}: expected robustbench:DATASET/THREAT/NAME, e.g. "
+                         f"robustbench:cifar10/Linf/Addepalli2022Efficient_RN18")
+    dataset, threat, name = parts
+    if dataset not in ROBUSTBENCH_CLASSES:
+        raise ValueError(f"bad teacher spec {spec!r}: RobustBench dataset must be one of "
+                         f"{', '.join(ROBUSTBENCH_CLASSES)}, got {dataset!r}")
+    return dataset, threat, name
+
+
+def _check_classes(spec, found, num_classes):
+    if num_classes is not None and found != num_classes:
+        raise ValueError(f"teacher {spec} has {found} classes, but {num_classes} were asked (the data set's)")
+
+
+def _load_robustbench(spec, teacher_dir, num_classes):
+    dataset, threat, name = parse_robustbench_spec(spec)
+    _check_classes(spec, ROBUSTBENCH_CLASSES[dataset], num_classes)
+    try:
+        from robustbench.utils import load_model as rb_load_model
+    except ImportError as e:
+        raise ImportError(f"teacher {spec} needs RobustBench, which could not be imported ({e}); install it with "
+                          f"`{ROBUSTBENCH_PIP}`") from e
+    teacher_dir = Path(DEFAULT_TEACHER_DIR if teacher_dir is None else teacher_dir)
+    path = teacher_dir / dataset / threat / f"{name}.pt"
+    if not path.is_file():
+        # RobustBench would try to download it; this machine cannot, so say where the file must go.
+        raise FileNotFoundError(f"teacher {spec}: checkpoint {path} not found, and this machine cannot download "
+                                f"it. Fetch it where there is network (robustbench.utils.load_model("
+                                f"model_name={name!r}, dataset={dataset!r}, threat_model={threat!r}, "
+                                f"model_dir=...)) and copy the .pt file to {path}, or pass the teacher "
+                                f"directory that holds {dataset}/{threat}/{name}.pt")
+    model = rb_load_model(model_name=name, dataset=dataset, threat_model=threat, model_dir=str(teacher_dir))
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"robustbench load_model returned {type(model).__name__}, not a torch.nn.Module")
+    return model, ROBUSTBENCH_CLASSES[dataset]
+
+
+def _load_file(spec, num_classes, device, arch):
+    from .checkpoint import load_model, read_model_file
+
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"teacher model file {path} does not exist (expected an rkd_fast model file, "
+                                f"`rkd-fast export` output, or robustbench:DATASET/THREAT/NAME)")
+    payload = read_model_file(path)  # checks the format before anything is built
+    if arch is not None and payload["arch"] != arch:
+        raise ValueError(f"teacher {path} is a {payload['arch']!r}, but {arch!r} was asked")
+    _check_classes(spec, payload["num_classes"], num_classes)
+    return load_model(path, device=device), payload["num_classes"]
+
+
+def load_teacher(spec, *, teacher_dir=None, num_classes=None, device=None, arch=None):
+    """The teacher named by `spec` (see the module docstring), on `device`, frozen and in eval mode.
+
+    teacher_dir: where RobustBench checkpoints live (default ``./models``, RobustBench's). num_classes: when
+    given, a teacher with another class count is a ValueError. arch: for model files, the architecture the
+    file must hold."""
+    if not isinstance(spec, (str, Path)):
+        raise TypeError(f"teacher spec must be a str or path, got {type(spec).__name__}")
+    spec = str(spec)
+    if spec.startswith(ROBUSTBENCH_PREFIX):
+        model, classes = _load_robustbench(spec, teacher_dir, num_classes)
+        source = "robustbench"
+    else:
+        model, classes = _load_file(spec, num_classes, device, arch)
+        source = "file"
+    if device is not None:
+        model.to(device)
+    model.eval().requires_grad_(False)
+    model.rkd_teacher = {"spec": spec, "source": source, "num_classes": classes}
+    return model

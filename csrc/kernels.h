@@ -12,20 +12,33 @@
 namespace rkd_fast {
 
 // ---- feature_distance (csrc/cpu/feature_distance.cpp) ----
-// rkd_fast::feature_distance_fwd(student, teacher, mode, p, grad_student, grad_teacher)
-//   -> (losses (N,) float32 or float64, d loss_i / d student_i, d loss_i / d teacher_i).
-// mode: 0 "mse", 1 "normalized", 2 "attention" (see rkd_fast/ops/feature_distance.py). A gradient that is not
-// asked for comes back as an empty tensor of shape (0,).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_distance_fwd_cpu(const at::Tensor& student,
-                                                                        const at::Tensor& teacher, int64_t mode,
-                                                                        double p, bool grad_student,
-                                                                        bool grad_teacher);
+// rkd_fast::feature_distance_fwd(student, teacher, mode, p) -> (losses, coeffs, map_s, map_t)
+//   losses (N,) and coeffs (N, 4) in float32 (float64 for float64 inputs); d loss_i / d s_i = c0 s_i + c1 t_i
+//   and d loss_i / d t_i = c2 s_i + c3 t_i (in mode attention: d loss_i / d a_s and / d a_t of the maps).
+//   map_s, map_t: mode attention's unnormalised maps (N, H*W); empty (0,) tensors in the other modes.
+// rkd_fast::feature_distance_bwd(grad_losses, student, teacher, coeffs, map_s, map_t, mode, p, grad_student,
+//                                grad_teacher) -> (grad_student, grad_teacher)
+//   grad_losses[i] * d loss_i / d input_i in the inputs' dtype and layout; one not asked for comes back as an
+//   empty tensor of shape (0,).
+// mode: 0 "mse", 1 "normalized", 2 "attention" (see rkd_fast/ops/feature_distance.py).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> feature_distance_fwd_cpu(const at::Tensor& student,
+                                                                                    const at::Tensor& teacher,
+                                                                                    int64_t mode, double p);
+std::tuple<at::Tensor, at::Tensor> feature_distance_bwd_cpu(const at::Tensor& grad_losses, const at::Tensor& student,
+                                                            const at::Tensor& teacher, const at::Tensor& coeffs,
+                                                            const at::Tensor& map_s, const at::Tensor& map_t,
+                                                            int64_t mode, double p, bool grad_student,
+                                                            bool grad_teacher);
 #ifdef RKD_FAST_WITH_CUDA
-// The same op on CUDA tensors (csrc/cuda/feature_distance_cuda.cu).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_distance_fwd_cuda(const at::Tensor& student,
-                                                                         const at::Tensor& teacher, int64_t mode,
-                                                                         double p, bool grad_student,
-                                                                         bool grad_teacher);
+// The same ops on CUDA tensors (csrc/cuda/feature_distance_cuda.cu).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> feature_distance_fwd_cuda(const at::Tensor& student,
+                                                                                     const at::Tensor& teacher,
+                                                                                     int64_t mode, double p);
+std::tuple<at::Tensor, at::Tensor> feature_distance_bwd_cuda(const at::Tensor& grad_losses, const at::Tensor& student,
+                                                             const at::Tensor& teacher, const at::Tensor& coeffs,
+                                                             const at::Tensor& map_s, const at::Tensor& map_t,
+                                                             int64_t mode, double p, bool grad_student,
+                                                             bool grad_teacher);
 #endif
 
 // ---- fd_jacobian (csrc/cpu/fd_jacobian.cpp, csrc/cuda/fd_jacobian_cuda.cu) ----

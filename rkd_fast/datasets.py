@@ -14,7 +14,6 @@ so the ranks' batches ``k``, interleaved, are exactly batch ``k`` of a single pr
 """
 
 import hashlib
-import os
 import pickle
 import warnings
 from dataclasses import dataclass
@@ -237,7 +236,7 @@ class GPULoader:
     """Serves a whole split held on `device` (CUDA, or CPU for tests): no DataLoader workers, no host copies.
 
     Images are stored once as given (uint8, scaled by 1/255 on the way out, or float already in [0, 1]) in
-    channels_last. Each batch is cropped and flipped by one gather on the device: a random 32×32 window of
+    channels_last. Each batch is cropped and flipped by one gather on the device: a random H×W window of
     the image padded by `pad` pixels on each side (``padding="reflect"``: mirrored without repeating the edge,
     like ``torch.nn.functional.pad(mode="reflect")``; ``"zero"``: black), then a horizontal flip with
     probability 1/2. The standard CIFAR augmentation (pad 4, random crop, flip); off when ``augment=False``.
@@ -257,7 +256,7 @@ class GPULoader:
         if padding not in ("reflect", "zero"):
             raise ValueError(f"padding must be 'reflect' or 'zero', got {padding!r}")
         if not isinstance(pad, int) or pad < 0 or (padding == "reflect" and pad >= min(x.shape[2:])):
-            raise ValueError(f"pad must be an int in [0, image size) for reflect padding, got {pad!r}")
+            raise ValueError(f"pad must be a non-negative int (below the image size for reflect padding), got {pad!r}")
         device = torch.device(device) if device is not None else x.device
         self.x = x.to(device).contiguous(memory_format=torch.channels_last)
         self.y = y.to(device=device, dtype=torch.int64)

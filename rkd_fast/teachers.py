@@ -12,7 +12,6 @@ through them), and with ``model.rkd_teacher`` = {"spec", "source", "num_classes"
 
 from pathlib import Path
 
-import torch
 from torch import nn
 
 ROBUSTBENCH_PREFIX = "robustbench:"

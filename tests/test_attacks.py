@@ -107,6 +107,11 @@ def test_cw_linf_matches_reference(model, data):
 def autoattack_accuracies(model, data):
     """Robust accuracy (points) on the first AA_SAMPLES test samples: pyautoattack called directly, and
     rkd_fast.attacks.autoattack in fp32 and bf16, and our PGD-20."""
+    with one_thread():  # session fixtures are set up before the function-scoped _single_thread
+        return _autoattack_accuracies(model, data)
+
+
+def _autoattack_accuracies(model, data):
     x, y = data[0][:AA_SAMPLES], data[1][:AA_SAMPLES]
     direct = pyautoattack.AutoAttack(model, norm="Linf", eps=EPS, version="custom", attacks=AA_ATTACKS, seed=0)
     x_direct, _ = direct.run_standard_evaluation(x, y, batch_size=AA_SAMPLES)

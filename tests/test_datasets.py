@@ -167,6 +167,7 @@ def test_gpu_loader_augmentation_matches_pad_crop_flip(padding):
     order, offsets, flips = loader._plan()
     batches = _epoch(loader, 0)
     assert len(loader) == len(batches) == 2  # train: shuffled, only full batches
+    assert all(b[0].is_contiguous(memory_format=torch.channels_last) for b in batches)
     xb, yb = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
     padded = F.pad(x.float(), (3, 3, 3, 3), mode="reflect" if padding == "reflect" else "constant")
     for out, i in zip(xb, order[:10].tolist()):
@@ -311,3 +312,21 @@ def test_synthetic_imagenet_and_info():
         dataset_info("mnist")
     with pytest.raises(ValueError, match="split"):
         build_dataset("cifar10", "/nonexistent", "val")
+
+
+def test_download_only_when_asked(tmp_path, monkeypatch):
+    torchvision = pytest.importorskip("torchvision")
+    calls = []
+
+    def fake_cifar10(root, train, download):  # stands in for the network fetch
+        calls.append((root, train, download))
+        _make_cifar10(tmp_path)
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", fake_cifar10)
+    with pytest.raises(FileNotFoundError):
+        load_cifar(tmp_path, "cifar10", "test")
+    assert calls == []
+    x, _ = load_cifar(tmp_path, "cifar10", "test", download=True, verify=False)
+    assert calls == [(str(tmp_path), True, True)] and len(x) == 8
+    load_cifar(tmp_path, "cifar10", "test", download=True, verify=False)  # present now: no second fetch
+    assert len(calls) == 1

@@ -279,8 +279,13 @@ def _opcheck_samples():
 @pytest.mark.parametrize("index", range(5))
 def test_opcheck(index):
     student, teacher, mode, p, grad_s, grad_t = _opcheck_samples()[index]
-    torch.library.opcheck(torch.ops.rkd_fast.feature_distance_fwd,
-                          (student, teacher, MODE_IDS[mode], p, grad_s, grad_t))
+    fwd_args = (student.detach(), teacher.detach(), MODE_IDS[mode], p)
+    torch.library.opcheck(torch.ops.rkd_fast.feature_distance_fwd, fwd_args)
+    # The backward op on the forward's saved outputs, with a non-trivial upstream gradient.
+    losses, coeffs, map_s, map_t = torch.ops.rkd_fast.feature_distance_fwd(*fwd_args)
+    grad_losses = torch.rand_like(losses) + 0.5
+    torch.library.opcheck(torch.ops.rkd_fast.feature_distance_bwd,
+                          (grad_losses, *fwd_args[:2], coeffs, map_s, map_t, MODE_IDS[mode], p, grad_s, grad_t))
 
 
 def check_compiled(backend, mode, compiler):

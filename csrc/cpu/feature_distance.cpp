@@ -1,10 +1,15 @@
-// rkd_fast::feature_distance_fwd on CPU: per-sample loss and, when asked, d loss_i / d input_i.
+// rkd_fast::feature_distance_fwd and feature_distance_bwd on CPU.
+//
+// The forward only reads: one pass over student and teacher reduces each (sample, chunk) task to a few
+// partial sums, the partials are combined per sample in double, and each sample's loss and gradient
+// coefficients come out of those sums (mode attention also keeps its two attention maps). The backward is one
+// more pass over the inputs that writes each needed gradient once, already scaled by the upstream gradient:
+// the gradient of every mode is linear in the inputs (or in the maps) with per-sample coefficients.
 //
 // The work is split into (sample, chunk) tasks run with at::parallel_for, so a batch of one big sample uses
-// every thread as well as a batch of many small ones. Pass 1 reduces each chunk to a few partial sums, the
-// partials are combined per sample in double, and pass 2 (only when a gradient is asked for) writes the
-// gradients chunk by chunk. Inner loops use at::vec::Vectorized in the accumulation type: float for
-// float/half/bfloat16 inputs (half and bfloat16 are converted on load and store), double for double.
+// every thread as well as a batch of many small ones. Inner loops use at::vec::Vectorized in the
+// accumulation type: float for float/half/bfloat16 inputs (half and bfloat16 are converted on load and
+// store), double for double.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -193,15 +198,44 @@ void pair_grads(const scalar_t* x, const scalar_t* y, int64_t len, const PairRes
   }
 }
 
+// ---- the per-sample coefficients: d loss_i / d x = c0 x + c1 y, d loss_i / d y = c2 x + c3 y ----
+
+template <typename acc>
+void store_coeffs(acc* c, const PairResult& r) {
+  c[0] = static_cast<acc>(r.ax);
+  c[1] = static_cast<acc>(r.bx);
+  c[2] = static_cast<acc>(r.by);
+  c[3] = static_cast<acc>(r.ay);
+}
+
+// The coefficients of every sample times grad_losses[i], in double, as the PairResult pair_grads takes.
+template <typename acc>
+std::vector<PairResult> scaled_coeffs(const at::Tensor& grad_losses, const at::Tensor& coeffs) {
+  const int64_t n = coeffs.size(0);
+  const acc* g = grad_losses.const_data_ptr<acc>();
+  const acc* c = coeffs.const_data_ptr<acc>();
+  std::vector<PairResult> out(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const double gi = g[i];
+    out[i] = {0, gi * c[4 * i], gi * c[4 * i + 1], gi * c[4 * i + 3], gi * c[4 * i + 2]};
+  }
+  return out;
+}
+
+// Chunks of hw covering about kAttentionChunk elements (over `channels` channels), a multiple of the widest
+// block.
+inline int64_t attention_chunk(int64_t channels) {
+  return std::max<int64_t>(32, kAttentionChunk / channels / 32 * 32);
+}
+
 // ---- modes "mse" and "normalized": each sample is one flat block of len elements in both tensors ----
 
-// Σ(s−t)² over [0, len), writing gs = scale (s−t) and gt = −scale (s−t) when they are not null.
+// Σ(s−t)² over [0, len).
 template <typename scalar_t>
-double mse_chunk(const scalar_t* s, const scalar_t* t, int64_t len, double scale, scalar_t* gs, scalar_t* gt) {
+double mse_sum(const scalar_t* s, const scalar_t* t, int64_t len) {
   using Vec = AccVec<scalar_t>;
   using acc = acc_t<scalar_t>;
   constexpr int64_t kBlock = block_size<scalar_t>();
-  const Vec vs(static_cast<acc>(scale)), vt(static_cast<acc>(-scale));
   Vec sum0(0), sum1(0);
   int64_t i = 0;
   for (; i + kBlock <= len; i += kBlock) {
@@ -211,45 +245,65 @@ double mse_chunk(const scalar_t* s, const scalar_t* t, int64_t len, double scale
     const Vec d0 = s0 - t0, d1 = s1 - t1;
     sum0 = at::vec::fmadd(d0, d0, sum0);
     sum1 = at::vec::fmadd(d1, d1, sum1);
-    if (gs) store_block(gs + i, vs * d0, vs * d1);
-    if (gt) store_block(gt + i, vt * d0, vt * d1);
   }
   acc tail = 0;
   for (; i < len; ++i) {
     const acc d = static_cast<acc>(s[i]) - static_cast<acc>(t[i]);
     tail += d * d;
-    if (gs) gs[i] = static_cast<scalar_t>(static_cast<acc>(scale) * d);
-    if (gt) gt[i] = static_cast<scalar_t>(static_cast<acc>(-scale) * d);
   }
   return horizontal_sum(sum0 + sum1) + tail;
 }
 
+// gs = as (s − t) and gt = at (t − s) over [0, len); either output may be null. The difference is taken
+// first: as·s − as·t would lose the digits that s ≈ t share.
 template <typename scalar_t>
-void flat_kernel(const at::Tensor& student, const at::Tensor& teacher, int64_t mode, at::Tensor& losses,
-                 at::Tensor& grad_s, at::Tensor& grad_t) {
+void mse_grads(const scalar_t* s, const scalar_t* t, int64_t len, acc_t<scalar_t> as, acc_t<scalar_t> at_,
+               scalar_t* gs, scalar_t* gt) {
+  using Vec = AccVec<scalar_t>;
+  using acc = acc_t<scalar_t>;
+  constexpr int64_t kBlock = block_size<scalar_t>();
+  const Vec vs(as), vt(-at_);
+  int64_t i = 0;
+  for (; i + kBlock <= len; i += kBlock) {
+    Vec s0, s1, t0, t1;
+    load_block(s + i, s0, s1);
+    load_block(t + i, t0, t1);
+    const Vec d0 = s0 - t0, d1 = s1 - t1;
+    if (gs) store_block(gs + i, vs * d0, vs * d1);
+    if (gt) store_block(gt + i, vt * d0, vt * d1);
+  }
+  for (; i < len; ++i) {
+    const acc d = static_cast<acc>(s[i]) - static_cast<acc>(t[i]);
+    if (gs) gs[i] = static_cast<scalar_t>(as * d);
+    if (gt) gt[i] = static_cast<scalar_t>(-at_ * d);
+  }
+}
+
+// Pass 1 and the per-sample finalisation: losses[i] and coeffs[i] = (c0, c1, c2, c3).
+template <typename scalar_t>
+void flat_forward(const at::Tensor& student, const at::Tensor& teacher, int64_t mode, at::Tensor& losses,
+                  at::Tensor& coeffs) {
   using acc = acc_t<scalar_t>;
   const int64_t n = student.size(0);
   if (n == 0) return;
   const int64_t len = student.numel() / n;
   const scalar_t* s = student.const_data_ptr<scalar_t>();
   const scalar_t* t = teacher.const_data_ptr<scalar_t>();
-  scalar_t* gs = grad_s.numel() ? grad_s.mutable_data_ptr<scalar_t>() : nullptr;
-  scalar_t* gt = grad_t.numel() ? grad_t.mutable_data_ptr<scalar_t>() : nullptr;
   acc* out = losses.mutable_data_ptr<acc>();
+  acc* cf = coeffs.mutable_data_ptr<acc>();
   const int64_t chunks = (len + kFlatChunk - 1) / kFlatChunk;
 
   if (mode == kMse) {
-    // The gradient 2(s−t)/D does not depend on the loss: one pass reads, sums and writes.
     std::vector<double> partial(n * chunks);
-    const double scale = 2.0 / static_cast<double>(len);
     parallel_chunks(n, len, kFlatChunk, 2, [&](int64_t task, int64_t i, int64_t b, int64_t e) {
-      const int64_t off = i * len + b;
-      partial[task] = mse_chunk(s + off, t + off, e - b, scale, gs ? gs + off : nullptr, gt ? gt + off : nullptr);
+      partial[task] = mse_sum(s + i * len + b, t + i * len + b, e - b);
     });
+    const double d = static_cast<double>(len), scale = 2.0 / d;
     for (int64_t i = 0; i < n; ++i) {
       double sum = 0;
       for (int64_t c = 0; c < chunks; ++c) sum += partial[i * chunks + c];
-      out[i] = static_cast<acc>(sum / static_cast<double>(len));  // len == 0 gives NaN, as torch.mean
+      out[i] = static_cast<acc>(sum / d);  // len == 0 gives NaN, as torch.mean
+      store_coeffs(cf + 4 * i, {0, scale, -scale, scale, -scale});
     }
     return;
   }
@@ -258,17 +312,38 @@ void flat_kernel(const at::Tensor& student, const at::Tensor& teacher, int64_t m
   parallel_chunks(n, len, kFlatChunk, 2, [&](int64_t task, int64_t i, int64_t b, int64_t e) {
     partial[task] = pair_sums(s + i * len + b, t + i * len + b, e - b);
   });
-  std::vector<PairResult> result(n);
   for (int64_t i = 0; i < n; ++i) {
     PairSums sums;
     for (int64_t c = 0; c < chunks; ++c) sums.add(partial[i * chunks + c]);
-    result[i] = normalized_pair(sums);
-    out[i] = static_cast<acc>(result[i].loss);
+    const PairResult r = normalized_pair(sums);
+    out[i] = static_cast<acc>(r.loss);
+    store_coeffs(cf + 4 * i, r);
   }
+}
+
+// One pass over s and t writing grad_losses[i] * d loss_i / d s_i and / d t_i (either may be skipped).
+template <typename scalar_t>
+void flat_backward(const at::Tensor& grad_losses, const at::Tensor& student, const at::Tensor& teacher,
+                   const at::Tensor& coeffs, int64_t mode, at::Tensor& grad_s, at::Tensor& grad_t) {
+  using acc = acc_t<scalar_t>;
+  const int64_t n = student.size(0);
+  if (n == 0) return;
+  const int64_t len = student.numel() / n;
+  const scalar_t* s = student.const_data_ptr<scalar_t>();
+  const scalar_t* t = teacher.const_data_ptr<scalar_t>();
+  scalar_t* gs = grad_s.numel() ? grad_s.mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* gt = grad_t.numel() ? grad_t.mutable_data_ptr<scalar_t>() : nullptr;
   if (!gs && !gt) return;
+  const std::vector<PairResult> scaled = scaled_coeffs<acc>(grad_losses, coeffs);
   parallel_chunks(n, len, kFlatChunk, 3, [&](int64_t, int64_t i, int64_t b, int64_t e) {
     const int64_t off = i * len + b;
-    pair_grads(s + off, t + off, e - b, result[i], gs ? gs + off : nullptr, gt ? gt + off : nullptr);
+    const PairResult& r = scaled[i];
+    if (mode == kMse) {  // c1 = −c0 and c2 = −c3: the gradients are multiples of s − t
+      mse_grads(s + off, t + off, e - b, static_cast<acc>(r.ax), static_cast<acc>(r.ay), gs ? gs + off : nullptr,
+                gt ? gt + off : nullptr);
+    } else {
+      pair_grads(s + off, t + off, e - b, r, gs ? gs + off : nullptr, gt ? gt + off : nullptr);
+    }
   });
 }
 
@@ -425,8 +500,8 @@ void attention_grad_chunk(const scalar_t* x, const MapLayout& l, int64_t h0, int
 }
 
 template <int kPow, typename scalar_t>
-void attention_kernel(const at::Tensor& student, const at::Tensor& teacher, double p, at::Tensor& losses,
-                      at::Tensor& grad_s, at::Tensor& grad_t) {
+void attention_forward(const at::Tensor& student, const at::Tensor& teacher, double p, at::Tensor& losses,
+                       at::Tensor& coeffs, at::Tensor& map_s, at::Tensor& map_t) {
   using acc = acc_t<scalar_t>;
   const int64_t n = student.size(0);
   if (n == 0) return;
@@ -434,23 +509,13 @@ void attention_kernel(const at::Tensor& student, const at::Tensor& teacher, doub
   const MapLayout ls = map_layout(student), lt = map_layout(teacher);
   const scalar_t* s = student.const_data_ptr<scalar_t>();
   const scalar_t* t = teacher.const_data_ptr<scalar_t>();
-  scalar_t* gs = grad_s.numel() ? grad_s.mutable_data_ptr<scalar_t>() : nullptr;
-  scalar_t* gt = grad_t.numel() ? grad_t.mutable_data_ptr<scalar_t>() : nullptr;
-  // The gradients are written through the inputs' strides: empty_like keeps them for these layouts.
-  TORCH_INTERNAL_ASSERT(!gs || grad_s.strides() == student.strides());
-  TORCH_INTERNAL_ASSERT(!gt || grad_t.strides() == teacher.strides());
   acc* out = losses.mutable_data_ptr<acc>();
-  const acc pa = static_cast<acc>(p);
-
-  // Both maps of every sample, in the accumulation type; pass 2 overwrites them with d loss / d a.
-  const auto acc_options = student.options().dtype(c10::CppTypeToScalarType<acc>::value);
-  at::Tensor map_s = at::empty({n, hw}, acc_options), map_t = at::empty({n, hw}, acc_options);
+  acc* cf = coeffs.mutable_data_ptr<acc>();
   acc* as = map_s.mutable_data_ptr<acc>();
   acc* at_ = map_t.mutable_data_ptr<acc>();
-
+  const acc pa = static_cast<acc>(p);
   const int64_t channels = std::max<int64_t>(1, ls.channels + lt.channels);
-  // Chunks of hw covering about kAttentionChunk elements, a multiple of the widest block.
-  const int64_t chunk = std::max<int64_t>(32, kAttentionChunk / channels / 32 * 32);
+  const int64_t chunk = attention_chunk(channels);
   const int64_t chunks = (hw + chunk - 1) / chunk;
 
   std::vector<PairSums> partial(n * chunks);
@@ -461,20 +526,48 @@ void attention_kernel(const at::Tensor& student, const at::Tensor& teacher, doub
     attention_map_chunk<kPow>(t + i * lt.sample_stride, lt, b, e, pa, a_t);
     partial[task] = pair_sums(a_s, a_t, e - b);
   });
-  std::vector<PairResult> result(n);
   for (int64_t i = 0; i < n; ++i) {
     PairSums sums;
     for (int64_t c = 0; c < chunks; ++c) sums.add(partial[i * chunks + c]);
-    result[i] = normalized_pair(sums);
-    out[i] = static_cast<acc>(result[i].loss);
+    const PairResult r = normalized_pair(sums);
+    out[i] = static_cast<acc>(r.loss);
+    store_coeffs(cf + 4 * i, r);
   }
+}
+
+// d loss / d a from the saved maps, chunk by chunk into a task-local buffer (the saved maps are inputs of
+// the backward and stay untouched), then through d|F|^p/dF into the input gradients.
+template <int kPow, typename scalar_t>
+void attention_backward(const at::Tensor& grad_losses, const at::Tensor& student, const at::Tensor& teacher,
+                        const at::Tensor& coeffs, const at::Tensor& map_s, const at::Tensor& map_t, double p,
+                        at::Tensor& grad_s, at::Tensor& grad_t) {
+  using acc = acc_t<scalar_t>;
+  const int64_t n = student.size(0);
+  if (n == 0) return;
+  const int64_t hw = student.size(2) * student.size(3);
+  const MapLayout ls = map_layout(student), lt = map_layout(teacher);
+  const scalar_t* s = student.const_data_ptr<scalar_t>();
+  const scalar_t* t = teacher.const_data_ptr<scalar_t>();
+  scalar_t* gs = grad_s.numel() ? grad_s.mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* gt = grad_t.numel() ? grad_t.mutable_data_ptr<scalar_t>() : nullptr;
   if (!gs && !gt) return;
+  // The gradients are written through the inputs' strides: empty_like keeps them for these layouts.
+  TORCH_INTERNAL_ASSERT(!gs || grad_s.strides() == student.strides());
+  TORCH_INTERNAL_ASSERT(!gt || grad_t.strides() == teacher.strides());
+  const acc* as = map_s.const_data_ptr<acc>();
+  const acc* at_ = map_t.const_data_ptr<acc>();
+  const acc pa = static_cast<acc>(p);
+  const std::vector<PairResult> scaled = scaled_coeffs<acc>(grad_losses, coeffs);
+  const int64_t channels = std::max<int64_t>(1, (gs ? ls.channels : 0) + (gt ? lt.channels : 0));
+  const int64_t chunk = attention_chunk(channels);
   parallel_chunks(n, hw, chunk, channels * 2, [&](int64_t, int64_t i, int64_t b, int64_t e) {
-    acc* a_s = as + i * hw + b;
-    acc* a_t = at_ + i * hw + b;
-    pair_grads(a_s, a_t, e - b, result[i], gs ? a_s : nullptr, gt ? a_t : nullptr);  // now d loss / d a
-    if (gs) attention_grad_chunk<kPow>(s + i * ls.sample_stride, ls, b, e, pa, a_s, gs + i * ls.sample_stride);
-    if (gt) attention_grad_chunk<kPow>(t + i * lt.sample_stride, lt, b, e, pa, a_t, gt + i * lt.sample_stride);
+    const int64_t len = e - b;
+    std::vector<acc> buffer((gs ? len : 0) + (gt ? len : 0));
+    acc* g_s = gs ? buffer.data() : nullptr;
+    acc* g_t = gt ? buffer.data() + (gs ? len : 0) : nullptr;
+    pair_grads(as + i * hw + b, at_ + i * hw + b, len, scaled[i], g_s, g_t);
+    if (gs) attention_grad_chunk<kPow>(s + i * ls.sample_stride, ls, b, e, pa, g_s, gs + i * ls.sample_stride);
+    if (gt) attention_grad_chunk<kPow>(t + i * lt.sample_stride, lt, b, e, pa, g_t, gt + i * lt.sample_stride);
   });
 }
 
@@ -488,57 +581,111 @@ bool readable_map(const at::Tensor& x) {
   return x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
-}  // namespace
+at::ScalarType acc_type_of(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_distance_fwd_cpu(const at::Tensor& student,
-                                                                        const at::Tensor& teacher, int64_t mode,
-                                                                        double p, bool grad_student,
-                                                                        bool grad_teacher) {
-  TORCH_CHECK(student.device().is_cpu() && teacher.device().is_cpu(),
-              "feature_distance_fwd (CPU): expected CPU tensors, got ", student.device(), " and ", teacher.device());
-  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(), "feature_distance_fwd: student and teacher dtypes differ (",
+// The checks both ops make on (student, teacher, mode, p); `op` names the op in the messages.
+void check_inputs(const char* op, const at::Tensor& student, const at::Tensor& teacher, int64_t mode, double p) {
+  TORCH_CHECK(student.device().is_cpu() && teacher.device().is_cpu(), op, " (CPU): expected CPU tensors, got ",
+              student.device(), " and ", teacher.device());
+  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(), op, ": student and teacher dtypes differ (",
               student.scalar_type(), " and ", teacher.scalar_type(), ")");
-  TORCH_CHECK(mode == kMse || mode == kNormalized || mode == kAttention,
-              "feature_distance_fwd: mode must be 0 (mse), 1 (normalized) or 2 (attention), got ", mode);
-  TORCH_CHECK(student.dim() >= 1 && teacher.dim() >= 1 && student.size(0) == teacher.size(0),
-              "feature_distance_fwd: need a common batch dim 0, got shapes ", student.sizes(), " and ",
-              teacher.sizes());
+  TORCH_CHECK(mode == kMse || mode == kNormalized || mode == kAttention, op,
+              ": mode must be 0 (mse), 1 (normalized) or 2 (attention), got ", mode);
+  TORCH_CHECK(student.dim() >= 1 && teacher.dim() >= 1 && student.size(0) == teacher.size(0), op,
+              ": need a common batch dim 0, got shapes ", student.sizes(), " and ", teacher.sizes());
   if (mode == kAttention) {
     TORCH_CHECK(student.dim() == 4 && teacher.dim() == 4 && student.size(2) == teacher.size(2) &&
                     student.size(3) == teacher.size(3),
-                "feature_distance_fwd: mode attention takes (N, C, H, W) maps with equal H, W, got shapes ",
-                student.sizes(), " and ", teacher.sizes());
-    TORCH_CHECK(std::isfinite(p) && p > 0, "feature_distance_fwd: p must be finite and > 0, got ", p);
-    TORCH_CHECK(readable_map(student) && readable_map(teacher),
-                "feature_distance_fwd: attention maps must be contiguous or channels_last");
+                op, ": mode attention takes (N, C, H, W) maps with equal H, W, got shapes ", student.sizes(), " and ",
+                teacher.sizes());
+    TORCH_CHECK(std::isfinite(p) && p > 0, op, ": p must be finite and > 0, got ", p);
+    TORCH_CHECK(readable_map(student) && readable_map(teacher), op,
+                ": attention maps must be contiguous or channels_last");
   } else {
-    TORCH_CHECK(student.sizes() == teacher.sizes(), "feature_distance_fwd: mode ", mode,
-                " needs equal shapes, got ", student.sizes(), " and ", teacher.sizes());
-    TORCH_CHECK(same_flat_order(student, teacher),
-                "feature_distance_fwd: student and teacher must both be contiguous or both channels_last");
+    TORCH_CHECK(student.sizes() == teacher.sizes(), op, ": mode ", mode, " needs equal shapes, got ",
+                student.sizes(), " and ", teacher.sizes());
+    TORCH_CHECK(same_flat_order(student, teacher), op,
+                ": student and teacher must both be contiguous or both channels_last");
   }
+}
 
-  const auto acc_type = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor losses = at::empty({student.size(0)}, student.options().dtype(acc_type));
-  at::Tensor grad_s = grad_student ? at::empty_like(student) : at::empty({0}, student.options());
-  at::Tensor grad_t = grad_teacher ? at::empty_like(teacher) : at::empty({0}, teacher.options());
+// A saved tensor handed back to the backward: contiguous, the accumulation dtype, the expected shape.
+void check_saved(const char* name, const at::Tensor& x, at::ScalarType acc, at::IntArrayRef shape) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == acc && x.sizes() == shape && x.is_contiguous(),
+              "feature_distance_bwd: ", name, " must be a contiguous CPU ", acc, " tensor of shape ", shape,
+              ", got ", x.scalar_type(), " ", x.sizes(), " on ", x.device());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> feature_distance_fwd_cpu(const at::Tensor& student,
+                                                                                    const at::Tensor& teacher,
+                                                                                    int64_t mode, double p) {
+  check_inputs("feature_distance_fwd", student, teacher, mode, p);
+  const int64_t n = student.size(0);
+  const auto acc_options = student.options().dtype(acc_type_of(student));
+  at::Tensor losses = at::empty({n}, acc_options);
+  at::Tensor coeffs = at::empty({n, 4}, acc_options);
+  const bool maps = mode == kAttention;
+  at::Tensor map_s = maps ? at::empty({n, student.size(2) * student.size(3)}, acc_options) : at::empty({0}, acc_options);
+  at::Tensor map_t = maps ? at::empty({n, student.size(2) * student.size(3)}, acc_options) : at::empty({0}, acc_options);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "feature_distance_fwd_cpu", [&] {
-    if (mode != kAttention) {
-      flat_kernel<scalar_t>(student, teacher, mode, losses, grad_s, grad_t);
+    if (!maps) {
+      flat_forward<scalar_t>(student, teacher, mode, losses, coeffs);
     } else if (p == 2.0) {
-      attention_kernel<kPowTwo, scalar_t>(student, teacher, p, losses, grad_s, grad_t);
+      attention_forward<kPowTwo, scalar_t>(student, teacher, p, losses, coeffs, map_s, map_t);
     } else if (p == 1.0) {
-      attention_kernel<kPowOne, scalar_t>(student, teacher, p, losses, grad_s, grad_t);
+      attention_forward<kPowOne, scalar_t>(student, teacher, p, losses, coeffs, map_s, map_t);
     } else {
-      attention_kernel<kPowGeneral, scalar_t>(student, teacher, p, losses, grad_s, grad_t);
+      attention_forward<kPowGeneral, scalar_t>(student, teacher, p, losses, coeffs, map_s, map_t);
     }
   });
-  return {losses, grad_s, grad_t};
+  return {losses, coeffs, map_s, map_t};
+}
+
+std::tuple<at::Tensor, at::Tensor> feature_distance_bwd_cpu(const at::Tensor& grad_losses, const at::Tensor& student,
+                                                            const at::Tensor& teacher, const at::Tensor& coeffs,
+                                                            const at::Tensor& map_s, const at::Tensor& map_t,
+                                                            int64_t mode, double p, bool grad_student,
+                                                            bool grad_teacher) {
+  check_inputs("feature_distance_bwd", student, teacher, mode, p);
+  const int64_t n = student.size(0);
+  const at::ScalarType acc = acc_type_of(student);
+  check_saved("grad_losses", grad_losses, acc, {n});
+  check_saved("coeffs", coeffs, acc, {n, 4});
+  const bool maps = mode == kAttention;
+  const int64_t hw = maps ? student.size(2) * student.size(3) : 0;
+  if (maps) {
+    check_saved("map_s", map_s, acc, {n, hw});
+    check_saved("map_t", map_t, acc, {n, hw});
+  }
+  at::Tensor grad_s = grad_student ? at::empty_like(student) : at::empty({0}, student.options());
+  at::Tensor grad_t = grad_teacher ? at::empty_like(teacher) : at::empty({0}, teacher.options());
+  // Modes 0/1 write the gradients in the inputs' flat element order: empty_like keeps it for these layouts.
+  TORCH_INTERNAL_ASSERT(!grad_student || grad_s.strides() == student.strides());
+  TORCH_INTERNAL_ASSERT(!grad_teacher || grad_t.strides() == teacher.strides());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "feature_distance_bwd_cpu", [&] {
+    if (!maps) {
+      flat_backward<scalar_t>(grad_losses, student, teacher, coeffs, mode, grad_s, grad_t);
+    } else if (p == 2.0) {
+      attention_backward<kPowTwo, scalar_t>(grad_losses, student, teacher, coeffs, map_s, map_t, p, grad_s, grad_t);
+    } else if (p == 1.0) {
+      attention_backward<kPowOne, scalar_t>(grad_losses, student, teacher, coeffs, map_s, map_t, p, grad_s, grad_t);
+    } else {
+      attention_backward<kPowGeneral, scalar_t>(grad_losses, student, teacher, coeffs, map_s, map_t, p, grad_s,
+                                                grad_t);
+    }
+  });
+  return {grad_s, grad_t};
 }
 
 TORCH_LIBRARY_IMPL(rkd_fast, CPU, m) {
   m.impl("feature_distance_fwd", &feature_distance_fwd_cpu);
+  m.impl("feature_distance_bwd", &feature_distance_bwd_cpu);
 }
 
 }  // namespace rkd_fast

@@ -1,21 +1,21 @@
-// rkd_fast::feature_distance_fwd on CUDA: per-sample loss and, when asked, d loss_i / d input_i.
+// rkd_fast::feature_distance_fwd and rkd_fast::feature_distance_bwd on CUDA.
 //
-// Per sample the loss and both gradients depend on the data only through a few sums, so the op runs as:
+// Per sample the loss depends on the data only through a few sums, and its gradient is linear in the inputs
+// with four per-sample coefficients (modes 0, 1): d loss/d s = c0 s + c1 t, d loss/d t = c2 s + c3 t.
+// forward (reads each input once, writes nothing gradient-sized):
 //   1. pair_partials_kernel, grid (sample, chunk): each block reduces one chunk of one sample to partial sums
 //      (mode 0: Σ(x−y)²; modes 1 and 2: Σx², Σy², Σxy) with warp shuffles and a block reduction, written to a
 //      (N, chunks, 3) buffer. No atomics: the order of the sums is fixed, so results are deterministic.
-//   2. finalize_kernel, one warp per sample: adds the sample's partials (in double), writes its loss and the
-//      coefficients the gradient needs: coef[n] = (1/‖x‖, 1/‖y‖, x̂·r, ŷ·(−r)) with r = 2(x̂ − ŷ).
-//   3. only when a gradient is asked for: pair_grad_kernel (or attention_grad_kernel), grid (sample, chunk),
-//      reads the sample again and writes the gradients.
-// Mode 2 ("attention") first builds the maps a[n, hw] = Σ_c |F[c, hw]|^p of student and teacher into an fp32
-// (fp64 for fp64) scratch (2, N, H·W) with attention_map_kernel, each tensor through its own strides
-// (contiguous: lanes over 32 consecutive hw positions, warps over channels; channels_last: a warp per hw
-// position, lanes over its contiguous channels); steps 1 and 2 run on the two maps; attention_grad_kernel
-// chains dL/da into dL/dF.
+//   2. finalize_kernel, one warp per sample: adds the sample's partials (in double), writes its loss and
+//      coeffs[n] = (c0, c1, c2, c3).
+// backward (reads each input once, writes each asked-for gradient once):
+//   3. pair_grad_kernel, grid (sample, chunk): grad_losses[n] · (c0 x + c1 y) and grad_losses[n] · (c2 x + c3 y).
+// Mode 2 ("attention"): the forward builds the unnormalised maps a[n, hw] = Σ_c |F[c, hw]|^p of student and
+// teacher with attention_map_kernel, each tensor through its own strides (contiguous: lanes over 32
+// consecutive hw positions, warps over channels; channels_last: a warp per hw position, lanes over its
+// contiguous channels), returns them, and runs steps 1 and 2 on the two maps (normalised-mode coefficients);
+// the backward's attention_grad_kernel forms dL/da = c·(a_s, a_t) and chains it into dL/dF.
 //
-// When a gradient is needed the samples are processed in groups whose bytes fit in half the L2 cache, steps
-// 1-3 launched per group, so that the gradient pass re-reads each sample from L2 rather than from HBM.
 // Accumulation is in fp32 for float/half/bfloat16 and fp64 for double. Flat loads are 16-byte vectors when
 // every sample and chunk starts aligned.
 //
@@ -35,6 +35,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <tuple>
 
 #include "kernels.h"
@@ -138,6 +139,9 @@ __global__ void __launch_bounds__(kThreads) pair_partials_kernel(const scalar_t*
 }
 
 // ---- step 2: a sample's loss and gradient coefficients, one warp per sample ----
+// mode 0: coef = 2/D · (1, −1, −1, 1). Modes 1, 2, with the norms floored at eps: c0 = (2 − k_x)/‖x‖²,
+// c1 = c2 = −2/(‖x‖‖y‖), c3 = (2 − k_y)/‖y‖², where k_x = x̂·r and k_y = ŷ·(−r), r = 2(x̂ − ŷ), are the
+// projections the normalisation removes from the gradient.
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) finalize_kernel(const acc_t* __restrict__ partials, int n_chunks,
                                                              int64_t D, int64_t rows, bool mse,
@@ -157,7 +161,11 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(const acc_t* __restr
   acc_t* k = coef + n * 4;
   if (mse) {
     losses[n] = static_cast<acc_t>(D > 0 ? s[0] / double(D) : NAN);  // the mean of no elements is NaN
-    k[0] = static_cast<acc_t>(2.0 / double(D));
+    const double scale = 2.0 / double(D);
+    k[0] = static_cast<acc_t>(scale);
+    k[1] = static_cast<acc_t>(-scale);
+    k[2] = static_cast<acc_t>(-scale);
+    k[3] = static_cast<acc_t>(scale);
     return;
   }
   const double xx = s[0], yy = s[1], xy = s[2];
@@ -167,24 +175,28 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(const acc_t* __restr
   const double inv_y = 1.0 / (norm_y < kNormEps ? kNormEps : norm_y);
   const double xhat_xhat = xx * inv_x * inv_x, yhat_yhat = yy * inv_y * inv_y, xhat_yhat = xy * inv_x * inv_y;
   losses[n] = static_cast<acc_t>(xhat_xhat + yhat_yhat - 2.0 * xhat_yhat);
-  k[0] = static_cast<acc_t>(inv_x);
-  k[1] = static_cast<acc_t>(inv_y);
   // below the floor the norm is a constant, so the gradient has no projection term
-  k[2] = static_cast<acc_t>(norm_x > kNormEps ? 2.0 * (xhat_xhat - xhat_yhat) : 0.0);
-  k[3] = static_cast<acc_t>(norm_y > kNormEps ? 2.0 * (yhat_yhat - xhat_yhat) : 0.0);
+  const double proj_x = norm_x > kNormEps ? 2.0 * (xhat_xhat - xhat_yhat) : 0.0;
+  const double proj_y = norm_y > kNormEps ? 2.0 * (yhat_yhat - xhat_yhat) : 0.0;
+  const double cross = -2.0 * inv_x * inv_y;
+  k[0] = static_cast<acc_t>((2.0 - proj_x) * inv_x * inv_x);
+  k[1] = static_cast<acc_t>(cross);
+  k[2] = static_cast<acc_t>(cross);
+  k[3] = static_cast<acc_t>((2.0 - proj_y) * inv_y * inv_y);
 }
 
-// ---- step 3, modes 0 and 1: d loss / dx and d loss / dy of one (sample, chunk) ----
+// ---- step 3 (the backward), modes 0 and 1: grad_losses[n] · d loss_n / dx and / dy of one (sample, chunk) ----
+// k = grad_losses[n] · coef[n].
 template <int kMode, typename acc_t>
 __device__ __forceinline__ void pair_grad(acc_t x, acc_t y, const acc_t (&k)[4], acc_t& gx, acc_t& gy) {
   if (kMode == kMse) {
-    gx = (x - y) * k[0];  // 2(x − y)/D, the difference first so that it stays exact
-    gy = -gx;
+    // mse's coefficients are c·(1, −1, −1, 1): the difference first, exact when x and y are close
+    const acc_t d = x - y;
+    gx = d * k[0];
+    gy = -(d * k[3]);
   } else {
-    const acc_t xhat = x * k[0], yhat = y * k[1];
-    const acc_t r = acc_t(2) * (xhat - yhat);
-    gx = (r - xhat * k[2]) * k[0];
-    gy = (-r - yhat * k[3]) * k[1];
+    gx = k[0] * x + k[1] * y;
+    gy = k[2] * x + k[3] * y;
   }
 }
 
@@ -192,6 +204,7 @@ template <int kMode, typename scalar_t>
 __global__ void __launch_bounds__(kThreads) pair_grad_kernel(const scalar_t* __restrict__ x,
                                                               const scalar_t* __restrict__ y,
                                                               const acc_type<scalar_t>* __restrict__ coef,
+                                                              const acc_type<scalar_t>* __restrict__ grad_losses,
                                                               scalar_t* __restrict__ grad_x,
                                                               scalar_t* __restrict__ grad_y, int64_t D,
                                                               int64_t chunk, bool vectorized) {
@@ -200,7 +213,8 @@ __global__ void __launch_bounds__(kThreads) pair_grad_kernel(const scalar_t* __r
   const int64_t n = blockIdx.x;
   const int64_t base = n * D;
   const int64_t begin = int64_t(blockIdx.y) * chunk, end = begin + chunk < D ? begin + chunk : D;
-  const acc_t k[4] = {coef[n * 4], coef[n * 4 + 1], coef[n * 4 + 2], coef[n * 4 + 3]};
+  const acc_t g = grad_losses[n];
+  const acc_t k[4] = {coef[n * 4] * g, coef[n * 4 + 1] * g, coef[n * 4 + 2] * g, coef[n * 4 + 3] * g};
   if (vectorized) {
     for (int64_t i = base + begin + threadIdx.x * V; i < base + end; i += int64_t(kThreads) * V) {
       const auto xv = *reinterpret_cast<const Vec<scalar_t, V>*>(x + i);
@@ -298,41 +312,39 @@ __global__ void __launch_bounds__(kThreads) attention_map_kernel(const scalar_t*
   }
 }
 
-// dL/dF[n, c, hw] = dL/da[n, hw] · p |F|^(p−1) sign(F) for one map (self_index 0: student, 1: teacher);
-// dL/da = (2(â − b̂) − â · proj) / ‖a‖ with b the other map. The gradient has its own strides (those of
+// The backward of mode 2 for one map (self_index 0: student, 1: teacher):
+//   grad[n, c, hw] = grad_losses[n] · dL/da[n, hw] · p |F|^(p−1) sign(F),
+// dL/da_s = c0 a_s + c1 a_t and dL/da_t = c2 a_s + c3 a_t. The gradient has its own strides (those of
 // empty_like(F), so the same walk writes it in order). Threads are laid out as in attention_map_kernel.
 template <bool kChannelsLast, typename scalar_t>
 __global__ void __launch_bounds__(kThreads) attention_grad_kernel(
     const scalar_t* __restrict__ f, MapLayout l, scalar_t* __restrict__ grad, int64_t g_stride_n,
-    int64_t g_stride_c, int64_t g_stride_hw, const acc_type<scalar_t>* __restrict__ a_self,
-    const acc_type<scalar_t>* __restrict__ a_other, const acc_type<scalar_t>* __restrict__ coef, int self_index,
-    acc_type<scalar_t> p, int pow_kind) {
+    int64_t g_stride_c, int64_t g_stride_hw, const acc_type<scalar_t>* __restrict__ a_s,
+    const acc_type<scalar_t>* __restrict__ a_t, const acc_type<scalar_t>* __restrict__ coef,
+    const acc_type<scalar_t>* __restrict__ grad_losses, int self_index, acc_type<scalar_t> p, int pow_kind) {
   using acc_t = acc_type<scalar_t>;
   const int64_t n = blockIdx.x;
-  const acc_t inv_self = coef[n * 4 + self_index], inv_other = coef[n * 4 + 1 - self_index];
-  const acc_t proj = coef[n * 4 + 2 + self_index];
+  const acc_t g = grad_losses[n];
+  const acc_t k_s = coef[n * 4 + 2 * self_index] * g, k_t = coef[n * 4 + 2 * self_index + 1] * g;
   const scalar_t* fs = f + n * l.stride_n;
   scalar_t* gs = grad + n * g_stride_n;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  auto grad_a = [&](int64_t hw) {
-    const acc_t a_hat = a_self[n * l.hw + hw] * inv_self, b_hat = a_other[n * l.hw + hw] * inv_other;
-    return (acc_t(2) * (a_hat - b_hat) - a_hat * proj) * inv_self;
-  };
-  auto write = [&](int64_t c, int64_t hw, acc_t g) {
+  auto grad_a = [&](int64_t hw) { return k_s * a_s[n * l.hw + hw] + k_t * a_t[n * l.hw + hw]; };
+  auto write = [&](int64_t c, int64_t hw, acc_t ga) {
     const acc_t v = acc_t(fs[c * l.stride_c + hw * l.stride_hw]);
-    gs[c * g_stride_c + hw * g_stride_hw] = static_cast<scalar_t>(g * abs_pow_grad(v, p, pow_kind));
+    gs[c * g_stride_c + hw * g_stride_hw] = static_cast<scalar_t>(ga * abs_pow_grad(v, p, pow_kind));
   };
   if (kChannelsLast) {
     for (int64_t hw = int64_t(blockIdx.y) * kWarps + warp; hw < l.hw; hw += int64_t(gridDim.y) * kWarps) {
-      const acc_t g = grad_a(hw);
-      for (int64_t c = lane; c < l.channels; c += 32) write(c, hw, g);
+      const acc_t ga = grad_a(hw);
+      for (int64_t c = lane; c < l.channels; c += 32) write(c, hw, ga);
     }
   } else {
     for (int64_t tile = int64_t(blockIdx.y) * 32; tile < l.hw; tile += int64_t(gridDim.y) * 32) {
       const int64_t hw = tile + lane;
       if (hw >= l.hw) continue;
-      const acc_t g = grad_a(hw);
-      for (int64_t c = warp; c < l.channels; c += kWarps) write(c, hw, g);
+      const acc_t ga = grad_a(hw);
+      for (int64_t c = warp; c < l.channels; c += kWarps) write(c, hw, ga);
     }
   }
 }
@@ -367,7 +379,9 @@ struct Launch {
 
 // Chunks per sample: enough blocks to fill the GPU (8 per SM) when the batch alone does not, each thread
 // doing at least 4 vector loads per chunk; chunk a multiple of the block's vector stride.
-Launch chunking(int64_t size, int64_t rows, int sm_count, int vec) {
+Launch chunking(int64_t size, int64_t rows, int device, int vec) {
+  int sm_count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
   const int64_t step = int64_t(kThreads) * vec;
   const int64_t wanted = ceil_div(int64_t(sm_count) * 8, std::max<int64_t>(rows, 1));
   const int64_t most = ceil_div(std::max<int64_t>(size, 1), step * 4);
@@ -378,186 +392,214 @@ Launch chunking(int64_t size, int64_t rows, int sm_count, int vec) {
 
 bool aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// Steps 1-3 for rows samples of `size` elements at x, y (the modes 0/1 inputs, or the two attention maps).
+// 16-byte vector loads need every sample and chunk start aligned, and every pointer.
 template <typename scalar_t>
-void pair_stats_and_grad(const scalar_t* x, const scalar_t* y, int64_t rows, int64_t size, int mode,
-                         const Launch& launch, acc_type<scalar_t>* partials, acc_type<scalar_t>* losses,
-                         acc_type<scalar_t>* coef, scalar_t* grad_x, scalar_t* grad_y, cudaStream_t stream) {
-  using acc_t = acc_type<scalar_t>;
+bool can_vectorize(int64_t size, const Launch& launch, std::initializer_list<const void*> pointers) {
   constexpr int V = vec_size<scalar_t>();
-  const bool vectorized = size % V == 0 && launch.chunk % V == 0 && aligned(x) && aligned(y) &&
-                          (grad_x == nullptr || aligned(grad_x)) && (grad_y == nullptr || aligned(grad_y));
-  const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(launch.n_chunks));
+  if (size % V != 0 || launch.chunk % V != 0) return false;
+  for (const void* p : pointers) {
+    if (p != nullptr && !aligned(p)) return false;
+  }
+  return true;
+}
+
+// Steps 1 and 2 for n samples of `size` elements at x, y (the modes 0/1 inputs, or the two attention maps).
+template <typename scalar_t>
+void pair_stats(const scalar_t* x, const scalar_t* y, int64_t n, int64_t size, int mode, int device,
+                const at::Tensor& losses, const at::Tensor& coeffs, cudaStream_t stream) {
+  using acc_t = acc_type<scalar_t>;
+  const Launch launch = chunking(size, n, device, vec_size<scalar_t>());
+  at::Tensor partials = at::empty({n, launch.n_chunks, 3}, losses.options());
+  const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(launch.n_chunks));
   const auto partials_kernel = mode == kMse ? pair_partials_kernel<kMse, scalar_t>
                                              : pair_partials_kernel<kNormalized, scalar_t>;
-  partials_kernel<<<grid, kThreads, 0, stream>>>(x, y, partials, size, launch.chunk, launch.n_chunks, vectorized);
+  partials_kernel<<<grid, kThreads, 0, stream>>>(x, y, partials.mutable_data_ptr<acc_t>(), size, launch.chunk,
+                                                 launch.n_chunks, can_vectorize<scalar_t>(size, launch, {x, y}));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  finalize_kernel<acc_t><<<static_cast<unsigned>(ceil_div(rows, kWarps)), kThreads, 0, stream>>>(
-      partials, launch.n_chunks, size, rows, mode == kMse, losses, coef);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (grad_x == nullptr && grad_y == nullptr) return;
-  const auto grad_kernel = mode == kMse ? pair_grad_kernel<kMse, scalar_t> : pair_grad_kernel<kNormalized, scalar_t>;
-  grad_kernel<<<grid, kThreads, 0, stream>>>(x, y, coef, grad_x, grad_y, size, launch.chunk, vectorized);
+  finalize_kernel<acc_t><<<static_cast<unsigned>(ceil_div(n, kWarps)), kThreads, 0, stream>>>(
+      partials.const_data_ptr<acc_t>(), launch.n_chunks, size, n, mode == kMse, losses.mutable_data_ptr<acc_t>(),
+      coeffs.mutable_data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+dim3 attention_grid(const MapLayout& l, int64_t n) {
+  const int64_t per_block = channels_last_walk(l) ? kWarps : 32;  // hw positions per block
+  return dim3(static_cast<unsigned>(n), static_cast<unsigned>(std::clamp<int64_t>(ceil_div(l.hw, per_block), 1,
+                                                                                  kMaxGridY)));
+}
+
 template <typename scalar_t>
-void launch_attention_map(const at::Tensor& f, int64_t lo, int64_t rows, acc_type<scalar_t> p, int pow_kind,
-                          acc_type<scalar_t>* a, cudaStream_t stream) {
+void launch_attention_map(const at::Tensor& f, acc_type<scalar_t> p, int pow_kind, at::Tensor& a,
+                          cudaStream_t stream) {
   const MapLayout l = map_layout(f);
-  const scalar_t* base = f.const_data_ptr<scalar_t>() + lo * l.stride_n;
-  const bool cl = channels_last_walk(l);
-  const int64_t per_block = cl ? kWarps : 32;  // hw positions per block
-  const dim3 grid(static_cast<unsigned>(rows),
-                  static_cast<unsigned>(std::clamp<int64_t>(ceil_div(l.hw, per_block), 1, kMaxGridY)));
-  if (cl) {
-    attention_map_kernel<true, scalar_t><<<grid, kThreads, 0, stream>>>(base, l, p, pow_kind, a);
+  const dim3 grid = attention_grid(l, f.size(0));
+  const scalar_t* base = f.const_data_ptr<scalar_t>();
+  acc_type<scalar_t>* out = a.mutable_data_ptr<acc_type<scalar_t>>();
+  if (channels_last_walk(l)) {
+    attention_map_kernel<true, scalar_t><<<grid, kThreads, 0, stream>>>(base, l, p, pow_kind, out);
   } else {
-    attention_map_kernel<false, scalar_t><<<grid, kThreads, 0, stream>>>(base, l, p, pow_kind, a);
+    attention_map_kernel<false, scalar_t><<<grid, kThreads, 0, stream>>>(base, l, p, pow_kind, out);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t>
-void launch_attention_grad(const at::Tensor& f, at::Tensor& grad, int64_t lo, int64_t rows,
-                           const acc_type<scalar_t>* a_self, const acc_type<scalar_t>* a_other,
-                           const acc_type<scalar_t>* coef, int self_index, acc_type<scalar_t> p, int pow_kind,
-                           cudaStream_t stream) {
+void launch_attention_grad(const at::Tensor& f, at::Tensor& grad, const at::Tensor& map_s, const at::Tensor& map_t,
+                           const at::Tensor& coeffs, const at::Tensor& grad_losses, int self_index,
+                           acc_type<scalar_t> p, int pow_kind, cudaStream_t stream) {
+  using acc_t = acc_type<scalar_t>;
   const MapLayout l = map_layout(f);
-  const scalar_t* base = f.const_data_ptr<scalar_t>() + lo * l.stride_n;
-  scalar_t* g = grad.mutable_data_ptr<scalar_t>() + lo * grad.stride(0);
-  const bool cl = channels_last_walk(l);
-  const int64_t per_block = cl ? kWarps : 32;  // hw positions per block
-  const dim3 grid(static_cast<unsigned>(rows),
-                  static_cast<unsigned>(std::clamp<int64_t>(ceil_div(l.hw, per_block), 1, kMaxGridY)));
-  if (cl) {
-    attention_grad_kernel<true, scalar_t><<<grid, kThreads, 0, stream>>>(base, l, g, grad.stride(0), grad.stride(1),
-                                                               hw_stride(grad), a_self, a_other, coef, self_index,
-                                                               p, pow_kind);
-  } else {
-    attention_grad_kernel<false, scalar_t><<<grid, kThreads, 0, stream>>>(base, l, g, grad.stride(0), grad.stride(1),
-                                                                hw_stride(grad), a_self, a_other, coef, self_index,
-                                                                p, pow_kind);
-  }
+  const dim3 grid = attention_grid(l, f.size(0));
+  const auto kernel = channels_last_walk(l) ? attention_grad_kernel<true, scalar_t>
+                                            : attention_grad_kernel<false, scalar_t>;
+  kernel<<<grid, kThreads, 0, stream>>>(f.const_data_ptr<scalar_t>(), l, grad.mutable_data_ptr<scalar_t>(),
+                                        grad.stride(0), grad.stride(1), hw_stride(grad),
+                                        map_s.const_data_ptr<acc_t>(), map_t.const_data_ptr<acc_t>(),
+                                        coeffs.const_data_ptr<acc_t>(), grad_losses.const_data_ptr<acc_t>(),
+                                        self_index, p, pow_kind);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void check_inputs(const at::Tensor& student, const at::Tensor& teacher, int64_t mode, double p) {
-  TORCH_CHECK_VALUE(student.is_cuda() && teacher.is_cuda(), "feature_distance_fwd (CUDA): expected CUDA tensors, got ",
+void check_inputs(const char* op, const at::Tensor& student, const at::Tensor& teacher, int64_t mode, double p) {
+  TORCH_CHECK_VALUE(student.is_cuda() && teacher.is_cuda(), op, " (CUDA): expected CUDA tensors, got ",
                     student.device(), " and ", teacher.device());
-  TORCH_CHECK_VALUE(student.device() == teacher.device(), "feature_distance_fwd: student and teacher are on ",
-                    student.device(), " and ", teacher.device());
+  TORCH_CHECK_VALUE(student.device() == teacher.device(), op, ": student and teacher are on ", student.device(),
+                    " and ", teacher.device());
   const auto dtype = student.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-                   "feature_distance_fwd: unsupported dtype ", dtype, " (float32, float64, float16, bfloat16)");
-  TORCH_CHECK_TYPE(teacher.scalar_type() == dtype, "feature_distance_fwd: student and teacher dtypes differ: ",
-                   dtype, " and ", teacher.scalar_type());
-  TORCH_CHECK_VALUE(mode == kMse || mode == kNormalized || mode == kAttention,
-                    "feature_distance_fwd: mode must be 0 (mse), 1 (normalized) or 2 (attention), got ", mode);
-  TORCH_CHECK_VALUE(student.dim() >= 1 && teacher.dim() >= 1 && student.size(0) == teacher.size(0),
-                    "feature_distance_fwd: student and teacher need the same batch size in dim 0, got shapes ",
-                    student.sizes(), " and ", teacher.sizes());
+                   op, ": unsupported dtype ", dtype, " (float32, float64, float16, bfloat16)");
+  TORCH_CHECK_TYPE(teacher.scalar_type() == dtype, op, ": student and teacher dtypes differ: ", dtype, " and ",
+                   teacher.scalar_type());
+  TORCH_CHECK_VALUE(mode == kMse || mode == kNormalized || mode == kAttention, op,
+                    ": mode must be 0 (mse), 1 (normalized) or 2 (attention), got ", mode);
+  TORCH_CHECK_VALUE(student.dim() >= 1 && teacher.dim() >= 1 && student.size(0) == teacher.size(0), op,
+                    ": student and teacher need the same batch size in dim 0, got shapes ", student.sizes(), " and ",
+                    teacher.sizes());
   if (mode == kAttention) {
     TORCH_CHECK_VALUE(student.dim() == 4 && teacher.dim() == 4 && student.size(2) == teacher.size(2) &&
                           student.size(3) == teacher.size(3),
-                      "feature_distance_fwd: mode 2 (attention) takes 4-D (N, C, H, W) maps with equal H, W, got ",
-                      student.sizes(), " and ", teacher.sizes());
-    TORCH_CHECK_VALUE(in_place_layout(student) && in_place_layout(teacher),
-                      "feature_distance_fwd: mode 2 (attention) reads contiguous or channels_last tensors, got "
-                      "strides ", student.strides(), " and ", teacher.strides());
-    TORCH_CHECK_VALUE(std::isfinite(p) && p > 0, "feature_distance_fwd: p must be a finite number > 0, got ", p);
+                      op, ": mode 2 (attention) takes 4-D (N, C, H, W) maps with equal H, W, got ", student.sizes(),
+                      " and ", teacher.sizes());
+    TORCH_CHECK_VALUE(in_place_layout(student) && in_place_layout(teacher), op,
+                      ": mode 2 (attention) reads contiguous or channels_last tensors, got strides ",
+                      student.strides(), " and ", teacher.strides());
+    TORCH_CHECK_VALUE(std::isfinite(p) && p > 0, op, ": p must be a finite number > 0, got ", p);
   } else {
-    TORCH_CHECK_VALUE(student.sizes() == teacher.sizes(), "feature_distance_fwd: modes 0 and 1 need equal shapes, got ",
+    TORCH_CHECK_VALUE(student.sizes() == teacher.sizes(), op, ": modes 0 and 1 need equal shapes, got ",
                       student.sizes(), " and ", teacher.sizes());
-    TORCH_CHECK_VALUE(same_flat_order(student, teacher),
-                      "feature_distance_fwd: modes 0 and 1 need student and teacher both contiguous or both "
-                      "channels_last, got strides ", student.strides(), " and ", teacher.strides());
+    TORCH_CHECK_VALUE(same_flat_order(student, teacher), op,
+                      ": modes 0 and 1 need student and teacher both contiguous or both channels_last, got "
+                      "strides ", student.strides(), " and ", teacher.strides());
   }
 }
 
-// Sample groups: all at once when each sample is read once; when a gradient pass re-reads them, groups whose
-// bytes fit in half the L2 cache.
-int64_t group_rows(int64_t n, int64_t bytes_per_sample, bool two_pass, int device) {
-  if (!two_pass) return n;
-  int l2 = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device));
-  const int64_t budget = std::max<int64_t>(l2, 1 << 20) / 2;
-  return std::clamp<int64_t>(budget / std::max<int64_t>(bytes_per_sample, 1), 1, n);
+// The backward's own inputs are what the forward returned (grad_losses shaped like its losses): contiguous,
+// in the accumulation dtype, on the inputs' device.
+void check_saved(const char* name, const at::Tensor& x, at::IntArrayRef shape, at::ScalarType acc_dtype,
+                 const at::Tensor& student) {
+  TORCH_CHECK_VALUE(x.sizes() == shape && x.scalar_type() == acc_dtype && x.is_contiguous() &&
+                        x.device() == student.device(),
+                    "feature_distance_bwd: ", name, " must be a contiguous ", acc_dtype, " tensor of shape ", shape,
+                    " on ", student.device(), ", got ", x.scalar_type(), " ", x.sizes(), " with strides ",
+                    x.strides(), " on ", x.device());
 }
+
+at::ScalarType acc_dtype_of(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+int pow_kind_of(double p) { return p == 2.0 ? kPowTwo : (p == 1.0 ? kPowOne : kPowAny); }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_distance_fwd_cuda(const at::Tensor& student,
-                                                                         const at::Tensor& teacher, int64_t mode,
-                                                                         double p, bool grad_student,
-                                                                         bool grad_teacher) {
-  check_inputs(student, teacher, mode, p);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> feature_distance_fwd_cuda(const at::Tensor& student,
+                                                                                     const at::Tensor& teacher,
+                                                                                     int64_t mode, double p) {
+  check_inputs("feature_distance_fwd", student, teacher, mode, p);
   const c10::cuda::CUDAGuard guard(student.device());
   const int64_t n = student.size(0);
-  const auto acc_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor losses = at::empty({n}, student.options().dtype(acc_dtype));
-  // empty_like keeps the input's strides (contiguous or channels_last), as the Python fake does
-  at::Tensor grad_s = grad_student ? at::empty_like(student) : at::empty({0}, student.options());
-  at::Tensor grad_t = grad_teacher ? at::empty_like(teacher) : at::empty({0}, teacher.options());
-  if (n == 0) return {losses, grad_s, grad_t};
+  const auto acc_options = student.options().dtype(acc_dtype_of(student));
+  const int64_t hw = mode == kAttention ? student.size(2) * student.size(3) : 0;
+  at::Tensor losses = at::empty({n}, acc_options);
+  at::Tensor coeffs = at::empty({n, 4}, acc_options);
+  at::Tensor map_s = mode == kAttention ? at::empty({n, hw}, acc_options) : at::empty({0}, acc_options);
+  at::Tensor map_t = mode == kAttention ? at::empty({n, hw}, acc_options) : at::empty({0}, acc_options);
+  if (n == 0) return {losses, coeffs, map_s, map_t};
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int device = student.get_device();
-  int sm_count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
-  const int64_t size_s = student.numel() / n, size_t_ = teacher.numel() / n;
-  const int64_t group =
-      group_rows(n, (size_s + size_t_) * student.element_size(), grad_student || grad_teacher, device);
-  at::Tensor coef = at::empty({n, 4}, losses.options());
-
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "feature_distance_fwd_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
-    acc_t* loss_ptr = losses.mutable_data_ptr<acc_t>();
-    acc_t* coef_ptr = coef.mutable_data_ptr<acc_t>();
     if (mode != kAttention) {
       // modes 0, 1: sample i is the flat block [i * D, (i + 1) * D) of both tensors, in the same order
-      const Launch launch = chunking(size_s, group, sm_count, vec_size<scalar_t>());
-      at::Tensor partials = at::empty({n, launch.n_chunks, 3}, losses.options());
+      pair_stats<scalar_t>(student.const_data_ptr<scalar_t>(), teacher.const_data_ptr<scalar_t>(), n,
+                           student.numel() / n, static_cast<int>(mode), device, losses, coeffs, stream);
+      return;
+    }
+    const acc_t p_acc = static_cast<acc_t>(p);
+    launch_attention_map<scalar_t>(student, p_acc, pow_kind_of(p), map_s, stream);
+    launch_attention_map<scalar_t>(teacher, p_acc, pow_kind_of(p), map_t, stream);
+    pair_stats<acc_t>(map_s.const_data_ptr<acc_t>(), map_t.const_data_ptr<acc_t>(), n, hw, kNormalized, device,
+                      losses, coeffs, stream);
+  });
+  return {losses, coeffs, map_s, map_t};
+}
+
+std::tuple<at::Tensor, at::Tensor> feature_distance_bwd_cuda(const at::Tensor& grad_losses, const at::Tensor& student,
+                                                             const at::Tensor& teacher, const at::Tensor& coeffs,
+                                                             const at::Tensor& map_s, const at::Tensor& map_t,
+                                                             int64_t mode, double p, bool grad_student,
+                                                             bool grad_teacher) {
+  check_inputs("feature_distance_bwd", student, teacher, mode, p);
+  const int64_t n = student.size(0);
+  const auto acc_dtype = acc_dtype_of(student);
+  check_saved("grad_losses", grad_losses, {n}, acc_dtype, student);
+  check_saved("coeffs", coeffs, {n, 4}, acc_dtype, student);
+  if (mode == kAttention) {
+    const int64_t hw = student.size(2) * student.size(3);
+    check_saved("map_s", map_s, {n, hw}, acc_dtype, student);
+    check_saved("map_t", map_t, {n, hw}, acc_dtype, student);
+  }
+  const c10::cuda::CUDAGuard guard(student.device());
+  // empty_like keeps the input's strides (contiguous or channels_last), as the Python fake does
+  at::Tensor grad_s = grad_student ? at::empty_like(student) : at::empty({0}, student.options());
+  at::Tensor grad_t = grad_teacher ? at::empty_like(teacher) : at::empty({0}, teacher.options());
+  if (n == 0 || !(grad_student || grad_teacher)) return {grad_s, grad_t};
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int device = student.get_device();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "feature_distance_bwd_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    if (mode != kAttention) {
+      // one pass reads x and y once and writes both gradients
+      const int64_t size = student.numel() / n;
+      const Launch launch = chunking(size, n, device, vec_size<scalar_t>());
       const scalar_t* x = student.const_data_ptr<scalar_t>();
       const scalar_t* y = teacher.const_data_ptr<scalar_t>();
       scalar_t* gx = grad_student ? grad_s.mutable_data_ptr<scalar_t>() : nullptr;
       scalar_t* gy = grad_teacher ? grad_t.mutable_data_ptr<scalar_t>() : nullptr;
-      for (int64_t lo = 0; lo < n; lo += group) {
-        const int64_t rows = std::min(group, n - lo), off = lo * size_s;
-        pair_stats_and_grad<scalar_t>(x + off, y + off, rows, size_s, static_cast<int>(mode), launch,
-                                      partials.mutable_data_ptr<acc_t>() + lo * launch.n_chunks * 3, loss_ptr + lo,
-                                      coef_ptr + lo * 4, gx ? gx + off : nullptr, gy ? gy + off : nullptr, stream);
-      }
+      const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(launch.n_chunks));
+      const auto kernel = mode == kMse ? pair_grad_kernel<kMse, scalar_t> : pair_grad_kernel<kNormalized, scalar_t>;
+      kernel<<<grid, kThreads, 0, stream>>>(x, y, coeffs.const_data_ptr<acc_t>(), grad_losses.const_data_ptr<acc_t>(),
+                                            gx, gy, size, launch.chunk,
+                                            can_vectorize<scalar_t>(size, launch, {x, y, gx, gy}));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
-    const int64_t hw = student.size(2) * student.size(3);
-    const int pow_kind = p == 2.0 ? kPowTwo : (p == 1.0 ? kPowOne : kPowAny);
     const acc_t p_acc = static_cast<acc_t>(p);
-    at::Tensor maps = at::empty({2, n, hw}, losses.options());  // a_student, a_teacher
-    acc_t* a_s = maps.mutable_data_ptr<acc_t>();
-    acc_t* a_t = a_s + n * hw;
-    const Launch launch = chunking(hw, group, sm_count, vec_size<acc_t>());
-    at::Tensor partials = at::empty({n, launch.n_chunks, 3}, losses.options());
-    for (int64_t lo = 0; lo < n; lo += group) {
-      const int64_t rows = std::min(group, n - lo);
-      launch_attention_map<scalar_t>(student, lo, rows, p_acc, pow_kind, a_s + lo * hw, stream);
-      launch_attention_map<scalar_t>(teacher, lo, rows, p_acc, pow_kind, a_t + lo * hw, stream);
-      pair_stats_and_grad<acc_t>(a_s + lo * hw, a_t + lo * hw, rows, hw, kNormalized, launch,
-                                 partials.mutable_data_ptr<acc_t>() + lo * launch.n_chunks * 3, loss_ptr + lo,
-                                 coef_ptr + lo * 4, nullptr, nullptr, stream);
-      if (grad_student) {
-        launch_attention_grad<scalar_t>(student, grad_s, lo, rows, a_s + lo * hw, a_t + lo * hw, coef_ptr + lo * 4,
-                                        0, p_acc, pow_kind, stream);
-      }
-      if (grad_teacher) {
-        launch_attention_grad<scalar_t>(teacher, grad_t, lo, rows, a_t + lo * hw, a_s + lo * hw, coef_ptr + lo * 4,
-                                        1, p_acc, pow_kind, stream);
-      }
+    if (grad_student) {
+      launch_attention_grad<scalar_t>(student, grad_s, map_s, map_t, coeffs, grad_losses, 0, p_acc, pow_kind_of(p),
+                                      stream);
+    }
+    if (grad_teacher) {
+      launch_attention_grad<scalar_t>(teacher, grad_t, map_s, map_t, coeffs, grad_losses, 1, p_acc, pow_kind_of(p),
+                                      stream);
     }
   });
-  return {losses, grad_s, grad_t};
+  return {grad_s, grad_t};
 }
 
-TORCH_LIBRARY_IMPL(rkd_fast, CUDA, m) { m.impl("feature_distance_fwd", &feature_distance_fwd_cuda); }
+TORCH_LIBRARY_IMPL(rkd_fast, CUDA, m) {
+  m.impl("feature_distance_fwd", &feature_distance_fwd_cuda);
+  m.impl("feature_distance_bwd", &feature_distance_bwd_cuda);
+}
 
 }  // namespace rkd_fast

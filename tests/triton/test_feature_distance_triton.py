@@ -47,6 +47,18 @@ def make(shape, dtype, device, kind="contiguous"):
     return layout(x, kind).to(device)
 
 
+def run_ops(student, teacher, mode, p=2.0, needs=(True, True), grad_losses=None):
+    """The two Triton ops as autograd chains them: (losses, grad_student, grad_teacher) with grad_losses ones
+    unless given."""
+    losses, coeffs, map_s, map_t = torch.ops.rkd_fast.feature_distance_fwd_triton(student, teacher, MODE_IDS[mode],
+                                                                                  p)
+    if grad_losses is None:
+        grad_losses = torch.ones_like(losses)
+    grad_s, grad_t = torch.ops.rkd_fast.feature_distance_bwd_triton(grad_losses, student, teacher, coeffs, map_s,
+                                                                    map_t, MODE_IDS[mode], p, *needs)
+    return losses, grad_s, grad_t
+
+
 def compare(student, teacher, mode, p=2.0, reduction="none", check_grads=True):
     """The loss and both gradients of backend="triton" against backend="reference", with a random weight per
     sample in the backward so that the per-sample scaling of the saved gradients is tested too."""
@@ -102,8 +114,7 @@ def test_normalized_single_element_samples(device):
     """With one element per sample x̂ = sign(x): the loss is 0 or 4 and the gradient is 0 up to rounding
     (where a comparison relative to the reference's own rounding noise means nothing)."""
     student, teacher = make((6,), torch.float32, device), make((6,), torch.float32, device)
-    op = torch.ops.rkd_fast.feature_distance_fwd_triton
-    losses, grad_s, grad_t = op(student, teacher, MODE_IDS["normalized"], 2.0, True, True)
+    losses, grad_s, grad_t = run_ops(student, teacher, "normalized")
     assert_close(losses, (student.sign() - teacher.sign()).pow(2), torch.float32, "loss")
     assert grad_s.abs().max() < 1e-5 and grad_t.abs().max() < 1e-5
 
@@ -124,8 +135,7 @@ def test_attention_single_position(kind, device):
     reference's exact zeros leave nothing to compare relative to)."""
     student = make((4, 8, 1, 1), torch.float32, device, kind)
     teacher = make((4, 2, 1, 1), torch.float32, device, kind)
-    op = torch.ops.rkd_fast.feature_distance_fwd_triton
-    losses, grad_s, grad_t = op(student, teacher, MODE_IDS["attention"], 2.0, True, True)
+    losses, grad_s, grad_t = run_ops(student, teacher, "attention")
     assert losses.abs().max() < 1e-6
     assert grad_s.abs().max() < 1e-5 and grad_t.abs().max() < 1e-5
 
@@ -185,8 +195,7 @@ def test_attention_without_channels(device):
     """C = 0: the student's map is 0, so loss = ‖0 - â_t‖² = 1 and the teacher's gradient (that of ‖â_t‖²)
     is 0 up to rounding."""
     student, teacher = make((2, 0, 3, 3), torch.float32, device), make((2, 2, 3, 3), torch.float32, device)
-    op = torch.ops.rkd_fast.feature_distance_fwd_triton
-    losses, grad_s, grad_t = op(student, teacher, MODE_IDS["attention"], 2.0, True, True)
+    losses, grad_s, grad_t = run_ops(student, teacher, "attention")
     assert_close(losses, torch.ones(2, device=device), torch.float32, "loss", loss=True)
     assert grad_s.shape == student.shape and grad_t.abs().max() < 1e-5
 
@@ -208,8 +217,7 @@ def test_nan_and_inf_propagate(mode, device):
     teacher = make((3, 2, 4, 4), torch.float32, device)
     student[0, 1, 2, 2] = float("nan")
     teacher[2, 0, 0, 1] = float("inf")
-    op = torch.ops.rkd_fast.feature_distance_fwd_triton
-    losses, grad_s, grad_t = op(student, teacher, MODE_IDS[mode], 2.0, True, True)
+    losses, grad_s, grad_t = run_ops(student, teacher, mode)
     assert losses[0].isnan() and not losses[2].isfinite()  # mse of an inf is inf, the normalised ones NaN
     s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_()
     expected = _reference.feature_distance(s, t, mode=mode, reduction="none")
@@ -221,17 +229,17 @@ def test_nan_and_inf_propagate(mode, device):
     assert_close(grad_t[1], t.grad[1], torch.float32, "teacher grad of the clean sample")
 
 
-def test_sample_groups_and_chunks(monkeypatch, device):
-    """Force the paths a large input takes: many chunks per sample and one sample per L2 group."""
+def test_many_chunks(monkeypatch, device):
+    """Force the path a large input takes: many chunks per sample, in the forward and the backward."""
     module = kernel_module()
     config = module._config
 
-    def small_groups(dev):
+    def many_programs(dev):
         cfg = dict(config(dev))
-        cfg.update(programs=64, group_bytes=1)
+        cfg.update(programs=64)
         return cfg
 
-    monkeypatch.setattr(module, "_config", small_groups)
+    monkeypatch.setattr(module, "_config", many_programs)
     for mode in ("mse", "normalized", "attention"):
         student = make((3, 4, 9, 10), torch.float32, device, "channels_last")
         teacher = make((3, 2 if mode == "attention" else 4, 9, 10), torch.float32, device, "channels_last")
@@ -241,8 +249,7 @@ def test_sample_groups_and_chunks(monkeypatch, device):
 @pytest.mark.parametrize("needs", [(True, False), (False, True), (False, False)], ids=str)
 def test_gradient_flags(needs, device):
     student, teacher = make((2, 3, 4, 5), torch.float16, device), make((2, 3, 4, 5), torch.float16, device)
-    op = torch.ops.rkd_fast.feature_distance_fwd_triton
-    losses, grad_s, grad_t = op(student, teacher, MODE_IDS["normalized"], 2.0, *needs)
+    losses, grad_s, grad_t = run_ops(student, teacher, "normalized", needs=needs)
     assert losses.dtype == torch.float32
     for need, grad, x in ((needs[0], grad_s, student), (needs[1], grad_t, teacher)):
         if need:
@@ -256,28 +263,88 @@ def test_gradient_flags(needs, device):
 def test_channels_last_gradient_keeps_strides(device):
     student = make((2, 3, 4, 5), torch.float32, device, "channels_last")
     teacher = make((2, 6, 4, 5), torch.float32, device)
-    op = torch.ops.rkd_fast.feature_distance_fwd_triton
-    _, grad_s, grad_t = op(student, teacher, MODE_IDS["attention"], 2.0, True, True)
+    _, grad_s, grad_t = run_ops(student, teacher, "attention")
     assert grad_s.stride() == student.stride() and grad_t.stride() == teacher.stride()
 
 
+def test_forward_outputs(device):
+    """The forward's coefficients and maps, as the contract defines them: mse's are 2/D·(1, -1, -1, 1);
+    attention returns the unnormalised maps Σ_c |F|^p; modes 0 and 1 return empty maps."""
+    fwd = torch.ops.rkd_fast.feature_distance_fwd_triton
+    student, teacher = make((3, 2, 3, 4), torch.float64, device), make((3, 5, 3, 4), torch.float64, device)
+    losses, coeffs, map_s, map_t = fwd(student, student.flip(0), MODE_IDS["mse"], 2.0)
+    assert coeffs.shape == (3, 4) and coeffs.dtype == torch.float64 and coeffs.is_contiguous()
+    expected = torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=torch.float64, device=device) * 2 / 24
+    torch.testing.assert_close(coeffs, expected.expand(3, 4), rtol=1e-15, atol=0)
+    assert map_s.shape == (0,) and map_t.shape == (0,) and map_s.dtype == torch.float64
+    for p in (2.0, 1.5):
+        _, coeffs, map_s, map_t = fwd(student.contiguous(memory_format=torch.channels_last), teacher,
+                                      MODE_IDS["attention"], p)
+        torch.testing.assert_close(map_s, student.abs().pow(p).sum(1).flatten(1), rtol=1e-13, atol=0)
+        torch.testing.assert_close(map_t, teacher.abs().pow(p).sum(1).flatten(1), rtol=1e-13, atol=0)
+        assert map_s.is_contiguous() and map_t.is_contiguous()
+
+
+@pytest.mark.parametrize("mode", ["mse", "normalized", "attention"])
+def test_normalized_coefficients(mode, device):
+    """Modes 1 and 2: the gradient c0·x + c1·y (x, y the flat samples or the maps) is that of the reference."""
+    student = make((2, 3, 4, 4), torch.float64, device)
+    teacher = make((2, 2 if mode == "attention" else 3, 4, 4), torch.float64, device)
+    _, coeffs, map_s, map_t = torch.ops.rkd_fast.feature_distance_fwd_triton(student, teacher, MODE_IDS[mode], 2.0)
+    if mode == "attention":
+        x, y = map_s.clone().requires_grad_(), map_t.clone().requires_grad_()
+        loss = _reference.feature_distance(x, y, mode="normalized", reduction="sum")
+    else:
+        x, y = student.flatten(1).requires_grad_(), teacher.flatten(1).requires_grad_()
+        loss = _reference.feature_distance(x, y, mode=mode, reduction="sum")
+    loss.backward()
+    c0, c1, c2, c3 = (coeffs[:, k, None] for k in range(4))
+    torch.testing.assert_close(c0 * x.detach() + c1 * y.detach(), x.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(c2 * x.detach() + c3 * y.detach(), y.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["mse", "normalized", "attention"])
+def test_backward_scales_by_grad_losses(mode, device):
+    """Sample i's gradients are grad_losses[i] times those of grad_losses = 1; a NaN weight gives NaN
+    gradients for its sample only."""
+    student = make((3, 3, 4, 5), torch.float32, device)
+    teacher = make((3, 2 if mode == "attention" else 3, 4, 5), torch.float32, device)
+    _, unit_s, unit_t = run_ops(student, teacher, mode)
+    weight = torch.tensor([0.5, -3.0, float("nan")], device=device)
+    _, grad_s, grad_t = run_ops(student, teacher, mode, grad_losses=weight)
+    for grad, unit in ((grad_s, unit_s), (grad_t, unit_t)):
+        assert_close(grad[:2], unit[:2] * weight[:2, None, None, None], torch.float32, f"{mode} scaled grad")
+        assert grad[2].isnan().all()
+
+
 def test_contract_errors(device):
-    forward = kernel_module().forward
+    module = kernel_module()
+    forward, backward = module.forward, module.backward
     a = make((2, 3, 4, 5), torch.float32, device)
     with pytest.raises(ValueError, match="both contiguous or both channels_last"):
-        forward(a, a.contiguous(memory_format=torch.channels_last), 0, 2.0, False, False)
+        forward(a, a.contiguous(memory_format=torch.channels_last), 0, 2.0)
     with pytest.raises(ValueError, match="mode"):
-        forward(a, a, 3, 2.0, False, False)
+        forward(a, a, 3, 2.0)
     with pytest.raises(TypeError, match="dtypes differ"):
-        forward(a, a.double(), 1, 2.0, False, False)
+        forward(a, a.double(), 1, 2.0)
     with pytest.raises(TypeError, match="unsupported dtype"):
-        forward(a.int(), a.int(), 1, 2.0, False, False)
+        forward(a.int(), a.int(), 1, 2.0)
     with pytest.raises(ValueError, match="equal shapes"):
-        forward(a, a[:, :2], 0, 2.0, False, False)
+        forward(a, a[:, :2], 0, 2.0)
     with pytest.raises(ValueError, match="contiguous or channels_last"):
-        forward(a[..., ::2], a[..., ::2].contiguous(), 2, 2.0, False, False)
+        forward(a[..., ::2], a[..., ::2].contiguous(), 2, 2.0)
     with pytest.raises(ValueError, match="p must be"):
-        forward(a, a, 2, 0.0, False, False)
+        forward(a, a, 2, 0.0)
+    losses, coeffs, map_s, map_t = forward(a, a, 2, 2.0)
+    ones = torch.ones_like(losses)
+    with pytest.raises(ValueError, match="coeffs must be"):
+        backward(ones, a, a, coeffs[:, :3], map_s, map_t, 2, 2.0, True, True)
+    with pytest.raises(ValueError, match="grad_losses must be"):
+        backward(ones.double(), a, a, coeffs, map_s, map_t, 2, 2.0, True, True)
+    with pytest.raises(ValueError, match="map_t must be"):
+        backward(ones, a, a, coeffs, map_s, map_t[:, :3], 2, 2.0, True, True)
+    with pytest.raises(ValueError, match="both contiguous or both channels_last"):
+        backward(ones, a, a.contiguous(memory_format=torch.channels_last), coeffs, map_s, map_t, 1, 2.0, True, True)
 
 
 @pytest.mark.parametrize("mode", ["mse", "normalized", "attention"])
@@ -285,14 +352,25 @@ def test_opcheck(mode, device):
     student = make((2, 3, 4, 5), torch.float32, device, "channels_last")
     teacher = make((2, 2 if mode == "attention" else 3, 4, 5), torch.float32, device, "channels_last")
     torch.library.opcheck(torch.ops.rkd_fast.feature_distance_fwd_triton,
-                          (student.requires_grad_(), teacher, MODE_IDS[mode], 1.5, True, False))
+                          (student.requires_grad_(), teacher, MODE_IDS[mode], 1.5))
+    _, coeffs, map_s, map_t = torch.ops.rkd_fast.feature_distance_fwd_triton(student.detach(), teacher,
+                                                                             MODE_IDS[mode], 1.5)
+    grad_losses = torch.rand(2, device=device)
+    torch.library.opcheck(torch.ops.rkd_fast.feature_distance_bwd_triton,
+                          (grad_losses, student.detach(), teacher, coeffs, map_s, map_t, MODE_IDS[mode], 1.5, True,
+                           False))
 
 
 def test_opcheck_both_gradients_half(device):
     student = make((3, 2, 3, 3), torch.bfloat16, device).requires_grad_()
     teacher = make((3, 2, 3, 3), torch.bfloat16, device).requires_grad_()
     torch.library.opcheck(torch.ops.rkd_fast.feature_distance_fwd_triton,
-                          (student, teacher, MODE_IDS["normalized"], 2.0, True, True))
+                          (student, teacher, MODE_IDS["normalized"], 2.0))
+    _, coeffs, map_s, map_t = torch.ops.rkd_fast.feature_distance_fwd_triton(student.detach(), teacher.detach(),
+                                                                             MODE_IDS["normalized"], 2.0)
+    torch.library.opcheck(torch.ops.rkd_fast.feature_distance_bwd_triton,
+                          (torch.rand(3, device=device), student.detach(), teacher.detach(), coeffs, map_s, map_t,
+                           MODE_IDS["normalized"], 2.0, True, True))
 
 
 @pytest.mark.parametrize("mode", ["normalized", "attention"])

@@ -1,23 +1,22 @@
-"""Triton kernels of rkd_fast::feature_distance_fwd_triton (same schema and contract as
-rkd_fast::feature_distance_fwd, see rkd_fast/ops/feature_distance.py).
+"""Triton kernels of rkd_fast::feature_distance_fwd_triton and rkd_fast::feature_distance_bwd_triton (same
+schemas and contract as rkd_fast::feature_distance_fwd / _bwd, see rkd_fast/ops/feature_distance.py).
 
-Per sample the loss and both gradients depend on the data only through a few sums, so the op runs as:
+Per sample the loss depends on the data only through a few sums, and its gradient is linear in the inputs
+with four per-sample coefficients (modes 0, 1):  d loss/d s = c0 s + c1 t,  d loss/d t = c2 s + c3 t.
 
+forward (reads each input once, writes no gradient-sized tensor):
   1. `_pair_partials`, grid (sample, chunk): each program reduces one chunk of one sample to partial sums
      (mode 0: Σ(x-y)²; modes 1, 2: Σx², Σy², Σxy) written to a (N, chunks, 3) buffer. No atomics: the
      order of the sums is fixed, so results are deterministic.
-  2. `_finalize`, grid (sample,): adds a sample's partials in order, writes its loss and the per-sample
-     coefficients that the gradient needs (1/‖x‖, 1/‖y‖ and the projections x̂·r, ŷ·r).
-  3. only when a gradient is asked for: `_pair_grad` (or `_attention_grad`), grid (sample, chunk), reads the
-     sample again and writes the gradients.
+  2. `_finalize`, grid (sample,): adds a sample's partials in order, writes its loss and coeffs[n] = (c0..c3).
+backward (reads each input once, writes each asked-for gradient once):
+  3. `_pair_grad`, grid (sample, chunk): grad_losses[n] · (c0 x + c1 y) and grad_losses[n] · (c2 x + c3 y).
 
-Mode 2 ("attention") first builds the maps a[n, hw] = Σ_c |F[c, hw]|^p of student and teacher into an fp32
-(fp64 for fp64) scratch of shape (N, H·W) with `_attention_map` (each tensor through its own strides, so
-contiguous and channels_last are read in place); steps 1 and 2 then run on the two maps, and
-`_attention_grad` chains dL/da into dL/dF.
-
-When gradients are needed the samples are processed in groups whose bytes fit in about half the L2 cache,
-running steps 1-3 per group, so that the second read of a sample is likely an L2 hit on a GPU.
+Mode 2 ("attention"): the forward first builds the unnormalised maps a[n, hw] = Σ_c |F[c, hw]|^p of student
+and teacher with `_attention_map` (each tensor through its own strides, so contiguous and channels_last are
+read in place) and returns them; steps 1 and 2 run on the two maps (the coefficients are those of the
+normalised mode on the maps). The backward's `_attention_grad` forms dL/da = c·(a_s, a_t) per position and
+chains it into dL/dF = dL/da · p|F|^(p-1) sign(F).
 
 Accumulation is in fp32 (fp64 for fp64 inputs), whatever the input dtype. On CPU the kernels run under the
 Triton interpreter (TRITON_INTERPRET=1), with smaller blocks so that tests exercise the chunk loops.
@@ -71,8 +70,9 @@ def _pair_partials(x_ptr, y_ptr, part_ptr, D, chunk, n_chunks, MODE: tl.constexp
 @triton.jit
 def _finalize(part_ptr, loss_ptr, coef_ptr, n_chunks, D, MODE: tl.constexpr, ACC: tl.constexpr,
               EPS: tl.constexpr, BLOCK: tl.constexpr):
-    """Sample n's loss, and coef[n] = (1/‖x‖, 1/‖y‖, x̂·r, ŷ·(-r)) with r = 2(x̂ - ŷ), norms floored at EPS
-    (mode 0: coef[n, 0] = 2/D)."""
+    """Sample n's loss and coef[n] = (c0, c1, c2, c3) of its gradient (mode 0: 2/D·(1, -1, -1, 1); mode 1:
+    with norms floored at EPS, c0 = (2 - k_x)/‖x‖², c1 = c2 = -2/(‖x‖‖y‖), c3 = (2 - k_y)/‖y‖², where
+    k_x = x̂·r and k_y = ŷ·(-r), r = 2(x̂ - ŷ), are the projections of the normalisation)."""
     n = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     s0 = tl.zeros([BLOCK], dtype=ACC)
@@ -89,8 +89,12 @@ def _finalize(part_ptr, loss_ptr, coef_ptr, n_chunks, D, MODE: tl.constexpr, ACC
     coef = coef_ptr + n.to(tl.int64) * 4
     if MODE == 0:
         size = tl.full([], 1.0, ACC) * D  # in ACC (fp64 for fp64); D = 0 gives 0/0 = NaN, the mean of nothing
+        k = 2.0 / size
         tl.store(loss_ptr + n, (xx / size).to(ACC))
-        tl.store(coef, (2.0 / size).to(ACC))
+        tl.store(coef, k.to(ACC))
+        tl.store(coef + 1, (-k).to(ACC))
+        tl.store(coef + 2, (-k).to(ACC))
+        tl.store(coef + 3, k.to(ACC))
     else:
         yy = tl.sum(s1, axis=0)
         xy = tl.sum(s2, axis=0)
@@ -106,40 +110,41 @@ def _finalize(part_ptr, loss_ptr, coef_ptr, n_chunks, D, MODE: tl.constexpr, ACC
         # below the floor the norm is a constant, so the gradient has no projection term
         proj_x = tl.where(norm_x > EPS, 2.0 * (xhat_xhat - xhat_yhat), 0.0)
         proj_y = tl.where(norm_y > EPS, 2.0 * (yhat_yhat - xhat_yhat), 0.0)
-        tl.store(coef, inv_x.to(ACC))
-        tl.store(coef + 1, inv_y.to(ACC))
-        tl.store(coef + 2, proj_x.to(ACC))
-        tl.store(coef + 3, proj_y.to(ACC))
+        cross = -2.0 * inv_x * inv_y
+        tl.store(coef, ((2.0 - proj_x) * inv_x * inv_x).to(ACC))
+        tl.store(coef + 1, cross.to(ACC))
+        tl.store(coef + 2, cross.to(ACC))
+        tl.store(coef + 3, ((2.0 - proj_y) * inv_y * inv_y).to(ACC))
 
 
 @triton.jit
-def _pair_grad(x_ptr, y_ptr, coef_ptr, gx_ptr, gy_ptr, D, chunk, MODE: tl.constexpr, GRAD_X: tl.constexpr,
-               GRAD_Y: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """d loss_n / dx and d loss_n / dy over one chunk (modes 0 and 1)."""
+def _pair_grad(x_ptr, y_ptr, coef_ptr, gl_ptr, gx_ptr, gy_ptr, D, chunk, MODE: tl.constexpr,
+               GRAD_X: tl.constexpr, GRAD_Y: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """grad_losses[n] · d loss_n/dx and grad_losses[n] · d loss_n/dy over one chunk (modes 0 and 1)."""
     n = tl.program_id(0)
     c = tl.program_id(1)
     base = n.to(tl.int64) * D
     start = c.to(tl.int64) * chunk
     offs = tl.arange(0, BLOCK)
+    g = tl.load(gl_ptr + n)
     coef = coef_ptr + n.to(tl.int64) * 4
-    k0 = tl.load(coef)
-    k1 = tl.load(coef + 1)
-    k2 = tl.load(coef + 2)
-    k3 = tl.load(coef + 3)
+    k0 = tl.load(coef) * g
+    k1 = tl.load(coef + 1) * g
+    k2 = tl.load(coef + 2) * g
+    k3 = tl.load(coef + 3) * g
     for i in range(0, chunk, BLOCK):
         idx = start + i + offs
         mask = idx < D
         x = tl.load(x_ptr + base + idx, mask=mask, other=0.0).to(ACC)
         y = tl.load(y_ptr + base + idx, mask=mask, other=0.0).to(ACC)
         if MODE == 0:
-            gx = (x - y) * k0  # 2(x - y)/D, the difference first so that it stays exact
-            gy = -gx
+            # mse's coefficients are k·(1, -1, -1, 1): the difference first, exact when x and y are close
+            diff = x - y
+            gx = diff * k0
+            gy = -(diff * k3)
         else:
-            xhat = x * k0
-            yhat = y * k1
-            r = 2.0 * (xhat - yhat)
-            gx = (r - xhat * k2) * k0
-            gy = (-r - yhat * k3) * k1
+            gx = k0 * x + k1 * y
+            gy = k2 * x + k3 * y
         if GRAD_X:
             tl.store(gx_ptr + base + idx, gx.to(gx_ptr.dtype.element_ty), mask=mask)
         if GRAD_Y:
@@ -201,22 +206,23 @@ def _attention_map(f_ptr, a_ptr, C, HW, stride_n, stride_c, stride_hw, p_ptr, P_
 
 
 @triton.jit
-def _attention_grad(f_ptr, g_ptr, a_self_ptr, a_other_ptr, coef_ptr, SELF: tl.constexpr, C, HW, stride_n,
+def _attention_grad(f_ptr, g_ptr, a_s_ptr, a_t_ptr, coef_ptr, gl_ptr, SELF: tl.constexpr, C, HW, stride_n,
                     stride_c, stride_hw, g_stride_n, g_stride_c, g_stride_hw, p_ptr, P_MODE: tl.constexpr,
                     ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-    """dL/dF[n, c, hw] = dL/da[n, hw] · p|F|^(p-1) sign(F) for one tensor (SELF = 0 student, 1 teacher)."""
+    """grad_losses[n] · dL/dF[n, c, hw] = grad_losses[n] · dL/da[n, hw] · p|F|^(p-1) sign(F) for one tensor
+    (SELF = 0: student, dL/da_s = c0 a_s + c1 a_t; SELF = 1: teacher, dL/da_t = c2 a_s + c3 a_t)."""
     n = tl.program_id(0)
     p = tl.load(p_ptr)
     hw = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     hw_mask = hw < HW
+    g = tl.load(gl_ptr + n)
     coef = coef_ptr + n.to(tl.int64) * 4
-    inv_self = tl.load(coef + SELF)
-    inv_other = tl.load(coef + 1 - SELF)
-    proj = tl.load(coef + 2 + SELF)
+    k_s = tl.load(coef + 2 * SELF) * g
+    k_t = tl.load(coef + 2 * SELF + 1) * g
     row = n.to(tl.int64) * HW + hw
-    a_hat = tl.load(a_self_ptr + row, mask=hw_mask, other=0.0) * inv_self
-    b_hat = tl.load(a_other_ptr + row, mask=hw_mask, other=0.0) * inv_other
-    grad_a = (2.0 * (a_hat - b_hat) - a_hat * proj) * inv_self  # dL/da over this block of hw
+    a_s = tl.load(a_s_ptr + row, mask=hw_mask, other=0.0)
+    a_t = tl.load(a_t_ptr + row, mask=hw_mask, other=0.0)
+    grad_a = k_s * a_s + k_t * a_t  # dL/da over this block of hw, already scaled by grad_losses[n]
     cs = tl.arange(0, BLOCK_C)
     base = f_ptr + n.to(tl.int64) * stride_n
     g_base = g_ptr + n.to(tl.int64) * g_stride_n
@@ -225,8 +231,8 @@ def _attention_grad(f_ptr, g_ptr, a_self_ptr, a_other_ptr, coef_ptr, SELF: tl.co
         c = (c0 + cs).to(tl.int64)[:, None]
         mask = (c < C) & hw_mask[None, :]
         v = tl.load(base + c * stride_c + hw64 * stride_hw, mask=mask, other=0.0).to(ACC)
-        g = grad_a[None, :] * _abs_pow_grad(v, p, P_MODE)
-        tl.store(g_base + c * g_stride_c + hw64 * g_stride_hw, g.to(g_ptr.dtype.element_ty), mask=mask)
+        grad = grad_a[None, :] * _abs_pow_grad(v, p, P_MODE)
+        tl.store(g_base + c * g_stride_c + hw64 * g_stride_hw, grad.to(g_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------- launch
@@ -237,10 +243,9 @@ def _config(device):
     call, so few programs and small blocks (which still exercise the chunk loops at test sizes)."""
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        l2_bytes = getattr(props, "L2_cache_size", 0) or 40 * 2**20
         return {"block": 1024, "block_c": 32, "block_hw": 64, "programs": 8 * props.multi_processor_count,
-                "group_bytes": l2_bytes // 2, "num_warps": 4}
-    return {"block": 64, "block_c": 4, "block_hw": 16, "programs": 8, "group_bytes": 1 << 16, "num_warps": 4}
+                "num_warps": 4}
+    return {"block": 64, "block_c": 4, "block_hw": 16, "programs": 8, "num_warps": 4}
 
 
 def _hw_stride(x):
@@ -293,6 +298,22 @@ def _check(student, teacher, mode, p):
                              f"strides {student.stride()} and {teacher.stride()}")
 
 
+def _check_saved(grad_losses, student, coeffs, map_s, map_t, mode):
+    """The backward's own inputs: what the forward returned (or grad_losses shaped like its losses)."""
+    acc, _ = _acc_dtypes(student.dtype)
+    n = student.shape[0]
+    hw = student.shape[2] * student.shape[3] if mode == ATTENTION else 0
+    expected = {"grad_losses": (grad_losses, (n,)), "coeffs": (coeffs, (n, 4))}
+    if mode == ATTENTION:
+        expected.update(map_s=(map_s, (n, hw)), map_t=(map_t, (n, hw)))
+    for name, (x, shape) in expected.items():
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if tuple(x.shape) != shape or x.dtype != acc or not x.is_contiguous() or x.device != student.device:
+            raise ValueError(f"{name} must be a contiguous {acc} tensor of shape {shape} on {student.device}, "
+                             f"got {x.dtype} {tuple(x.shape)} with strides {x.stride()} on {x.device}")
+
+
 def _acc_dtypes(dtype):
     return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
 
@@ -307,83 +328,87 @@ def _chunking(size, rows, cfg):
     return chunk, triton.cdiv(max(size, 1), chunk)
 
 
-def _groups(n, bytes_per_sample, cfg, two_pass):
-    """Sample ranges processed together: all at once when each sample is read once, else groups that fit in
-    about half the L2 cache so that the gradient pass re-reads them from L2."""
-    size = n if not two_pass else max(1, min(n, cfg["group_bytes"] // max(bytes_per_sample, 1)))
-    return [(start, min(start + size, n)) for start in range(0, n, size)]
+def _device_guard(x):
+    """Launches go to the inputs' device (and its current stream), whatever the current device is."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
 
 
-def _pair_stats_and_grad(x, y, losses, coef, gx, gy, mode, size, acc_tl, cfg, groups):
-    """Steps 1-3 for flat samples of `size` elements (modes 0 and 1, and the attention maps)."""
+def _pair_stats(x, y, losses, coef, mode, size, acc_tl, cfg):
+    """Steps 1-2 for flat samples of `size` elements (modes 0 and 1, and the attention maps)."""
     n = x.shape[0]
-    chunk, n_chunks = _chunking(size, groups[0][1] - groups[0][0], cfg)
+    chunk, n_chunks = _chunking(size, n, cfg)
     partials = torch.empty((n, n_chunks, 3), dtype=losses.dtype, device=x.device)
-    for lo, hi in groups:
-        rows = hi - lo
-        _pair_partials[(rows, n_chunks)](x[lo:hi], y[lo:hi], partials[lo:hi], size, chunk, n_chunks,
-                                        MODE=min(mode, NORMALIZED), ACC=acc_tl, BLOCK=cfg["block"],
-                                        num_warps=cfg["num_warps"])
-        _finalize[(rows,)](partials[lo:hi], losses[lo:hi], coef[lo:hi], n_chunks, size,
-                           MODE=min(mode, NORMALIZED), ACC=acc_tl, EPS=NORM_EPS, BLOCK=64, num_warps=1)
-        if gx is not None or gy is not None:
-            dummy = x[lo:hi]  # a pointer the kernel never writes when its GRAD_ flag is off
-            _pair_grad[(rows, n_chunks)](x[lo:hi], y[lo:hi], coef[lo:hi],
-                                         gx[lo:hi] if gx is not None else dummy,
-                                         gy[lo:hi] if gy is not None else dummy, size, chunk, MODE=mode,
-                                         GRAD_X=gx is not None, GRAD_Y=gy is not None, ACC=acc_tl,
-                                         BLOCK=cfg["block"], num_warps=cfg["num_warps"])
+    _pair_partials[(n, n_chunks)](x, y, partials, size, chunk, n_chunks, MODE=mode, ACC=acc_tl,
+                                  BLOCK=cfg["block"], num_warps=cfg["num_warps"])
+    _finalize[(n,)](partials, losses, coef, n_chunks, size, MODE=mode, ACC=acc_tl, EPS=NORM_EPS, BLOCK=64,
+                    num_warps=1)
 
 
-def _attention(student, teacher, p, losses, coef, grad_s, grad_t, acc, acc_tl, cfg, groups):
-    n, hw = student.shape[0], student.shape[2] * student.shape[3]
-    p_mode = 2 if p == 2.0 else 1 if p == 1.0 else 0
-    maps = torch.empty((2, n, hw), dtype=acc, device=student.device)
-    p_acc = torch.full((1,), p, dtype=acc, device=student.device)
-    blocks = dict(ACC=acc_tl, BLOCK_C=cfg["block_c"], BLOCK_HW=cfg["block_hw"], num_warps=cfg["num_warps"])
-    grid_hw = max(1, triton.cdiv(hw, cfg["block_hw"]))
-    for lo, hi in groups:
-        rows = hi - lo
-        for i, f in enumerate((student, teacher)):
-            f = f[lo:hi]
-            _attention_map[(rows, grid_hw)](f, maps[i, lo:hi], f.shape[1], hw, f.stride(0), f.stride(1),
-                                            _hw_stride(f), p_acc, P_MODE=p_mode, **blocks)
-        _pair_stats_and_grad(maps[0, lo:hi], maps[1, lo:hi], losses[lo:hi], coef[lo:hi], None, None,
-                             NORMALIZED, hw, acc_tl, cfg, [(0, rows)])
-        for i, (f, g) in enumerate(((student, grad_s), (teacher, grad_t))):
-            if g is None:
-                continue
-            f, g = f[lo:hi], g[lo:hi]
-            _attention_grad[(rows, grid_hw)](f, g, maps[i, lo:hi], maps[1 - i, lo:hi], coef[lo:hi], i,
-                                             f.shape[1], hw, f.stride(0), f.stride(1), _hw_stride(f),
-                                             g.stride(0), g.stride(1), _hw_stride(g), p_acc, P_MODE=p_mode,
-                                             **blocks)
+def _p_kind(p):
+    return 2 if p == 2.0 else 1 if p == 1.0 else 0
 
 
-def forward(student, teacher, mode, p, grad_student, grad_teacher):
-    """(losses, d loss_i/d student_i, d loss_i/d teacher_i) as rkd_fast::feature_distance_fwd defines them.
+def forward(student, teacher, mode, p):
+    """(losses, coeffs, map_s, map_t) as rkd_fast::feature_distance_fwd defines them.
 
-    losses is (N,) float32 (float64 for float64 inputs); a gradient is `empty_like` its input (same strides)
-    in the input's dtype when asked for, else an empty (0,) tensor."""
+    losses (N,) and coeffs (N, 4) are float32 (float64 for float64 inputs); map_s, map_t are the unnormalised
+    attention maps (N, H*W) in mode 2 and empty (0,) tensors otherwise. Each input is read once."""
     _check(student, teacher, mode, p)
     acc, acc_tl = _acc_dtypes(student.dtype)
     n = student.shape[0]
     losses = student.new_empty((n,), dtype=acc)
+    coeffs = student.new_empty((n, 4), dtype=acc)
+    hw = student.shape[2] * student.shape[3] if mode == ATTENTION else 0
+    map_s = student.new_empty((n, hw) if mode == ATTENTION else (0,), dtype=acc)
+    map_t = student.new_empty((n, hw) if mode == ATTENTION else (0,), dtype=acc)
+    if n == 0:
+        return losses, coeffs, map_s, map_t
+    cfg = _config(student.device)
+    with _device_guard(student):
+        if mode != ATTENTION:
+            _pair_stats(student, teacher, losses, coeffs, mode, student[0].numel(), acc_tl, cfg)
+            return losses, coeffs, map_s, map_t
+        p_acc = torch.full((1,), float(p), dtype=acc, device=student.device)
+        grid = (n, max(1, triton.cdiv(hw, cfg["block_hw"])))
+        for f, a in ((student, map_s), (teacher, map_t)):
+            _attention_map[grid](f, a, f.shape[1], hw, f.stride(0), f.stride(1), _hw_stride(f), p_acc,
+                                 P_MODE=_p_kind(float(p)), ACC=acc_tl, BLOCK_C=cfg["block_c"],
+                                 BLOCK_HW=cfg["block_hw"], num_warps=cfg["num_warps"])
+        _pair_stats(map_s, map_t, losses, coeffs, NORMALIZED, hw, acc_tl, cfg)
+    return losses, coeffs, map_s, map_t
+
+
+def backward(grad_losses, student, teacher, coeffs, map_s, map_t, mode, p, grad_student, grad_teacher):
+    """(grad_student, grad_teacher) as rkd_fast::feature_distance_bwd defines them: grad_losses[i] times
+    d loss_i/d input_i, `empty_like` the input (same strides) in its dtype when asked for, else an empty (0,)
+    tensor. Modes 0 and 1 read student and teacher once for both gradients."""
+    _check(student, teacher, mode, p)
+    _check_saved(grad_losses, student, coeffs, map_s, map_t, mode)
     grad_s = torch.empty_like(student) if grad_student else student.new_empty((0,))
     grad_t = torch.empty_like(teacher) if grad_teacher else teacher.new_empty((0,))
-    if n == 0:
-        return losses, grad_s, grad_t
+    n = student.shape[0]
+    if n == 0 or not (grad_student or grad_teacher):
+        return grad_s, grad_t
+    _, acc_tl = _acc_dtypes(student.dtype)
     cfg = _config(student.device)
-    bytes_per_sample = (student[0].numel() + teacher[0].numel()) * student.element_size()
-    groups = _groups(n, bytes_per_sample, cfg, grad_student or grad_teacher)
-    coef = torch.empty((n, 4), dtype=acc, device=student.device)
-    # launches go to the inputs' device (and its current stream), whatever the current device is
-    with torch.cuda.device(student.device) if student.device.type == "cuda" else contextlib.nullcontext():
-        if mode == ATTENTION:
-            _attention(student, teacher, float(p), losses, coef, grad_s if grad_student else None,
-                       grad_t if grad_teacher else None, acc, acc_tl, cfg, groups)
-        else:
+    with _device_guard(student):
+        if mode != ATTENTION:
             size = student[0].numel()
-            _pair_stats_and_grad(student, teacher, losses, coef, grad_s if grad_student else None,
-                                 grad_t if grad_teacher else None, mode, size, acc_tl, cfg, groups)
-    return losses, grad_s, grad_t
+            chunk, n_chunks = _chunking(size, n, cfg)
+            dummy = student  # a pointer the kernel never writes when its GRAD_ flag is off
+            _pair_grad[(n, n_chunks)](student, teacher, coeffs, grad_losses, grad_s if grad_student else dummy,
+                                      grad_t if grad_teacher else dummy, size, chunk, MODE=mode,
+                                      GRAD_X=grad_student, GRAD_Y=grad_teacher, ACC=acc_tl, BLOCK=cfg["block"],
+                                      num_warps=cfg["num_warps"])
+            return grad_s, grad_t
+        hw = student.shape[2] * student.shape[3]
+        p_acc = torch.full((1,), float(p), dtype=coeffs.dtype, device=student.device)
+        grid = (n, max(1, triton.cdiv(hw, cfg["block_hw"])))
+        for i, (f, g, needed) in enumerate(((student, grad_s, grad_student), (teacher, grad_t, grad_teacher))):
+            if not needed:
+                continue
+            _attention_grad[grid](f, g, map_s, map_t, coeffs, grad_losses, i, f.shape[1], hw, f.stride(0),
+                                  f.stride(1), _hw_stride(f), g.stride(0), g.stride(1), _hw_stride(g), p_acc,
+                                  P_MODE=_p_kind(float(p)), ACC=acc_tl, BLOCK_C=cfg["block_c"],
+                                  BLOCK_HW=cfg["block_hw"], num_warps=cfg["num_warps"])
+    return grad_s, grad_t

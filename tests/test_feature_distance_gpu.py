@@ -4,8 +4,8 @@ autograd for the gradients. Skips without a GPU; a backend that is unavailable o
 built without CUDA, triton missing) skips with the reason rkd_fast.backends() gives.
 
 Besides modes × dtypes × layouts, the shapes cover both load paths of the CUDA kernel (16-byte vectors when
-every sample starts aligned, scalar loads otherwise), several chunks per sample, and sample groups (the L2
-grouping used when a gradient pass re-reads the inputs)."""
+every sample starts aligned, scalar loads otherwise), several chunks per sample and large batches. Tests that
+call the ops directly chain them as autograd does: feature_distance_fwd, then feature_distance_bwd."""
 
 import pytest
 import torch
@@ -27,7 +27,8 @@ def _backend(name):
 
 
 BACKENDS = [_backend("cuda"), _backend("triton")]
-OPS = {"cuda": "feature_distance_fwd", "triton": "feature_distance_fwd_triton"}
+OPS = {"cuda": ("feature_distance_fwd", "feature_distance_bwd"),
+       "triton": ("feature_distance_fwd_triton", "feature_distance_bwd_triton")}
 MODES = ("mse", "normalized", "attention")
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Relative to the largest magnitude of the expected tensor. Both kernels accumulate in fp32 (fp64 for fp64);
@@ -45,6 +46,18 @@ def make(shape, dtype, layout="contiguous", device="cuda"):
         flat = torch.randn(torch.Size(shape).numel() + 1, device=device).to(dtype)
         return flat[1:].view(shape)
     return torch.randn(shape, device=device).to(dtype)
+
+
+def ops(backend):
+    return tuple(getattr(torch.ops.rkd_fast, name) for name in OPS[backend])
+
+
+def run_ops(backend, student, teacher, mode, p=2.0, needs=(True, True)):
+    """(losses, grad_student, grad_teacher) of the backend's forward and backward ops, grad_losses ones."""
+    fwd, bwd = ops(backend)
+    losses, coeffs, map_s, map_t = fwd(student, teacher, MODE_IDS[mode], p)
+    grad_s, grad_t = bwd(torch.ones_like(losses), student, teacher, coeffs, map_s, map_t, MODE_IDS[mode], p, *needs)
+    return losses, grad_s, grad_t
 
 
 def teacher_shape(shape, mode):
@@ -153,9 +166,8 @@ def test_reductions(backend, mode, reduction):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_large_batch_in_sample_groups(backend, mode):
-    """~800 KB of inputs per sample in fp16: with gradients the samples run in L2-sized groups, and each
-    sample in several chunks."""
+def test_large_batch(backend, mode):
+    """~800 KB of inputs per sample in fp16, 77 MB in all: more than an L2 cache holds."""
     shape = (96, 64, 56, 56)
     student = make(shape, torch.float16, "channels_last")
     teacher = make(teacher_shape(shape, mode), torch.float16, "channels_last")
@@ -184,21 +196,19 @@ def test_empty_batch(backend, mode):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_samples(backend):
     """D = 0: the mean of no elements is NaN; the distance of two empty vectors is 0."""
-    op = getattr(torch.ops.rkd_fast, OPS[backend])
     empty = torch.randn(3, 0, device="cuda")
-    assert op(empty, empty, MODE_IDS["mse"], 2.0, True, True)[0].isnan().all()
-    assert (op(empty, empty, MODE_IDS["normalized"], 2.0, True, True)[0] == 0).all()
+    assert run_ops(backend, empty, empty, "mse")[0].isnan().all()
+    assert (run_ops(backend, empty, empty, "normalized")[0] == 0).all()
     maps = torch.randn(2, 3, 0, 4, device="cuda")
-    assert (op(maps, maps, MODE_IDS["attention"], 2.0, True, True)[0] == 0).all()
+    assert (run_ops(backend, maps, maps, "attention")[0] == 0).all()
 
 
 @pytest.mark.parametrize("kind", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_attention_single_position(backend, kind):
     """H·W = 1: both normalised maps are 1, so the loss and the gradients are 0 up to rounding."""
-    op = getattr(torch.ops.rkd_fast, OPS[backend])
     student, teacher = make((4, 8, 1, 1), torch.float32, kind), make((4, 2, 1, 1), torch.float32, kind)
-    losses, grad_s, grad_t = op(student, teacher, MODE_IDS["attention"], 2.0, True, True)
+    losses, grad_s, grad_t = run_ops(backend, student, teacher, "attention")
     assert losses.abs().max() < 1e-6 and grad_s.abs().max() < 1e-5 and grad_t.abs().max() < 1e-5
 
 
@@ -214,11 +224,10 @@ def test_zero_norm_sample(backend, mode):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_and_inf_propagate(backend, mode):
-    op = getattr(torch.ops.rkd_fast, OPS[backend])
     student, teacher = make((3, 4, 4, 4), torch.float32), make((3, 4, 4, 4), torch.float32)
     student[0, 1, 2, 2] = float("nan")
     teacher[2, 0, 0, 1] = float("inf")
-    losses, grad_s, grad_t = op(student, teacher, MODE_IDS[mode], 2.0, True, True)
+    losses, grad_s, grad_t = run_ops(backend, student, teacher, mode)
     assert losses[0].isnan() and not losses[2].isfinite()
     want_loss, want_s, want_t = oracle(student, teacher, mode)
     assert_close(losses, want_loss, torch.float32, "losses", loss=True)
@@ -230,10 +239,9 @@ def test_nan_and_inf_propagate(backend, mode):
 @pytest.mark.parametrize("needs", [(True, False), (False, True), (False, False)], ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradient_flags_and_strides(backend, needs):
-    op = getattr(torch.ops.rkd_fast, OPS[backend])
     student = make((2, 3, 4, 5), torch.bfloat16, "channels_last")
     teacher = make((2, 6, 4, 5), torch.bfloat16)
-    losses, grad_s, grad_t = op(student, teacher, MODE_IDS["attention"], 2.0, *needs)
+    losses, grad_s, grad_t = run_ops(backend, student, teacher, "attention", needs=needs)
     assert losses.dtype == torch.float32
     for need, grad, x in ((needs[0], grad_s, student), (needs[1], grad_t, teacher)):
         if need:
@@ -246,11 +254,10 @@ def test_gradient_flags_and_strides(backend, needs):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_deterministic(backend, mode):
     """No atomics: the per-sample sums are added in a fixed order, so two runs agree bit for bit."""
-    op = getattr(torch.ops.rkd_fast, OPS[backend])
     shape = (8, 32, 28, 28)
     student, teacher = make(shape, torch.float32), make(teacher_shape(shape, mode), torch.float32)
-    first = op(student, teacher, MODE_IDS[mode], 2.0, True, True)
-    second = op(student, teacher, MODE_IDS[mode], 2.0, True, True)
+    first = run_ops(backend, student, teacher, mode)
+    second = run_ops(backend, student, teacher, mode)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
@@ -271,10 +278,14 @@ def test_side_stream(backend):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend, mode):
-    op = getattr(torch.ops.rkd_fast, OPS[backend])
+    fwd, bwd = ops(backend)
     student = make((3, 4, 5, 6), torch.float32, "channels_last").requires_grad_()
     teacher = make(teacher_shape((3, 4, 5, 6), mode), torch.float32, "channels_last").requires_grad_()
-    torch.library.opcheck(op, (student, teacher, MODE_IDS[mode], 1.5, True, True))
+    torch.library.opcheck(fwd, (student, teacher, MODE_IDS[mode], 1.5))
+    student, teacher = student.detach(), teacher.detach()
+    _, coeffs, map_s, map_t = fwd(student, teacher, MODE_IDS[mode], 1.5)
+    grad_losses = torch.rand(3, device="cuda")
+    torch.library.opcheck(bwd, (grad_losses, student, teacher, coeffs, map_s, map_t, MODE_IDS[mode], 1.5, True, True))
 
 
 @pytest.mark.parametrize("mode", ["normalized", "attention"])
@@ -299,15 +310,23 @@ def test_torch_compile_fullgraph(backend, mode):
 
 @pytest.mark.skipif(STATUS["cuda"] != "available", reason=f"backend 'cuda' {STATUS['cuda']}")
 def test_cuda_contract_errors():
-    op = torch.ops.rkd_fast.feature_distance_fwd
+    fwd, bwd = ops("cuda")
     a = make((2, 3, 4, 5), torch.float32)
     with pytest.raises(ValueError, match="both contiguous or both channels_last"):
-        op(a, a.contiguous(memory_format=torch.channels_last), 0, 2.0, False, False)
+        fwd(a, a.contiguous(memory_format=torch.channels_last), 0, 2.0)
     with pytest.raises(ValueError, match="mode must be"):
-        op(a, a, 3, 2.0, False, False)
+        fwd(a, a, 3, 2.0)
     with pytest.raises(TypeError, match="dtypes differ"):
-        op(a, a.double(), 1, 2.0, False, False)
+        fwd(a, a.double(), 1, 2.0)
     with pytest.raises(ValueError, match="contiguous or channels_last"):
-        op(a[..., ::2], a[..., ::2].contiguous(), 2, 2.0, False, False)
+        fwd(a[..., ::2], a[..., ::2].contiguous(), 2, 2.0)
     with pytest.raises(ValueError, match="p must be"):
-        op(a, a, 2, 0.0, False, False)
+        fwd(a, a, 2, 0.0)
+    losses, coeffs, map_s, map_t = fwd(a, a, 2, 2.0)
+    ones = torch.ones_like(losses)
+    with pytest.raises(ValueError, match="coeffs must be"):
+        bwd(ones, a, a, coeffs[:, :3], map_s, map_t, 2, 2.0, True, True)
+    with pytest.raises(ValueError, match="grad_losses must be"):
+        bwd(ones.double(), a, a, coeffs, map_s, map_t, 2, 2.0, True, True)
+    with pytest.raises(ValueError, match="map_t must be"):
+        bwd(ones, a, a, coeffs, map_s, map_t[:, :3], 2, 2.0, True, True)

@@ -1,5 +1,6 @@
 // C++ test of the CPU kernels, called directly (not through the dispatcher: the op schemas are defined in
-// Python). Each result is compared with a naive scalar loop in double; exits non-zero on any mismatch.
+// Python). Each result (the forward's losses, the backward's gradients scaled by an upstream gradient) is
+// compared with a naive scalar loop in double; exits non-zero on any mismatch.
 // Run by ctest (CMakeLists.txt).
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
@@ -7,6 +8,7 @@
 #include <cmath>
 #include <cstdio>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernels.h"
@@ -134,26 +136,52 @@ Naive naive_attention(const at::Tensor& student, const at::Tensor& teacher, doub
   return out;
 }
 
+// want's per-sample gradient times grad_losses[i], the backward's result.
+at::Tensor scaled(const at::Tensor& grad, const at::Tensor& grad_losses) {
+  std::vector<int64_t> shape(grad.dim(), 1);
+  shape[0] = -1;
+  return grad * grad_losses.to(at::kDouble).view(shape);
+}
+
 void check_case(const std::string& name, const at::Tensor& s, const at::Tensor& t, int64_t mode, double p) {
   const bool fp32 = s.scalar_type() == at::kFloat;
+  const auto acc = fp32 ? at::kFloat : at::kDouble;
   const double rtol = fp32 ? 1e-4 : 1e-10, atol = fp32 ? 1e-6 : 1e-12;
   const Naive want = mode == 2 ? naive_attention(s, t, p) : naive_flat(s, t, mode);
-  const auto [losses, grad_s, grad_t] = rkd_fast::feature_distance_fwd_cpu(s, t, mode, p, true, true);
-  expect(losses.scalar_type() == (fp32 ? at::kFloat : at::kDouble), name + ": loss dtype");
+  const auto [losses, coeffs, map_s, map_t] = rkd_fast::feature_distance_fwd_cpu(s, t, mode, p);
+  expect(losses.scalar_type() == acc && coeffs.scalar_type() == acc, name + ": loss and coeffs dtype");
+  expect(coeffs.sizes() == at::IntArrayRef({s.size(0), 4}) && coeffs.is_contiguous(), name + ": coeffs shape");
+  const std::vector<int64_t> map_shape =
+      mode == 2 ? std::vector<int64_t>{s.size(0), s.size(2) * s.size(3)} : std::vector<int64_t>{0};
+  expect(map_s.sizes() == map_shape && map_t.sizes() == map_shape && map_s.scalar_type() == acc,
+         name + ": map shapes");
   expect_close(losses, at::tensor(want.loss, at::kDouble), rtol, atol, name + ": losses");
-  // The gradients keep the inputs' dtype and strides (channels_last stays channels_last).
-  expect(grad_s.scalar_type() == s.scalar_type() && grad_s.strides() == s.strides(), name + ": grad_s layout");
-  expect(grad_t.scalar_type() == t.scalar_type() && grad_t.strides() == t.strides(), name + ": grad_t layout");
-  // Gradient tolerance relative to the largest entry: the entries are differences of similar terms.
-  const double gs_scale = want.grad_s.numel() ? want.grad_s.abs().max().item<double>() : 0;
-  const double gt_scale = want.grad_t.numel() ? want.grad_t.abs().max().item<double>() : 0;
-  expect_close(grad_s, want.grad_s, rtol, atol + rtol * gs_scale, name + ": grad_student");
-  expect_close(grad_t, want.grad_t, rtol, atol + rtol * gt_scale, name + ": grad_teacher");
 
-  // Without gradients: the same losses, empty gradient tensors.
-  const auto [losses_only, none_s, none_t] = rkd_fast::feature_distance_fwd_cpu(s, t, mode, p, false, false);
-  expect_close(losses_only, at::tensor(want.loss, at::kDouble), rtol, atol, name + ": losses (no grad)");
-  expect(none_s.numel() == 0 && none_s.dim() == 1 && none_t.numel() == 0, name + ": empty gradients");
+  // The backward scales by an upstream gradient that differs per sample (one negative, to catch a lost sign).
+  at::Tensor grad_losses = at::rand({s.size(0)}, at::TensorOptions().dtype(acc)) + 0.5;
+  if (s.size(0) > 1) grad_losses[1].fill_(-2.0);
+  const at::Tensor want_s = scaled(want.grad_s, grad_losses), want_t = scaled(want.grad_t, grad_losses);
+  // Gradient tolerance relative to the largest entry: the entries are differences of similar terms.
+  const double gs_scale = want_s.numel() ? want_s.abs().max().item<double>() : 0;
+  const double gt_scale = want_t.numel() ? want_t.abs().max().item<double>() : 0;
+  for (const auto& [need_s, need_t] : {std::pair{true, true}, std::pair{true, false}, std::pair{false, true}}) {
+    const std::string which = std::string(need_s ? " grad_student" : "") + (need_t ? " grad_teacher" : "");
+    const auto [grad_s, grad_t] =
+        rkd_fast::feature_distance_bwd_cpu(grad_losses, s, t, coeffs, map_s, map_t, mode, p, need_s, need_t);
+    if (need_s) {
+      // The gradients keep the inputs' dtype and strides (channels_last stays channels_last).
+      expect(grad_s.scalar_type() == s.scalar_type() && grad_s.strides() == s.strides(), name + which + ": grad_s layout");
+      expect_close(grad_s, want_s, rtol, atol + rtol * gs_scale, name + which + ": grad_student");
+    } else {
+      expect(grad_s.numel() == 0 && grad_s.dim() == 1, name + which + ": grad_student empty");
+    }
+    if (need_t) {
+      expect(grad_t.scalar_type() == t.scalar_type() && grad_t.strides() == t.strides(), name + which + ": grad_t layout");
+      expect_close(grad_t, want_t, rtol, atol + rtol * gt_scale, name + which + ": grad_teacher");
+    } else {
+      expect(grad_t.numel() == 0 && grad_t.dim() == 1, name + which + ": grad_teacher empty");
+    }
+  }
 }
 
 std::string describe(const std::string& mode, at::IntArrayRef shape, bool channels_last, at::ScalarType dtype) {
@@ -202,29 +230,51 @@ int main() {
   {
     const at::Tensor s = at::randn({0, 3, 4, 4});
     for (int64_t mode = 0; mode < 3; ++mode) {
-      const auto [losses, grad_s, grad_t] = rkd_fast::feature_distance_fwd_cpu(s, s, mode, 2.0, true, false);
-      expect(losses.dim() == 1 && losses.numel() == 0 && grad_s.sizes() == s.sizes() && grad_t.numel() == 0,
+      const auto [losses, coeffs, map_s, map_t] = rkd_fast::feature_distance_fwd_cpu(s, s, mode, 2.0);
+      const auto [grad_s, grad_t] = rkd_fast::feature_distance_bwd_cpu(at::empty({0}), s, s, coeffs, map_s, map_t,
+                                                                       mode, 2.0, true, false);
+      expect(losses.dim() == 1 && losses.numel() == 0 && coeffs.sizes() == at::IntArrayRef({0, 4}) &&
+                 grad_s.sizes() == s.sizes() && grad_t.numel() == 0,
              std::string(mode_names[mode]) + ": N = 0");
     }
   }
-  // Non-finite input reaches the loss.
+  // Non-finite input reaches the loss and, in mode normalized, the coefficients and so the gradients; the
+  // other sample stays finite.
   {
     at::Tensor s = at::randn({2, 30}), t = at::randn({2, 30});
     s[1][3].fill_(std::nan(""));
     for (int64_t mode = 0; mode < 2; ++mode) {
-      const at::Tensor losses = std::get<0>(rkd_fast::feature_distance_fwd_cpu(s, t, mode, 2.0, false, false));
+      const auto [losses, coeffs, map_s, map_t] = rkd_fast::feature_distance_fwd_cpu(s, t, mode, 2.0);
+      const at::Tensor grad_s = std::get<0>(
+          rkd_fast::feature_distance_bwd_cpu(at::ones({2}), s, t, coeffs, map_s, map_t, mode, 2.0, true, false));
       expect(std::isfinite(losses[0].item<double>()) && std::isnan(losses[1].item<double>()),
-             std::string(mode_names[mode]) + ": NaN propagates");
+             std::string(mode_names[mode]) + ": NaN propagates to the loss");
+      expect(grad_s[0].isfinite().all().item<bool>() && grad_s[1].isnan().any().item<bool>(),
+             std::string(mode_names[mode]) + ": NaN propagates to the gradient");
     }
+    // NaN coefficients give NaN gradients everywhere in their sample.
+    const at::Tensor nan_coeffs = at::full({2, 4}, std::nan(""));
+    const at::Tensor grad_s = std::get<0>(rkd_fast::feature_distance_bwd_cpu(
+        at::ones({2}), t, t, nan_coeffs, at::empty({0}), at::empty({0}), 1, 2.0, true, false));
+    expect(grad_s.isnan().all().item<bool>(), "normalized: NaN coefficients give NaN gradients");
   }
-  // Inputs the kernel does not take raise c10::Error.
-  bool threw = false;
-  try {
-    rkd_fast::feature_distance_fwd_cpu(at::randn({2, 3}), at::randn({2, 3}, at::kDouble), 0, 2.0, false, false);
-  } catch (const c10::Error&) {
-    threw = true;
-  }
-  expect(threw, "mixed dtypes are rejected");
+  // Inputs the kernels do not take raise c10::Error.
+  const auto throws = [](const auto& fn) {
+    try {
+      fn();
+    } catch (const c10::Error&) {
+      return true;
+    }
+    return false;
+  };
+  expect(throws([] { rkd_fast::feature_distance_fwd_cpu(at::randn({2, 3}), at::randn({2, 3}, at::kDouble), 0, 2.0); }),
+         "mixed dtypes are rejected");
+  expect(throws([] {
+           const at::Tensor x = at::randn({2, 3});
+           rkd_fast::feature_distance_bwd_cpu(at::ones({2}), x, x, at::ones({2, 3}), at::empty({0}), at::empty({0}),
+                                              1, 2.0, true, true);
+         }),
+         "coefficients of the wrong shape are rejected");
 
   if (failures) {
     std::printf("%d check(s) failed\n", failures);

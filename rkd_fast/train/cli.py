@@ -3,7 +3,8 @@
 import dataclasses
 import sys
 
-from .config import DEFAULT_FEATURE_LAYER, FEATURE_MODES, METHODS, PRECISIONS, SCHEDULES, TrainConfig
+from .config import (ARD_ALPHA, ARD_TEMPERATURE, CIFAR_VAL_SIZE, DATASETS, DEFAULT_FEATURE_LAYER, FEATURE_MODES,
+                     METHODS, PRECISIONS, SCHEDULES, TRADES_BETA, TrainConfig)
 
 _D = TrainConfig()
 
@@ -11,11 +12,16 @@ _D = TrainConfig()
 def add_arguments(parser):
     run = parser.add_argument_group("run")
     run.add_argument("--method", choices=METHODS, default=_D.method, help="training method (default: %(default)s)")
-    run.add_argument("--dataset", default=_D.dataset, help="data set (default: %(default)s)")
+    run.add_argument("--dataset", choices=DATASETS, default=_D.dataset, help="data set (default: %(default)s)")
+    run.add_argument("--data-dir", metavar="DIR", default=_D.data_dir,
+                     help="directory holding the data set's files (cifar10: DIR/cifar-10-batches-py/)")
+    run.add_argument("--download", action="store_true", help="CIFAR: fetch missing files with torchvision")
+    run.add_argument("--val-size", type=int, default=_D.val_size,
+                     help=f"CIFAR: train images held out as val, stratified, fixed seed (default: {CIFAR_VAL_SIZE})")
     run.add_argument("--arch", default=_D.arch, help="student architecture (small_cnn, preact_resnet18, resnet18)")
     run.add_argument("--width", type=int, default=_D.width, help="base width of the architecture (default: its own)")
     run.add_argument("--teacher", metavar="PATH", default=_D.teacher,
-                     help="teacher model file (from `rkd-fast export`); kd and robust-kd need one")
+                     help="teacher model file (from `rkd-fast export`); kd, robust-kd, ard and rslad need one")
     run.add_argument("--teacher-arch", default=_D.teacher_arch, help="refuse a teacher file of another architecture")
     run.add_argument("--epochs", type=int, default=_D.epochs)
     run.add_argument("--batch-size", type=int, default=_D.batch_size)
@@ -27,6 +33,8 @@ def add_arguments(parser):
                      help="fp32, bf16 autocast, or fp16 autocast with loss scaling (CUDA)")
     run.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     run.add_argument("--compile", action="store_true", help="torch.compile the student")
+    run.add_argument("--sync-bn", action="store_true",
+                     help="under torchrun: SyncBatchNorm, statistics over the global batch (CUDA only)")
 
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--lr", type=float, default=_D.lr)
@@ -40,7 +48,7 @@ def add_arguments(parser):
     opt.add_argument("--gamma", type=float, default=_D.gamma)
     opt.add_argument("--label-smoothing", type=float, default=_D.label_smoothing)
 
-    attack = parser.add_argument_group("attack (pgd-at training and the robust validation)")
+    attack = parser.add_argument_group("attack (adversarial training methods and the robust validation)")
     attack.add_argument("--eps", type=float, default=_D.eps, help="L∞ radius on [0, 1] pixels (digits: 0.1)")
     attack.add_argument("--alpha", type=float, default=_D.alpha, help="PGD step (default: eps/4)")
     attack.add_argument("--attack-steps", type=int, default=_D.attack_steps, help="PGD steps (default: %(default)s)")
@@ -61,6 +69,14 @@ def add_arguments(parser):
     loss.add_argument("--jac-on", choices=("logits", "probs"), default=_D.jac_on)
     loss.add_argument("--jac-temperature", type=float, default=_D.jac_temperature)
     loss.add_argument("--jac-fraction", type=float, default=_D.jac_fraction)
+
+    base = parser.add_argument_group("baselines (docs/baselines.md)")
+    base.add_argument("--trades-beta", type=float, default=_D.trades_beta,
+                      help=f"trades: weight of the KL robustness term (default: {TRADES_BETA})")
+    base.add_argument("--ard-temperature", type=float, default=_D.ard_temperature,
+                      help=f"ard: distillation temperature (default: {ARD_TEMPERATURE})")
+    base.add_argument("--ard-alpha", type=float, default=_D.ard_alpha,
+                      help=f"ard: weight of the distillation term, 1 - alpha on clean CE (default: {ARD_ALPHA})")
 
     out = parser.add_argument_group("output")
     out.add_argument("--out", metavar="DIR", default=_D.out, required=True,
@@ -121,7 +137,7 @@ def run(args):
         if run_ is not None:
             run_.close()
     best = result.best
-    if best:
+    if best and result.rank == 0:  # under torchrun, one line for the job
         print(f"best: epoch {best['epoch']}, val clean {best['val_clean_acc']:.4f}, "
               f"val robust {best['val_robust_acc']:.4f}; train {result.train_seconds:.1f}s; run in {result.out}")
     return 0

@@ -12,17 +12,29 @@ from dataclasses import dataclass, field
 
 import torch
 
-METHODS = ("natural", "kd", "robust-kd", "pgd-at")
+METHODS = ("natural", "kd", "robust-kd", "pgd-at", "trades", "ard", "rslad")
+TEACHER_METHODS = ("kd", "robust-kd", "ard", "rslad")  # the methods that distil a teacher (need --teacher)
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "multistep", "constant")
 FEATURE_MODES = ("normalized", "mse", "attention")
-DATASETS = ("digits",)
+DATASETS = ("digits", "cifar10", "cifar100", "imagenet", "synthetic-imagenet")  # see rkd_fast.datasets
+IN_MEMORY_DATASETS = ("digits", "cifar10", "cifar100")  # what the trainer's in-memory loop can serve
+CIFAR_VAL_SIZE = 1000  # images of CIFAR train held out as the val split (CIFAR has no val split of its own)
+VAL_SPLIT_SEED = 0  # fixed, not --seed: every run of a data set sees the same val split
 
 # The feature map a method distils by default, per architecture (the last stage before the classifier head).
-DEFAULT_FEATURE_LAYER = {"small_cnn": "block3", "preact_resnet18": "layer4", "resnet18": "layer4"}
+DEFAULT_FEATURE_LAYER = {"small_cnn": "block3", "preact_resnet18": "layer4", "resnet18": "layer4",
+                         "resnet34": "layer4", "resnet50": "layer4", "wide_resnet34_10": "layer3",
+                         "mobilenet_v2": "features"}
+
+# Published values of the baselines' own options (docs/baselines.md gives the sources).
+TRADES_BETA = 6.0  # Zhang et al. 2019, CIFAR-10 (1/λ)
+ARD_TEMPERATURE = 30.0  # Goldblum et al. 2020, official main.py --temp
+ARD_ALPHA = 1.0  # official main.py --alpha: weight of the distillation term, (1 − α) on clean CE
 
 # Options that may differ between a run and its --resume (they do not change what is computed).
-RESUME_MAY_CHANGE = ("resume", "overwrite", "progress", "out", "ckpt_every", "keep", "device", "command")
+RESUME_MAY_CHANGE = ("resume", "overwrite", "progress", "out", "ckpt_every", "keep", "device", "command",
+                     "data_dir", "download")
 
 
 @dataclass
@@ -33,6 +45,9 @@ class TrainConfig:
 
     method: str = "robust-kd"
     dataset: str = "digits"
+    data_dir: str | None = None  # root holding the data set's files (cifar10, cifar100, imagenet)
+    download: bool = False  # CIFAR only: fetch the files with torchvision when they are missing
+    val_size: int | None = None  # CIFAR: train images held out as val (None: CIFAR_VAL_SIZE)
     arch: str = "small_cnn"
     width: int | None = None  # the architecture's base width; None: its default
     teacher: str | None = None  # a model file (`rkd-fast export` output); kd and robust-kd need one
@@ -50,6 +65,7 @@ class TrainConfig:
     precision: str = "fp32"
     channels_last: bool = False
     compile: bool = False
+    sync_bn: bool = False  # under torchrun: BatchNorm statistics over the global batch (CUDA only)
     seed: int = 0
     deterministic: bool = False
     device: str = "auto"  # "auto": CUDA when available, else CPU
@@ -71,6 +87,10 @@ class TrainConfig:
     jac_on: str = "logits"
     jac_temperature: float = 1.0
     jac_fraction: float = 1.0
+    # Baselines' own options; None: the published value (TRADES_BETA, ARD_TEMPERATURE, ARD_ALPHA)
+    trades_beta: float | None = None
+    ard_temperature: float | None = None
+    ard_alpha: float | None = None
     # Evaluation and output
     eval_every: int = 1  # robust validation (PGD with attack_steps steps) every N epochs and after the last
     out: str | None = None  # run directory; None: nothing is written (Python API)
@@ -172,10 +192,29 @@ def check_config(cfg):
     for m in cfg.milestones:
         _number("milestone", m, minimum=1, integer=True)
     cfg.pairs()
-    if cfg.method in ("kd", "robust-kd") and not cfg.teacher:
+    if cfg.method in TEACHER_METHODS and not cfg.teacher:
         raise ValueError(f"method {cfg.method!r} needs a teacher model file (--teacher PATH)")
-    if cfg.method in ("natural", "pgd-at") and cfg.teacher:
+    if cfg.method not in TEACHER_METHODS and cfg.teacher:
         raise ValueError(f"method {cfg.method!r} does not use a teacher; drop --teacher")
+    # A baseline's option given to another method would be silently ignored: refuse it instead.
+    for name, method in (("trades_beta", "trades"), ("ard_temperature", "ard"), ("ard_alpha", "ard")):
+        if getattr(cfg, name) is not None and cfg.method != method:
+            raise ValueError(f"--{name.replace('_', '-')} applies to --method {method}, not {cfg.method!r}")
+    _number("trades_beta", cfg.trades_beta, allow_none=True)
+    _number("ard_temperature", cfg.ard_temperature, strict=True, allow_none=True)
+    _number("ard_alpha", cfg.ard_alpha, allow_none=True)
+    if cfg.ard_alpha is not None and cfg.ard_alpha > 1:
+        raise ValueError(f"ard_alpha must be in [0, 1], got {cfg.ard_alpha!r}")
+    # Data selection
+    if cfg.data_dir is not None and not isinstance(cfg.data_dir, (str, os.PathLike)):
+        raise TypeError(f"data_dir must be a path, got {cfg.data_dir!r}")
+    if cfg.dataset not in ("cifar10", "cifar100"):
+        if cfg.download:
+            raise ValueError(f"--download fetches CIFAR only; {cfg.dataset} must already be on disk")
+        if cfg.val_size is not None:
+            raise ValueError(f"--val-size applies to cifar10/cifar100 (held out of train); {cfg.dataset} has its "
+                             "own val split")
+    _number("val_size", cfg.val_size, minimum=1, integer=True, allow_none=True)
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume and --overwrite contradict each other: pick one")
     if (cfg.resume or cfg.overwrite) and not cfg.out:
@@ -184,24 +223,56 @@ def check_config(cfg):
 
 # --- data ------------------------------------------------------------------------------------------------
 
-@dataclass
-class DatasetInfo:
-    name: str
-    num_classes: int
-    in_channels: int
-    mean: tuple
-    std: tuple
-    eps: float  # the usual L∞ radius on this data set (pixels in [0, 1])
+def stratified_split(y, val_size, seed=VAL_SPLIT_SEED):
+    """(train indices, val indices) of labels `y`: `val_size` samples held out with each class in proportion
+    to its count (largest remainders round the quotas to exactly `val_size`), chosen by a generator seeded
+    with `seed`; both index tensors sorted."""
+    n = y.shape[0]
+    if not 0 < val_size < n:
+        raise ValueError(f"val_size must be in [1, {n - 1}] for a split of {n} images, got {val_size}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    classes, counts = torch.unique(y, return_counts=True)
+    exact = counts.double() * val_size / n
+    quota = exact.floor().long()
+    short = val_size - int(quota.sum())
+    if short:
+        quota[torch.argsort(exact - quota, descending=True, stable=True)[:short]] += 1
+    shuffled = y[perm]
+    val = torch.cat([perm[shuffled == c][:q] for c, q in zip(classes.tolist(), quota.tolist())]).sort().values
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[val] = False
+    return keep.nonzero().squeeze(1), val
 
 
-def load_dataset(name, device):
-    """The one place a data set is chosen: ``(info, (x_train, y_train), (x_val, y_val))``, tensors on
-    `device` with inputs in [0, 1]. The model-selection split is the held-out val split, never test."""
-    if name == "digits":
-        from .. import data
-        info = DatasetInfo("digits", data.NUM_CLASSES, 1, tuple(data.DIGITS_MEAN), tuple(data.DIGITS_STD), 0.1)
-        return info, data.load_digits("train", device=device), data.load_digits("val", device=device)
-    raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+def load_data(cfg, device):
+    """The data of a run, chosen through rkd_fast.datasets: ``(info, (x_train, y_train), (x_val, y_val))``,
+    tensors on `device`, inputs float in [0, 1] (`info` a rkd_fast.datasets.DatasetInfo). Model selection
+    uses the val split, never test: digits' own val split; for CIFAR, which has none, a fixed stratified
+    ``val_size`` (default CIFAR_VAL_SIZE) images of train (seed VAL_SPLIT_SEED), the rest is train.
+    Missing files raise ValueError with the datasets module's message."""
+    from .. import datasets
+
+    info = datasets.dataset_info(cfg.dataset)
+    if cfg.dataset not in IN_MEMORY_DATASETS:
+        raise ValueError(f"{cfg.dataset}: the trainer holds a data set in memory and serves "
+                         f"{', '.join(IN_MEMORY_DATASETS)}; {cfg.dataset} streams from disk (rkd_fast.datasets."
+                         "build_dataset), which this training loop does not use yet")
+    if cfg.dataset == "digits":
+        train, val = (datasets.build_dataset("digits", split=s, device=device) for s in ("train", "val"))
+        return info, (train.x.float().contiguous(), train.y), (val.x.float().contiguous(), val.y)
+    if cfg.data_dir is None:
+        raise ValueError(f"{cfg.dataset} needs --data-dir DIR (the directory holding "
+                         f"{datasets.CIFAR_FILES[cfg.dataset]['folder']}/)")
+    try:
+        x, y = datasets.load_cifar(cfg.data_dir, cfg.dataset, "train", download=cfg.download)
+    except FileNotFoundError as error:  # a bad --data-dir is bad input, like any other option
+        raise ValueError(str(error).replace("Pass download=True", "Pass --download")) from error
+    train, val = stratified_split(y, cfg.val_size or CIFAR_VAL_SIZE)
+
+    def to_device(index):  # uint8 on the host → float [0, 1] on the device
+        return x[index].to(device).float().div_(255), y[index].to(device)
+
+    return info, to_device(train), to_device(val)
 
 
 # --- metadata --------------------------------------------------------------------------------------------

@@ -8,11 +8,50 @@ come from the global RNG (the PGD random start), so a resumed run replays it. A 
 parameters (the feature adapters) are ``method.parameters()`` and its state is ``method.state_dict()``.
 """
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attacks._common import attack_mode, autocast_dtype, like_input, logits_fp32, make_generator, model_dtype, \
+    to_attack_layout
+from ..attacks.attacks import _project
 from ..losses import RobustKDLoss
-from .config import DEFAULT_FEATURE_LAYER
+from .config import ARD_ALPHA, ARD_TEMPERATURE, DEFAULT_FEATURE_LAYER, TRADES_BETA
+
+# TRADES and RSLAD start their inner maximisation at x + START_SIGMA · N(0, I) (both official codes).
+START_SIGMA = 0.001
+# RSLAD's official loss averages its KL terms over batch × classes on CIFAR-10 and multiplies by 10 on
+# CIFAR-100 (README) to keep that scale: per-sample KL (summed over classes), batch mean, divided by 10.
+RSLAD_KL_DIVISOR = 10.0
+RSLAD_ADV_WEIGHT = 5.0 / 6.0  # and 1 − this on the clean term (Zi et al. 2021, Eq. 5)
+
+
+def kl_per_sample(logits, target_probs):
+    """KL(target ‖ softmax(logits)) of each sample, summed over classes, in fp32. Differentiable in both
+    (TRADES backpropagates through its target, the clean prediction)."""
+    return F.kl_div(F.log_softmax(logits.float(), dim=1), target_probs.float(), reduction="none").sum(dim=1)
+
+
+def kl_attack(model, x, target_probs, eps, alpha, steps, *, precision="fp32", seed=None):
+    """The inner maximisation of TRADES and RSLAD: L∞ PGD on Σ_i KL(target_i ‖ softmax(model(x'_i))) from
+    x + 0.001·N(0, I) (no random start in the ball), ``steps`` signed-gradient steps of size ``alpha``, each
+    projected onto the eps-ball around x and [0, 1] (the official codes' loop). ``target_probs`` is fixed
+    (detached): the model's own clean prediction for TRADES, the teacher's for RSLAD. The model runs in eval
+    mode with frozen parameters; the noise comes from a generator seeded with ``seed``."""
+    generator = make_generator(seed, x.device)
+    autocast = autocast_dtype(precision, x.device)
+    x0 = to_attack_layout(x)
+    target = target_probs.detach().float()
+    with attack_mode(model):
+        input_dtype = model_dtype(model)
+        x_adv = x0 + START_SIGMA * torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        for _ in range(steps):
+            x_adv = x_adv.detach().requires_grad_(True)
+            with torch.enable_grad():
+                objective = kl_per_sample(logits_fp32(model, x_adv, autocast, input_dtype), target).sum()
+                (grad,) = torch.autograd.grad(objective, x_adv)
+            x_adv = _project(x_adv.detach() + alpha * grad.sign(), x0, eps, "linf")
+    return like_input(x_adv.detach(), x)
 
 
 class Method(nn.Module):
@@ -40,15 +79,35 @@ class Natural(Method):
         return loss, {"ce": loss.detach(), "total": loss.detach()}
 
 
-class PGDAT(Method):
-    """Madry et al.'s adversarial training: cross-entropy on PGD adversarial examples (L∞, eps, alpha,
-    attack_steps steps, random start). The attack runs with the model in eval mode (rkd_fast.attacks.pgd
-    does so), so the attack's forward passes do not move the BatchNorm statistics."""
+class _Adversarial(Method):
+    """Base of the methods that attack the student during training: the attack's eps (None: the data set's)
+    and alpha (None: eps / 4). Every attack runs with the student in eval mode and its parameters frozen
+    (rkd_fast.attacks' attack_mode), so its forward passes do not move the BatchNorm statistics; a teacher
+    runs in eval mode under no_grad."""
 
     def __init__(self, student, teacher, cfg, info, example_input, autocast):
         super().__init__(student, teacher, cfg, info, example_input, autocast)
         self.eps = cfg.eps if cfg.eps is not None else info.eps
         self.alpha = cfg.alpha if cfg.alpha is not None else self.eps / 4
+        if teacher is not None:
+            teacher.eval()
+
+    @property
+    def teacher(self):
+        return self._models[1]
+
+    def teacher_logits(self, x):
+        with torch.no_grad(), self.autocast():
+            return self.teacher(x).float()
+
+    def kl_attack(self, x, target_probs, step_seed):
+        return kl_attack(self.student, x, target_probs, self.eps, self.alpha, self.cfg.attack_steps,
+                         precision=self.cfg.precision, seed=step_seed)
+
+
+class PGDAT(_Adversarial):
+    """Madry et al.'s adversarial training: cross-entropy on PGD adversarial examples (L∞, eps, alpha,
+    attack_steps steps, random start)."""
 
     def forward(self, x, y, step_seed):
         from ..attacks import pgd
@@ -107,7 +166,79 @@ class RobustKD(_Distill):
                 "jacobian": jacobian}
 
 
-METHODS = {"natural": Natural, "kd": KD, "robust-kd": RobustKD, "pgd-at": PGDAT}
+class TRADES(_Adversarial):
+    """Zhang et al. 2019 (TRADES): CE(f(x), y) + β · mean_i KL(p(x_i) ‖ p(x'_i)), x' from `kl_attack` on the
+    student's own clean prediction p(x) (computed in eval mode, fixed during the attack). The outer KL
+    backpropagates through both p(x) and p(x'), as the official trades_loss does. No teacher: this is also
+    the method that trains robust teachers."""
+
+    def __init__(self, student, teacher, cfg, info, example_input, autocast):
+        super().__init__(student, teacher, cfg, info, example_input, autocast)
+        self.beta = TRADES_BETA if cfg.trades_beta is None else cfg.trades_beta
+
+    def forward(self, x, y, step_seed):
+        student = self.student
+        with torch.no_grad(), attack_mode(student), self.autocast():
+            clean_probs = F.softmax(student(x).float(), dim=1)
+        x_adv = self.kl_attack(x, clean_probs, step_seed)
+        with self.autocast():
+            logits = student(x)
+            logits_adv = student(x_adv)
+        ce = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
+        robust = kl_per_sample(logits_adv, F.softmax(logits.float(), dim=1)).mean()
+        total = ce + self.beta * robust
+        return total, {"ce": ce.detach(), "kl_adv": robust.detach(), "total": total.detach()}
+
+
+class ARD(_Adversarial):
+    """Goldblum et al. 2020 (ARD): α·T²·KL(teacher(x)/T ‖ student(x')/T) + (1 − α)·CE(student(x), y), x' from
+    PGD on the student's cross-entropy with the true labels (uniform random start). The KL is averaged over
+    batch × classes, as the official code's nn.KLDivLoss() (mean reduction) does. The clean forward always
+    runs (in train mode it updates the BatchNorm statistics, as in the official code), without a graph when
+    α = 1."""
+
+    def __init__(self, student, teacher, cfg, info, example_input, autocast):
+        super().__init__(student, teacher, cfg, info, example_input, autocast)
+        self.temperature = ARD_TEMPERATURE if cfg.ard_temperature is None else cfg.ard_temperature
+        self.weight = ARD_ALPHA if cfg.ard_alpha is None else cfg.ard_alpha
+
+    def forward(self, x, y, step_seed):
+        from ..attacks import pgd
+
+        x_adv = pgd(self.student, x, y, self.eps, self.alpha, self.cfg.attack_steps, norm="linf", loss="ce",
+                    random_start=True, precision=self.cfg.precision, seed=step_seed)
+        t = self.temperature
+        teacher_probs = F.softmax(self.teacher_logits(x) / t, dim=1)
+        with self.autocast():
+            logits_adv = self.student(x_adv)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.weight < 1):
+                logits = self.student(x)
+        # nn.KLDivLoss()'s mean over batch × classes (not F.kl_div's deprecated "mean", which is the same today)
+        kd = kl_per_sample(logits_adv.float() / t, teacher_probs).mean() / teacher_probs.shape[1]
+        ce = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
+        total = self.weight * t * t * kd + (1.0 - self.weight) * ce  # ce carries no graph when α = 1
+        return total, {"kd": kd.detach(), "ce": ce.detach(), "total": total.detach()}
+
+
+class RSLAD(_Adversarial):
+    """Zi et al. 2021 (RSLAD): (5/6 · KL(t(x) ‖ s(x')) + 1/6 · KL(t(x) ‖ s(x))) / 10 at temperature 1, with the
+    teacher's clean soft labels t(x) as the target of both terms and of the inner maximisation (`kl_attack`).
+    The / 10 reproduces the official code's scale (RSLAD_KL_DIVISOR)."""
+
+    def forward(self, x, y, step_seed):
+        teacher_probs = F.softmax(self.teacher_logits(x), dim=1)
+        x_adv = self.kl_attack(x, teacher_probs, step_seed)
+        with self.autocast():
+            logits_adv = self.student(x_adv)
+            logits = self.student(x)
+        kl_adv = kl_per_sample(logits_adv, teacher_probs).mean() / RSLAD_KL_DIVISOR
+        kl_nat = kl_per_sample(logits, teacher_probs).mean() / RSLAD_KL_DIVISOR
+        total = RSLAD_ADV_WEIGHT * kl_adv + (1.0 - RSLAD_ADV_WEIGHT) * kl_nat
+        return total, {"kl_adv": kl_adv.detach(), "kl_nat": kl_nat.detach(), "total": total.detach()}
+
+
+METHODS = {"natural": Natural, "kd": KD, "robust-kd": RobustKD, "pgd-at": PGDAT, "trades": TRADES, "ard": ARD,
+           "rslad": RSLAD}
 
 
 def build_method(cfg, student, teacher, info, example_input, autocast):

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from ..models import build_model
-from . import checkpoints
-from .config import RESUME_MAY_CHANGE, TrainConfig, load_dataset, make_config, run_metadata
+from . import checkpoints, distributed
+from .config import RESUME_MAY_CHANGE, TrainConfig, load_data, make_config, run_metadata
 from .methods import build_method
 
 # What marks a directory as holding a run (and what --overwrite removes; nothing else is touched).
@@ -46,6 +46,8 @@ class TrainResult:
     train_seconds: float  # time in training steps (evaluation and checkpointing excluded)
     out: Path | None
     config: TrainConfig
+    rank: int = 0  # this process's rank under torchrun (0 in a single process)
+    world_size: int = 1
 
 
 def train_model(config=None, **overrides):
@@ -122,10 +124,17 @@ def load_teacher(cfg, info, device):
     return load_model(cfg.teacher, device=device)
 
 
-def _check_resume_config(saved, cfg, path):
-    current = cfg.to_dict()
+def _check_resume_config(state, cfg, path, world_size):
+    saved, current = state["config"], cfg.to_dict()
+    # --batch-size is per process: a run may resume under another world size with the same global batch.
+    saved_world = state.get("world_size", 1)
     differ = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in current.items()
-              if k not in RESUME_MAY_CHANGE and saved.get(k) != v]
+              if k not in RESUME_MAY_CHANGE and k != "batch_size" and saved.get(k) != v]
+    if saved["batch_size"] * saved_world != cfg.batch_size * world_size:
+        differ.append(f"global batch: checkpoint {saved['batch_size'] * saved_world} ({saved['batch_size']} per "
+                      f"process x {saved_world}), now {cfg.batch_size * world_size} ({cfg.batch_size} x "
+                      f"{world_size}); with {world_size} process(es) pass --batch-size "
+                      f"{saved['batch_size'] * saved_world / world_size:g}")
     if differ:
         raise ValueError(f"--resume from {path}: the run's options differ from the checkpoint's (resume with the "
                          f"same options, or start a new run): " + "; ".join(differ))
@@ -156,20 +165,24 @@ def lr_lambda(cfg, steps_per_epoch):
     return lambda step: 1.0
 
 
-def robust_accuracy(model, x, y, *, eps, alpha, steps, batch_size, precision, autocast, seed):
-    """(clean accuracy, PGD accuracy) of `model` on (x, y); the model is left in eval mode."""
+def robust_accuracy(model, x, y, *, eps, alpha, steps, batch_size, precision, autocast, seed, ctx=None):
+    """(clean accuracy, PGD accuracy) of `model` on (x, y); the model is left in eval mode. Under torchrun
+    (`ctx` a distributed.Distributed) rank r attacks chunks r, r + N, ... (each exactly as one process would,
+    same samples, same seed) and the counts are summed: every rank gets the single-process result."""
     from ..attacks import pgd
 
+    ctx = ctx or distributed.Distributed()
     model.eval()
-    clean = torch.zeros((), dtype=torch.long, device=x.device)
-    robust = torch.zeros((), dtype=torch.long, device=x.device)
-    for start in range(0, x.shape[0], batch_size):
+    counts = torch.zeros(2, dtype=torch.long, device=x.device)
+    clean, robust = counts[0], counts[1]
+    for start in range(ctx.rank * batch_size, x.shape[0], batch_size * ctx.world_size):
         xb, yb = x[start:start + batch_size], y[start:start + batch_size]
         x_adv = pgd(model, xb, yb, eps, alpha, steps, norm="linf", random_start=True, precision=precision,
                     seed=seed + start)
         with torch.no_grad(), autocast():
             clean += (model(xb).argmax(1) == yb).sum()
             robust += (model(x_adv).argmax(1) == yb).sum()
+    ctx.all_reduce_sum(counts)
     n = max(x.shape[0], 1)
     return clean.item() / n, robust.item() / n
 
@@ -189,14 +202,16 @@ class Run:
     # Everything that can refuse the run happens here, before a file is written.
     def _setup(self):
         cfg = self.cfg
-        self.device = resolve_device(cfg.device)
+        self.dist, self.device = distributed.setup(resolve_device(cfg.device))
+        world = self.dist.world_size
         self.dtype = resolve_precision(cfg.precision, self.device)
+        distributed.check_sync_bn(cfg.sync_bn, self.device, cfg.method, cfg.jac_weight, world)
         self.resume_from = check_out_dir(cfg)
         if self.resume_from is not None:
-            _check_resume_config(self.resume_from[0]["config"], cfg, self.resume_from[1])
+            _check_resume_config(self.resume_from[0], cfg, self.resume_from[1], world)
 
         _seed_everything(cfg.seed)
-        self.info, (self.x_train, self.y_train), (self.x_val, self.y_val) = load_dataset(cfg.dataset, self.device)
+        self.info, (self.x_train, self.y_train), (self.x_val, self.y_val) = load_data(cfg, self.device)
         if self.x_train.shape[0] == 0:
             raise ValueError(f"{cfg.dataset}: empty training split")
         info = self.info
@@ -207,6 +222,8 @@ class Run:
         # The student is initialised right after seeding: its initial weights depend on the seed alone (building
         # the teacher draws random numbers too, before its weights are loaded).
         student = build_model(cfg.arch, **self.model_kwargs).to(self.device)
+        if cfg.sync_bn:  # before anything holds the BatchNorm modules (hooks, optimizer)
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         teacher = load_teacher(cfg, self.info, self.device) if cfg.teacher else None
         if cfg.channels_last:
             student = student.to(memory_format=torch.channels_last)
@@ -226,7 +243,13 @@ class Run:
         if self.alpha <= 0:
             raise ValueError("the PGD step alpha must be > 0: with eps = 0 give --alpha explicitly")
 
-        self.steps_per_epoch = math.ceil(self.x_train.shape[0] / cfg.batch_size)
+        # A step takes the next global batch (batch_size per process) of the epoch order.
+        self.global_batch = cfg.batch_size * world
+        n = self.x_train.shape[0]
+        self.steps_per_epoch = math.ceil(n / self.global_batch)
+        if 0 < n % self.global_batch < world:
+            raise ValueError(f"the epoch's last global batch has {n % self.global_batch} sample(s), fewer than the "
+                             f"{world} processes: pick a --batch-size that leaves at least one sample per process")
         params = list(student.parameters()) + list(self.method.parameters())
         self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                          weight_decay=cfg.weight_decay)
@@ -251,6 +274,9 @@ class Run:
         self._saved_flags = _set_determinism(self.cfg.deterministic, resolve_device(self.cfg.device))
         self._setup()
         self._start_files()
+        # Called once per step; under torchrun a DDP module (it broadcasts rank 0's weights on creation).
+        self.step_module = distributed.wrap(self.student, self.method, self.dist, self.device)
+        self.dist.barrier()  # rank 0 has made the run's files before any rank goes on
 
     def train(self):
         return self._loop()
@@ -259,20 +285,24 @@ class Run:
         if getattr(self, "_saved_flags", None) is not None:
             _restore_determinism(self._saved_flags)
             self._saved_flags = None
+        if getattr(self, "dist", None) is not None:
+            self.dist.close()
 
     # --- files ---------------------------------------------------------------------------------------------
 
     def _start_files(self):
         cfg = self.cfg
         self.meta = run_metadata(cfg, self.device)
+        self.meta["world_size"] = self.dist.world_size
         self.out = Path(cfg.out) if cfg.out else None
+        self.writes = self.out is not None and self.dist.is_main  # under torchrun rank 0 writes the files
         self.history, self.best, self.best_state = [], {}, None
         self.position = {"epoch": 0, "step": 0, "global_step": 0}
         self.accum = {"sums": {}, "images": 0, "seconds": 0.0}
         self.train_seconds = 0.0
         if self.resume_from is not None:
             self._restore(*self.resume_from)
-        if self.out is None:
+        if not self.writes:
             return
         if cfg.overwrite:
             for name in RUN_FILES:
@@ -303,7 +333,9 @@ class Run:
         self.position = dict(state["position"])
         self.accum = {"sums": dict(state["epoch_accum"]["sums"]), "images": state["epoch_accum"]["images"],
                       "seconds": state["epoch_accum"]["seconds"]}
-        self.accum["sums"] = {k: v.to(self.device) for k, v in self.accum["sums"].items()}
+        # The saved sums are the whole job's: one rank carries them, so that summing the ranks counts them once.
+        self.accum["sums"] = {k: v.to(self.device) * (1 if self.dist.is_main else 0)
+                              for k, v in self.accum["sums"].items()}
         self.history = list(state["history"])
         self.best = dict(state["best"])
         self.train_seconds = float(state["train_seconds"])
@@ -330,7 +362,9 @@ class Run:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": checkpoints.rng_state(),
-            "position": dict(self.position),
+            # step counts global batches of global_batch samples: any world size with that global batch resumes
+            "position": {**self.position, "global_batch": self.global_batch},
+            "world_size": self.dist.world_size,
             "epoch_accum": {"sums": {k: v.detach().cpu() for k, v in self.accum["sums"].items()},
                             "images": self.accum["images"], "seconds": self.accum["seconds"]},
             "history": list(self.history),

@@ -1,0 +1,414 @@
+"""Training-step cost cases: one optimiser step (data already on the device) of each training method, with the
+same student, teacher and batch, timed per step, with peak memory and a cost model in forward/backward units.
+
+The cases live here so that `rkd-fast bench` and benchmarks/test_step_bench.py time the same code.
+
+Methods come from rkd_fast.train.methods.METHODS at run time: a method asked for but not registered (trades,
+ard and rslad while they are being written) is reported as missing, not an error. robust-kd is measured in
+variants that switch its terms on and off (``robust-kd:-jac``, ``robust-kd:-feat``) and with the exact
+(double-backprop) Jacobian matching instead of the finite difference (``robust-kd:exact``).
+"""
+
+import contextlib
+import dataclasses
+import resource
+import statistics
+import time
+import types
+
+import torch
+import torch.nn.functional as F
+
+from ..models import build_model
+from ..train import methods as methods_module
+from ..train.config import TrainConfig
+
+# What a step case asks for: (registered method, overrides of TrainConfig, overrides of the jacobian options).
+VARIANTS = {
+    "natural": ("natural", {}, {}),
+    "kd": ("kd", {}, {}),
+    "robust-kd": ("robust-kd", {}, {}),
+    "robust-kd:-jac": ("robust-kd", {"jac_weight": 0.0}, {}),
+    "robust-kd:-feat": ("robust-kd", {"feat_weight": 0.0}, {}),
+    "robust-kd:exact": ("robust-kd", {}, {"method": "exact"}),
+    "pgd-at": ("pgd-at", {}, {}),
+    "trades": ("trades", {}, {}),
+    "ard": ("ard", {}, {}),
+    "rslad": ("rslad", {}, {}),
+}
+TEACHER_FREE = ("natural", "pgd-at", "trades")
+# The last feature stage of each architecture: the default pair of robust-kd's feature term here.
+FEATURE_LAYER = {"resnet18": "layer4", "preact_resnet18": "layer4", "resnet34": "layer4", "resnet50": "layer4",
+                 "wide_resnet34_10": "layer3", "small_cnn": "block3"}
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+def cost_units(variant, attack_steps):
+    """A step in units: S_f (student forward, no graph), S_fb (student forward + backward), T_f (teacher
+    forward, no graph), T_fb (teacher forward + input backward, estimated as T_f · S_fb / S_f) and O (the
+    optimiser update). The formulas say what each method is expected to run; predicted vs measured in the
+    report shows where that expectation (or the implementation) is off. None for an unknown variant."""
+    k = attack_steps
+    table = {
+        "natural": {"S_fb": 1},
+        "kd": {"S_fb": 1, "T_f": 1},
+        # clean + perturbed student passes, both backpropagated; clean + perturbed teacher passes
+        "robust-kd": {"S_fb": 2, "T_f": 2},
+        "robust-kd:-feat": {"S_fb": 2, "T_f": 2},
+        "robust-kd:-jac": {"S_fb": 1, "T_f": 1},
+        # double backprop: forward, backward with create_graph, then backward through both (~3 fwd+bwd), and
+        # the teacher's J·d by an input backward
+        "robust-kd:exact": {"S_fb": 3, "T_fb": 1},
+        # k attack steps (forward + input backward), then the training forward + backward
+        "pgd-at": {"S_fb": k + 1},
+        # clean target (no graph), k attack steps, training passes on clean and adversarial inputs
+        "trades": {"S_f": 1, "S_fb": k + 2},
+        # teacher on clean inputs, k attack steps against it, training passes on adversarial and clean inputs
+        "ard": {"T_f": 1, "S_fb": k + 2},
+        "rslad": {"T_f": 1, "S_fb": k + 2},
+    }
+    units = table.get(variant)
+    return None if units is None else {**units, "O": 1}
+
+
+@dataclasses.dataclass
+class ModelSpec:
+    arch: str
+    kwargs: dict
+
+    def build(self, device, channels_last):
+        model = build_model(self.arch, **self.kwargs).to(device)
+        return model.to(memory_format=torch.channels_last) if channels_last else model
+
+    def label(self):
+        extra = ", ".join(f"{k}={v}" for k, v in self.kwargs.items() if k not in ("num_classes",))
+        return f"{self.arch}({extra})" if extra else self.arch
+
+
+@dataclasses.dataclass
+class Scenario:
+    """A student, a teacher and a batch shape; every method of the scenario uses exactly these."""
+    name: str
+    student: ModelSpec
+    teacher: ModelSpec
+    batch_size: int
+    image_size: int
+    num_classes: int = 10
+    variants: tuple = tuple(VARIANTS)
+
+
+def registered_methods():
+    return sorted(methods_module.METHODS)
+
+
+def split_available(variants):
+    """(variants whose method is registered now, variants whose method is not)."""
+    have = set(methods_module.METHODS)
+    return [v for v in variants if VARIANTS[v][0] in have], [v for v in variants if VARIANTS[v][0] not in have]
+
+
+def synchronize(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast_factory(device, precision):
+    if precision == "fp32":
+        return contextlib.nullcontext
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return lambda: torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def make_batch(scenario, device, channels_last, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(scenario.batch_size, 3, scenario.image_size, scenario.image_size, generator=gen)
+    y = torch.randint(0, scenario.num_classes, (scenario.batch_size,), generator=gen)
+    x, y = x.to(device), y.to(device)
+    return (x.contiguous(memory_format=torch.channels_last) if channels_last else x), y
+
+
+def make_config(variant, scenario, attack_steps, precision):
+    """A TrainConfig for the variant. Built directly (not through make_config's checks): the teacher is an
+    in-memory model here, not the model file the training command needs."""
+    method, overrides, _ = VARIANTS[variant]
+    pair = f"{FEATURE_LAYER[scenario.student.arch]}:{FEATURE_LAYER[scenario.teacher.arch]}"
+    values = {"method": method, "arch": scenario.student.arch, "eps": 8 / 255, "attack_steps": attack_steps,
+              "precision": precision, "feature_pairs": (pair,), **overrides}
+    return TrainConfig(**values)
+
+
+class StepCase:
+    """One method's optimiser step on a fixed batch: ``case.step()`` runs zero_grad, loss, backward, update."""
+
+    def __init__(self, variant, student, teacher, x, y, scenario, *, attack_steps=10, precision="fp32"):
+        method_name, _, jacobian = VARIANTS[variant]
+        self.variant, self.x, self.y = variant, x, y
+        cfg = make_config(variant, scenario, attack_steps, precision)
+        # The attributes of rkd_fast.datasets.DatasetInfo the methods read (eps, class count, shapes).
+        info = types.SimpleNamespace(name="bench", num_classes=scenario.num_classes, in_channels=3,
+                                     input_size=(scenario.image_size,) * 2, mean=CIFAR_MEAN, std=CIFAR_STD,
+                                     eps=8 / 255, splits=())
+        autocast = autocast_factory(x.device, precision)
+        uses_teacher = variant not in TEACHER_FREE
+        self.method = methods_module.build_method(cfg, student, teacher if uses_teacher else None, info,
+                                                  x[: min(8, x.shape[0])], autocast).to(x.device)
+        if jacobian:
+            self.method.loss_fn.jacobian.update(jacobian)
+        params = list(student.parameters()) + list(self.method.parameters())
+        self.optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
+        self.student = student.train()
+        self.seed = 0
+
+    def close(self):
+        """Removes the loss's feature hooks from the shared student and teacher."""
+        loss_fn = getattr(self.method, "loss_fn", None)
+        if hasattr(loss_fn, "remove_hooks"):
+            loss_fn.remove_hooks()
+
+    def step(self):
+        self.optimizer.zero_grad(set_to_none=True)
+        total, _ = self.method(self.x, self.y, self.seed)
+        total.backward()
+        self.optimizer.step()
+        self.seed += 1
+
+
+def time_calls(fn, device, *, warmup=1, repeats=3, min_time=0.0):
+    """Median seconds per fn() call: warm-up calls, then at least `repeats` calls and at least min_time s."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    start = time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), len(times)
+
+
+def _max_rss_bytes():
+    # ru_maxrss is in KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure(fn, device, *, warmup=1, repeats=3, min_time=0.0):
+    """{"ms", "calls", "peak_MB"}: peak_MB is torch.cuda.max_memory_allocated on CUDA; on CPU it is None
+    (the process's max-RSS high-water mark only moves when a case exceeds every earlier one, so a per-case
+    delta would be misleading)."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    seconds, calls = time_calls(fn, device, warmup=warmup, repeats=repeats, min_time=min_time)
+    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if cuda else None
+    return {"ms": seconds * 1e3, "calls": calls, "peak_MB": peak}
+
+
+def measure_units(student, teacher, x, y, autocast, device, **timing):
+    """Times the cost-model units once each: S_f, S_fb, T_f, T_fb (measured here too, for the exact variant)
+    and O (an SGD update of the student's parameters)."""
+    params = list(student.parameters())
+    opt = torch.optim.SGD(params, lr=0.0, momentum=0.9)  # lr 0: the update's cost without moving the weights
+
+    def s_f():
+        with torch.no_grad(), autocast():
+            student(x)
+
+    def s_fb():
+        with autocast():
+            loss = F.cross_entropy(student(x).float(), y)
+        loss.backward()
+
+    def t_f():
+        with torch.no_grad(), autocast():
+            teacher(x)
+
+    def t_fb():
+        xi = x.detach().requires_grad_()
+        with autocast():
+            out = teacher(xi)
+        torch.autograd.grad(out.float().sum(), xi)
+
+    def o():
+        opt.step()
+
+    student.train()
+    teacher.eval().requires_grad_(False)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    units = {}
+    for name, fn in (("S_f", s_f), ("S_fb", s_fb), ("T_f", t_f), ("T_fb", t_fb), ("O", o)):
+        units[name] = measure(fn, device, **timing)["ms"]
+    opt.zero_grad(set_to_none=True)
+    return units
+
+
+def predict_ms(units_count, unit_ms):
+    return sum(count * unit_ms[name] for name, count in units_count.items())
+
+
+def count_flops(spec, image_size, device="cpu"):
+    """Forward FLOPs of one image through the model (torch.utils.flop_counter), None when counting fails."""
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+        model = spec.build("meta", False).eval()
+        x = torch.rand(1, 3, image_size, image_size, device="meta")
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(x)
+        return counter.get_total_flops()
+    except Exception:  # noqa: BLE001 - the count is informational
+        return None
+
+
+def run_scenario(scenario, device, *, precision="fp32", channels_last=False, compile=False, attack_steps=10,
+                 warmup=1, repeats=3, min_time=0.0, log=print):
+    """Measures every variant of the scenario; returns the scenario's JSON record. A variant that raises is
+    recorded with its error instead of stopping the run."""
+    torch.manual_seed(0)
+    student_init = scenario.student.build(device, channels_last)
+    teacher = scenario.teacher.build(device, channels_last).eval().requires_grad_(False)
+    x, y = make_batch(scenario, device, channels_last)
+    autocast = autocast_factory(device, precision)
+    timing = {"warmup": warmup, "repeats": repeats, "min_time": min_time}
+    record = {
+        "name": scenario.name, "student": scenario.student.label(), "teacher": scenario.teacher.label(),
+        "batch_size": scenario.batch_size, "image_size": scenario.image_size,
+        "student_params_M": sum(p.numel() for p in student_init.parameters()) / 1e6,
+        "teacher_params_M": sum(p.numel() for p in teacher.parameters()) / 1e6,
+        "student_GFLOPs_per_image": _g(count_flops(scenario.student, scenario.image_size)),
+        "teacher_GFLOPs_per_image": _g(count_flops(scenario.teacher, scenario.image_size)),
+        "precision": precision, "channels_last": channels_last, "compile": compile, "attack_steps": attack_steps,
+    }
+    log(f"[{scenario.name}] units")
+    record["units_ms"] = measure_units(student_init, teacher, x, y, autocast, device, **timing)
+    state = {k: v.clone() for k, v in student_init.state_dict().items()}
+    available, missing = split_available(scenario.variants)
+    record["missing"] = missing
+    rows = {}
+    for variant in available:
+        log(f"[{scenario.name}] {variant}")
+        student_init.load_state_dict(state)  # every method starts from the same weights
+        student = student_init
+        if compile:
+            student.compile()
+        try:
+            case = StepCase(variant, student, teacher, x, y, scenario, attack_steps=attack_steps, precision=precision)
+            try:
+                row = measure(case.step, device, **timing)
+            finally:
+                case.close()
+        except Exception as exc:  # noqa: BLE001 - one broken method must not lose the others' numbers
+            rows[variant] = {"error": f"{type(exc).__name__}: {exc}"}
+            continue
+        row["images_per_s"] = scenario.batch_size / (row["ms"] / 1e3)
+        units = cost_units(variant, attack_steps)
+        if units is not None:
+            row["units"] = units
+            row["predicted_ms"] = predict_ms(units, record["units_ms"])
+            row["measured_over_predicted"] = row["ms"] / row["predicted_ms"]
+        rows[variant] = row
+    natural = rows.get("natural", {}).get("ms")
+    for row in rows.values():
+        if natural and "ms" in row:
+            row["x_natural"] = row["ms"] / natural
+    record["steps"] = rows
+    return record
+
+
+def _g(flops):
+    return None if flops is None else flops / 1e9
+
+
+# --- teacher inference tricks -------------------------------------------------------------------------------
+
+def teacher_inference(spec, batch_size, image_size, device, *, warmup=1, repeats=3, min_time=0.0, log=print):
+    """Forward-only teacher under the settings one can choose for it: grad mode, layout, dtype, and on CUDA
+    torch.compile and a captured CUDA graph. Returns rows {"setting", "ms", "x_baseline"}."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(batch_size, 3, image_size, image_size, generator=gen).to(device)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(0)
+    model = spec.build(device, False).eval().requires_grad_(False)
+    model_cl = spec.build(device, True).eval().requires_grad_(False)
+    model_cl.load_state_dict(model.state_dict())
+    bf16 = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
+
+    def run(m, inp, grad_ctx, amp=contextlib.nullcontext):
+        def fn():
+            with grad_ctx(), amp():
+                m(inp)
+        return fn
+
+    settings = [
+        ("no_grad, fp32", run(model, x, torch.no_grad)),
+        ("inference_mode, fp32", run(model, x, torch.inference_mode)),
+        ("inference_mode, fp32, channels_last", run(model_cl, x_cl, torch.inference_mode)),
+        ("inference_mode, bf16", run(model, x, torch.inference_mode, bf16)),
+        ("inference_mode, bf16, channels_last", run(model_cl, x_cl, torch.inference_mode, bf16)),
+    ]
+    if cuda:
+        compiled = torch.compile(model_cl)
+        settings.append(("compiled, bf16, channels_last", run(compiled, x_cl, torch.no_grad, bf16)))
+        settings.append(("CUDA graph, bf16, channels_last", _cuda_graph(model_cl, x_cl, bf16)))
+    rows = []
+    for name, fn in settings:
+        log(f"[teacher inference] {name}")
+        try:
+            rows.append({"setting": name, **measure(fn, device, warmup=warmup, repeats=repeats, min_time=min_time)})
+        except Exception as exc:  # noqa: BLE001
+            rows.append({"setting": name, "error": f"{type(exc).__name__}: {exc}"})
+    base = rows[0].get("ms")
+    for row in rows:
+        if base and "ms" in row:
+            row["x_baseline"] = row["ms"] / base
+    return rows
+
+
+def _cuda_graph(model, x, amp):
+    """A replay of the teacher's forward captured once (static input: a real step copies its batch in)."""
+    static_x = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad(), amp():
+        for _ in range(3):  # warm up cuDNN/cuBLAS outside the capture
+            model(static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad(), amp():
+        model(static_x)
+
+    def fn():
+        static_x.copy_(x)
+        graph.replay()
+    return fn
+
+
+def targets(scenarios):
+    """The issue's targets: with a teacher of the student's size robust-kd ≤ 0.4× pgd-at, ard and rslad; with
+    the ~10× teacher robust-kd ≤ 0.75× ard and rslad. Each: {"scenario", "ratio", "limit", "value", "status"}."""
+    wanted = {"cifar-same": (("pgd-at", 0.4), ("ard", 0.4), ("rslad", 0.4)),
+              "cifar-10x": (("ard", 0.75), ("rslad", 0.75))}
+    out = []
+    by_name = {s["name"]: s for s in scenarios}
+    for name, checks in wanted.items():
+        steps = by_name.get(name, {}).get("steps", {})
+        if name not in by_name:
+            continue
+        for other, limit in checks:
+            if other == "pgd-at" and other not in steps:  # teacher-free: measured in the same-size scenario
+                steps = {**by_name.get("cifar-same", {}).get("steps", {}), **steps}
+            mine, theirs = steps.get("robust-kd", {}).get("ms"), steps.get(other, {}).get("ms")
+            entry = {"scenario": name, "ratio": f"robust-kd / {other}", "limit": limit}
+            if mine is None or theirs is None:
+                entry.update(value=None, status="missing")
+            else:
+                value = mine / theirs
+                entry.update(value=value, status="pass" if value <= limit else "FAIL")
+            out.append(entry)
+    return out
+

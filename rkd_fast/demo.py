@@ -1,0 +1,264 @@
+"""`rkd-fast demo`: the whole recipe on the embedded digits data, on CPU, in a few minutes.
+
+Trains a robust teacher (PGD-AT), then four students of one smaller architecture: natural, kd, robust-kd, and a
+PGD-AT student (the cost baseline robust-kd competes with). Evaluates every model on the test split (clean,
+FGSM, PGD-20 and AutoAttack standard, L∞ radius --eps), prints a table, and writes into --out:
+
+    results.json              accuracies, training seconds, per-stage wall and CPU seconds, config, versions
+    robustness_vs_cost.png    robust accuracy (PGD-20 and AutoAttack) against each model's training seconds
+    models/NAME.pt            every model (rkd_fast.save_model), so `rkd-fast eval` can re-check it
+
+``train_seconds`` of a model is its own training time (the trainer's clock: optimizer steps only); the
+students' figures do not include the teacher's. The settings below are those docs/demo_tuning.md measured.
+"""
+
+import json
+import os
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+MODEL_NAMES = ("teacher", "natural", "kd", "robust-kd", "pgd-at")
+STUDENT_METHODS = {"natural": "natural", "kd": "kd", "robust-kd": "robust-kd", "pgd-at": "pgd-at"}
+# What marks a directory as holding a demo run (and all that --overwrite removes).
+DEMO_FILES = ("results.json", "robustness_vs_cost.png", "models")
+
+# Full demo and --quick (the test's smoke run). AutoAttack standard dominates the run time (its Square attack
+# makes 5,000 queries per still-robust sample), so it runs on a fixed class-stratified subset of the test split.
+SETTINGS = {
+    "full": {"teacher_width": 16, "student_width": 8, "teacher_epochs": 10, "student_epochs": 10,
+             "test_samples": None, "autoattack_samples": 200},
+    "quick": {"teacher_width": 8, "student_width": 8, "teacher_epochs": 2, "student_epochs": 2,
+              "test_samples": 60, "autoattack_samples": 20},
+}
+# Options shared by every training run of the demo (the rest are the trainer's defaults, robust-kd's included).
+COMMON = {"dataset": "digits", "arch": "small_cnn", "batch_size": 128, "device": "cpu", "progress": False}
+
+
+def add_arguments(parser):
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"), metavar="DIR",
+                        help="output directory (default: %(default)s)")
+    parser.add_argument("--eps", type=float, default=0.1,
+                        help="L∞ radius on the [0, 1] pixel scale, for PGD-AT training and every attack "
+                             "(default: %(default)s)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 2 epochs, a test subset (for tests; the numbers mean little)")
+    parser.add_argument("--autoattack-samples", type=int, default=None, metavar="N",
+                        help="AutoAttack on a fixed class-stratified subset of N test samples "
+                             f"(default: {SETTINGS['full']['autoattack_samples']}; 0 or more than the split: all)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1: these models are too small for two threads "
+                             "to help, and on a busy machine they slow down; see docs/demo_tuning.md)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace the demo results already in --out")
+    parser.add_argument("--no-progress", action="store_true", help="no per-stage progress lines")
+
+
+def stratified_subset(y, n):
+    """Indices of n samples of `y`, classes taken in turn (the first of each class, then the second, ...), sorted:
+    a fixed subset that keeps the class balance."""
+    if n <= 0 or n >= len(y):
+        return torch.arange(len(y))
+    rank = torch.empty_like(y)
+    for c in y.unique():
+        where = (y == c).nonzero().squeeze(1)
+        rank[where] = torch.arange(len(where))
+    order = sorted(range(len(y)), key=lambda i: (int(rank[i]), int(y[i])))
+    return torch.tensor(sorted(order[:n]))
+
+
+def check_out(out, overwrite):
+    """Refuses an --out holding another demo's results unless --overwrite (which removes only DEMO_FILES)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    present = [name for name in DEMO_FILES if (out / name).exists()]
+    if present and not overwrite:
+        raise ValueError(f"--out {out} holds another run's results ({', '.join(present)}); pass --overwrite "
+                         "to replace them or choose another --out")
+    return present
+
+
+class _Stages:
+    """Wall and process-CPU seconds of each stage (the machine may be shared: CPU time is the steadier one)."""
+
+    def __init__(self, show):
+        self.show = show
+        self.records = {}
+
+    def run(self, name, function):
+        if self.show:
+            print(f"[demo] {name} ...", flush=True)
+        wall, cpu = time.perf_counter(), time.process_time()
+        value = function()
+        record = {"wall_seconds": round(time.perf_counter() - wall, 3),
+                  "cpu_seconds": round(time.process_time() - cpu, 3)}
+        self.records[name] = record
+        if self.show:
+            print(f"[demo] {name}: {record['wall_seconds']:.1f} s wall, {record['cpu_seconds']:.1f} s CPU", flush=True)
+        return value
+
+
+def _evaluate(model, test, aa, eps, seed):
+    from .attacks import evaluate
+
+    scores = evaluate(model, test, attacks=["clean", "fgsm", "pgd20"], eps=eps, seed=seed)
+    scores_aa = evaluate(model, aa, attacks=["autoattack"], eps=eps, seed=seed, sanity_checks=False)
+    return {"clean": scores["clean"], "fgsm": scores["fgsm"], "pgd20": scores["pgd20"],
+            "autoattack": scores_aa["autoattack"]}
+
+
+def format_table(results):
+    header = f"{'model':<10} {'clean':>7} {'FGSM':>7} {'PGD-20':>7} {'AA':>7} {'train s':>8} {'vs pgd-at':>9}"
+    lines = [header, "-" * len(header)]
+    base = results["models"]["pgd-at"]["train_seconds"]
+    for name, r in results["models"].items():
+        lines.append(f"{name:<10} {r['clean']:7.1%} {r['fgsm']:7.1%} {r['pgd20']:7.1%} {r['autoattack']:7.1%} "
+                     f"{r['train_seconds']:8.2f} {r['train_seconds'] / base:8.2f}×")
+    lines.append(f"L∞ eps = {results['eps']}; clean/FGSM/PGD-20 on {results['test_samples']} test samples, "
+                 f"AutoAttack (standard) on {results['autoattack_samples']}")
+    return "\n".join(lines)
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for key, label, marker in (("pgd20", "PGD-20", "o"), ("autoattack", "AutoAttack", "s")):
+        xs = [r["train_seconds"] for r in results["models"].values()]
+        ys = [100 * r[key] for r in results["models"].values()]
+        ax.scatter(xs, ys, marker=marker, label=label, alpha=0.8)
+    for name, r in results["models"].items():
+        ax.annotate(name, (r["train_seconds"], 100 * r["pgd20"]), textcoords="offset points", xytext=(5, 4),
+                    fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("training seconds (own training only, log scale)")
+    ax.set_ylabel(f"robust test accuracy, L∞ eps={results['eps']} (%)")
+    ax.set_title("digits: robust accuracy vs training cost")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_demo(out, *, eps=0.1, quick=False, autoattack_samples=None, threads=1, seed=0, overwrite=False,
+             progress=True, command=None):
+    """The demo as a function; returns the results dict (also written to out/results.json)."""
+    from .checkpoint import save_model
+    from .data import load_digits
+    from .train import train_model
+    from .train.config import _git_commit, library_versions
+
+    out = Path(out)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise ValueError(f"eps must be a number in (0, 1), got {eps!r}")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be an int >= 1, got {threads!r}")
+    settings = dict(SETTINGS["quick" if quick else "full"])
+    if autoattack_samples is not None:
+        if autoattack_samples < 0:
+            raise ValueError(f"autoattack_samples must be >= 0, got {autoattack_samples}")
+        settings["autoattack_samples"] = autoattack_samples
+    present = check_out(out, overwrite)
+    for name in present:
+        target = out / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    (out / "models").mkdir(parents=True, exist_ok=True)
+
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, y = load_digits("test")
+        if settings["test_samples"]:
+            keep = stratified_subset(y, settings["test_samples"])
+            x, y = x[keep], y[keep]
+        aa_index = stratified_subset(y, settings["autoattack_samples"])
+        test, aa = (x, y), (x[aa_index], y[aa_index])
+
+        stages = _Stages(progress)
+        common = {**COMMON, "eps": float(eps), "seed": seed}
+        configs, models, train_seconds = {}, {}, {}
+        for name in MODEL_NAMES:
+            if name == "teacher":
+                cfg = {**common, "method": "pgd-at", "width": settings["teacher_width"],
+                       "epochs": settings["teacher_epochs"]}
+            else:
+                cfg = {**common, "method": STUDENT_METHODS[name], "width": settings["student_width"],
+                       "epochs": settings["student_epochs"]}
+                if cfg["method"] in ("kd", "robust-kd"):
+                    cfg["teacher"] = str(out / "models" / "teacher.pt")
+            cfg["eval_every"] = cfg["epochs"]  # the trainer's robust validation once, at the end
+            result = stages.run(f"train {name}", lambda cfg=cfg: train_model(cfg))
+            models[name], train_seconds[name] = result.model, result.train_seconds
+            configs[name] = result.config.to_dict()
+            save_model(result.model, out / "models" / f"{name}.pt", name=name, method=cfg["method"],
+                       eps=float(eps), train_seconds=result.train_seconds, config=_plain(configs[name]))
+
+        scores = {}
+        for name in MODEL_NAMES:
+            scores[name] = stages.run(f"evaluate {name}", lambda name=name: _evaluate(models[name], test, aa, eps,
+                                                                                     seed))
+    finally:
+        torch.set_num_threads(saved_threads)
+
+    commit, dirty = _git_commit()
+    results = {
+        "eps": float(eps),
+        "norm": "linf",
+        "models": {name: {**scores[name], "train_seconds": train_seconds[name]} for name in MODEL_NAMES},
+        "test_samples": len(test[1]),
+        "autoattack_samples": len(aa[1]),
+        "autoattack_subset": "all test samples" if len(aa[1]) == len(test[1]) else
+        "class-stratified: the first samples of each class in turn (rkd_fast.demo.stratified_subset)",
+        "autoattack_version": "standard",
+        "quick": bool(quick),
+        "settings": settings,
+        "threads": threads,
+        "stages": stages.records,
+        "total_wall_seconds": round(sum(r["wall_seconds"] for r in stages.records.values()), 3),
+        "total_cpu_seconds": round(sum(r["cpu_seconds"] for r in stages.records.values()), 3),
+        "configs": configs,
+        "command": list(command) if command else ["rkd-fast", "demo", "--out", str(out), "--eps", str(eps)]
+        + (["--quick"] if quick else []),
+        "argv": [sys.executable] + sys.argv,
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "versions": library_versions(),
+    }
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    os.replace(tmp, out / "results.json")
+    plot(results, out / "robustness_vs_cost.png")
+    return results
+
+
+def _plain(value):
+    # save_model's meta must be plain containers: tuples become lists, anything else odd a string.
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or type(value) in (str, bool, int, float):
+        return value
+    return str(value)
+
+
+def run(args):
+    command = ["rkd-fast", "demo"] + [shlex.quote(a) for a in sys.argv[2:]] if sys.argv[1:2] == ["demo"] else None
+    try:
+        results = run_demo(args.out, eps=args.eps, quick=args.quick, autoattack_samples=args.autoattack_samples,
+                           threads=args.threads, seed=args.seed, overwrite=args.overwrite,
+                           progress=not args.no_progress, command=command)
+    except (TypeError, ValueError) as error:
+        print(f"rkd-fast demo: {error}", file=sys.stderr)
+        return 2
+    print(format_table(results))
+    print(f"total: {results['total_wall_seconds']:.1f} s wall, {results['total_cpu_seconds']:.1f} s CPU; "
+          f"wrote {args.out / 'results.json'}, {args.out / 'robustness_vs_cost.png'}, {args.out / 'models'}/")
+    return 0

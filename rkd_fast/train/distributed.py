@@ -1,0 +1,224 @@
+"""Data-parallel training with torch.distributed: `torchrun --nproc_per_node=N -m rkd_fast train ...`.
+
+One process per device. The process group is initialised from torchrun's environment (RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR, MASTER_PORT): NCCL on CUDA, gloo on CPU. ``--batch-size`` is per process, so a step's
+global batch is ``batch_size × world_size`` samples: the step's slice ``order[step·G:(step+1)·G]`` of the
+epoch order, of which rank ``r`` takes ``[r::world_size]`` (the sharding of `torch.utils.data.DistributedSampler`
+and `rkd_fast.datasets`). The student and the method's own parameters (the feature adapters) are wrapped
+together in one `DistributedDataParallel` module, called once per step, so one backward all-reduces (averages)
+all their gradients. Each rank's loss is scaled by ``local_batch · world_size / global_batch``, so the
+averaged gradient is the gradient of the global batch's mean loss even when a last, short batch splits
+unevenly: for a model without BatchNorm, N processes of batch B compute the steps one process of batch N·B does.
+
+Randomness of a step (Jacobian directions, PGD random starts) must not depend on the world size either:
+`StepRandomness` makes every draw whose first dimension is the rank's batch size come out as this rank's rows
+of the same draw made for the whole global batch (see its docstring).
+"""
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+
+def env_world_size():
+    """WORLD_SIZE set by torchrun (1 when not started by a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class Distributed:
+    """The process's place in the job: ``rank``, ``world_size``, ``local_rank``; collectives that do nothing
+    in a single process."""
+
+    def __init__(self, rank=0, world_size=1, local_rank=0, owns_group=False):
+        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+        self.owns_group = owns_group  # this object initialised the process group, so close() destroys it
+
+    @property
+    def enabled(self):
+        return self.world_size > 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def barrier(self):
+        if self.enabled:
+            dist.barrier()
+
+    def all_reduce_sum(self, tensor):
+        """Sums `tensor` over the ranks, in place; returns it."""
+        if self.enabled:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def rows(self, global_size):
+        """Positions, within a global batch of `global_size` samples, of this rank's samples."""
+        return torch.arange(self.rank, global_size, self.world_size)
+
+    def close(self):
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self.owns_group = False
+
+
+def setup(device):
+    """(Distributed, device of this process) for a run asked to use `device` (a torch.device).
+
+    A single process (no torchrun, or WORLD_SIZE=1): nothing to set up. Under torchrun: CUDA runs use
+    ``cuda:LOCAL_RANK`` (a plain "cuda" or "auto" device), and the process group is initialised from the
+    environment, NCCL for CUDA and gloo for CPU, unless the caller already initialised one (then it is used
+    and left to the caller)."""
+    if dist.is_available() and dist.is_initialized():
+        rank, world_size, owns = dist.get_rank(), dist.get_world_size(), False
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    else:
+        world_size = env_world_size()
+        if world_size == 1:
+            return Distributed(), device
+        if not dist.is_available():
+            raise ValueError(f"WORLD_SIZE={world_size}, but this torch build has no torch.distributed")
+        rank, local_rank, owns = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), True
+    if device.type == "cuda":
+        if device.index is not None and device.index != local_rank and world_size > 1:
+            raise ValueError(f"--device {device}: under torchrun each process uses cuda:LOCAL_RANK (this one "
+                             f"cuda:{local_rank}); pass --device cuda or auto")
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK {local_rank}, but only {torch.cuda.device_count()} CUDA device(s) visible")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise ValueError(f"distributed training runs on cuda or cpu devices, not {device.type}")
+    if owns:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend=backend, **kwargs)
+    return Distributed(rank, world_size, local_rank, owns), device
+
+
+def check_sync_bn(sync_bn, device, method, jac_weight, world_size):
+    """ValueError when --sync-bn cannot work here."""
+    if not sync_bn:
+        return
+    if device.type != "cuda":
+        raise ValueError(f"--sync-bn needs CUDA devices: torch.nn.SyncBatchNorm synchronises GPU tensors only "
+                         f"(this run is on {device.type}); drop --sync-bn")
+    if method == "robust-kd" and jac_weight > 0 and world_size > 1:
+        raise ValueError("--sync-bn with the robust-kd Jacobian term is not supported: jacobian_penalty's perturbed "
+                         "pass reuses the clean pass's BatchNorm statistics, which SyncBatchNorm does not expose; "
+                         "drop --sync-bn (per-process BatchNorm) or set --jac-weight 0")
+
+
+class StepModule(nn.Module):
+    """The student and the method as one module whose forward is a training step's loss: wrapped in
+    `DistributedDataParallel`, the student's and the method's parameters (feature adapters) have their
+    gradients averaged by one backward. (The method holds the student by reference only, so it is
+    registered here as well.)"""
+
+    def __init__(self, student, method):
+        super().__init__()
+        self.student = student
+        self.method = method
+
+    def forward(self, x, y, step_seed):
+        return self.method(x, y, step_seed)
+
+
+def wrap(student, method, ctx, device):
+    """The callable a step runs: ``step(x, y, step_seed) -> (total, terms)``; DDP-wrapped when distributed."""
+    module = StepModule(student, method)
+    if not ctx.enabled:
+        return module
+    if not any(p.requires_grad for p in module.parameters()):
+        raise ValueError("nothing to train: the student has no trainable parameters")
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+
+
+# --- randomness that does not depend on the world size --------------------------------------------------------
+
+_FACTORIES = {torch.randn, torch.rand, torch.randint}  # (..., size, generator=, dtype=, device=)
+_LIKE = {torch.randn_like: torch.randn, torch.rand_like: torch.rand}
+_IN_PLACE = {torch.Tensor.uniform_, torch.Tensor.normal_, torch.Tensor.bernoulli_, torch.Tensor.random_,
+             torch.Tensor.exponential_, torch.Tensor.geometric_, torch.Tensor.cauchy_, torch.Tensor.log_normal_}
+
+
+def _split_size(func, args, kwargs):
+    """(leading positional arguments, size) of a call to one of _FACTORIES."""
+    if "size" in kwargs:
+        return args, tuple(kwargs["size"])
+    if func is torch.randint:  # randint([low,] high, size)
+        return args[:-1], tuple(args[-1])
+    if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)):
+        return (), tuple(args[0])
+    return (), tuple(args)
+
+
+class StepRandomness(TorchFunctionMode):
+    """Inside a training step: random draws from (seed, step) that come out the same whatever the world size.
+
+    A draw whose first dimension is this rank's batch size (``torch.randn``, ``rand``, ``randint``,
+    ``randn_like``, ``rand_like``, and in-place ``Tensor.uniform_``, ``normal_``, ``bernoulli_``, ...) is taken
+    to be one per sample: it is made for the whole global batch, from the generator the call names or else
+    from a generator seeded with `seed` (the same on every rank), and this rank's rows (`rows`) are kept. So N
+    ranks see the numbers one process would, and a resumed run replays them. ``torch.randperm`` without a
+    generator (a random subset of the batch) draws from a generator seeded by (seed, rank): reproducible, but
+    it depends on the world size. Other draws are left as they are: those with a generator that are not per
+    sample, and ops that draw inside C++ from the global generator (dropout, torch.bernoulli, torch.normal)."""
+
+    def __init__(self, seed, rows, global_size, rank=0):
+        super().__init__()
+        self.seed, self.rank = int(seed), rank
+        self.rows, self.local, self.global_size = rows, len(rows), global_size
+        self.sliced = global_size != len(rows)
+        self._generators = {}
+
+    def _generator(self, device, per_rank=False):
+        device = torch.device(device if device is not None else torch.get_default_device())
+        key = (device, per_rank)
+        if key not in self._generators:
+            # Spread from the step seed, which the methods also hand to pgd: the streams must not coincide.
+            seed = self.seed * 0x9E3779B1 + 0x7F4A7C15 + (1 + self.rank if per_rank else 0) * 0x632BE5AB
+            self._generators[key] = torch.Generator(device=device).manual_seed(seed % (1 << 63))
+        return self._generators[key]
+
+    def _global(self, draw):
+        """``draw(global_size)`` (a tensor whose first dimension is global_size), this rank's rows of it."""
+        full = draw(self.global_size)
+        return full[self.rows.to(full.device)] if self.sliced else full
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in _FACTORIES:
+            lead, size = _split_size(func, args, kwargs)
+            if not size or size[0] != self.local or "out" in kwargs:
+                return func(*args, **kwargs)
+            kwargs.pop("size", None)
+            kwargs.setdefault("generator", self._generator(kwargs.get("device")))
+            requires_grad = kwargs.pop("requires_grad", False)
+            out = self._global(lambda n: func(*lead, (n, *size[1:]), **kwargs))
+            return out.requires_grad_(requires_grad)
+        if func in _LIKE:
+            x = args[0]
+            if x.dim() == 0 or x.shape[0] != self.local or len(args) > 1:
+                return func(*args, **kwargs)
+            kwargs.pop("memory_format", None)
+            kwargs.setdefault("dtype", x.dtype)
+            kwargs.setdefault("device", x.device)
+            kwargs.setdefault("generator", self._generator(kwargs["device"]))
+            requires_grad = kwargs.pop("requires_grad", False)
+            out = self._global(lambda n: _LIKE[func]((n, *x.shape[1:]), **kwargs))
+            return out.requires_grad_(requires_grad)
+        if func in _IN_PLACE:
+            x = args[0]
+            if x.dim() == 0 or x.shape[0] != self.local:
+                return func(*args, **kwargs)
+            kwargs.setdefault("generator", self._generator(x.device))
+            with torch.no_grad():
+                x.copy_(self._global(lambda n: func(x.new_empty((n, *x.shape[1:])), *args[1:], **kwargs)))
+            return x
+        if func is torch.randperm and "generator" not in kwargs:
+            kwargs["generator"] = self._generator(kwargs.get("device"), per_rank=True)
+        return func(*args, **kwargs)

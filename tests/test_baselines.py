@@ -1,0 +1,144 @@
+"""The baselines trades, ard and rslad (rkd_fast.train.methods): short runs on digits, each loss against a direct
+computation on a fixed batch, the shared KL inner maximisation, and the validation of their options."""
+
+import math
+
+import pytest
+import torch
+
+from rkd_fast.checkpoint import save_model
+from rkd_fast.cli import main
+from rkd_fast.datasets import dataset_info
+from rkd_fast.models import build_model
+from rkd_fast.train import make_config, train_model
+from rkd_fast.train.methods import build_method, kl_attack
+
+FAST = dict(epochs=1, width=4, batch_size=256, attack_steps=2, progress=False, deterministic=True)
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory):
+    torch.manual_seed(1)
+    return str(save_model(build_model("small_cnn", width=4), tmp_path_factory.mktemp("teacher") / "teacher.pt"))
+
+
+def _kl(p, log_q):
+    """KL(p ‖ q) per sample, written out."""
+    return (p * (p.log() - log_q)).sum(dim=1)
+
+
+def _batch(n=16):
+    gen = torch.Generator().manual_seed(3)
+    return torch.rand(n, 1, 8, 8, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+
+
+@pytest.mark.parametrize("method", ["trades", "ard", "rslad"])
+def test_one_epoch_on_digits(method, teacher_file):
+    teacher = {"teacher": teacher_file} if method != "trades" else {}
+    result = train_model(method=method, **teacher, **FAST)
+    row = result.metrics[0]
+    assert math.isfinite(row["train_total"]) and row["train_total"] > 0
+    assert 0.0 <= row["val_robust_acc"] <= row["val_clean_acc"] + 1e-9 <= 1.0 + 1e-9
+
+
+def _method(name, teacher=None, **options):
+    torch.manual_seed(0)
+    student = build_model("small_cnn", width=4)
+    cfg = make_config(method=name, teacher="unused.pt" if teacher is not None else None, eps=0.1, alpha=0.03,
+                      attack_steps=3, **options)
+    info = dataset_info("digits")
+    x, _ = _batch()
+    import contextlib
+    return build_method(cfg, student, teacher, info, x[:4], contextlib.nullcontext), student
+
+
+def _teacher_model():
+    torch.manual_seed(5)
+    return build_model("small_cnn", width=4).eval()
+
+
+@pytest.mark.parametrize("name,options", [("trades", {}), ("trades", {"trades_beta": 2.5}), ("ard", {}),
+                                          ("ard", {"ard_alpha": 0.7, "ard_temperature": 4.0}), ("rslad", {})])
+def test_loss_matches_direct_computation(name, options):
+    teacher = _teacher_model() if name != "trades" else None
+    method, student = _method(name, teacher, **options)
+    x, y = _batch()
+    student.train()
+    state = {k: v.clone() for k, v in student.state_dict().items()}
+    total, terms = method(x, y, 123)
+    student.load_state_dict(state)  # undo the BatchNorm updates, so the same adversarial batch comes back
+
+    from rkd_fast.attacks import pgd
+    with torch.no_grad():
+        t_logits = teacher(x) if teacher is not None else None
+    if name == "ard":
+        x_adv = pgd(student, x, y, 0.1, 0.03, 3, random_start=True, seed=123)
+    else:
+        student.eval()
+        with torch.no_grad():
+            target = (t_logits if teacher is not None else student(x)).softmax(1)
+        student.train()
+        x_adv = kl_attack(student, x, target, 0.1, 0.03, 3, seed=123)
+    assert student.training and (x_adv - x).abs().max() <= 0.1 + 1e-6
+    s_adv, s_nat = student(x_adv), student(x)
+    ce = -s_nat.log_softmax(1).gather(1, y[:, None]).mean()
+    if name == "trades":
+        expected = ce + options.get("trades_beta", 6.0) * _kl(s_nat.softmax(1), s_adv.log_softmax(1)).mean()
+    elif name == "ard":
+        t, a = options.get("ard_temperature", 30.0), options.get("ard_alpha", 1.0)
+        kd = _kl((t_logits / t).softmax(1), (s_adv / t).log_softmax(1)).sum() / (x.shape[0] * 10)
+        expected = a * t * t * kd + (1 - a) * ce
+    else:
+        p = t_logits.softmax(1)
+        expected = (5 / 6 * _kl(p, s_adv.log_softmax(1)).mean() + 1 / 6 * _kl(p, s_nat.log_softmax(1)).mean()) / 10
+    torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-6)
+    assert terms["total"] == total.detach() and total.requires_grad
+
+
+@pytest.mark.parametrize("own_prediction", [True, False])
+def test_kl_attack_increases_its_objective(own_prediction):
+    torch.manual_seed(0)
+    model = build_model("small_cnn", width=8)
+    model.train()
+    x, _ = _batch(32)
+    model.eval()
+    with torch.no_grad():  # TRADES: the model's own clean prediction; RSLAD: another model's (a teacher's)
+        target = (model(x) if own_prediction else _teacher_model()(x)).softmax(1)
+    model.train()
+
+    def objective(z):
+        with torch.no_grad():
+            model.eval()
+            value = _kl(target, model(z).log_softmax(1)).sum()
+            model.train()
+        return value
+
+    before = objective(x)
+    x_adv = kl_attack(model, x, target, 0.1, 0.02, 10, seed=0)
+    assert objective(x_adv) > before + 1e-3
+    assert (x_adv - x).abs().max() <= 0.1 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    # The student's mode and parameters are left as they were; no gradient was written to them.
+    assert model.training and all(p.requires_grad and p.grad is None for p in model.parameters())
+    torch.testing.assert_close(kl_attack(model, x, target, 0.1, 0.02, 10, seed=0), x_adv)  # seeded start
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(method="ard"), "needs a teacher"),
+    (dict(method="rslad"), "needs a teacher"),
+    (dict(method="trades", teacher="t.pt"), "does not use a teacher"),
+    (dict(method="ard", teacher="t.pt", trades_beta=6.0), "--trades-beta applies to --method trades"),
+    (dict(method="trades", ard_temperature=2.0), "--ard-temperature applies to --method ard"),
+    (dict(method="ard", teacher="t.pt", ard_alpha=1.5), r"ard_alpha must be in \[0, 1\]"),
+    (dict(method="ard", teacher="t.pt", ard_temperature=0.0), "ard_temperature must be > 0"),
+    (dict(method="trades", trades_beta=-1.0), "trades_beta must be >= 0"),
+])
+def test_method_options_are_validated(options, message):
+    with pytest.raises(ValueError, match=message):
+        make_config(**options)
+
+
+def test_cli_refuses_rslad_without_teacher(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--method", "rslad", "--out", str(out), "--no-progress"]) == 2
+    assert "method 'rslad' needs a teacher model file" in capsys.readouterr().err
+    assert not out.exists()

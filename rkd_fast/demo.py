@@ -33,7 +33,7 @@ SETTINGS = {
     "full": {"teacher_width": 16, "student_width": 8, "teacher_epochs": 10, "student_epochs": 10,
              "test_samples": None, "autoattack_samples": 200},
     "quick": {"teacher_width": 8, "student_width": 8, "teacher_epochs": 2, "student_epochs": 2,
-              "test_samples": 60, "autoattack_samples": 20},
+              "test_samples": 40, "autoattack_samples": 10},
 }
 # Options shared by every training run of the demo (the rest are the trainer's defaults, robust-kd's included).
 COMMON = {"dataset": "digits", "arch": "small_cnn", "batch_size": 128, "device": "cpu", "progress": False}

@@ -20,12 +20,39 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <type_traits>
 #include <vector>
 
 #include "kernels.h"
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace rkd_fast {
+
+namespace {
+
+// A fresh gradient-sized buffer (32 MiB for a ResNet-18 CIFAR feature map) comes straight from mmap, and its
+// first write page-faults every 4 KiB page: measured here, that fault cost was most of the backward's time.
+// Asking for transparent huge pages on the buffer's 2 MiB-aligned interior cuts the faults 512-fold. A hint
+// only: where THP is off or unsupported nothing changes.
+void advise_huge_pages(const at::Tensor& buffer) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
+  if (buffer.nbytes() < 2 * kHuge) return;
+  const auto begin = reinterpret_cast<uintptr_t>(buffer.data_ptr());
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t last = (begin + buffer.nbytes()) & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#else
+  (void)buffer;
+#endif
+}
+
+}  // namespace
+
 namespace {
 
 constexpr double kNormEps = 1e-12;  // floor of ‖x‖, as in torch.nn.functional.normalize
@@ -664,6 +691,8 @@ std::tuple<at::Tensor, at::Tensor> feature_distance_bwd_cpu(const at::Tensor& gr
   }
   at::Tensor grad_s = grad_student ? at::empty_like(student) : at::empty({0}, student.options());
   at::Tensor grad_t = grad_teacher ? at::empty_like(teacher) : at::empty({0}, teacher.options());
+  advise_huge_pages(grad_s);
+  advise_huge_pages(grad_t);
   // Modes 0/1 write the gradients in the inputs' flat element order: empty_like keeps it for these layouts.
   TORCH_INTERNAL_ASSERT(!grad_student || grad_s.strides() == student.strides());
   TORCH_INTERNAL_ASSERT(!grad_teacher || grad_t.strides() == teacher.strides());

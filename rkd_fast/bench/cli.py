@@ -122,7 +122,7 @@ def resolve(args):
         "batch_size": args.batch_size or (16 if cpu_quick else 128),
         "image_size": args.image_size,
         "attack_steps": args.attack_steps,
-        "timing": {"warmup": args.warmup, "repeats": args.repeats or (2 if cpu_quick else 5),
+        "timing": {"warmup": args.warmup, "repeats": args.repeats or (3 if cpu_quick else 5),
                    "min_time": args.min_time if args.min_time is not None else (0.0 if cpu_quick else 2.0)},
         "kernel_shapes": _kernel_shapes(args.kernel_shapes or ("all" if cuda else "quick")),
         "kernel_dtypes": dtypes,
@@ -207,6 +207,9 @@ def run(args):
     if machine["load_average_1_5_15"] and machine["load_average_1_5_15"][0] > (machine["cores"] or 1):
         notes.append(f"The machine was loaded (1-min load average {machine['load_average_1_5_15'][0]:.1f} on "
                      f"{machine['cores']} cores): timings are noisy and slower than on an idle machine.")
+    if cfg["precision"] == "bf16" and any(v.startswith("robust-kd") for v in cfg["variants"]):
+        notes.append("Under bf16 autocast robust-kd's finite-difference Jacobian passes run in fp32 (no step is "
+                     "accurate in bf16; see rkd_fast/jacobian.py), and the exact variant always runs in fp32.")
     available, missing = steps.split_available(cfg["variants"])
     if missing:
         notes.append(f"Methods not registered in rkd_fast.train.methods when this ran (not measured): "

@@ -61,12 +61,12 @@ def _scenario_md(s):
     rows = []
     for name, r in s["steps"].items():
         if "error" in r:
-            rows.append([name, "error: " + r["error"].replace("|", "/")[:120]] + [""] * 6)
+            rows.append([name, "error: " + r["error"].replace("|", "/")[:120]] + [""] * 7)
             continue
-        rows.append([name, _fmt(r["ms"], ".1f"), _fmt(r["images_per_s"], ".1f"), _fmt(r.get("peak_MB"), ".0f"),
+        rows.append([name, _fmt(r["ms"], ".1f"), _fmt(r.get("median_ms"), ".1f"), _fmt(r["images_per_s"], ".1f"), _fmt(r.get("peak_MB"), ".0f"),
                      _fmt(r.get("x_natural")), _units_text(r.get("units")), _fmt(r.get("predicted_ms"), ".1f"),
                      _fmt(r.get("measured_over_predicted"))])
-    out.append(_table(["method", "ms/step", "images/s", "peak MB", "× natural", "cost model", "predicted ms",
+    out.append(_table(["method", "ms/step", "median ms", "images/s", "peak MB", "× natural", "cost model", "predicted ms",
                        "measured/predicted"], rows))
     if s["missing"]:
         out += ["", f"Not registered in rkd_fast.train.methods at run time (not measured): "
@@ -74,6 +74,33 @@ def _scenario_md(s):
     u = s["units_ms"]
     out += ["", "Units (ms): " + ", ".join(f"{k} = {v:.1f}" for k, v in u.items()) + "."]
     return "\n".join(out)
+
+
+def _cost_summary_md(scenarios):
+    """robust-kd against the attack-based methods, predicted by the cost model and measured, per scenario:
+    robust-kd pays two teacher forwards where ard/rslad pay one, and saves ~10 student passes, so its advantage
+    shrinks as T_f / S_fb grows."""
+    same = next((s for s in scenarios if s["name"] == "cifar-same"), None)
+    rows = []
+    for s in scenarios:
+        steps = dict(s["steps"])
+        if same is not None and s is not same:  # teacher-free methods: same student and batch as cifar-same
+            steps = {**{k: v for k, v in same["steps"].items() if k not in steps}, **steps}
+        mine = steps.get("robust-kd", {})
+        if "ms" not in mine:
+            continue
+        cells = [s["name"], f"{s['units_ms']['T_f'] / s['units_ms']['S_fb']:.2f}"]
+        for other in ("pgd-at", "ard", "rslad"):
+            theirs = steps.get(other, {})
+            predicted = (mine.get("predicted_ms") / theirs["predicted_ms"]
+                         if mine.get("predicted_ms") and theirs.get("predicted_ms") else None)
+            measured = mine["ms"] / theirs["ms"] if "ms" in theirs else None
+            cells += [_fmt(predicted), _fmt(measured)]
+        rows.append(cells)
+    if not rows:
+        return "Not measured in this run."
+    return _table(["scenario", "T_f / S_fb", "robust-kd / pgd-at predicted", "measured", "robust-kd / ard predicted",
+                   "measured", "robust-kd / rslad predicted", "measured"], rows)
 
 
 def _exactness_md(scenarios):
@@ -91,9 +118,10 @@ def _exactness_md(scenarios):
 def _teacher_md(t):
     if not t:
         return "Not measured in this run."
-    rows = [[r["setting"], _fmt(r.get("ms"), ".2f"), _fmt(r.get("x_baseline")), r.get("error", "")] for r in t["rows"]]
+    rows = [[r["setting"], _fmt(r.get("ms"), ".2f"), _fmt(r.get("median_ms"), ".2f"), _fmt(r.get("x_baseline")),
+             r.get("error", "")] for r in t["rows"]]
     return (f"Teacher {t['teacher']}, batch {t['batch_size']} × 3 × {t['image_size']}², forward only.\n\n"
-            + _table(["setting", "ms", "× no_grad fp32", "error"], rows))
+            + _table(["setting", "ms (min)", "median ms", "× no_grad fp32", "error"], rows))
 
 
 def _targets_md(targets):
@@ -131,7 +159,9 @@ def render_markdown(r):
         lines += ["## Notes", ""] + [f"- {n}" for n in r["notes"]] + [""]
     lines += ["## Training-step cost", "",
               "One optimiser step (SGD, data already on the device) per method, same student, teacher and batch "
-              "within a scenario; median over the timed steps. Cost model: a step expressed in units measured "
+              "within a scenario. ms/step is the fastest of the timed steps and every ratio uses it: on a shared "
+              "machine other processes only add time, so the minimum is the least noisy estimate (the median "
+              "beside it shows the spread). Cost model: a step expressed in units measured "
               "once each: S_f student forward (no graph), S_fb student forward + backward, T_f teacher forward "
               "(no graph), T_fb teacher forward + input backward, O the optimiser update. A measured/predicted "
               "far from 1 says the method does more (or less) than its formula assumes.", ""]
@@ -139,7 +169,13 @@ def render_markdown(r):
         lines += [_scenario_md(s), ""]
     if "step_cost.png" in r.get("plots", []):
         lines += ["![step cost relative to natural training](step_cost.png)", ""]
-    lines += ["## Targets", "", _targets_md(r["targets"]), "",
+    lines += ["## Where the time goes", "",
+              "robust-kd runs two student forward + backward passes and two teacher forwards; PGD-based methods "
+              "run k + 1 or k + 2 student passes (k attack steps) and at most one teacher forward. The saving is "
+              "largest when the teacher is cheap and shrinks as T_f / S_fb grows. Predicted from the units "
+              "above; pgd-at (teacher-free) is taken from cifar-same where a scenario does not measure it.", "",
+              _cost_summary_md(r["scenarios"]), "",
+              "## Targets", "", _targets_md(r["targets"]), "",
               "## The price of exactness: finite-difference vs double-backprop Jacobian matching", "",
               _exactness_md(r["scenarios"]), "",
               "## Teacher inference", "", _teacher_md(r.get("teacher_inference")), "",

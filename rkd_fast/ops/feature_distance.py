@@ -75,6 +75,8 @@ def _autograd_for(bwd_op):
         ctx.save_for_backward(student, teacher, coeffs, map_s, map_t)
 
     def backward(ctx, grad_losses, _coeffs, _map_s, _map_t):
+        if grad_losses is None:  # the loss was not used (grads are not materialised, see setup_context)
+            return None, None, None, None
         student, teacher, coeffs, map_s, map_t = ctx.saved_tensors
         need_s, need_t = ctx.needs_input_grad[:2]
         grad_s, grad_t = bwd_op(grad_losses.to(coeffs.dtype).contiguous(), student, teacher, coeffs, map_s, map_t,

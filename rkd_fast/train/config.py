@@ -77,11 +77,13 @@ class TrainConfig:
     ce_weight: float = 1.0
     kd_weight: float = 1.0
     kd_temperature: float = 4.0
-    feat_weight: float = 1.0
+    feat_weight: float = 3.0  # tuned on digits: docs/demo_tuning.md
     jac_weight: float = 1.0
     feature_pairs: tuple = ()  # ("student_layer:teacher_layer", ...); empty: DEFAULT_FEATURE_LAYER of each
     feature_mode: str = "normalized"
-    jac_h: float | None = None  # None: jacobian_penalty's default step
+    # The FD step, L2 on the [0, 1] pixel scale: a robustness-scale step, not a derivative-accurate one (the
+    # automatic tiny step made the students collapse, docs/demo_tuning.md). None: jacobian_penalty's default.
+    jac_h: float | None = 0.3
     jac_direction: str = "gaussian"
     jac_norm: str = "l2"
     jac_on: str = "logits"

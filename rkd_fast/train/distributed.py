@@ -163,10 +163,10 @@ class StepRandomness(TorchFunctionMode):
     ``randn_like``, ``rand_like``, and in-place ``Tensor.uniform_``, ``normal_``, ``bernoulli_``, ...) is taken
     to be one per sample: it is made for the whole global batch, from the generator the call names or else
     from a generator seeded with `seed` (the same on every rank), and this rank's rows (`rows`) are kept. So N
-    ranks see the numbers one process would, and a resumed run replays them. ``torch.randperm`` without a
-    generator (a random subset of the batch) draws from a generator seeded by (seed, rank): reproducible, but
-    it depends on the world size. Other draws are left as they are: those with a generator that are not per
-    sample, and ops that draw inside C++ from the global generator (dropout, torch.bernoulli, torch.normal)."""
+    ranks see the numbers one process would, and a resumed run replays them. The other draws of these functions
+    and ``torch.randperm`` (a random subset of the batch) keep the generator they name, or else draw from one
+    seeded by (seed, rank): reproducible, but dependent on the world size. Ops that draw inside C++ from the
+    global generator (dropout, torch.bernoulli, torch.normal) are left as they are."""
 
     def __init__(self, seed, rows, global_size, rank=0):
         super().__init__()
@@ -194,7 +194,7 @@ class StepRandomness(TorchFunctionMode):
         if func in _FACTORIES:
             lead, size = _split_size(func, args, kwargs)
             if not size or size[0] != self.local or "out" in kwargs:
-                return func(*args, **kwargs)
+                return self._other(func, args, kwargs, kwargs.get("device"))
             kwargs.pop("size", None)
             kwargs.setdefault("generator", self._generator(kwargs.get("device")))
             requires_grad = kwargs.pop("requires_grad", False)
@@ -203,7 +203,7 @@ class StepRandomness(TorchFunctionMode):
         if func in _LIKE:
             x = args[0]
             if x.dim() == 0 or x.shape[0] != self.local or len(args) > 1:
-                return func(*args, **kwargs)
+                return func(*args, **kwargs)  # (the _like forms of torch 2.11 take no generator)
             kwargs.pop("memory_format", None)
             kwargs.setdefault("dtype", x.dtype)
             kwargs.setdefault("device", x.device)
@@ -214,11 +214,17 @@ class StepRandomness(TorchFunctionMode):
         if func in _IN_PLACE:
             x = args[0]
             if x.dim() == 0 or x.shape[0] != self.local:
-                return func(*args, **kwargs)
+                return self._other(func, args, kwargs, x.device)
             kwargs.setdefault("generator", self._generator(x.device))
             with torch.no_grad():
                 x.copy_(self._global(lambda n: func(x.new_empty((n, *x.shape[1:])), *args[1:], **kwargs)))
             return x
-        if func is torch.randperm and "generator" not in kwargs:
-            kwargs["generator"] = self._generator(kwargs.get("device"), per_rank=True)
+        if func is torch.randperm:
+            return self._other(func, args, kwargs, kwargs.get("device"))
+        return func(*args, **kwargs)
+
+    def _other(self, func, args, kwargs, device):
+        # Not one draw per sample: from the generator it names, else from this rank's (seed, rank) stream.
+        if "generator" not in kwargs and "out" not in kwargs:
+            kwargs["generator"] = self._generator(device, per_rank=True)
         return func(*args, **kwargs)

@@ -390,24 +390,28 @@ class Run:
         from tqdm import tqdm
 
         cfg = self.cfg
-        n, batch = self.x_train.shape[0], cfg.batch_size
+        n, batch, ctx = self.x_train.shape[0], self.global_batch, self.dist
+        progress = cfg.progress and ctx.is_main
         for epoch in range(self.position["epoch"], cfg.epochs):
             order = epoch_order(cfg.seed, epoch, n).to(self.device)
             self.student.train()
             self.method.train()
             first = self.position["step"]
             bar = tqdm(total=self.steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                       unit="step", disable=not cfg.progress, dynamic_ncols=True, leave=True)
+                       unit="step", disable=not progress, dynamic_ncols=True, leave=True)
             # Seconds of training in this epoch: the clock excludes checkpoint writes; `base` carries the
             # seconds of a resumed epoch's earlier part.
             base, started, paused = self.accum["seconds"], time.perf_counter(), 0.0
             for step in range(first, self.steps_per_epoch):
                 index = order[step * batch:(step + 1) * batch]
+                size = index.shape[0]  # the global batch; this rank takes its [rank::world_size] share
+                index = index[ctx.rank::ctx.world_size]
                 x, y = self._layout(self.x_train[index]), self.y_train[index]
-                self._step(x, y)
+                self._step(x, y, size)
                 self.position.update(step=step + 1, global_step=self.position["global_step"] + 1)
                 bar.update(1)
-                if (step + 1) % LOG_EVERY == 0 or step + 1 == self.steps_per_epoch:
+                if cfg.progress and ((step + 1) % LOG_EVERY == 0 or step + 1 == self.steps_per_epoch):
+                    self._reduce_accum()  # a collective: every rank takes part, rank 0 shows it
                     bar.set_postfix(self._postfix(base + time.perf_counter() - started - paused))
                 last_step = step + 1 == self.steps_per_epoch
                 if self.out and cfg.ckpt_every and self.position["global_step"] % cfg.ckpt_every == 0 and not last_step:
@@ -415,7 +419,10 @@ class Run:
                     self._sync()
                     now = time.perf_counter()
                     self.accum["seconds"] = base + now - started - paused
-                    checkpoints.save_checkpoint(self.out, self._state(), self.position["global_step"], cfg.keep)
+                    self._reduce_accum()
+                    if self.writes:
+                        checkpoints.save_checkpoint(self.out, self._state(), self.position["global_step"], cfg.keep)
+                    ctx.barrier()  # no rank runs ahead of a checkpoint being written
                     paused += time.perf_counter() - now
             bar.close()
             self._sync()
@@ -423,8 +430,17 @@ class Run:
             self._end_epoch(epoch)
         return self._result()
 
-    def _step(self, x, y):
-        total, terms = self.method(x, y, step_seed(self.cfg.seed, self.position["global_step"]))
+    def _step(self, x, y, global_size):
+        """One optimizer step on this rank's share (x, y) of a global batch of `global_size` samples."""
+        ctx, seed = self.dist, step_seed(self.cfg.seed, self.position["global_step"])
+        # Per-sample random draws come from (seed, step, position in the global batch): any world size
+        # draws the same numbers for a sample (distributed.StepRandomness).
+        with distributed.StepRandomness(seed, ctx.rows(global_size), global_size, ctx.rank):
+            total, terms = self.step_module(x, y, seed)
+        if x.shape[0] * ctx.world_size != global_size:
+            # Shares of a short last batch differ in size: weigh each rank's mean by its share of the batch,
+            # so that DDP's average of the gradients is the gradient of the global batch's mean.
+            total = total * (x.shape[0] * ctx.world_size / global_size)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         self.scaler.step(self.optimizer)
@@ -433,7 +449,19 @@ class Run:
         sums, size = self.accum["sums"], x.shape[0]
         for name, value in terms.items():  # running sums stay on the device: no sync per step
             sums[name] = sums[name] + value * size if name in sums else value * size
-        self.accum["images"] += size
+        self.accum["images"] += global_size  # the job's images: sums hold this rank's part until _reduce_accum
+
+    def _reduce_accum(self, everywhere=False):
+        """Sums the ranks' running loss sums onto rank 0 (the others restart from zero, unless `everywhere`:
+        at an epoch's end, where the sums are reset after), so that rank 0's sums over accum["images"] are the
+        job's means. Nothing to do in a single process."""
+        sums = self.accum["sums"]
+        if not self.dist.enabled or not sums:
+            return
+        names = sorted(sums)
+        total = self.dist.all_reduce_sum(torch.stack([sums[k].float() for k in names]))
+        keep = 1.0 if self.dist.is_main or everywhere else 0.0
+        self.accum["sums"] = {k: total[i] * keep for i, k in enumerate(names)}
 
     def _postfix(self, seconds):
         images = max(self.accum["images"], 1)
@@ -448,6 +476,7 @@ class Run:
 
     def _end_epoch(self, epoch):
         cfg = self.cfg
+        self._reduce_accum(everywhere=True)
         images = max(self.accum["images"], 1)
         row = {"epoch": epoch + 1, "lr": self.scheduler.get_last_lr()[0]}
         row.update({f"train_{name}": (value / images).item() for name, value in self.accum["sums"].items()})
@@ -459,7 +488,8 @@ class Run:
             t = time.perf_counter()
             clean, robust = robust_accuracy(self.student, self.x_val, self.y_val, eps=self.eps, alpha=self.alpha,
                                             steps=cfg.attack_steps, batch_size=max(cfg.batch_size, 256),
-                                            precision=cfg.precision, autocast=self.autocast, seed=cfg.seed)
+                                            precision=cfg.precision, autocast=self.autocast, seed=cfg.seed,
+                                            ctx=self.dist)
             row.update(val_clean_acc=clean, val_robust_acc=robust, eval_seconds=time.perf_counter() - t)
             improved = not self.best or robust > self.best["val_robust_acc"]
             if improved:
@@ -470,13 +500,14 @@ class Run:
         self.history.append({k: _plain(v) for k, v in row.items()})
         self.position = {"epoch": epoch + 1, "step": 0, "global_step": self.position["global_step"]}
         self.accum = {"sums": {}, "images": 0, "seconds": 0.0}
-        if self.out is not None:
+        if self.writes:
             state = self._state()
             if improved:
                 checkpoints.atomic_save(state, self.out / "best.pt")
             checkpoints.save_checkpoint(self.out, state, self.position["global_step"], cfg.keep)
             self._write_metrics()
-        if cfg.progress:
+        self.dist.barrier()
+        if cfg.progress and self.dist.is_main:
             shown = {k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in self.history[-1].items()}
             print(" ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
 
@@ -488,7 +519,8 @@ class Run:
             best_model.load_state_dict(self.best_state)
             best_model.eval()
         return TrainResult(metrics=list(self.history), model=self.student, best_model=best_model, best=dict(self.best),
-                           train_seconds=self.train_seconds, out=self.out, config=self.cfg)
+                           train_seconds=self.train_seconds, out=self.out, config=self.cfg, rank=self.dist.rank,
+                           world_size=self.dist.world_size)
 
 
 def _seed_everything(seed):

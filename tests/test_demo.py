@@ -1,0 +1,81 @@
+"""`rkd-fast demo --quick` end to end: results.json keys and ranges, the plot, the saved models."""
+
+import json
+
+import pytest
+import torch
+
+from rkd_fast.checkpoint import load_model
+from rkd_fast.cli import main
+from rkd_fast.data import load_digits
+from rkd_fast.demo import MODEL_NAMES, SETTINGS, stratified_subset
+
+ACCURACIES = ("clean", "fgsm", "pgd20", "autoattack")
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--quick", "--out", str(out), "--eps", "0.1", "--no-progress"]) == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_results_keys_and_ranges(demo_run):
+    _, results = demo_run
+    assert results["eps"] == 0.1
+    assert list(results["models"]) == list(MODEL_NAMES)
+    for name, entry in results["models"].items():
+        for key in ACCURACIES:
+            assert 0.0 <= entry[key] <= 1.0, (name, key, entry[key])
+        # Each attack can only lower the accuracy of the samples it attacks (misclassified ones stay wrong).
+        assert entry["pgd20"] <= entry["clean"] and entry["fgsm"] <= entry["clean"]
+        assert entry["train_seconds"] > 0
+    assert results["test_samples"] == SETTINGS["quick"]["test_samples"]
+    assert results["autoattack_samples"] == SETTINGS["quick"]["autoattack_samples"]
+    for key in ("command", "configs", "versions", "git_commit", "stages"):
+        assert key in results
+    assert results["configs"]["robust-kd"]["method"] == "robust-kd"
+    assert results["configs"]["kd"]["teacher"].endswith("teacher.pt")
+    for record in results["stages"].values():
+        assert record["wall_seconds"] >= 0 and record["cpu_seconds"] >= 0
+
+
+def test_plot_written(demo_run):
+    out, _ = demo_run
+    png = out / "robustness_vs_cost.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_models_load_and_match_results(demo_run):
+    out, results = demo_run
+    x, y = load_digits("test")
+    keep = stratified_subset(y, SETTINGS["quick"]["test_samples"])
+    x, y = x[keep], y[keep]
+    for name in MODEL_NAMES:
+        model = load_model(out / "models" / f"{name}.pt")
+        assert model.rkd_meta["meta"]["name"] == name
+        with torch.no_grad():
+            clean = (model(x).argmax(1) == y).float().mean().item()
+        # The saved weights are the ones evaluated.
+        assert clean == pytest.approx(results["models"][name]["clean"], abs=1e-6)
+
+
+def test_refuses_to_overwrite(demo_run, capsys):
+    out, _ = demo_run
+    assert main(["demo", "--quick", "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_rejects_bad_eps(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path / "x"), "--eps", "0"]) == 2
+    assert "eps" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_stratified_subset_is_balanced_and_fixed():
+    _, y = load_digits("test")
+    index = stratified_subset(y, 200)
+    assert len(index) == 200 and len(set(index.tolist())) == 200
+    assert torch.bincount(y[index], minlength=10).tolist() == [20] * 10
+    assert torch.equal(index, stratified_subset(y, 200))
+    assert torch.equal(stratified_subset(y, 0), torch.arange(len(y)))

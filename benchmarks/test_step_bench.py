@@ -49,4 +49,5 @@ def test_training_step(benchmark, teacher, variant):
         benchmark.pedantic(run, rounds=3, iterations=1)
     finally:
         case.close()
-    benchmark.extra_info["images_per_s"] = BATCH / benchmark.stats.stats.median
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        benchmark.extra_info["images_per_s"] = BATCH / benchmark.stats.stats.median

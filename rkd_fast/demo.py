@@ -14,7 +14,6 @@ students' figures do not include the teacher's. The settings below are those doc
 
 import json
 import os
-import shlex
 import shutil
 import sys
 import time
@@ -250,7 +249,8 @@ def _plain(value):
 
 
 def run(args):
-    command = ["rkd-fast", "demo"] + [shlex.quote(a) for a in sys.argv[2:]] if sys.argv[1:2] == ["demo"] else None
+    # The words given after `demo` when started from the command line (else run_demo describes its arguments).
+    command = ["rkd-fast", "demo", *sys.argv[2:]] if sys.argv[1:2] == ["demo"] else None
     try:
         results = run_demo(args.out, eps=args.eps, quick=args.quick, autoattack_samples=args.autoattack_samples,
                            threads=args.threads, seed=args.seed, overwrite=args.overwrite,

@@ -142,12 +142,14 @@ _PROBE = textwrap.dedent("""
 """)
 
 
-def _fake_build_info(torch_version):
+def _fake_build_info(torch_version, sources_sha256=None):
     # rkd_fast/_extension.py imports rkd_fast._build_info (written by setup.py) before it loads the library;
-    # a module placed in sys.modules first stands in for it.
+    # a module placed in sys.modules first stands in for it. By default it records the current kernel sources.
+    digest = sources_sha256 or _extension.sources_digest()
     return f"""
 info = types.ModuleType("rkd_fast._build_info")
 info.TORCH_VERSION, info.WITH_CUDA, info.CUDA_VERSION = {torch_version}, False, None
+info.SOURCES_SHA256 = {digest!r}
 sys.modules["rkd_fast._build_info"] = info
 """
 
@@ -171,6 +173,16 @@ def test_extension_for_another_torch_is_refused_with_a_warning():
     assert out["report"]["auto (cpu)"] == f"reference: C++ kernel unavailable: {expected}"
     assert out["auto_is_reference"] and expected in out["cpu_error"]
     assert not out["library_loaded"]  # a library built for another torch is never loaded
+
+
+def test_library_built_from_other_sources_is_refused_with_a_warning():
+    # A library whose kernels may not match the schemas defined in Python is never loaded (registering a
+    # mismatched kernel aborts the process).
+    out = _probe(_fake_build_info("torch.__version__", sources_sha256="0" * 64))
+    expected = "extension built from other kernel sources than csrc/ holds now; rebuild it"
+    assert len(out["warnings"]) == 1 and expected in out["warnings"][0]
+    assert out["report"]["cpu"] == f"unavailable: {expected}"
+    assert not out["library_loaded"]
 
 
 def test_missing_library_is_refused_with_a_warning():

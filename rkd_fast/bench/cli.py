@@ -5,7 +5,7 @@ written as DIR/report.md, DIR/report.json and plots.
 
 Default configurations: on CUDA, bf16 autocast and channels_last, ResNet-18 student at CIFAR shapes (batch 128)
 against a ResNet-18 teacher and a WideResNet-34-10 teacher (about 10× the student's FLOPs), and a ResNet-50
-student and teacher at ImageNet shapes (batch 64). On CPU, fp32 and the CIFAR scenarios; ``--quick`` (meant
+student and teacher at ImageNet shapes (batch 64). On CPU, fp32, the CIFAR scenarios, batch 32; ``--quick`` (meant
 for a 2-core CPU in under 10 minutes) narrows the ResNet-18s to width 16, takes a WideResNet-34 whose widen
 factor gives about 10× the student's FLOPs, a batch of 16, and times fewer steps.
 """
@@ -119,7 +119,7 @@ def resolve(args):
         "scenarios": scenarios,
         "width": args.width or (16 if cpu_quick else 64),
         "wrn_widen": args.wrn_widen,
-        "batch_size": args.batch_size or (16 if cpu_quick else 128),
+        "batch_size": args.batch_size or (128 if cuda else 16 if args.quick else 32),
         "image_size": args.image_size,
         "attack_steps": args.attack_steps,
         "timing": {"warmup": args.warmup, "repeats": args.repeats or (3 if cpu_quick else 5),

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from . import ops
+from .steps import predict_ms
 
 REPORT_VERSION = 1
 
@@ -51,13 +52,18 @@ def _units_text(units):
     return " + ".join(f"{n}·{k}" if n != 1 else k for k, n in units.items()) if units else "—"
 
 
+def _flop_ratio(s):
+    t, st = s.get("teacher_GFLOPs_per_image"), s.get("student_GFLOPs_per_image")
+    return f" ({t / st:.1f}× the student's FLOPs)" if t and st else ""
+
+
 def _scenario_md(s):
     out = [f"### {s['name']}: student {s['student']}, teacher {s['teacher']}",
            f"Batch {s['batch_size']} × 3 × {s['image_size']}², {s['precision']}, "
            f"channels_last={s['channels_last']}, compile={s['compile']}, PGD steps {s['attack_steps']}. "
            f"Student {s['student_params_M']:.2f} M parameters, {_fmt(s['student_GFLOPs_per_image'], '.3f')} "
            f"GFLOP/image; teacher {s['teacher_params_M']:.2f} M, {_fmt(s['teacher_GFLOPs_per_image'], '.3f')} "
-           f"GFLOP/image.", ""]
+           f"GFLOP/image{_flop_ratio(s)}.", ""]
     rows = []
     for name, r in s["steps"].items():
         if "error" in r:
@@ -92,8 +98,10 @@ def _cost_summary_md(scenarios):
         cells = [s["name"], f"{s['units_ms']['T_f'] / s['units_ms']['S_fb']:.2f}"]
         for other in ("pgd-at", "ard", "rslad"):
             theirs = steps.get(other, {})
-            predicted = (mine.get("predicted_ms") / theirs["predicted_ms"]
-                         if mine.get("predicted_ms") and theirs.get("predicted_ms") else None)
+            # predicted with this scenario's units (a borrowed teacher-free row carries cifar-same's)
+            theirs_predicted = predict_ms(theirs["units"], s["units_ms"]) if theirs.get("units") else None
+            predicted = (mine["predicted_ms"] / theirs_predicted
+                         if mine.get("predicted_ms") and theirs_predicted else None)
             measured = mine["ms"] / theirs["ms"] if "ms" in theirs else None
             cells += [_fmt(predicted), _fmt(measured)]
         rows.append(cells)

@@ -63,7 +63,8 @@ def add_arguments(parser):
                       help="student and teacher module names whose outputs are matched; repeatable (default: "
                            + ", ".join(f"{a}: {m}" for a, m in DEFAULT_FEATURE_LAYER.items()) + ")")
     loss.add_argument("--feature-mode", choices=FEATURE_MODES, default=_D.feature_mode)
-    loss.add_argument("--jac-h", type=float, default=_D.jac_h, help="finite-difference step, L2 on the [0, 1] pixel scale (default: %(default)s)")
+    loss.add_argument("--jac-h", type=float, default=_D.jac_h,
+                      help="finite-difference step, L2 on the [0, 1] pixel scale (default: %(default)s)")
     loss.add_argument("--jac-direction", choices=("rademacher", "gaussian", "grad"), default=_D.jac_direction)
     loss.add_argument("--jac-norm", choices=("l2", "linf"), default=_D.jac_norm)
     loss.add_argument("--jac-on", choices=("logits", "probs"), default=_D.jac_on)

@@ -41,7 +41,7 @@ RESUME_MAY_CHANGE = ("resume", "overwrite", "progress", "out", "ckpt_every", "ke
 class TrainConfig:
     """Every option of `rkd-fast train` (the same names, dashes as underscores).
 
-    Weights of the robust-kd loss are provisional defaults; see the README for tuned values."""
+    The robust-kd defaults (feat_weight, jac_h) were tuned on digits: docs/demo_tuning.md."""
 
     method: str = "robust-kd"
     dataset: str = "digits"

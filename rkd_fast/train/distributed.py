@@ -13,6 +13,12 @@ unevenly: for a model without BatchNorm, N processes of batch B compute the step
 Randomness of a step (Jacobian directions, PGD random starts) must not depend on the world size either:
 `StepRandomness` makes every draw whose first dimension is the rank's batch size come out as this rank's rows
 of the same draw made for the whole global batch (see its docstring).
+
+Where N processes do not compute exactly what one does: BatchNorm normalises with each rank's own batch
+statistics (``--sync-bn``, CUDA only, uses the global batch's; it cannot be combined with the robust-kd Jacobian
+term); the Jacobian term's default step ``h`` scales with the RMS of the batch a rank sees (pass ``--jac-h`` for
+exact agreement); ``--jac-fraction < 1`` picks each rank's subset on its own; the robust validation attacks
+chunks of ``max(batch_size, 256)`` samples, so its random starts follow the per-process batch size.
 """
 
 import os

@@ -6,6 +6,12 @@ changes (weights, adapters, optimizer, LR scheduler, loss scaler, RNG states, po
 metrics so far). A run resumed from any checkpoint therefore replays the same batches and, with
 ``deterministic=True``, ends with bit-identical weights to a run that was never interrupted.
 
+Data parallel (`torchrun --nproc_per_node=N -m rkd_fast train ...`, see `distributed`): ``--batch-size`` is per
+process, a step takes the next global batch of ``N·batch_size`` samples and rank r its ``[r::N]`` share,
+gradients are averaged by DDP, per-sample randomness comes from (seed, step, position in the global batch),
+rank 0 writes the files, and the position is counted in global batches, so a checkpoint resumes under any N
+with the same global batch.
+
 Files in ``out`` (when given): run.json (metadata), metrics.csv and metrics.json (per epoch),
 checkpoints/ckpt-<step>.pt (the last ``keep``), best.pt (the checkpoint of the best robust validation
 accuracy). `rkd-fast export` turns best.pt (or any checkpoint) into a model file.

@@ -85,7 +85,8 @@ def main():
                 step = forward_backward(impl, on)
                 step(*inputs)
                 timer = tbench.Timer(stmt="step(*inputs); sync()",
-                                     globals={"step": step, "inputs": inputs, "sync": _sync})
+                                     globals={"step": step, "inputs": inputs, "sync": _sync},
+                                     num_threads=torch.get_num_threads())
                 times[impl] = timer.blocked_autorange(min_run_time=1.0).median * 1e6
             fused = times.get("rkd_fast", float("nan"))
             print(f"{'x'.join(map(str, shape)):>10} {on:>7} {times['eager']:>10.1f} {fused:>10.1f} "

@@ -40,7 +40,9 @@ def measure(fn, device, min_run_time=0.5):
     """Median seconds per call of fn(), after one warm-up call."""
     fn()
     _synchronize(device)
-    timer = tbench.Timer(stmt="fn(); sync()", globals={"fn": fn, "sync": lambda: _synchronize(device)})
+    # Timer runs on one thread unless told otherwise: measure with the threads the process would use.
+    timer = tbench.Timer(stmt="fn(); sync()", globals={"fn": fn, "sync": lambda: _synchronize(device)},
+                         num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 

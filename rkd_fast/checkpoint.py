@@ -92,18 +92,25 @@ def save_model(model, path, **meta):
         "meta": dict(meta),
         "torch_version": str(torch.__version__),
     }
+    return atomic_save(payload, path)
+
+
+def atomic_save(obj, path, *, tmp_prefix=None):
+    """torch.save to a temporary file beside `path` (named `tmp_prefix`…`.tmp`), fsync, rename over `path`, fsync
+    the directory: a crash leaves either the old file or the new one, never a partial one under `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=tmp_prefix or f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
     return path
 
 
@@ -153,3 +160,17 @@ def load_model(path, device=None):
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+def _fsync_dir(directory):
+    # Makes the rename itself durable; not every platform lets a directory be opened for this.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -4,7 +4,6 @@ plus the contract every attack keeps (shapes, budget, determinism, model state, 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from _digits_model import EPS, one_thread, robust_digits_model
 from rkd_fast.attacks import _common, autoattack, cw_linf, fgsm, pgd

@@ -8,6 +8,7 @@ from .feature_distance import feature_distance
 _extension.load_extension()
 
 OPS = ("feature_distance", "fd_jacobian")
+__all__ = ["OPS", "backends", "fd_jacobian_loss", "feature_distance"]
 
 
 def backends():

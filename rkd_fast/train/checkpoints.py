@@ -8,15 +8,15 @@ that fail to load anyway (truncated by a disk, edited by hand) are skipped with 
 previous one.
 """
 
-import os
 import random
 import re
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..checkpoint import atomic_save as _atomic_save
 
 FORMAT = "rkd_fast.train_checkpoint"
 VERSION = 1
@@ -26,35 +26,8 @@ _TMP_PREFIX = ".ckpt-"
 
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file beside `path`, fsync, rename over `path`, fsync the directory."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(directory):
-    # Makes the rename itself durable; not every platform lets a directory be opened for this.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    """The model file's atomic write, with the temporary name that `latest_checkpoint` ignores and cleans up."""
+    return _atomic_save(obj, path, tmp_prefix=_TMP_PREFIX)
 
 
 def checkpoint_path(run_dir, global_step):

@@ -178,6 +178,15 @@ class _BatchStatistics:
                     and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
                 raise NotImplementedError("jacobian_penalty: SyncBatchNorm in train mode across processes is not "
                                           "supported (the perturbed pass needs the clean pass's statistics)")
+        # torch.compile(model) wraps it (with _orig_mod); model.compile() sets _compiled_call_impl in place.
+        compiled = getattr(model, "_orig_mod", None) is not None or \
+            getattr(model, "_compiled_call_impl", None) is not None
+        if self.modules and compiled:
+            # Dynamo does not guard on forward hooks by default (skip_nnmodule_hook_guards): a graph compiled
+            # without the recording hooks would silently skip them, so the replay would normalise wrongly.
+            raise NotImplementedError("jacobian_penalty: a torch.compile'd model with BatchNorm in train mode is not "
+                                      "supported (its batch statistics cannot be shared between the clean and the "
+                                      "perturbed pass); compile a model without BatchNorm, or don't compile")
         self.stats = {m: [] for m in self.modules}
 
     def _record(self, module, args):

@@ -354,3 +354,16 @@ def test_low_precision_default_step_within_10_percent_of_float32_fd(trained_cnn,
 
 def test_exported():
     assert rkd_fast.jacobian_penalty is jacobian_penalty
+
+
+@pytest.mark.parametrize("compile_in_place", [False, True])
+def test_compiled_student_with_train_mode_batchnorm_is_refused(compile_in_place):
+    # Dynamo does not guard on forward hooks, so a compiled graph could skip the statistics recording silently.
+    student = build_model("small_cnn", width=4).train()
+    if compile_in_place:
+        student.compile()
+    else:
+        student = torch.compile(student)
+    x = torch.rand(4, 1, 8, 8)
+    with pytest.raises(NotImplementedError, match="BatchNorm in train mode"):
+        jacobian_penalty(student, x, h=0.1)

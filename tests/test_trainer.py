@@ -154,6 +154,8 @@ def _bad_teachers(tmp_path):
      "student has no module named 'blok3'; available: "),
     ("fp16_on_cpu", ["--method", "natural", "--precision", "fp16", "--device", "cpu"], "'fp16' needs a CUDA device"),
     ("bad_option", ["--method", "natural", "--keep", "0"], "keep must be >= 1"),
+    ("compile_batchnorm_jacobian", ["--method", "robust-kd", "--teacher", "{teacher}", "--compile"],
+     "--compile with the Jacobian term needs a student without BatchNorm"),
 ])
 def test_bad_input_is_refused_before_anything_is_touched(case, extra, message, finished_run, teacher_file,
                                                          tmp_path, capsys):

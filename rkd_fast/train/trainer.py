@@ -262,6 +262,10 @@ class Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.steps_per_epoch))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         if cfg.compile:
+            has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in student.modules())
+            if cfg.method == "robust-kd" and cfg.jac_weight > 0 and has_batchnorm:
+                raise ValueError("--compile with the Jacobian term needs a student without BatchNorm: the term shares "
+                                 "the clean pass's batch statistics through hooks that a compiled graph skips")
             student.compile()  # in place: module names and state_dict keys stay as they are
 
     def _layout(self, x):

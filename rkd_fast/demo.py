@@ -1,8 +1,9 @@
 """`rkd-fast demo`: the whole recipe on the embedded digits data, on CPU, in a few minutes.
 
 Trains a robust teacher (PGD-AT), then four students of one smaller architecture: natural, kd, robust-kd, and a
-PGD-AT student (the cost baseline robust-kd competes with). Evaluates every model on the test split (clean,
-FGSM, PGD-20 and AutoAttack standard, L∞ radius --eps), prints a table, and writes into --out:
+PGD-AT student (the cost baseline robust-kd competes with); --all adds the baselines trades, ard and rslad (same
+student architecture, width, epochs and schedule; ard and rslad distil the same teacher). Evaluates every model on
+the test split (clean, FGSM, PGD-20 and AutoAttack standard, L∞ radius --eps), prints a table, and writes into --out:
 
     results.json              accuracies, training seconds, per-stage wall and CPU seconds, config, versions
     robustness_vs_cost.png    robust accuracy (PGD-20 and AutoAttack) against each model's training seconds
@@ -21,8 +22,9 @@ from pathlib import Path
 
 import torch
 
+# The models trained, in order (the teacher first: the distilling students load it). A student's name is its method.
 MODEL_NAMES = ("teacher", "natural", "kd", "robust-kd", "pgd-at")
-STUDENT_METHODS = {"natural": "natural", "kd": "kd", "robust-kd": "robust-kd", "pgd-at": "pgd-at"}
+BASELINE_NAMES = ("trades", "ard", "rslad")  # added by --all (docs/baselines.md)
 # What marks a directory as holding a demo run (and all that --overwrite removes).
 DEMO_FILES = ("results.json", "robustness_vs_cost.png", "models")
 
@@ -52,9 +54,32 @@ def add_arguments(parser):
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: these models are too small for two threads "
                              "to help, and on a busy machine they slow down; see docs/demo_tuning.md)")
+    parser.add_argument("--all", action="store_true",
+                        help="also train and evaluate the baseline students " + ", ".join(BASELINE_NAMES))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace the demo results already in --out")
     parser.add_argument("--no-progress", action="store_true", help="no per-stage progress lines")
+
+
+def model_names(all_baselines=False):
+    """The models a run trains, in order; --all appends the baselines."""
+    return MODEL_NAMES + (BASELINE_NAMES if all_baselines else ())
+
+
+def training_config(name, settings, common, teacher_path):
+    """The trainer config of model `name`: the teacher is PGD-AT at the teacher's width; a student is trained with
+    the method of its name at the student width, given the teacher file when its method distils one."""
+    from .train.config import TEACHER_METHODS
+
+    if name == "teacher":
+        cfg = {**common, "method": "pgd-at", "width": settings["teacher_width"],
+               "epochs": settings["teacher_epochs"]}
+    else:
+        cfg = {**common, "method": name, "width": settings["student_width"], "epochs": settings["student_epochs"]}
+        if name in TEACHER_METHODS:
+            cfg["teacher"] = str(teacher_path)
+    cfg["eval_every"] = cfg["epochs"]  # the trainer's robust validation once, at the end
+    return cfg
 
 
 def stratified_subset(y, n):
@@ -146,8 +171,8 @@ def plot(results, path):
     plt.close(fig)
 
 
-def run_demo(out, *, eps=0.1, quick=False, autoattack_samples=None, threads=1, seed=0, overwrite=False,
-             progress=True, command=None):
+def run_demo(out, *, eps=0.1, quick=False, all_baselines=False, autoattack_samples=None, threads=1, seed=0,
+             overwrite=False, progress=True, command=None):
     """The demo as a function; returns the results dict (also written to out/results.json)."""
     from .checkpoint import save_model
     from .data import load_digits
@@ -182,17 +207,10 @@ def run_demo(out, *, eps=0.1, quick=False, autoattack_samples=None, threads=1, s
 
         stages = _Stages(progress)
         common = {**COMMON, "eps": float(eps), "seed": seed}
+        names = model_names(all_baselines)
         configs, models, train_seconds = {}, {}, {}
-        for name in MODEL_NAMES:
-            if name == "teacher":
-                cfg = {**common, "method": "pgd-at", "width": settings["teacher_width"],
-                       "epochs": settings["teacher_epochs"]}
-            else:
-                cfg = {**common, "method": STUDENT_METHODS[name], "width": settings["student_width"],
-                       "epochs": settings["student_epochs"]}
-                if cfg["method"] in ("kd", "robust-kd"):
-                    cfg["teacher"] = str(out / "models" / "teacher.pt")
-            cfg["eval_every"] = cfg["epochs"]  # the trainer's robust validation once, at the end
+        for name in names:
+            cfg = training_config(name, settings, common, out / "models" / "teacher.pt")
             result = stages.run(f"train {name}", lambda cfg=cfg: train_model(cfg))
             models[name], train_seconds[name] = result.model, result.train_seconds
             configs[name] = result.config.to_dict()
@@ -200,7 +218,7 @@ def run_demo(out, *, eps=0.1, quick=False, autoattack_samples=None, threads=1, s
                        eps=float(eps), train_seconds=result.train_seconds, config=_plain(configs[name]))
 
         scores = {}
-        for name in MODEL_NAMES:
+        for name in names:
             scores[name] = stages.run(f"evaluate {name}", lambda name=name: _evaluate(models[name], test, aa, eps,
                                                                                      seed))
     finally:
@@ -210,7 +228,7 @@ def run_demo(out, *, eps=0.1, quick=False, autoattack_samples=None, threads=1, s
     results = {
         "eps": float(eps),
         "norm": "linf",
-        "models": {name: {**scores[name], "train_seconds": train_seconds[name]} for name in MODEL_NAMES},
+        "models": {name: {**scores[name], "train_seconds": train_seconds[name]} for name in names},
         "test_samples": len(test[1]),
         "autoattack_samples": len(aa[1]),
         "autoattack_subset": "all test samples" if len(aa[1]) == len(test[1]) else
@@ -224,7 +242,7 @@ def run_demo(out, *, eps=0.1, quick=False, autoattack_samples=None, threads=1, s
         "total_cpu_seconds": round(sum(r["cpu_seconds"] for r in stages.records.values()), 3),
         "configs": configs,
         "command": list(command) if command else ["rkd-fast", "demo", "--out", str(out), "--eps", str(eps)]
-        + (["--quick"] if quick else []),
+        + (["--quick"] if quick else []) + (["--all"] if all_baselines else []),
         "argv": [sys.executable] + sys.argv,
         "git_commit": commit,
         "git_dirty": dirty,
@@ -252,9 +270,9 @@ def run(args):
     # The words given after `demo` when started from the command line (else run_demo describes its arguments).
     command = ["rkd-fast", "demo", *sys.argv[2:]] if sys.argv[1:2] == ["demo"] else None
     try:
-        results = run_demo(args.out, eps=args.eps, quick=args.quick, autoattack_samples=args.autoattack_samples,
-                           threads=args.threads, seed=args.seed, overwrite=args.overwrite,
-                           progress=not args.no_progress, command=command)
+        results = run_demo(args.out, eps=args.eps, quick=args.quick, all_baselines=args.all,
+                           autoattack_samples=args.autoattack_samples, threads=args.threads, seed=args.seed,
+                           overwrite=args.overwrite, progress=not args.no_progress, command=command)
     except (TypeError, ValueError) as error:
         print(f"rkd-fast demo: {error}", file=sys.stderr)
         return 2

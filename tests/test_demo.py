@@ -1,4 +1,7 @@
-"""`rkd-fast demo --quick` end to end: results.json keys and ranges, the plot, the saved models."""
+"""`rkd-fast demo --quick --all` end to end: results.json keys and ranges, the plot, the saved models.
+
+The run includes the --all baselines (≈ 13 s more than the default run's ≈ 50 s); that the default run trains
+exactly MODEL_NAMES, with the same configs, is checked on model_names / training_config directly."""
 
 import json
 
@@ -8,7 +11,14 @@ import torch
 from rkd_fast.checkpoint import load_model
 from rkd_fast.cli import main
 from rkd_fast.data import load_digits
-from rkd_fast.demo import MODEL_NAMES, SETTINGS, stratified_subset
+from rkd_fast.demo import (
+    BASELINE_NAMES,
+    MODEL_NAMES,
+    SETTINGS,
+    model_names,
+    stratified_subset,
+    training_config,
+)
 
 ACCURACIES = ("clean", "fgsm", "pgd20", "autoattack")
 
@@ -16,14 +26,14 @@ ACCURACIES = ("clean", "fgsm", "pgd20", "autoattack")
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    assert main(["demo", "--quick", "--out", str(out), "--eps", "0.1", "--no-progress"]) == 0
+    assert main(["demo", "--quick", "--all", "--out", str(out), "--eps", "0.1", "--no-progress"]) == 0
     return out, json.loads((out / "results.json").read_text())
 
 
 def test_results_keys_and_ranges(demo_run):
     _, results = demo_run
     assert results["eps"] == 0.1
-    assert list(results["models"]) == list(MODEL_NAMES)
+    assert list(results["models"]) == list(MODEL_NAMES + BASELINE_NAMES)
     for name, entry in results["models"].items():
         for key in ACCURACIES:
             assert 0.0 <= entry[key] <= 1.0, (name, key, entry[key])
@@ -36,6 +46,12 @@ def test_results_keys_and_ranges(demo_run):
         assert key in results
     assert results["configs"]["robust-kd"]["method"] == "robust-kd"
     assert results["configs"]["kd"]["teacher"].endswith("teacher.pt")
+    for name in BASELINE_NAMES:
+        assert results["configs"][name]["method"] == name
+    assert results["configs"]["ard"]["teacher"] == results["configs"]["rslad"]["teacher"] \
+        == results["configs"]["kd"]["teacher"]
+    assert results["configs"]["trades"]["teacher"] is None
+    assert "--all" in results["command"]
     for record in results["stages"].values():
         assert record["wall_seconds"] >= 0 and record["cpu_seconds"] >= 0
 
@@ -51,7 +67,7 @@ def test_models_load_and_match_results(demo_run):
     x, y = load_digits("test")
     keep = stratified_subset(y, SETTINGS["quick"]["test_samples"])
     x, y = x[keep], y[keep]
-    for name in MODEL_NAMES:
+    for name in MODEL_NAMES + BASELINE_NAMES:
         model = load_model(out / "models" / f"{name}.pt")
         assert model.rkd_meta["meta"]["name"] == name
         with torch.no_grad():
@@ -70,6 +86,26 @@ def test_rejects_bad_eps(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path / "x"), "--eps", "0"]) == 2
     assert "eps" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_all_adds_exactly_the_baselines():
+    assert model_names() == MODEL_NAMES
+    assert model_names(all_baselines=True) == MODEL_NAMES + ("trades", "ard", "rslad")
+    assert set(BASELINE_NAMES) == {"trades", "ard", "rslad"}
+
+
+def test_training_configs_of_the_baselines(tmp_path):
+    settings, common, teacher = SETTINGS["full"], {"dataset": "digits", "eps": 0.1}, tmp_path / "teacher.pt"
+    student = {k: v for k, v in training_config("pgd-at", settings, common, teacher).items() if k != "method"}
+    for name in BASELINE_NAMES:
+        cfg = training_config(name, settings, common, teacher)
+        assert cfg["method"] == name
+        # ard and rslad distil the demo's teacher; trades trains from labels only.
+        assert cfg.get("teacher") == (str(teacher) if name in ("ard", "rslad") else None)
+        # Otherwise the same run as the other students: width, epochs, schedule, data, eps.
+        assert {k: v for k, v in cfg.items() if k not in ("method", "teacher")} == student
+    assert training_config("teacher", settings, common, teacher)["width"] == settings["teacher_width"]
+    assert "teacher" not in training_config("teacher", settings, common, teacher)
 
 
 def test_stratified_subset_is_balanced_and_fixed():

@@ -2,15 +2,18 @@
 tiny generated CIFAR-10 files, the errors of a missing data directory, and the default feature layers."""
 
 import json
+import shutil
 import warnings
 
 import pytest
 import torch
 
 from rkd_fast.cli import main
+from rkd_fast.datasets import GPULoader
 from rkd_fast.models import build_model
-from rkd_fast.train import make_config
+from rkd_fast.train import checkpoints, distributed, make_config
 from rkd_fast.train.config import DEFAULT_FEATURE_LAYER, load_data, stratified_split
+from rkd_fast.train.trainer import TensorBatches, training_batches
 from test_datasets import _make_cifar10  # the colleague's generator of torchvision-format CIFAR files
 
 
@@ -59,6 +62,66 @@ def test_natural_one_epoch_on_cifar10_files(tmp_path):
     assert metrics["config"]["dataset"] == "cifar10" and metrics["config"]["val_size"] == 8
     row = metrics["epochs"][0]
     assert row["val_clean_acc"] is not None and torch.isfinite(torch.tensor(row["train_ce"]))
+
+
+def _served(loader, epoch, start_batch=0):
+    loader.set_epoch(epoch, start_batch)
+    batches = list(loader)
+    return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+
+
+def test_cifar_training_batches_are_augmented_and_digits_are_not(tmp_path):
+    _make_cifar10(tmp_path, per_batch=8)  # 40 random images, 8 held out as val
+    cfg = make_config(method="natural", dataset="cifar10", data_dir=str(tmp_path), val_size=8, batch_size=8, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, (x, _), _ = load_data(cfg, torch.device("cpu"))
+    # Labels name the images, so a served image can be traced back to its source.
+    loader = training_batches(cfg, x, torch.arange(len(x)), distributed.Distributed())
+    assert isinstance(loader, GPULoader) and loader.augment and len(loader) == 4
+    # Every crop (pad 4, reflect) and flip of an image: the only images the loader may serve for it.
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4), mode="reflect")
+    crops = torch.stack([padded[:, :, i:i + 32, j:j + 32] for i in range(9) for j in range(9)], 1)
+    crops = torch.cat([crops, crops.flip(-1)], 1)  # (N, 162, 3, 32, 32)
+    epochs = [_served(loader, e) for e in (0, 1)]
+    for xb, yb in epochs:
+        assert sorted(yb.tolist()) == list(range(len(x)))  # every image once per epoch
+        assert all((crops[j] == img).flatten(1).all(1).any() for img, j in zip(xb, yb.tolist()))
+        assert sum(torch.equal(img, x[j]) for img, j in zip(xb, yb.tolist())) < len(x) // 2  # mostly not as stored
+    by_image = [xb[yb.argsort()] for xb, yb in epochs]
+    assert sum(not torch.equal(a, b) for a, b in zip(*by_image)) > len(x) // 2  # new crops in a new epoch
+    # A resumed epoch serves the same batches from start_batch on.
+    xb, yb = epochs[1]
+    tail = _served(loader, 1, start_batch=2)
+    assert torch.equal(tail[0], xb[16:]) and torch.equal(tail[1], yb[16:])
+
+    digits = make_config(method="natural", dataset="digits", batch_size=64)
+    _, (xd, yd), _ = load_data(digits, torch.device("cpu"))
+    plain = training_batches(digits, xd, torch.arange(len(xd)), distributed.Distributed())
+    assert isinstance(plain, TensorBatches)
+    xb, yb = _served(plain, 0)
+    assert torch.equal(xb, xd[yb]) and sorted(yb.tolist()) == list(range(len(xd)))
+
+
+def test_cifar_mid_epoch_resume_is_bit_identical(tmp_path):
+    _make_cifar10(tmp_path / "data", per_batch=8)
+    # 32 train images at batch 8: 4 steps per epoch, a checkpoint after every step (global steps 1..8).
+    args = ["train", "--method", "natural", "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"),
+            "--val-size", "8", "--arch", "resnet18", "--width", "4", "--epochs", "2", "--batch-size", "8",
+            "--attack-steps", "1", "--ckpt-every", "1", "--keep", "10", "--deterministic", "--no-progress",
+            "--seed", "2"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(args + ["--out", str(whole)]) == 0
+        # The second run stopped after step 2 of epoch 2: its files as they were then.
+        shutil.copytree(whole, resumed)
+        for step, path in checkpoints.list_checkpoints(resumed):
+            if step > 6:
+                path.unlink()
+        assert main(args + ["--out", str(resumed), "--resume"]) == 0
+    final = [checkpoints.read_checkpoint(checkpoints.checkpoint_path(d, 8))["student"] for d in (whole, resumed)]
+    assert final[0].keys() == final[1].keys() and all(torch.equal(final[0][k], final[1][k]) for k in final[0])
 
 
 @pytest.mark.parametrize("extra,message", [

@@ -251,7 +251,9 @@ def load_data(cfg, device):
     tensors on `device`, inputs float in [0, 1] (`info` a rkd_fast.datasets.DatasetInfo). Model selection
     uses the val split, never test: digits' own val split; for CIFAR, which has none, a fixed stratified
     ``val_size`` (default CIFAR_VAL_SIZE) images of train (seed VAL_SPLIT_SEED), the rest is train.
-    Missing files raise ValueError with the datasets module's message."""
+    Both splits are returned unaugmented; the trainer serves CIFAR's train split through a GPULoader that
+    crops and flips it (trainer.training_batches). Missing files raise ValueError with the datasets module's
+    message."""
     from .. import datasets
 
     info = datasets.dataset_info(cfg.dataset)

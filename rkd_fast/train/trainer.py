@@ -1,6 +1,12 @@
 """The training loop: `train_model(config)` trains a student with one of the methods and returns a TrainResult.
 
-Reproducibility and resumption: the batch order of an epoch is a function of (seed, epoch) alone, the PGD
+Training data: CIFAR batches come from `rkd_fast.datasets.GPULoader`, which holds the split on the device and
+augments it there (random crop of the image padded by 4 pixels, horizontal flip); digits batches come unaugmented
+from `TensorBatches` (crops and flips would change the digits). Validation is never augmented. Both have the
+same small interface (``set_epoch(epoch, start_batch)``, iteration, ``len``), so the loop has one code path.
+
+Reproducibility and resumption: the batch order of an epoch and each sample's crop and flip are functions of
+(seed, epoch, sample) alone, the PGD
 random starts of a step are seeded from (seed, global step), and a checkpoint holds everything else that
 changes (weights, adapters, optimizer, LR scheduler, loss scaler, RNG states, position within the epoch,
 metrics so far). A run resumed from any checkpoint therefore replays the same batches and, with
@@ -154,6 +160,55 @@ def epoch_order(seed, epoch, n):
     return torch.randperm(n, generator=generator)
 
 
+class TensorBatches:
+    """The batches of a split held as tensors, unaugmented, in the order of `epoch_order`: batch k of rank r is
+    its ``[r::world_size]`` share of global batch k (``batch_size · world_size`` samples). The interface of
+    `rkd_fast.datasets.GPULoader`: ``len`` (batches per epoch), ``set_epoch(epoch, start_batch)``, iteration."""
+
+    def __init__(self, x, y, batch_size, *, seed, rank=0, world_size=1):
+        self.x, self.y = x, y
+        self.global_batch, self.seed = batch_size * world_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start_batch = 0, 0
+
+    @property
+    def num_samples(self):
+        return len(self.y)
+
+    def __len__(self):
+        return math.ceil(self.num_samples / self.global_batch)
+
+    def set_epoch(self, epoch, start_batch=0):
+        """The next iteration serves epoch `epoch`, from its batch `start_batch` (a resumed run's position)."""
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch must be in [0, {len(self)}], got {start_batch}")
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
+
+    def __iter__(self):
+        order = epoch_order(self.seed, self.epoch, self.num_samples).to(self.x.device)
+        start, self.start_batch = self.start_batch, 0  # a resume offset applies to one pass only
+        size = self.global_batch
+        for b in range(start, len(self)):
+            index = order[b * size:(b + 1) * size][self.rank::self.world_size]
+            yield self.x[index], self.y[index]
+
+
+def training_batches(cfg, x, y, ctx):
+    """The training batches of this rank (`ctx` a distributed.Distributed) of the train split (x, y): CIFAR
+    through a GPULoader (crop + flip on the device), digits through TensorBatches (no augmentation).
+
+    Both shard as the loop expects: batch k of rank r is the ``[r::world_size]`` share of the epoch order's
+    global batch k, every sample once per epoch (the last global batch may be short), so ``ceil(n / global
+    batch)`` steps per epoch whatever the world size."""
+    if cfg.dataset in ("cifar10", "cifar100"):
+        from ..datasets import GPULoader
+
+        # drop_last=False: the step count and the short last batch's weighting assume every sample is served.
+        return GPULoader(x, y, cfg.batch_size, augment=True, shuffle=True, drop_last=False, seed=cfg.seed,
+                         rank=ctx.rank, world_size=ctx.world_size, channels_last=cfg.channels_last)
+    return TensorBatches(x, y, cfg.batch_size, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size)
+
+
 def step_seed(seed, global_step):
     """Seed of a step's non-global randomness (PGD random starts)."""
     return seed * 1_000_003 + global_step
@@ -217,8 +272,8 @@ class Run:
             _check_resume_config(self.resume_from[0], cfg, self.resume_from[1], world)
 
         _seed_everything(cfg.seed)
-        self.info, (self.x_train, self.y_train), (self.x_val, self.y_val) = load_data(cfg, self.device)
-        if self.x_train.shape[0] == 0:
+        self.info, (x_train, y_train), (self.x_val, self.y_val) = load_data(cfg, self.device)
+        if x_train.shape[0] == 0:
             raise ValueError(f"{cfg.dataset}: empty training split")
         info = self.info
         self.model_kwargs = {"num_classes": info.num_classes, "in_channels": info.in_channels,
@@ -242,7 +297,7 @@ class Run:
         else:
             device_type, dtype = self.device.type, self.dtype
             self.autocast = lambda: torch.autocast(device_type, dtype=dtype)
-        example = self._layout(self.x_train[:8])
+        example = self._layout(x_train[:8])
         self.method = build_method(cfg, student, teacher, info, example, self.autocast).to(self.device)
         self.eps = cfg.eps if cfg.eps is not None else info.eps
         self.alpha = cfg.alpha if cfg.alpha is not None else self.eps / 4
@@ -251,11 +306,14 @@ class Run:
 
         # A step takes the next global batch (batch_size per process) of the epoch order.
         self.global_batch = cfg.batch_size * world
-        n = self.x_train.shape[0]
+        n = self.num_train = x_train.shape[0]
         self.steps_per_epoch = math.ceil(n / self.global_batch)
         if 0 < n % self.global_batch < world:
             raise ValueError(f"the epoch's last global batch has {n % self.global_batch} sample(s), fewer than the "
                              f"{world} processes: pick a --batch-size that leaves at least one sample per process")
+        # The loader keeps its own copy of the split (GPULoader: channels_last); x_train is not kept.
+        self.train_batches = training_batches(cfg, x_train, y_train, self.dist)
+        assert len(self.train_batches) == self.steps_per_epoch  # every rank takes part in every step
         params = list(student.parameters()) + list(self.method.parameters())
         self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                          weight_decay=cfg.weight_decay)
@@ -400,10 +458,9 @@ class Run:
         from tqdm import tqdm
 
         cfg = self.cfg
-        n, batch, ctx = self.x_train.shape[0], self.global_batch, self.dist
+        n, batch, ctx = self.num_train, self.global_batch, self.dist
         progress = cfg.progress and ctx.is_main
         for epoch in range(self.position["epoch"], cfg.epochs):
-            order = epoch_order(cfg.seed, epoch, n).to(self.device)
             self.student.train()
             self.method.train()
             first = self.position["step"]
@@ -412,12 +469,10 @@ class Run:
             # Seconds of training in this epoch: the clock excludes checkpoint writes; `base` carries the
             # seconds of a resumed epoch's earlier part.
             base, started, paused = self.accum["seconds"], time.perf_counter(), 0.0
-            for step in range(first, self.steps_per_epoch):
-                index = order[step * batch:(step + 1) * batch]
-                size = index.shape[0]  # the global batch; this rank takes its [rank::world_size] share
-                index = index[ctx.rank::ctx.world_size]
-                x, y = self._layout(self.x_train[index]), self.y_train[index]
-                self._step(x, y, size)
+            self.train_batches.set_epoch(epoch, start_batch=first)  # a resumed epoch skips the steps done
+            for step, (x, y) in enumerate(self.train_batches, start=first):
+                size = min(batch, n - step * batch)  # the global batch; (x, y) is this rank's [rank::N] share
+                self._step(self._layout(x), y, size)
                 self.position.update(step=step + 1, global_step=self.position["global_step"] + 1)
                 bar.update(1)
                 if cfg.progress and ((step + 1) % LOG_EVERY == 0 or step + 1 == self.steps_per_epoch):

@@ -60,7 +60,7 @@ test-cpp: install
 	cd $(CMAKE_BUILD) && ctest --output-on-failure
 
 demo: install
-	$(PY) -m rkd_fast demo
+	$(PY) -m rkd_fast demo --out runs/demo --overwrite  # re-runnable: replaces the previous demo results
 
 bench: install
 	$(PY) -m pytest benchmarks --benchmark-only

@@ -9,20 +9,12 @@ import pytest
 import torch
 
 import rkd_fast
+from _op_backends import backend_params
 from rkd_fast.ops._reference import fd_jacobian as reference
 from rkd_fast.ops.fd_jacobian import ON_IDS
 
-STATUS = rkd_fast.backends()["fd_jacobian"]
+STATUS, BACKENDS, needs_cpu = backend_params("fd_jacobian")
 CPU_OK = STATUS["cpu"] == "available"
-
-
-def _backend(name):
-    return pytest.param(name, marks=pytest.mark.skipif(STATUS[name] != "available",
-                                                       reason=f"backend {name!r} {STATUS[name]}"))
-
-
-BACKENDS = [_backend("reference"), _backend("cpu")]
-needs_cpu = pytest.mark.skipif(not CPU_OK, reason=f"backend 'cpu' {STATUS['cpu']}")
 
 ON = ("logits", "probs")
 REDUCTIONS = ("mean", "sum", "none")

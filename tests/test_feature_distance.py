@@ -9,19 +9,11 @@ import pytest
 import torch
 
 import rkd_fast
+from _op_backends import backend_params
 from rkd_fast.ops.feature_distance import MODE_IDS
 
-STATUS = rkd_fast.backends()["feature_distance"]
+STATUS, BACKENDS, needs_cpu = backend_params("feature_distance")
 CPU_OK = STATUS["cpu"] == "available"
-
-
-def _backend(name):
-    return pytest.param(name, marks=pytest.mark.skipif(STATUS[name] != "available",
-                                                       reason=f"backend {name!r} {STATUS[name]}"))
-
-
-BACKENDS = [_backend("reference"), _backend("cpu")]
-needs_cpu = pytest.mark.skipif(not CPU_OK, reason=f"backend 'cpu' {STATUS['cpu']}")
 
 MODES = ("mse", "normalized", "attention")
 REDUCTIONS = ("mean", "sum", "none")

@@ -52,6 +52,17 @@ def _g(x_ptr, idx, mask, row_max, inv_sum, inv_t, PROBS: tl.constexpr, ACC: tl.c
 
 
 @triton.jit
+def _difference(gc, gp, tc_ptr, tp_ptr, idx, mask, m_tc, z_tc, m_tp, z_tp, inv_t, PROBS: tl.constexpr,
+                TEACHER: tl.constexpr, ACC: tl.constexpr):
+    """g(s_pert) − g(s_clean), less the teacher's g(t_pert) − g(t_clean) when matching Jacobians."""
+    diff = gp - gc
+    if TEACHER:
+        diff -= _g(tp_ptr, idx, mask, m_tp, z_tp, inv_t, PROBS, ACC) - _g(tc_ptr, idx, mask, m_tc, z_tc, inv_t,
+                                                                           PROBS, ACC)
+    return diff
+
+
+@triton.jit
 def _fd_jacobian_rows(sc_ptr, sp_ptr, tc_ptr, tp_ptr, h_ptr, inv_t_ptr, loss_ptr, gc_ptr, gp_ptr, K,
                       sc_rs, sp_rs, tc_rs, tp_rs, PROBS: tl.constexpr, TEACHER: tl.constexpr,
                       GRAD_C: tl.constexpr, GRAD_P: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
@@ -86,10 +97,7 @@ def _fd_jacobian_rows(sc_ptr, sp_ptr, tc_ptr, tp_ptr, h_ptr, inv_t_ptr, loss_ptr
         mask = idx < K
         gc = _g(sc_ptr, idx, mask, m_sc, z_sc, inv_t, PROBS, ACC)
         gp = _g(sp_ptr, idx, mask, m_sp, z_sp, inv_t, PROBS, ACC)
-        diff = gp - gc
-        if TEACHER:
-            diff -= _g(tp_ptr, idx, mask, m_tp, z_tp, inv_t, PROBS, ACC) - _g(tc_ptr, idx, mask, m_tc, z_tc,
-                                                                               inv_t, PROBS, ACC)
+        diff = _difference(gc, gp, tc_ptr, tp_ptr, idx, mask, m_tc, z_tc, m_tp, z_tp, inv_t, PROBS, TEACHER, ACC)
         u = diff * inv_h
         loss += u * u
         v = 2.0 * inv_h * u
@@ -111,10 +119,7 @@ def _fd_jacobian_rows(sc_ptr, sp_ptr, tc_ptr, tp_ptr, h_ptr, inv_t_ptr, loss_ptr
             mask = idx < K
             gc = _g(sc_ptr, idx, mask, m_sc, z_sc, inv_t, PROBS, ACC)
             gp = _g(sp_ptr, idx, mask, m_sp, z_sp, inv_t, PROBS, ACC)
-            diff = gp - gc
-            if TEACHER:
-                diff -= _g(tp_ptr, idx, mask, m_tp, z_tp, inv_t, PROBS, ACC) - _g(tc_ptr, idx, mask, m_tc, z_tc,
-                                                                                   inv_t, PROBS, ACC)
+            diff = _difference(gc, gp, tc_ptr, tp_ptr, idx, mask, m_tc, z_tc, m_tp, z_tp, inv_t, PROBS, TEACHER, ACC)
             v = 2.0 * inv_h * inv_h * diff
             if GRAD_P:
                 tl.store(gp_ptr + idx, (gp * (v - a_p) * inv_t).to(gp_ptr.dtype.element_ty), mask=mask)

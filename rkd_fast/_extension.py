@@ -16,9 +16,12 @@ import torch
 
 # Backends whose GPU kernels have passed tests/test_*_gpu.py on a real GPU, per op. `auto` on a GPU picks a
 # kernel only once its op is listed here; until then it uses the reference and `backends()` says so.
-GPU_VERIFIED = {}
+GPU_VERIFIED = {"feature_distance": ("cuda", "triton"), "fd_jacobian": ("cuda", "triton")}
 
 _state = {"loaded": False, "reason": None, "with_cuda": False}
+
+# Looked up once: the backend choice runs inside torch.compile'd code, and dynamo refuses to trace find_spec.
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
 
@@ -83,7 +86,7 @@ def extension_reason():
 
 def triton_available():
     """(available, reason). Triton runs on a GPU, or on CPU tensors under TRITON_INTERPRET=1."""
-    if importlib.util.find_spec("triton") is None:
+    if not TRITON_INSTALLED:
         return False, "triton is not installed"
     if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "") == "1":
         return True, None

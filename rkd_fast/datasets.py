@@ -9,8 +9,8 @@ iteration. `build_dataset` picks a loader by data set name; `dataset_info` gives
 
 Sharding follows `torch.utils.data.DistributedSampler`: the epoch's permutation is split ``perm[rank::world_size]``,
 so the ranks' batches ``k``, interleaved, are exactly batch ``k`` of a single process whose batch size is
-``world_size`` times larger. The order and (for `GPULoader`) the augmentation of each sample come from
-``(seed, epoch, sample index)`` only, never from the rank or world size.
+``world_size`` times larger. The order and (`GPULoader`, `ImageFolderLoader`) the augmentation of each sample
+come from ``(seed, epoch, sample index)`` only, never from the rank or world size.
 """
 
 import hashlib
@@ -355,43 +355,99 @@ class ShardSampler(torch.utils.data.Sampler):
         return iter(self._indices()[self.start_batch * self.batch_size:].tolist())
 
 
-def imagenet_transform(split):
-    """The standard ImageNet preprocessing, ending in [0, 1] tensors (the models normalise inside)."""
+def imagenet_transform(split, size=224):
+    """The standard ImageNet preprocessing, ending in [0, 1] tensors (the models normalise inside): train a
+    random resized crop to ``size`` and a horizontal flip; val a resize of the shorter side to ``size · 256/224``
+    (256 for 224) and a center crop to ``size``."""
     from torchvision import transforms
 
     if split == "train":
-        return transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
+        return transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
                                    transforms.ToTensor()])
-    return transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor()])
+    return transforms.Compose([transforms.Resize(round(size * 256 / 224)), transforms.CenterCrop(size),
+                               transforms.ToTensor()])
+
+
+def image_folder(root, split, transform=None):
+    """The torchvision `ImageFolder` of ``root/split`` (``<class>/<image>``; class index = rank of the folder
+    name in sorted order), or FileNotFoundError naming the layout expected."""
+    from torchvision import datasets
+
+    folder = Path(root) / split
+    if not folder.is_dir():
+        raise FileNotFoundError(f"ImageNet {split} split not found: expected a directory {folder} holding one "
+                                f"sub-directory of images per class (torchvision ImageFolder layout)")
+    try:
+        return datasets.ImageFolder(str(folder), transform=transform or imagenet_transform(split))
+    except FileNotFoundError as e:  # no class folders, or class folders without images
+        raise FileNotFoundError(f"{folder}: {e} (expected {folder}/<class>/<image>.JPEG)") from e
+
+
+def _sample_seed(seed, epoch, index):
+    return (_epoch_generator(seed, epoch).initial_seed() * 0x632BE5AB + int(index)) % (1 << 63)
+
+
+class _EpochKeys(torch.utils.data.Sampler):
+    """A `ShardSampler`'s indices as ``(epoch, index)`` keys: the DataLoader workers learn the epoch of each
+    sample they load (persistent workers hold a copy of the data set made when they started)."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def __iter__(self):
+        epoch = self.sampler.epoch
+        return ((epoch, index) for index in self.sampler)
+
+
+class _SeededSamples(torch.utils.data.Dataset):
+    """`folder` (an ImageFolder) keyed by ``(epoch, index)``, its transform drawing from the process's CPU RNG
+    seeded by (seed, epoch, index), saved and restored around it: a sample's random crop and flip are the same
+    whatever the worker, rank or world size that loads it, and a resumed run replays them."""
+
+    def __init__(self, folder, seed):
+        self.folder, self.seed = folder, seed
+
+    def __len__(self):
+        return len(self.folder)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        path, target = self.folder.samples[index]
+        image = self.folder.loader(path)
+        if self.folder.transform is None:
+            return image, target
+        state = torch.get_rng_state()
+        try:
+            torch.default_generator.manual_seed(_sample_seed(self.seed, epoch, index))  # CPU only: CUDA RNG untouched
+            x = self.folder.transform(image)
+        finally:
+            torch.set_rng_state(state)
+        return x, target
 
 
 class ImageFolderLoader:
     """ImageNet-style ``root/{train,val}/<class>/<image>`` through a `DataLoader` (pinned memory on CUDA
-    machines, persistent workers) with a `ShardSampler`; the same interface as `GPULoader`."""
+    machines, persistent workers) with a `ShardSampler`; the same interface as `GPULoader`. As there, the order
+    and each sample's augmentation (torchvision transforms, which draw from torch's CPU RNG) are functions of
+    (seed, epoch, sample) only."""
 
     def __init__(self, root, split, batch_size, *, num_workers=8, seed=0, rank=None, world_size=None,
                  drop_last=None, transform=None, pin_memory=None):
-        from torchvision import datasets
-
         if split not in ("train", "val"):
             raise ValueError(f"unknown ImageNet split {split!r}; expected 'train' or 'val'")
         rank, world_size = _distributed_defaults(rank, world_size)
-        folder = Path(root) / split
-        if not folder.is_dir():
-            raise FileNotFoundError(f"ImageNet {split} split not found: expected a directory {folder} holding one "
-                                    f"sub-directory of images per class (torchvision ImageFolder layout)")
-        try:
-            self.dataset = datasets.ImageFolder(str(folder), transform=transform or imagenet_transform(split))
-        except FileNotFoundError as e:  # no class folders, or class folders without images
-            raise FileNotFoundError(f"{folder}: {e} (expected {folder}/<class>/<image>.JPEG)") from e
+        self.dataset = image_folder(root, split, transform)
         train = split == "train"
         self.sampler = ShardSampler(len(self.dataset), batch_size, shuffle=train,
                                     drop_last=train if drop_last is None else drop_last, seed=seed, rank=rank,
                                     world_size=world_size)
         self.seed = seed
         self.loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
-            pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+            _SeededSamples(self.dataset, seed), batch_size=batch_size, sampler=_EpochKeys(self.sampler),
+            num_workers=num_workers, pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
             persistent_workers=num_workers > 0, drop_last=False,  # the sampler already dropped the tail
             generator=torch.Generator())
 
@@ -401,8 +457,7 @@ class ImageFolderLoader:
 
     def set_epoch(self, epoch, start_batch=0):
         self.sampler.set_epoch(epoch, start_batch)
-        # The workers' augmentation seeds derive from this generator: fixed per (seed, epoch, rank).
-        # (Persistent workers keep the seeds of their first epoch: reproducible for the same run from epoch 0.)
+        # The workers' own seeds derive from this generator (the transforms are seeded per sample instead).
         self.loader.generator.manual_seed((_epoch_generator(self.seed, epoch).initial_seed() * 4099
                                            + self.sampler.rank) % (1 << 63))
 
@@ -474,20 +529,63 @@ class DALILoader:
 
 # --- synthetic ---------------------------------------------------------------------------------------------
 
+def synthetic_sample(seed, index, input_size=(224, 224), num_classes=1000, stream=0):
+    """Image `index` of a synthetic set: pixels uniform in [0, 1), shape (3, H, W), and a uniform label in
+    [0, num_classes), drawn from a CPU generator seeded by (seed, stream, index) alone, so a sample does not
+    depend on the batch, rank or world size it is served in. ``stream`` tells sets of the same seed apart
+    (the trainer: 0 for train, 1 for val)."""
+    generator = torch.Generator().manual_seed(
+        (int(seed) * 0x9E3779B1 + int(stream) * 0x7F4A7C15 + int(index) * 0x632BE5AB) % (1 << 63))
+    x = torch.rand(3, *input_size, generator=generator)
+    return x, torch.randint(0, num_classes, (), generator=generator)
+
+
+class SyntheticImages(torch.utils.data.Dataset):
+    """`num_samples` synthetic images (`synthetic_sample` 0, 1, ...) as a map-style data set: ``(x, y)`` with x
+    float (3, H, W) in [0, 1), y a 0-d int64 tensor."""
+
+    def __init__(self, num_samples, *, num_classes=1000, input_size=(224, 224), seed=0, stream=1):
+        self.num_samples, self.num_classes, self.input_size = int(num_samples), num_classes, tuple(input_size)
+        self.seed, self.stream = seed, stream
+
+    def __len__(self):
+        return self.num_samples
+
+    def __getitem__(self, index):
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"index {index} out of range for {self.num_samples} synthetic images")
+        return synthetic_sample(self.seed, index, self.input_size, self.num_classes, self.stream)
+
+
 class SyntheticLoader:
     """Random ImageNet-shaped batches, made once on `device` and served `num_batches` times per epoch: the
-    cost of a training step without any data loading. Same interface as `GPULoader`."""
+    cost of a training step without any data loading. Same interface as `GPULoader`.
+
+    The batch is rank `rank`'s ``[rank::world_size]`` share of one global batch of ``batch_size · world_size``
+    `synthetic_sample` images (stream 0) of `seed`: a function of the seed alone, whatever the world size."""
 
     def __init__(self, batch_size, *, num_batches=100, num_classes=1000, input_size=(224, 224), seed=0,
-                 device=None, channels_last=True):
-        _check_sharding(batch_size, 0, 1)
-        gen = torch.Generator().manual_seed(seed)
-        x = torch.rand(batch_size, 3, *input_size, generator=gen)
+                 device=None, channels_last=True, rank=None, world_size=None):
+        rank, world_size = _distributed_defaults(rank, world_size)
+        _check_sharding(batch_size, rank, world_size)
+        if not isinstance(num_batches, int) or num_batches < 1:
+            raise ValueError(f"num_batches must be a positive int, got {num_batches!r}")
+        rows = [synthetic_sample(seed, i, input_size, num_classes)
+                for i in range(rank, batch_size * world_size, world_size)]
+        x = torch.stack([x for x, _ in rows])
         self.x = x.to(device).contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        self.y = torch.randint(0, num_classes, (batch_size,), generator=gen).to(device)
+        self.y = torch.stack([y for _, y in rows]).to(device)
         self.num_batches, self.start_batch = num_batches, 0
+        self.batch_size, self.world_size = batch_size, world_size
+
+    @property
+    def num_samples(self):
+        """Samples of an epoch over all ranks (every batch is full)."""
+        return self.num_batches * self.batch_size * self.world_size
 
     def set_epoch(self, epoch, start_batch=0):
+        if not 0 <= start_batch <= self.num_batches:
+            raise ValueError(f"start_batch must be in [0, {self.num_batches}], got {start_batch}")
         self.start_batch = int(start_batch)
 
     def __len__(self):
@@ -516,7 +614,7 @@ def build_dataset(name, data_dir=None, split="train", *, batch_size=128, device=
     train = split == "train"
     if name == "synthetic-imagenet":
         return SyntheticLoader(batch_size, num_batches=num_batches, num_classes=info.num_classes,
-                               input_size=info.input_size, seed=seed, device=device)
+                               input_size=info.input_size, seed=seed, device=device, rank=rank, world_size=world_size)
     if name == "digits":
         x, y = _digits.load_digits(split)
         return GPULoader(x, y, batch_size, augment=False, shuffle=train, drop_last=False, seed=seed, rank=rank,

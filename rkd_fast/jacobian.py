@@ -125,10 +125,12 @@ def _normalize_with(module, stats, fused, x):
     if module.bias is not None:
         shift = module.bias + shift
     if fused:
-        # x·scale + shift by the batch-norm kernel (eval mode, mean 0, var 1, eps 0): one fused pass forward and
-        # backward, gradients to scale and shift (so to the statistics); it is not differentiable twice.
-        zeros = torch.zeros_like(scale)
-        return F.batch_norm(x, zeros, torch.ones_like(scale), scale, shift, False, 0.0, 0.0)
+        # x·scale + shift by the batch-norm kernel (eval mode, mean 0, var + eps = 1 exactly): one fused pass
+        # forward and backward, gradients to scale and shift (so to the statistics); it is not differentiable
+        # twice. eps must be > 0 (torch 2.11 refuses 0 on CUDA); 1 − 2⁻²⁰ and 2⁻²⁰ are exact and sum to 1.
+        eps = 2.0 ** -20
+        return F.batch_norm(x, torch.zeros_like(scale), torch.full_like(scale, 1.0 - eps), scale, shift, False, 0.0,
+                             eps)
     return (x * scale.view(shape) + shift.view(shape)).to(x.dtype)
 
 

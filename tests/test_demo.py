@@ -20,6 +20,9 @@ from rkd_fast.demo import (
     training_config,
 )
 
+# The demo's evaluation runs AutoAttack through pyautoattack (a test dependency `make test` installs).
+pytest.importorskip("pyautoattack", reason="the demo evaluates with AutoAttack: pip install pyautoattack")
+
 ACCURACIES = ("clean", "fgsm", "pgd20", "autoattack")
 
 

@@ -52,7 +52,8 @@ def add_arguments(parser):
     parser.add_argument("--kernel-shapes", default=None,
                         help="quick|cifar|imagenet|all|none or NxCxHxW,...; default: quick (CPU), all (CUDA)")
     parser.add_argument("--kernel-dtypes", default=None, help="default: fp32 (CPU), fp32,bf16 (CUDA)")
-    parser.add_argument("--kernel-impls", default=",".join(ops.IMPLS))
+    parser.add_argument("--kernel-impls", default=None,
+                        help=f"some of {','.join(ops.IMPLS)} (default: rkd_fast,eager,compile; on CUDA also triton)")
     parser.add_argument("--kernel-min-time", type=float, default=None, help="seconds per kernel timing")
     parser.add_argument("--no-plots", dest="plots", action="store_false")
 
@@ -104,7 +105,7 @@ def resolve(args):
         raise ValueError(f"--scenarios: unknown {', '.join(bad)}; known: {', '.join(SCENARIOS)}")
     if "imagenet" in scenarios and not cuda:
         raise ValueError("--scenarios imagenet runs on CUDA only (ResNet-50 at 224² is hours of CPU time)")
-    impls = _csv(args.kernel_impls)
+    impls = _csv(args.kernel_impls) if args.kernel_impls else list(ops.default_impls(device))
     if any(i not in ops.IMPLS for i in impls) or not impls:
         raise ValueError(f"--kernel-impls: expected some of {', '.join(ops.IMPLS)}, got {args.kernel_impls!r}")
     dtypes = _csv(args.kernel_dtypes or ("fp32,bf16" if cuda else "fp32"))

@@ -191,7 +191,9 @@ def render_markdown(r):
     if r.get("kernels"):
         lines += ["Fused op (rkd_fast) vs the eager reference vs torch.compile(reference); effective GB/s = "
                   "(read student + read teacher + write gradient) / time, against the copy bandwidth measured in "
-                  "the same run (rkd_fast.bench.ops).", "", ops.format_table(r["kernels"]), ""]
+                  "the same run (rkd_fast.bench.ops). Timing: " + r["kernels"][0].get("timing", "eager call") +
+                  (" (GPU time of the work; the eager call's host overhead is in rkd_fast wall ms)"
+                   if "rkd_fast_wall_ms" in r["kernels"][0] else "") + ".", "", ops.format_table(r["kernels"]), ""]
         if "kernels.png" in r.get("plots", []):
             lines += ["![kernel bandwidth](kernels.png)", ""]
     else:

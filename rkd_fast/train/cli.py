@@ -4,7 +4,8 @@ import dataclasses
 import sys
 
 from .config import (ARD_ALPHA, ARD_TEMPERATURE, CIFAR_VAL_SIZE, DATASETS, DEFAULT_FEATURE_LAYER, FEATURE_MODES,
-                     METHODS, PRECISIONS, SCHEDULES, TRADES_BETA, TrainConfig)
+                     IMAGENET_WORKERS, METHODS, PRECISIONS, SCHEDULES, STREAMING_VAL_SIZE, SYNTHETIC_BATCHES,
+                     TRADES_BETA, TrainConfig)
 
 _D = TrainConfig()
 
@@ -14,10 +15,19 @@ def add_arguments(parser):
     run.add_argument("--method", choices=METHODS, default=_D.method, help="training method (default: %(default)s)")
     run.add_argument("--dataset", choices=DATASETS, default=_D.dataset, help="data set (default: %(default)s)")
     run.add_argument("--data-dir", metavar="DIR", default=_D.data_dir,
-                     help="directory holding the data set's files (cifar10: DIR/cifar-10-batches-py/)")
+                     help="directory holding the data set's files (cifar10: DIR/cifar-10-batches-py/; imagenet: "
+                          "DIR/train/ and DIR/val/, one sub-directory of images per class)")
     run.add_argument("--download", action="store_true", help="CIFAR: fetch missing files with torchvision")
     run.add_argument("--val-size", type=int, default=_D.val_size,
-                     help=f"CIFAR: train images held out as val, stratified, fixed seed (default: {CIFAR_VAL_SIZE})")
+                     help=f"CIFAR: train images held out as val, stratified, fixed seed (default: {CIFAR_VAL_SIZE}); "
+                          f"imagenet, synthetic-imagenet: val images the robust validation evaluates, a fixed "
+                          f"stratified subset (default: {STREAMING_VAL_SIZE})")
+    run.add_argument("--image-size", type=int, default=_D.image_size,
+                     help="imagenet, synthetic-imagenet: side of the square input images (default: 224)")
+    run.add_argument("--num-workers", type=int, default=_D.num_workers,
+                     help=f"imagenet: DataLoader worker processes per process (default: {IMAGENET_WORKERS})")
+    run.add_argument("--synthetic-batches", type=int, default=_D.synthetic_batches,
+                     help=f"synthetic-imagenet: training steps per epoch (default: {SYNTHETIC_BATCHES})")
     run.add_argument("--arch", default=_D.arch, help="student architecture (small_cnn, preact_resnet18, resnet18)")
     run.add_argument("--width", type=int, default=_D.width, help="base width of the architecture (default: its own)")
     run.add_argument("--teacher", metavar="PATH", default=_D.teacher,

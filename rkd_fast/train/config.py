@@ -18,8 +18,14 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "multistep", "constant")
 FEATURE_MODES = ("normalized", "mse", "attention")
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet", "synthetic-imagenet")  # see rkd_fast.datasets
-IN_MEMORY_DATASETS = ("digits", "cifar10", "cifar100")  # what the trainer's in-memory loop can serve
+IN_MEMORY_DATASETS = ("digits", "cifar10", "cifar100")  # held as tensors (load_data)
+STREAMING_DATASETS = ("imagenet", "synthetic-imagenet")  # served by loaders (rkd_fast.train.streaming)
 CIFAR_VAL_SIZE = 1000  # images of CIFAR train held out as the val split (CIFAR has no val split of its own)
+# imagenet, synthetic-imagenet: images of the val split the robust validation evaluates unless --val-size (a
+# fixed stratified subset of ImageNet's 50,000: PGD over all of them at every evaluation is slow).
+STREAMING_VAL_SIZE = 1000
+SYNTHETIC_BATCHES = 100  # synthetic-imagenet: training steps per epoch unless --synthetic-batches
+IMAGENET_WORKERS = 8  # imagenet: DataLoader worker processes per process unless --num-workers
 VAL_SPLIT_SEED = 0  # fixed, not --seed: every run of a data set sees the same val split
 
 # The feature map a method distils by default, per architecture (the last stage before the classifier head).
@@ -34,7 +40,7 @@ ARD_ALPHA = 1.0  # official main.py --alpha: weight of the distillation term, (1
 
 # Options that may differ between a run and its --resume (they do not change what is computed).
 RESUME_MAY_CHANGE = ("resume", "overwrite", "progress", "out", "ckpt_every", "keep", "device", "command",
-                     "data_dir", "download")
+                     "data_dir", "download", "num_workers")
 
 
 @dataclass
@@ -47,7 +53,12 @@ class TrainConfig:
     dataset: str = "digits"
     data_dir: str | None = None  # root holding the data set's files (cifar10, cifar100, imagenet)
     download: bool = False  # CIFAR only: fetch the files with torchvision when they are missing
-    val_size: int | None = None  # CIFAR: train images held out as val (None: CIFAR_VAL_SIZE)
+    # The val split's size. CIFAR: train images held out as val (None: CIFAR_VAL_SIZE); imagenet and
+    # synthetic-imagenet: val images evaluated (None: STREAMING_VAL_SIZE); digits: its whole val split.
+    val_size: int | None = None
+    image_size: int | None = None  # imagenet, synthetic-imagenet: side of the square inputs (None: 224)
+    num_workers: int | None = None  # imagenet: DataLoader workers per process (None: IMAGENET_WORKERS)
+    synthetic_batches: int | None = None  # synthetic-imagenet: steps per epoch (None: SYNTHETIC_BATCHES)
     arch: str = "small_cnn"
     width: int | None = None  # the architecture's base width; None: its default
     teacher: str | None = None  # a model file (`rkd-fast export` output); kd and robust-kd need one
@@ -210,13 +221,21 @@ def check_config(cfg):
     # Data selection
     if cfg.data_dir is not None and not isinstance(cfg.data_dir, (str, os.PathLike)):
         raise TypeError(f"data_dir must be a path, got {cfg.data_dir!r}")
-    if cfg.dataset not in ("cifar10", "cifar100"):
-        if cfg.download:
-            raise ValueError(f"--download fetches CIFAR only; {cfg.dataset} must already be on disk")
-        if cfg.val_size is not None:
-            raise ValueError(f"--val-size applies to cifar10/cifar100 (held out of train); {cfg.dataset} has its "
-                             "own val split")
+    if cfg.dataset not in ("cifar10", "cifar100") and cfg.download:
+        raise ValueError(f"--download fetches CIFAR only; {cfg.dataset} must already be on disk")
+    if cfg.dataset == "digits" and cfg.val_size is not None:
+        raise ValueError("--val-size applies to cifar10/cifar100 (train images held out as val) and imagenet/"
+                         "synthetic-imagenet (val images evaluated); digits evaluates its whole val split")
+    # Options of the streaming data sets, refused elsewhere rather than silently ignored.
+    for name, applies in (("image_size", STREAMING_DATASETS), ("num_workers", ("imagenet",)),
+                          ("synthetic_batches", ("synthetic-imagenet",))):
+        if getattr(cfg, name) is not None and cfg.dataset not in applies:
+            raise ValueError(f"--{name.replace('_', '-')} applies to --dataset {'/'.join(applies)}, not "
+                             f"{cfg.dataset!r}")
     _number("val_size", cfg.val_size, minimum=1, integer=True, allow_none=True)
+    _number("image_size", cfg.image_size, minimum=1, integer=True, allow_none=True)
+    _number("num_workers", cfg.num_workers, integer=True, allow_none=True)
+    _number("synthetic_batches", cfg.synthetic_batches, minimum=1, integer=True, allow_none=True)
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume and --overwrite contradict each other: pick one")
     if (cfg.resume or cfg.overwrite) and not cfg.out:
@@ -247,20 +266,20 @@ def stratified_split(y, val_size, seed=VAL_SPLIT_SEED):
 
 
 def load_data(cfg, device):
-    """The data of a run, chosen through rkd_fast.datasets: ``(info, (x_train, y_train), (x_val, y_val))``,
-    tensors on `device`, inputs float in [0, 1] (`info` a rkd_fast.datasets.DatasetInfo). Model selection
-    uses the val split, never test: digits' own val split; for CIFAR, which has none, a fixed stratified
-    ``val_size`` (default CIFAR_VAL_SIZE) images of train (seed VAL_SPLIT_SEED), the rest is train.
-    Both splits are returned unaugmented; the trainer serves CIFAR's train split through a GPULoader that
-    crops and flips it (trainer.training_batches). Missing files raise ValueError with the datasets module's
-    message."""
+    """The data of a run on an in-memory data set (IN_MEMORY_DATASETS), chosen through rkd_fast.datasets:
+    ``(info, (x_train, y_train), (x_val, y_val))``, tensors on `device`, inputs float in [0, 1] (`info` a
+    rkd_fast.datasets.DatasetInfo). Model selection uses the val split, never test: digits' own val split;
+    for CIFAR, which has none, a fixed stratified ``val_size`` (default CIFAR_VAL_SIZE) images of train (seed
+    VAL_SPLIT_SEED), the rest is train. Both splits are returned unaugmented; the trainer serves CIFAR's train
+    split through a GPULoader that crops and flips it (trainer.training_batches). Missing files raise
+    ValueError with the datasets module's message. The streaming data sets (STREAMING_DATASETS) are not held
+    in memory: rkd_fast.train.streaming.load_streaming serves them."""
     from .. import datasets
 
     info = datasets.dataset_info(cfg.dataset)
     if cfg.dataset not in IN_MEMORY_DATASETS:
-        raise ValueError(f"{cfg.dataset}: the trainer holds a data set in memory and serves "
-                         f"{', '.join(IN_MEMORY_DATASETS)}; {cfg.dataset} streams from disk (rkd_fast.datasets."
-                         "build_dataset), which this training loop does not use yet")
+        raise ValueError(f"{cfg.dataset} is not held in memory: the trainer streams it through "
+                         "rkd_fast.train.streaming.load_streaming, not load_data")
     if cfg.dataset == "digits":
         train, val = (datasets.build_dataset("digits", split=s, device=device) for s in ("train", "val"))
         return info, (train.x.float().contiguous(), train.y), (val.x.float().contiguous(), val.y)

@@ -18,7 +18,8 @@ Where N processes do not compute exactly what one does: BatchNorm normalises wit
 statistics (``--sync-bn``, CUDA only, uses the global batch's; it cannot be combined with the robust-kd Jacobian
 term); the Jacobian term's default step ``h`` scales with the RMS of the batch a rank sees (pass ``--jac-h`` for
 exact agreement); ``--jac-fraction < 1`` picks each rank's subset on its own; the robust validation attacks
-chunks of ``max(batch_size, 256)`` samples, so its random starts follow the per-process batch size.
+chunks of ``max(batch_size, 256)`` samples (imagenet, synthetic-imagenet: ``batch_size``), so its random starts
+follow the per-process batch size.
 """
 
 import os

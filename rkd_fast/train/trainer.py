@@ -2,11 +2,17 @@
 
 Training data: CIFAR batches come from `rkd_fast.datasets.GPULoader`, which holds the split on the device and
 augments it there (random crop of the image padded by 4 pixels, horizontal flip); digits batches come unaugmented
-from `TensorBatches` (crops and flips would change the digits). Validation is never augmented. Both have the
-same small interface (``set_epoch(epoch, start_batch)``, iteration, ``len``), so the loop has one code path.
+from `TensorBatches` (crops and flips would change the digits). imagenet and synthetic-imagenet are not held in
+memory (`streaming`): ImageNet batches are read from ``data_dir/train`` by DataLoader workers
+(`rkd_fast.datasets.ImageFolderLoader`: random resized crop to ``image_size``, flip; pinned host memory) and
+moved to the device (non_blocking) in the loop; synthetic-imagenet serves ``synthetic_batches`` steps of one
+seeded random batch (`rkd_fast.datasets.SyntheticLoader`), to measure throughput. All have the same small
+interface (``set_epoch(epoch, start_batch)``, iteration, ``len``), so the loop has one code path. Validation is
+never augmented: digits' val split, CIFAR's held-out ``val_size`` train images, or a fixed stratified
+``val_size`` images (default 1000) of the streamed val split, loaded chunk by chunk.
 
 Reproducibility and resumption: the batch order of an epoch and each sample's crop and flip are functions of
-(seed, epoch, sample) alone, the PGD
+(seed, epoch, sample) alone (ImageNet's too, whatever the number of workers), the PGD
 random starts of a step are seeded from (seed, global step), and a checkpoint holds everything else that
 changes (weights, adapters, optimizer, LR scheduler, loss scaler, RNG states, position within the epoch,
 metrics so far). A run resumed from any checkpoint therefore replays the same batches and, with
@@ -25,6 +31,7 @@ accuracy). `rkd-fast export` turns best.pt (or any checkpoint) into a model file
 
 import contextlib
 import csv
+import inspect
 import json
 import math
 import os
@@ -39,8 +46,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..models import build_model
-from . import checkpoints, distributed
+from ..models import MODELS, build_model
+from . import checkpoints, distributed, streaming
 from .config import RESUME_MAY_CHANGE, TrainConfig, load_data, make_config, run_metadata
 from .methods import build_method
 
@@ -230,21 +237,32 @@ def robust_accuracy(model, x, y, *, eps, alpha, steps, batch_size, precision, au
     """(clean accuracy, PGD accuracy) of `model` on (x, y); the model is left in eval mode. Under torchrun
     (`ctx` a distributed.Distributed) rank r attacks chunks r, r + N, ... (each exactly as one process would,
     same samples, same seed) and the counts are summed: every rank gets the single-process result."""
+    ctx = ctx or distributed.Distributed()
+    starts = range(ctx.rank * batch_size, x.shape[0], batch_size * ctx.world_size)
+    chunks = ((start, x[start:start + batch_size], y[start:start + batch_size]) for start in starts)
+    return chunked_robust_accuracy(model, chunks, x.shape[0], eps=eps, alpha=alpha, steps=steps, precision=precision,
+                                   autocast=autocast, seed=seed, device=x.device, ctx=ctx)
+
+
+def chunked_robust_accuracy(model, chunks, num_samples, *, eps, alpha, steps, precision, autocast, seed, device,
+                            ctx=None):
+    """`robust_accuracy` of a split of `num_samples` samples given as this rank's chunks: ``(start, x, y)`` on
+    `device`, start the position of the chunk's first sample in the split (its PGD random start is seeded with
+    ``seed + start``). The ranks' counts are summed: every rank gets the accuracies of the whole split."""
     from ..attacks import pgd
 
     ctx = ctx or distributed.Distributed()
     model.eval()
-    counts = torch.zeros(2, dtype=torch.long, device=x.device)
+    counts = torch.zeros(2, dtype=torch.long, device=device)
     clean, robust = counts[0], counts[1]
-    for start in range(ctx.rank * batch_size, x.shape[0], batch_size * ctx.world_size):
-        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+    for start, xb, yb in chunks:
         x_adv = pgd(model, xb, yb, eps, alpha, steps, norm="linf", random_start=True, precision=precision,
                     seed=seed + start)
         with torch.no_grad(), autocast():
             clean += (model(xb).argmax(1) == yb).sum()
             robust += (model(x_adv).argmax(1) == yb).sum()
     ctx.all_reduce_sum(counts)
-    n = max(x.shape[0], 1)
+    n = max(num_samples, 1)
     return clean.item() / n, robust.item() / n
 
 
@@ -272,14 +290,25 @@ class Run:
             _check_resume_config(self.resume_from[0], cfg, self.resume_from[1], world)
 
         _seed_everything(cfg.seed)
-        self.info, (x_train, y_train), (self.x_val, self.y_val) = load_data(cfg, self.device)
-        if x_train.shape[0] == 0:
+        # In-memory data sets come as tensors (x_train goes to training_batches below); the streaming ones as
+        # loaders (streaming.load_streaming), which draw nothing from the global RNG seeded above.
+        streamed = None
+        if cfg.dataset in streaming.DATASETS:
+            streamed = streaming.load_streaming(cfg, self.device, self.dist)
+            self.info, self.val_set, n = streamed.info, streamed.val, streamed.num_train
+            self.x_val = self.y_val = None
+        else:
+            self.info, (x_train, y_train), (self.x_val, self.y_val) = load_data(cfg, self.device)
+            self.val_set, n = None, x_train.shape[0]
+        if n == 0:
             raise ValueError(f"{cfg.dataset}: empty training split")
         info = self.info
         self.model_kwargs = {"num_classes": info.num_classes, "in_channels": info.in_channels,
                              "mean": list(info.mean), "std": list(info.std)}
         if cfg.width is not None:
             self.model_kwargs["width"] = cfg.width
+        if streamed is not None and "stem" in inspect.signature(MODELS[cfg.arch]).parameters:
+            self.model_kwargs["stem"] = "imagenet"  # ResNet-34/50, MobileNetV2: the stem for 224×224 inputs
         # The student is initialised right after seeding: its initial weights depend on the seed alone (building
         # the teacher draws random numbers too, before its weights are loaded).
         student = build_model(cfg.arch, **self.model_kwargs).to(self.device)
@@ -297,7 +326,10 @@ class Run:
         else:
             device_type, dtype = self.device.type, self.dtype
             self.autocast = lambda: torch.autocast(device_type, dtype=dtype)
-        example = self._layout(x_train[:8])
+        if streamed is None:
+            example = self._layout(x_train[:8])
+        else:  # the method reads the feature shapes from it (eval mode, no_grad): only its shape matters
+            example = self._layout(torch.zeros(2, info.in_channels, *info.input_size, device=self.device))
         self.method = build_method(cfg, student, teacher, info, example, self.autocast).to(self.device)
         self.eps = cfg.eps if cfg.eps is not None else info.eps
         self.alpha = cfg.alpha if cfg.alpha is not None else self.eps / 4
@@ -306,13 +338,16 @@ class Run:
 
         # A step takes the next global batch (batch_size per process) of the epoch order.
         self.global_batch = cfg.batch_size * world
-        n = self.num_train = x_train.shape[0]
+        self.num_train = n
         self.steps_per_epoch = math.ceil(n / self.global_batch)
         if 0 < n % self.global_batch < world:
             raise ValueError(f"the epoch's last global batch has {n % self.global_batch} sample(s), fewer than the "
                              f"{world} processes: pick a --batch-size that leaves at least one sample per process")
-        # The loader keeps its own copy of the split (GPULoader: channels_last); x_train is not kept.
-        self.train_batches = training_batches(cfg, x_train, y_train, self.dist)
+        if streamed is None:
+            # The loader keeps its own copy of the split (GPULoader: channels_last); x_train is not kept.
+            self.train_batches = training_batches(cfg, x_train, y_train, self.dist)
+        else:
+            self.train_batches = streamed.train
         assert len(self.train_batches) == self.steps_per_epoch  # every rank takes part in every step
         params = list(student.parameters()) + list(self.method.parameters())
         self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
@@ -350,6 +385,8 @@ class Run:
         return self._loop()
 
     def close(self):
+        # Drops the loaders: the DataLoader workers of a streaming data set end with them.
+        self.train_batches = self.val_set = None
         if getattr(self, "_saved_flags", None) is not None:
             _restore_determinism(self._saved_flags)
             self._saved_flags = None
@@ -472,6 +509,8 @@ class Run:
             self.train_batches.set_epoch(epoch, start_batch=first)  # a resumed epoch skips the steps done
             for step, (x, y) in enumerate(self.train_batches, start=first):
                 size = min(batch, n - step * batch)  # the global batch; (x, y) is this rank's [rank::N] share
+                # Streamed batches come from the host (pinned); the in-memory ones are on the device already.
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 self._step(self._layout(x), y, size)
                 self.position.update(step=step + 1, global_step=self.position["global_step"] + 1)
                 bar.update(1)
@@ -551,10 +590,7 @@ class Run:
         row["val_clean_acc"] = row["val_robust_acc"] = None
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             t = time.perf_counter()
-            clean, robust = robust_accuracy(self.student, self.x_val, self.y_val, eps=self.eps, alpha=self.alpha,
-                                            steps=cfg.attack_steps, batch_size=max(cfg.batch_size, 256),
-                                            precision=cfg.precision, autocast=self.autocast, seed=cfg.seed,
-                                            ctx=self.dist)
+            clean, robust = self._validate()
             row.update(val_clean_acc=clean, val_robust_acc=robust, eval_seconds=time.perf_counter() - t)
             improved = not self.best or robust > self.best["val_robust_acc"]
             if improved:
@@ -575,6 +611,19 @@ class Run:
         if cfg.progress and self.dist.is_main:
             shown = {k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in self.history[-1].items()}
             print(" ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
+
+    def _validate(self):
+        """(clean, PGD accuracy) of the student on the val split (every rank gets the job's result)."""
+        cfg = self.cfg
+        options = {"eps": self.eps, "alpha": self.alpha, "steps": cfg.attack_steps, "precision": cfg.precision,
+                   "autocast": self.autocast, "seed": cfg.seed, "ctx": self.dist}
+        if self.val_set is None:
+            return robust_accuracy(self.student, self.x_val, self.y_val, batch_size=max(cfg.batch_size, 256),
+                                   **options)
+        # A streamed val split: chunks of the per-process batch size (which the device already fits).
+        chunks = ((start, self._layout(x.to(self.device, non_blocking=True)), y.to(self.device, non_blocking=True))
+                  for start, x, y in self.val_set.chunks(cfg.batch_size, self.dist.rank, self.dist.world_size))
+        return chunked_robust_accuracy(self.student, chunks, len(self.val_set), device=self.device, **options)
 
     def _result(self):
         self.student.eval()

@@ -50,8 +50,8 @@ def check(n, k, dtype, device, *, on, teacher, h_tensor, reduction="none", tempe
     assert_close_scaled(loss, expected, loss_tol, "loss")
 
     inputs = [s_clean, s_pert] + ([h] if h_tensor else [])
-    weight = torch.rand(expected.shape, dtype=torch.float64) + 0.5
-    grads = torch.autograd.grad(loss, inputs, weight.to(loss.dtype).to(device))
+    weight = torch.rand(expected.shape, dtype=torch.float64, device=device) + 0.5
+    grads = torch.autograd.grad(loss, inputs, weight.to(loss.dtype))
     expected_grads = torch.autograd.grad(expected, [s64, p64] + ([h64] if h_tensor else []), weight)
     for name, x, g, g64 in zip(("s_clean", "s_pert", "h"), inputs, grads, expected_grads):
         assert g.dtype == x.dtype and g.shape == x.shape, name

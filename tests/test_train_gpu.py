@@ -1,0 +1,26 @@
+"""The trainer on a CUDA GPU: a robust-kd run per precision, with and without --deterministic, on digits.
+
+On the H100 machine (torch 2.11), three CPU-suite tests that train with the default device (so CUDA there)
+failed, and their tracebacks were lost to the session's time limit; this file pins the device to CUDA so that
+each case fails on its own, with its message. Skips without a GPU."""
+
+import pytest
+import torch
+
+from rkd_fast.cli import main
+from test_trainer import FAST_ARGS, _teacher
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() "
+                                                                        "is False)")]
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "fast"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_robust_kd_trains_on_cuda(tmp_path, precision, deterministic):
+    teacher = _teacher(tmp_path / "teacher.pt")
+    args = [a for a in FAST_ARGS if deterministic or a != "--deterministic"]
+    out = tmp_path / "run"
+    assert main(["train", "--device", "cuda", "--precision", precision, "--method", "robust-kd", "--teacher",
+                 str(teacher), "--teacher-arch", "small_cnn", "--out", str(out), *args]) == 0
+    assert (out / "best.pt").is_file()

@@ -269,9 +269,12 @@ class RobustKDLoss(nn.Module):
         for (s_name, t_name), adapter, s_feat, t_feat in zip(self.feature_pairs, self.adapters, s_feats, t_feats):
             if s_feat is None or t_feat is None:
                 raise RuntimeError(f"feature pair ({s_name!r}, {t_name!r}) was not recorded in the clean forward")
-            if s_feat.shape[0] != batch or t_feat.shape[0] != batch:
+            # The batched Jacobian call (student BatchNorms sharing clean statistics, see rkd_fast.jacobian)
+            # records the clean rows followed by the perturbed ones: the clean ones are the first `batch`.
+            if s_feat.shape[0] < batch or t_feat.shape[0] != batch:
                 raise RuntimeError(f"feature pair ({s_name!r}, {t_name!r}): recorded batch sizes "
                                    f"{s_feat.shape[0]}, {t_feat.shape[0]} differ from the input's {batch}")
+            s_feat = s_feat[:batch]
             losses.append(feature_distance(adapter(s_feat), t_feat.detach(), mode=self.feature_mode))
         for capture in self._captures:  # drop the references so the activations can be freed
             capture.features = [None] * len(capture.features)

@@ -18,6 +18,7 @@ import types
 import torch
 import torch.nn.functional as F
 
+from ..jacobian import share_clean_statistics
 from ..models import build_model
 from ..train import methods as methods_module
 from ..train.config import TrainConfig
@@ -267,6 +268,8 @@ def run_scenario(scenario, device, *, precision="fp32", channels_last=False, com
     torch.manual_seed(0)
     student_init = scenario.student.build(device, channels_last)
     if compile:
+        # As the trainer does: robust-kd's Jacobian passes share BatchNorm statistics in one compiled call.
+        share_clean_statistics(student_init)
         student_init.compile()  # in place, once: module names (feature hooks) and state_dict keys unchanged
     teacher = scenario.teacher.build(device, channels_last).eval().requires_grad_(False)
     x, y = make_batch(scenario, device, channels_last)

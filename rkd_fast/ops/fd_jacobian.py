@@ -142,8 +142,8 @@ def fd_jacobian_loss(s_clean, s_pert, h, *, t_clean=None, t_pert=None, on="logit
         t_clean, t_pert: the teacher is a constant target: no gradient flows to it, even if it requires grad.
         on: ``"logits"`` or ``"probs"``; ``temperature`` (> 0) is used by ``"probs"`` only.
         reduction: ``"mean"`` over the batch, ``"sum"``, or ``"none"`` (``N`` losses).
-        backend: ``"auto"`` (C++ on CPU; on a GPU the reference until a GPU kernel has passed the GPU tests on
-            a real GPU, see ``rkd_fast.backends()``), ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"reference"``.
+        backend: ``"auto"`` (C++ on CPU; on a GPU the CUDA kernel, among those that passed the GPU tests on a
+            real GPU, see ``rkd_fast.backends()``), ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"reference"``.
 
     Inputs may be float32, float16, bfloat16 or float64; inputs of different dtypes are promoted to a common
     one (a copy of the others). Differences and sums are taken in float32 inside the kernel (float64 for

@@ -159,8 +159,8 @@ def feature_distance(student, teacher, *, mode="normalized", p=2, reduction="mea
             dtypes differ the teacher is cast once to the student's dtype (one extra read of the teacher and
             one write of it in the student's dtype; the gradient still reaches a teacher that requires it).
         reduction: ``"mean"`` over the batch, ``"sum"``, or ``"none"`` (``N`` losses).
-        backend: ``"auto"`` (C++ on CPU; on a GPU the reference until a GPU kernel has passed the GPU tests on
-            a real GPU, see ``rkd_fast.backends()``), ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"reference"``.
+        backend: ``"auto"`` (C++ on CPU; on a GPU the CUDA kernel, among those that passed the GPU tests on a
+            real GPU, see ``rkd_fast.backends()``), ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"reference"``.
 
     Contiguous and channels_last inputs are read in place. Other strides (a slice, a transposed view) are
     copied to contiguous first; in modes "mse" and "normalized" a teacher whose layout differs from the

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..jacobian import share_clean_statistics
 from ..models import MODELS, build_model
 from . import checkpoints, distributed, streaming
 from .config import RESUME_MAY_CHANGE, TrainConfig, load_data, make_config, run_metadata
@@ -355,10 +356,10 @@ class Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.steps_per_epoch))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         if cfg.compile:
-            has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in student.modules())
-            if cfg.method == "robust-kd" and cfg.jac_weight > 0 and has_batchnorm:
-                raise ValueError("--compile with the Jacobian term needs a student without BatchNorm: the term shares "
-                                 "the clean pass's batch statistics through hooks that a compiled graph skips")
+            if cfg.method == "robust-kd" and cfg.jac_weight > 0:
+                # The Jacobian term's clean and perturbed passes share batch statistics inside each BatchNorm, in
+                # one call a compiled graph can hold (hooks added per call would be skipped by it).
+                share_clean_statistics(student)
             student.compile()  # in place: module names and state_dict keys stay as they are
 
     def _layout(self, x):

@@ -413,7 +413,7 @@ def _penalty(student, teacher, x, y, h, k, dtype, direction, norm, on, temperatu
     logits)."""
     n = x.shape[0]
     idx = None if k == n else torch.randperm(n, device=x.device)[:k]
-    pick = (lambda t: t) if idx is None else (lambda t: t[idx])
+    pick = (lambda t: t) if idx is None else (lambda t: None if t is None else t[idx])
     if method == "fd" and not (direction == "grad" and teacher is None) and _shares_clean_statistics(student):
         return _batched_penalty(student, teacher, x, y, h, idx, pick, dtype, direction, norm, on, temperature)
     s_stats = _BatchStatistics(student)
@@ -465,15 +465,21 @@ def _penalty(student, teacher, x, y, h, k, dtype, direction, norm, on, temperatu
         x_pert = xs + step * d
         with s_stats.replay():
             s_pert = student(x_pert)
-        t_pert = None
-        if teacher is not None:
-            with torch.no_grad(), t_stats.replay():
-                t_pert = teacher(x_pert)
-        rows = fd_jacobian_loss(pick(s_clean), s_pert, step, t_clean=None if t_pert is None else pick(t_clean),
-                                t_pert=t_pert, on=on, temperature=temperature, reduction="none")
+        rows = _fd_rows(teacher, t_stats, x_pert, pick(s_clean), s_pert, pick(t_clean), step, on, temperature)
     if not grad_mode:
         s_clean = s_clean.detach()
     return (rows, idx), s_clean, t_clean
+
+
+def _fd_rows(teacher, t_stats, x_pert, s_clean, s_pert, t_clean, step, on, temperature):
+    """The teacher's perturbed pass (normalised with its clean pass's statistics) and the fused finite-difference
+    loss of each selected sample (s_clean, t_clean: the selected samples' clean logits)."""
+    t_pert = None
+    if teacher is not None:
+        with torch.no_grad(), t_stats.replay():
+            t_pert = teacher(x_pert)
+    return fd_jacobian_loss(s_clean, s_pert, step, t_clean=None if t_pert is None else t_clean, t_pert=t_pert,
+                            on=on, temperature=temperature, reduction="none")
 
 
 def _batched_penalty(student, teacher, x, y, h, idx, pick, dtype, direction, norm, on, temperature):
@@ -503,12 +509,7 @@ def _batched_penalty(student, teacher, x, y, h, idx, pick, dtype, direction, nor
                          f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
     s_clean, s_pert = out[:n], out[n:]
     _check_outputs(s_clean, t_clean, n)
-    t_pert = None
-    if teacher is not None:
-        with torch.no_grad(), t_stats.replay():
-            t_pert = teacher(x_pert)
-    rows = fd_jacobian_loss(pick(s_clean), s_pert, step, t_clean=None if t_pert is None else pick(t_clean),
-                            t_pert=t_pert, on=on, temperature=temperature, reduction="none")
+    rows = _fd_rows(teacher, t_stats, x_pert, pick(s_clean), s_pert, pick(t_clean), step, on, temperature)
     if not torch.is_grad_enabled():
         s_clean = s_clean.detach()
     return (rows, idx), s_clean, t_clean

@@ -6,9 +6,9 @@ each case fails on its own, with its message. Skips without a GPU."""
 
 import pytest
 import torch
+from test_trainer import FAST_ARGS, _teacher
 
 from rkd_fast.cli import main
-from test_trainer import FAST_ARGS, _teacher
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() "

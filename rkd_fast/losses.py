@@ -26,10 +26,32 @@ JACOBIAN_OPTIONS = ("h", "direction", "norm", "on", "temperature", "fraction", "
 JACOBIAN_DEFAULTS = {"direction": "gaussian"}
 
 
+def resize_matrix(src, dst, pool):
+    """The (dst, src) matrix of a 1-D resize: adaptive average pooling (`pool`, as F.adaptive_avg_pool1d: output
+    i averages inputs [floor(i·src/dst), ceil((i+1)·src/dst))) or linear interpolation (as F.interpolate with
+    align_corners=False: source position (i + 0.5)·src/dst − 0.5, clamped at 0), in float64."""
+    m = torch.zeros(dst, src, dtype=torch.float64)
+    for i in range(dst):
+        if pool:
+            begin, end = (i * src) // dst, -(-(i + 1) * src // dst)
+            m[i, begin:end] = 1.0 / (end - begin)
+        else:
+            pos = max((i + 0.5) * src / dst - 0.5, 0.0)
+            i0 = int(pos)
+            i1, frac = min(i0 + 1, src - 1), pos - int(pos)
+            m[i, i0] += 1.0 - frac
+            m[i, i1] += frac
+    return m
+
+
 class FeatureAdapter(nn.Module):
     """Maps a student feature to the teacher's shape: a 1×1 conv (or a linear map for 2-D features) where the
     channel counts differ, then adaptive average pooling (student map larger) or bilinear interpolation
-    (smaller) where the spatial sizes differ."""
+    (smaller) where the spatial sizes differ.
+
+    The resize is two small matrix products (`resize_matrix` per axis, in float32) rather than
+    F.adaptive_avg_pool2d / F.interpolate: the same function, but their CUDA backwards have no deterministic
+    implementation, so `--deterministic` training on a GPU would refuse them."""
 
     def __init__(self, student_shape, teacher_shape, *, map_channels=True):
         super().__init__()
@@ -37,6 +59,9 @@ class FeatureAdapter(nn.Module):
         self.size = tuple(teacher_shape[2:])
         self.resize = tuple(student_shape[2:]) != self.size
         self.pool = all(s >= t for s, t in zip(student_shape[2:], self.size))
+        if self.resize:  # not in the state_dict: a function of the shapes
+            for name, src, dst in zip(("resize_h", "resize_w"), student_shape[2:], self.size):
+                self.register_buffer(name, resize_matrix(src, dst, self.pool).float(), persistent=False)
         if not map_channels or c_s == c_t:
             self.proj = nn.Identity()
         elif len(student_shape) == 4:
@@ -47,8 +72,14 @@ class FeatureAdapter(nn.Module):
     def forward(self, x):
         x = self.proj(x)
         if self.resize:
-            x = F.adaptive_avg_pool2d(x, self.size) if self.pool else F.interpolate(
-                x, size=self.size, mode="bilinear", align_corners=False)
+            acc = torch.promote_types(x.dtype, torch.float32)  # weights such as 1/3 are not exact in bf16
+            channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+                memory_format=torch.channels_last)
+            with torch.autocast(x.device.type, enabled=False):
+                y = torch.einsum("nchw,ih,jw->ncij", x.to(acc), self.resize_h.to(acc), self.resize_w.to(acc))
+            # the layout of the input (the teacher's maps usually share it, so the distance reads both in place)
+            x = y.to(x.dtype).contiguous(memory_format=torch.channels_last if channels_last else
+                                         torch.contiguous_format)
         return x
 
 

@@ -28,6 +28,12 @@ def build_model(arch, **kwargs):
     return model
 
 
+
+def _global_average(x):
+    """(N, C, H, W) -> (N, C) mean over positions. A mean rather than F.adaptive_avg_pool2d(x, 1): the same
+    value, but the latter's CUDA backward has no deterministic implementation (`--deterministic` on a GPU)."""
+    return x.mean(dim=(2, 3))
+
 class InputNormalization(nn.Module):
     """(x - mean) / std per channel, as buffers so they follow the model's device and are saved with it."""
 
@@ -137,7 +143,7 @@ class _CifarResNet(nn.Module):
     def forward(self, x):
         out = self.stem(self.conv1(self.normalize(x)))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        out = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(self.final(out), 1), 1)
+        out = _global_average(self.final(out))
         return self.linear(out)
 
 
@@ -242,7 +248,7 @@ class _ResNet(nn.Module):
     def forward(self, x):
         out = self.stem(self.conv1(self.normalize(x)))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        return self.linear(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(out, 1), 1))
+        return self.linear(_global_average(out))
 
 
 @register_model("resnet34")
@@ -289,7 +295,7 @@ class WideResNet34_10(nn.Module):
 
     def forward(self, x):
         out = self.layer3(self.layer2(self.layer1(self.conv1(self.normalize(x)))))
-        out = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(self.final(out), 1), 1)
+        out = _global_average(self.final(out))
         return self.linear(out)
 
 
@@ -346,4 +352,4 @@ class MobileNetV2(nn.Module):
 
     def forward(self, x):
         out = self.features(self.normalize(x))
-        return self.classifier(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(out, 1), 1))
+        return self.classifier(_global_average(out))

@@ -250,3 +250,42 @@ def test_bad_arguments(kwargs, match):
         RobustKDLoss(student, teacher, **{**base, **kwargs})
     with pytest.raises(TypeError, match="teacher must be"):
         RobustKDLoss(student, lambda x: x)
+
+
+# --- the adapter's resize: the functions of F.adaptive_avg_pool2d and F.interpolate, by matrix products --------
+
+@pytest.mark.parametrize("src, dst", [((8, 8), (4, 4)), ((7, 5), (3, 2)), ((6, 6), (6, 3)), ((5, 5), (1, 1)),
+                                      ((2, 2), (4, 4)), ((3, 5), (7, 6)), ((1, 1), (3, 3)), ((4, 2), (5, 5))],
+                         ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_adapter_resize_matches_torch(src, dst, layout):
+    from rkd_fast.losses import FeatureAdapter
+
+    adapter = FeatureAdapter((2, 3) + src, (2, 3) + dst).double()
+    x = torch.randn(2, 3, *src, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    pool = all(s >= t for s, t in zip(src, dst))
+    expected = F.adaptive_avg_pool2d(x, dst) if pool else F.interpolate(x, size=dst, mode="bilinear",
+                                                                        align_corners=False)
+    got = adapter(x)
+    if src != (1, 1):  # a 1×1 map is both contiguous and channels_last
+        assert got.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else
+                                 torch.contiguous_format)  # the input's layout
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+    weight = torch.randn_like(expected)
+    torch.testing.assert_close(torch.autograd.grad(got, x, weight)[0], torch.autograd.grad(expected, x, weight)[0],
+                               rtol=1e-6, atol=1e-7)
+
+
+def test_adapter_resize_keeps_low_precision_inputs_accurate():
+    from rkd_fast.losses import FeatureAdapter
+
+    adapter = FeatureAdapter((2, 4, 6, 6), (2, 4, 2, 2))
+    x = torch.randn(2, 4, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = adapter(x.bfloat16())
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), F.adaptive_avg_pool2d(x.bfloat16().float(), 2), rtol=1e-2, atol=1e-2)
+    assert "resize_h" not in adapter.state_dict()  # a function of the shapes, not a parameter

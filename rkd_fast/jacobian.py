@@ -413,22 +413,25 @@ def _penalty(student, teacher, x, y, h, k, dtype, direction, norm, on, temperatu
     logits)."""
     n = x.shape[0]
     idx = None if k == n else torch.randperm(n, device=x.device)[:k]
-    pick = (lambda t: t) if idx is None else (lambda t: None if t is None else t[idx])
-    if method == "fd" and not (direction == "grad" and teacher is None) and _shares_clean_statistics(student):
-        return _batched_penalty(student, teacher, x, y, h, idx, pick, dtype, direction, norm, on, temperature)
-    s_stats = _BatchStatistics(student)
-    t_stats = _BatchStatistics(teacher) if teacher is not None else None
+    pick = (lambda t: t) if idx is None else (lambda t: t[idx])
     exact = method == "exact"
     grad_mode = torch.is_grad_enabled()
+    student_grad_dir = direction == "grad" and teacher is None
+    # A student whose BatchNorms share clean statistics makes its clean and perturbed passes in one call, after
+    # the direction is drawn (module docstring); the student's own grad direction needs its clean pass first.
+    batched = not exact and not student_grad_dir and _shares_clean_statistics(student)
+    s_stats = None if batched else _BatchStatistics(student)
+    t_stats = _BatchStatistics(teacher) if teacher is not None else None
 
     # Clean passes over the whole batch. The input needs a gradient for the grad direction, and for the exact
     # method when the clean pass can serve as the differentiated one (whole batch, no batch statistics).
     reuse_s = exact and idx is None and not s_stats.modules
     reuse_t = exact and teacher is not None and idx is None and not t_stats.modules
-    student_grad_dir = direction == "grad" and teacher is None
     x_s = x.detach().requires_grad_() if (reuse_s or student_grad_dir) and not x.requires_grad else x
-    with torch.set_grad_enabled(grad_mode or reuse_s or student_grad_dir), s_stats.record():
-        s_clean = student(x_s)
+    s_clean = None
+    if not batched:
+        with torch.set_grad_enabled(grad_mode or reuse_s or student_grad_dir), s_stats.record():
+            s_clean = student(x_s)
     t_clean = t_graph = x_t = None
     if teacher is not None:
         needs_graph = reuse_t or direction == "grad"
@@ -436,7 +439,8 @@ def _penalty(student, teacher, x, y, h, k, dtype, direction, norm, on, temperatu
         with torch.set_grad_enabled(needs_graph), t_stats.record():
             t_graph = teacher(x_t)
         t_clean = t_graph.detach()
-    _check_outputs(s_clean, t_clean, n)
+    if not batched:
+        _check_outputs(s_clean, t_clean, n)
 
     grad = None
     if direction == "grad":
@@ -463,54 +467,25 @@ def _penalty(student, teacher, x, y, h, k, dtype, direction, norm, on, temperatu
     else:
         step = h if h is not None else default_step(x, norm, dtype)
         x_pert = xs + step * d
-        with s_stats.replay():
-            s_pert = student(x_pert)
-        rows = _fd_rows(teacher, t_stats, x_pert, pick(s_clean), s_pert, pick(t_clean), step, on, temperature)
+        if batched:
+            with _clean_rows(student, n):
+                out = student(torch.cat([x, x_pert]))
+            if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != n + xs.shape[0]:
+                raise ValueError(f"the student must return logits of shape (N, K) = ({n + xs.shape[0]}, K) for the "
+                                 f"batched clean and perturbed inputs, got "
+                                 f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+            s_clean, s_pert = out[:n], out[n:]
+            _check_outputs(s_clean, t_clean, n)
+        else:
+            with s_stats.replay():
+                s_pert = student(x_pert)
+        t_pert = None
+        if teacher is not None:
+            with torch.no_grad(), t_stats.replay():
+                t_pert = teacher(x_pert)
+        rows = fd_jacobian_loss(pick(s_clean), s_pert, step, t_clean=None if t_pert is None else pick(t_clean),
+                                t_pert=t_pert, on=on, temperature=temperature, reduction="none")
     if not grad_mode:
-        s_clean = s_clean.detach()
-    return (rows, idx), s_clean, t_clean
-
-
-def _fd_rows(teacher, t_stats, x_pert, s_clean, s_pert, t_clean, step, on, temperature):
-    """The teacher's perturbed pass (normalised with its clean pass's statistics) and the fused finite-difference
-    loss of each selected sample (s_clean, t_clean: the selected samples' clean logits)."""
-    t_pert = None
-    if teacher is not None:
-        with torch.no_grad(), t_stats.replay():
-            t_pert = teacher(x_pert)
-    return fd_jacobian_loss(s_clean, s_pert, step, t_clean=None if t_pert is None else t_clean, t_pert=t_pert,
-                            on=on, temperature=temperature, reduction="none")
-
-
-def _batched_penalty(student, teacher, x, y, h, idx, pick, dtype, direction, norm, on, temperature):
-    """`_penalty`'s "fd" method for a student whose BatchNorms share clean statistics: its clean and perturbed
-    passes are one call on ``cat([x, x_pert])`` (module docstring). Same random draws, in the same order."""
-    n = x.shape[0]
-    t_stats = _BatchStatistics(teacher) if teacher is not None else None
-    t_clean = t_graph = x_t = None
-    if teacher is not None:
-        x_t = x.detach().requires_grad_() if direction == "grad" else x
-        with torch.set_grad_enabled(direction == "grad"), t_stats.record():
-            t_graph = teacher(x_t)
-        t_clean = t_graph.detach()
-    grad = None
-    if direction == "grad":  # the teacher's input gradient (the student's needs the clean pass first)
-        with torch.enable_grad():
-            grad = pick(_input_grad_of_ce(t_graph, y, x_t, retain_graph=False))
-    xs = pick(x)
-    d = draw_direction(xs, direction, norm, grad=grad)
-    step = h if h is not None else default_step(x, norm, dtype)
-    x_pert = xs + step * d
-    with _clean_rows(student, n):
-        out = student(torch.cat([x, x_pert]))
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != n + xs.shape[0]:
-        raise ValueError(f"the student must return logits of shape (N, K) = ({n + xs.shape[0]}, K) for the batched "
-                         f"clean and perturbed inputs, got "
-                         f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
-    s_clean, s_pert = out[:n], out[n:]
-    _check_outputs(s_clean, t_clean, n)
-    rows = _fd_rows(teacher, t_stats, x_pert, pick(s_clean), s_pert, pick(t_clean), step, on, temperature)
-    if not torch.is_grad_enabled():
         s_clean = s_clean.detach()
     return (rows, idx), s_clean, t_clean
 

@@ -15,6 +15,7 @@ tensors only, so loading a file never runs code)::
 """
 
 import inspect
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -95,15 +96,16 @@ def save_model(model, path, **meta):
     return atomic_save(payload, path)
 
 
-def atomic_save(obj, path, *, tmp_prefix=None):
-    """torch.save to a temporary file beside `path` (named `tmp_prefix`…`.tmp`), fsync, rename over `path`, fsync
-    the directory: a crash leaves either the old file or the new one, never a partial one under `path`."""
+def atomic_write(path, write, *, text=False, tmp_prefix=None):
+    """Calls write(f) on a temporary file beside `path` (named `tmp_prefix`…`.tmp`; opened for text when `text`),
+    then fsync, rename over `path`, fsync the directory: a crash leaves either the old file or the new one,
+    never a partial one under `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=tmp_prefix or f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, "w", newline="") if text else os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -112,6 +114,20 @@ def atomic_save(obj, path, *, tmp_prefix=None):
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def atomic_save(obj, path, *, tmp_prefix=None):
+    """torch.save(obj) to `path` through `atomic_write`."""
+    return atomic_write(path, lambda f: torch.save(obj, f), tmp_prefix=tmp_prefix)
+
+
+def atomic_write_json(path, obj):
+    """`obj` as indented JSON to `path` through `atomic_write`. Tensors become lists; anything else that JSON
+    has no type for, its str()."""
+    def write(f):
+        json.dump(obj, f, indent=2, default=lambda o: o.tolist() if isinstance(o, torch.Tensor) else str(o))
+        f.write("\n")
+    return atomic_write(path, write, text=True)
 
 
 def _reason(error):

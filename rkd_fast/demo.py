@@ -13,8 +13,6 @@ the test split (clean, FGSM, PGD-20 and AutoAttack standard, L∞ radius --eps),
 students' figures do not include the teacher's. The settings below are those docs/demo_tuning.md measured.
 """
 
-import json
-import os
 import shutil
 import sys
 import time
@@ -174,7 +172,7 @@ def plot(results, path):
 def run_demo(out, *, eps=0.1, quick=False, all_baselines=False, autoattack_samples=None, threads=1, seed=0,
              overwrite=False, progress=True, command=None):
     """The demo as a function; returns the results dict (also written to out/results.json)."""
-    from .checkpoint import save_model
+    from .checkpoint import atomic_write_json, save_model
     from .data import load_digits
     from .train import train_model
     from .train.config import _git_commit, library_versions
@@ -248,9 +246,7 @@ def run_demo(out, *, eps=0.1, quick=False, all_baselines=False, autoattack_sampl
         "git_dirty": dirty,
         "versions": library_versions(),
     }
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    os.replace(tmp, out / "results.json")
+    atomic_write_json(out / "results.json", results)
     plot(results, out / "robustness_vs_cost.png")
     return results
 

@@ -1,13 +1,10 @@
 """`rkd-fast eval`: robust accuracy of a model file under white-box L∞ attacks; prints a table and, with
 --out, writes DIR/eval.json (command, config, results, library versions, git commit)."""
 
-import json
-import os
 import platform
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -70,22 +67,6 @@ def _git_commit():
     return commit, bool(status.strip())
 
 
-def _write_json_atomic(path, obj):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            # Tensors in a model's metadata become lists; anything else unusual its str().
-            json.dump(obj, f, indent=2, default=lambda o: o.tolist() if isinstance(o, torch.Tensor) else str(o))
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _command(args, names):
     """The command line that reproduces this run (rebuilt from the parsed arguments, so it is the same
     whether the CLI was called from a shell or through rkd_fast.cli.main)."""
@@ -108,7 +89,7 @@ def format_table(results, n_examples, eps):
 
 
 def run(args):
-    from ..checkpoint import load_model
+    from ..checkpoint import atomic_write_json, load_model
     from ..data import load_digits
 
     try:
@@ -148,6 +129,6 @@ def run(args):
             "git_dirty": dirty,
         }
         path = args.out / "eval.json"
-        _write_json_atomic(path, report)
+        atomic_write_json(path, report)
         print(f"wrote {path}")
     return 0

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..checkpoint import atomic_write, atomic_write_json
 from ..jacobian import share_clean_statistics
 from ..models import MODELS, build_model
 from . import checkpoints, distributed, streaming
@@ -426,7 +427,7 @@ class Run:
                 k: self.meta[k] for k in ("command", "git_commit", "git_dirty", "versions", "device")}})
         else:
             record = dict(self.meta)
-        _write_json(run_file, record)
+        atomic_write_json(run_file, record)
 
     def _restore(self, state, path):
         cfg = self.cfg
@@ -482,12 +483,12 @@ class Run:
         columns = []
         for row in self.history:
             columns += [k for k in row if k not in columns]
-        with open(self.out / "metrics.csv.tmp", "w", newline="") as f:
+        def write_csv(f):
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
             writer.writerows(self.history)
-        os.replace(self.out / "metrics.csv.tmp", self.out / "metrics.csv")
-        _write_json(self.out / "metrics.json", {**self.meta, "epochs": self.history, "best": self.best,
+        atomic_write(self.out / "metrics.csv", write_csv, text=True)
+        atomic_write_json(self.out / "metrics.json", {**self.meta, "epochs": self.history, "best": self.best,
                                                 "train_seconds": self.train_seconds})
 
     # --- the loop ------------------------------------------------------------------------------------------
@@ -663,8 +664,3 @@ def _restore_determinism(saved):
     torch.backends.cudnn.deterministic = saved[1]
     torch.backends.cudnn.benchmark = saved[2]
 
-
-def _write_json(path, payload):
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    os.replace(tmp, path)

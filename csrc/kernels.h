@@ -47,6 +47,11 @@ std::tuple<at::Tensor, at::Tensor> feature_distance_bwd_cuda(const at::Tensor& g
 // Inputs (N, K) of one dtype with unit-stride rows; h: (N,) contiguous, float32 (float64 for float64 inputs);
 // t_clean, t_pert both given or both absent; on: 0 "logits", 1 "probs" (softmax(x / temperature)). A gradient
 // that is not asked for comes back as an empty tensor of shape (0,). See rkd_fast/ops/fd_jacobian.py.
+// The checks both kernels make on those inputs first (csrc/input_checks.cpp): s_clean on a `device_type`
+// device, every other tensor on the same device, the shapes, dtypes, strides and arguments above.
+void check_fd_jacobian_inputs(const at::Tensor& s_clean, const at::Tensor& s_pert, const at::Tensor& h,
+                              const std::optional<at::Tensor>& t_clean, const std::optional<at::Tensor>& t_pert,
+                              int64_t on, double temperature, c10::DeviceType device_type);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fd_jacobian_fwd_cpu(
     const at::Tensor& s_clean, const at::Tensor& s_pert, const at::Tensor& h,
     const std::optional<at::Tensor>& t_clean, const std::optional<at::Tensor>& t_pert, int64_t on,

@@ -359,6 +359,29 @@ def test_auto_uses_the_cpu_kernel():
 
 # --- bad input -----------------------------------------------------------------------------------------------
 
+@needs_cpu
+def test_kernel_refuses_bad_arguments():
+    # The op called directly, past the Python checks: the C++ checks (csrc/input_checks.cpp, shared with the
+    # CUDA kernel) name the problem.
+    op = torch.ops.rkd_fast.fd_jacobian_fwd
+    s, p = make_pair(3, 5, requires_grad=False)
+    h = torch.full((3,), 0.1)
+    cases = [
+        ((s, p[:2], h, None, None, 0, 1.0), "s_pert must have shape"),
+        ((s, p.double(), h, None, None, 0, 1.0), "s_pert must have dtype"),
+        ((s, p, h, s, None, 0, 1.0), "give both t_clean and t_pert"),
+        ((s, p, h, s.t().contiguous().t(), p, 0, 1.0), "t_clean rows must be unit-stride"),
+        ((s, p, h, None, None, 2, 1.0), "on must be 0"),
+        ((s, p, h, None, None, 1, 0.0), "temperature must be > 0"),
+        ((s, p, h.double(), None, None, 0, 1.0), "h must be a contiguous tensor of shape"),
+        ((s, p, h[:2], None, None, 0, 1.0), "h must be a contiguous tensor of shape"),
+        ((s[:, 0], p[:, 0], h, None, None, 0, 1.0), "s_clean must be 2-D"),
+    ]
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            op(*args, False, False)
+
+
 def _t(*shape, dtype=torch.float32, device="cpu"):
     return torch.zeros(shape, dtype=dtype, device=device)
 

@@ -158,41 +158,16 @@ void launch(const at::Tensor& s_clean, const at::Tensor& s_pert, const at::Tenso
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void check_rows(const char* name, const at::Tensor& x, const at::Tensor& ref) {
-  TORCH_CHECK(x.is_cuda() && x.device() == ref.device(), "fd_jacobian_fwd: ", name, " must be on ",
-              ref.device(), ", got ", x.device());
-  TORCH_CHECK(x.dim() == 2 && x.sizes() == ref.sizes(), "fd_jacobian_fwd: ", name, " must have shape ",
-              ref.sizes(), ", got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == ref.scalar_type(), "fd_jacobian_fwd: ", name, " must have dtype ",
-              ref.scalar_type(), ", got ", x.scalar_type());
-  TORCH_CHECK(x.size(1) <= 1 || x.stride(1) == 1, "fd_jacobian_fwd: ", name, " rows must be unit-stride");
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fd_jacobian_fwd_cuda(
     const at::Tensor& s_clean, const at::Tensor& s_pert, const at::Tensor& h,
     const std::optional<at::Tensor>& t_clean, const std::optional<at::Tensor>& t_pert, int64_t on,
     double temperature, bool grad_clean, bool grad_pert) {
-  TORCH_CHECK(s_clean.dim() == 2, "fd_jacobian_fwd: s_clean must be 2-D (N, K), got ", s_clean.sizes());
-  TORCH_CHECK(at::isFloatingType(s_clean.scalar_type()), "fd_jacobian_fwd: inputs must be floating point");
-  check_rows("s_clean", s_clean, s_clean);
-  check_rows("s_pert", s_pert, s_clean);
-  TORCH_CHECK(t_clean.has_value() == t_pert.has_value(),
-              "fd_jacobian_fwd: give both t_clean and t_pert or neither");
+  check_fd_jacobian_inputs(s_clean, s_pert, h, t_clean, t_pert, on, temperature, c10::DeviceType::CUDA);
   const bool teacher = t_clean.has_value();
-  if (teacher) {
-    check_rows("t_clean", *t_clean, s_clean);
-    check_rows("t_pert", *t_pert, s_clean);
-  }
-  TORCH_CHECK(on == 0 || on == 1, "fd_jacobian_fwd: on must be 0 (logits) or 1 (probs), got ", on);
-  TORCH_CHECK(temperature > 0, "fd_jacobian_fwd: temperature must be > 0, got ", temperature);
   const auto acc = s_clean.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t n = s_clean.size(0);
-  TORCH_CHECK(h.device() == s_clean.device() && h.dim() == 1 && h.size(0) == n && h.is_contiguous() &&
-                  h.scalar_type() == acc,
-              "fd_jacobian_fwd: h must be a contiguous tensor of shape (", n, ",) and dtype ", acc, " on ",
-              s_clean.device());
 
   const c10::cuda::CUDAGuard guard(s_clean.device());
   at::Tensor losses = at::empty({n}, s_clean.options().dtype(acc));

@@ -1,18 +1,31 @@
-"""Which backends of an op the CPU tests can run here: parameters that skip, with the reason
-`rkd_fast.backends()` gives, where a backend is unavailable."""
+"""Which backends of an op the tests can run here: parameters that skip, with the reason `rkd_fast.backends()`
+gives, where a backend is unavailable; and the marks of the GPU test modules."""
 
 import pytest
+import torch
 
 import rkd_fast
+
+# pytestmark of a module of GPU tests: marked `gpu`, skipped with the reason on a machine without one.
+GPU_MODULE_MARKS = [pytest.mark.gpu,
+                    pytest.mark.skipif(not torch.cuda.is_available(),
+                                       reason="needs a CUDA GPU (torch.cuda.is_available() is False)")]
+
+
+def _params(status, names):
+    return [pytest.param(name, marks=pytest.mark.skipif(status[name] != "available",
+                                                        reason=f"backend {name!r} {status[name]}"))
+            for name in names]
 
 
 def backend_params(op):
     """(status, [reference, cpu] as pytest params, the skip mark for tests that need the cpu kernel)."""
     status = rkd_fast.backends()[op]
-
-    def param(name):
-        return pytest.param(name, marks=pytest.mark.skipif(status[name] != "available",
-                                                           reason=f"backend {name!r} {status[name]}"))
-
     needs_cpu = pytest.mark.skipif(status["cpu"] != "available", reason=f"backend 'cpu' {status['cpu']}")
-    return status, [param("reference"), param("cpu")], needs_cpu
+    return status, _params(status, ("reference", "cpu")), needs_cpu
+
+
+def gpu_backend_params(op):
+    """(status, [cuda, triton] as pytest params)."""
+    status = rkd_fast.backends()[op]
+    return status, _params(status, ("cuda", "triton"))

@@ -8,24 +8,14 @@ The shapes cover one warp / one block per row with K below and above the warp wi
 
 import pytest
 import torch
+from _op_backends import GPU_MODULE_MARKS, gpu_backend_params
 
 import rkd_fast
 from rkd_fast.ops._reference import fd_jacobian as reference
 from rkd_fast.ops.fd_jacobian import ON_IDS
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() "
-                                                                        "is False)")]
-
-STATUS = rkd_fast.backends()["fd_jacobian"]
-
-
-def _backend(name):
-    return pytest.param(name, marks=pytest.mark.skipif(STATUS[name] != "available",
-                                                       reason=f"backend {name!r} {STATUS[name]}"))
-
-
-BACKENDS = [_backend("cuda"), _backend("triton")]
+pytestmark = GPU_MODULE_MARKS
+STATUS, BACKENDS = gpu_backend_params("fd_jacobian")
 OPS = {"cuda": "fd_jacobian_fwd", "triton": "fd_jacobian_fwd_triton"}
 ON = ("logits", "probs")
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)

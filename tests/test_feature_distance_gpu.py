@@ -9,24 +9,14 @@ call the ops directly chain them as autograd does: feature_distance_fwd, then fe
 
 import pytest
 import torch
+from _op_backends import GPU_MODULE_MARKS, gpu_backend_params
 
 import rkd_fast
 from rkd_fast.ops import _reference
 from rkd_fast.ops.feature_distance import MODE_IDS
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() "
-                                                                        "is False)")]
-
-STATUS = rkd_fast.backends()["feature_distance"]
-
-
-def _backend(name):
-    return pytest.param(name, marks=pytest.mark.skipif(STATUS[name] != "available",
-                                                       reason=f"backend {name!r} {STATUS[name]}"))
-
-
-BACKENDS = [_backend("cuda"), _backend("triton")]
+pytestmark = GPU_MODULE_MARKS
+STATUS, BACKENDS = gpu_backend_params("feature_distance")
 OPS = {"cuda": ("feature_distance_fwd", "feature_distance_bwd"),
        "triton": ("feature_distance_fwd_triton", "feature_distance_bwd_triton")}
 MODES = ("mse", "normalized", "attention")

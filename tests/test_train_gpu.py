@@ -7,14 +7,12 @@ with no deterministic implementation: adaptive_avg_pool2d, interpolate) is fixed
 device to CUDA so that each case fails on its own, with its message. Skips without a GPU."""
 
 import pytest
-import torch
+from _op_backends import GPU_MODULE_MARKS
 from test_trainer import FAST_ARGS, _teacher
 
 from rkd_fast.cli import main
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() "
-                                                                        "is False)")]
+pytestmark = GPU_MODULE_MARKS
 
 
 @pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "fast"])

@@ -30,8 +30,8 @@ def build_model(arch, **kwargs):
 
 
 def _global_average(x):
-    """(N, C, H, W) -> (N, C) mean over positions. A mean rather than F.adaptive_avg_pool2d(x, 1): the same
-    value, but the latter's CUDA backward has no deterministic implementation (`--deterministic` on a GPU)."""
+    """(N, C, H, W) -> (N, C) mean over positions: global average pooling (ATen lowers
+    F.adaptive_avg_pool2d(x, 1) to this mean too, so it is deterministic on CUDA; tests/test_cuda_determinism.py)."""
     return x.mean(dim=(2, 3))
 
 class InputNormalization(nn.Module):

@@ -3,8 +3,9 @@ a feature pair whose adapter resizes (block2 4×4 → block3 2×2).
 
 On the H100 machine (torch 2.11), two CPU-suite tests that train this way with the default device (so CUDA
 there) failed and their tracebacks were lost to the session's time limit; the likely cause (CUDA backwards
-with no deterministic implementation: adaptive_avg_pool2d, interpolate) is fixed since. This file pins the
-device to CUDA so that each case fails on its own, with its message. Skips without a GPU."""
+with no deterministic implementation: adaptive_avg_pool2d, interpolate) is fixed since, and checked on the CPU
+by test_cuda_determinism.py. This file pins the device to CUDA so that each case fails on its own, with its
+message. Skips without a GPU."""
 
 import pytest
 from _op_backends import GPU_MODULE_MARKS

@@ -11,6 +11,11 @@
 
 namespace rkd_fast {
 
+// Both ops accumulate (and return losses and saved statistics) in float32, or float64 for float64 inputs.
+inline at::ScalarType accumulate_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 // ---- feature_distance (csrc/cpu/feature_distance.cpp) ----
 // rkd_fast::feature_distance_fwd(student, teacher, mode, p) -> (losses, coeffs, map_s, map_t)
 //   losses (N,) and coeffs (N, 4) in float32 (float64 for float64 inputs); d loss_i / d s_i = c0 s_i + c1 t_i
@@ -21,6 +26,14 @@ namespace rkd_fast {
 //   grad_losses[i] * d loss_i / d input_i in the inputs' dtype and layout; one not asked for comes back as an
 //   empty tensor of shape (0,).
 // mode: 0 "mse", 1 "normalized", 2 "attention" (see rkd_fast/ops/feature_distance.py).
+enum FeatureDistanceMode : int64_t { kMse = 0, kNormalized = 1, kAttention = 2 };
+// The checks both kernels make first (csrc/input_checks.cpp), so that both refuse the same inputs with the same
+// ValueError / TypeError: (student, teacher, mode, p) for `op` on a `device_type` device; and the backward's
+// saved inputs, which must be what the forward returned for (student, teacher, mode).
+void check_feature_distance_inputs(const char* op, const at::Tensor& student, const at::Tensor& teacher, int64_t mode,
+                                   double p, c10::DeviceType device_type);
+void check_feature_distance_saved(const at::Tensor& grad_losses, const at::Tensor& coeffs, const at::Tensor& map_s,
+                                  const at::Tensor& map_t, const at::Tensor& student, int64_t mode);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> feature_distance_fwd_cpu(const at::Tensor& student,
                                                                                     const at::Tensor& teacher,
                                                                                     int64_t mode, double p);

@@ -29,3 +29,13 @@ def gpu_backend_params(op):
     """(status, [cuda, triton] as pytest params)."""
     status = rkd_fast.backends()[op]
     return status, _params(status, ("cuda", "triton"))
+
+
+def kernel_device_params(op):
+    """["cpu", "cuda"] as pytest params: the devices of the op's C++/CUDA kernels (its dispatcher registrations),
+    each skipped with the reason where its backend is unavailable; the cuda one is also marked `gpu`."""
+    status = rkd_fast.backends()[op]
+    return [pytest.param(device, marks=[pytest.mark.skipif(status[device] != "available",
+                                                           reason=f"backend {device!r} {status[device]}"),
+                                        *([pytest.mark.gpu] if device == "cuda" else [])])
+            for device in ("cpu", "cuda")]

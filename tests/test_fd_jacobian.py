@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import rkd_fast
-from _op_backends import backend_params
+from _op_backends import backend_params, kernel_device_params
 from rkd_fast.ops._reference import fd_jacobian as reference
 from rkd_fast.ops.fd_jacobian import ON_IDS
 
@@ -359,26 +359,29 @@ def test_auto_uses_the_cpu_kernel():
 
 # --- bad input -----------------------------------------------------------------------------------------------
 
-@needs_cpu
-def test_kernel_refuses_bad_arguments():
-    # The op called directly, past the Python checks: the C++ checks (csrc/input_checks.cpp, shared with the
-    # CUDA kernel) name the problem.
+@pytest.mark.parametrize("device", kernel_device_params("fd_jacobian"))
+def test_kernel_refuses_bad_arguments(device):
+    # The op called directly, past the Python checks: the C++ checks (csrc/input_checks.cpp, one definition for
+    # the CPU and CUDA kernels) name the problem, with the Python API's exception types.
     op = torch.ops.rkd_fast.fd_jacobian_fwd
-    s, p = make_pair(3, 5, requires_grad=False)
-    h = torch.full((3,), 0.1)
+    s, p = (x.to(device) for x in make_pair(3, 5, requires_grad=False))
+    h = torch.full((3,), 0.1, device=device)
     cases = [
-        ((s, p[:2], h, None, None, 0, 1.0), "s_pert must have shape"),
-        ((s, p.double(), h, None, None, 0, 1.0), "s_pert must have dtype"),
-        ((s, p, h, s, None, 0, 1.0), "give both t_clean and t_pert"),
-        ((s, p, h, s.t().contiguous().t(), p, 0, 1.0), "t_clean rows must be unit-stride"),
-        ((s, p, h, None, None, 2, 1.0), "on must be 0"),
-        ((s, p, h, None, None, 1, 0.0), "temperature must be > 0"),
-        ((s, p, h.double(), None, None, 0, 1.0), "h must be a contiguous tensor of shape"),
-        ((s, p, h[:2], None, None, 0, 1.0), "h must be a contiguous tensor of shape"),
-        ((s[:, 0], p[:, 0], h, None, None, 0, 1.0), "s_clean must be 2-D"),
+        ((s, p[:2], h, None, None, 0, 1.0), ValueError, "s_pert must have shape"),
+        ((s, p.double(), h, None, None, 0, 1.0), TypeError, "s_pert must have dtype"),
+        ((s.int(), p.int(), h, None, None, 0, 1.0), TypeError, "unsupported dtype Int"),
+        ((s, p, h, s, None, 0, 1.0), ValueError, "give both t_clean and t_pert"),
+        ((s, p, h, s.t().contiguous().t(), p, 0, 1.0), ValueError, "t_clean rows must be unit-stride"),
+        ((s, p, h, None, None, 2, 1.0), ValueError, "on must be 0"),
+        ((s, p, h, None, None, 1, 0.0), ValueError, "temperature must be > 0"),
+        ((s, p, h.double(), None, None, 0, 1.0), ValueError, "h must be a contiguous tensor of shape"),
+        ((s, p, h[:2], None, None, 0, 1.0), ValueError, "h must be a contiguous tensor of shape"),
+        ((s[:, 0], p[:, 0], h, None, None, 0, 1.0), ValueError, "s_clean must be 2-D"),
     ]
-    for args, message in cases:
-        with pytest.raises(RuntimeError, match=message):
+    if device == "cuda":  # the dispatcher picks the CUDA kernel for a CPU tensor beside a CUDA one
+        cases.append(((s, p.cpu(), h, None, None, 0, 1.0), ValueError, "s_pert must be on cuda"))
+    for args, error, message in cases:
+        with pytest.raises(error, match=message):
             op(*args, False, False)
 
 

@@ -296,27 +296,3 @@ def test_torch_compile_fullgraph(backend, mode):
     assert_close(loss, expected, torch.float32, "compiled loss", loss=True)
     assert_close(student.grad, s.grad, torch.float32, "compiled student grad")
     assert_close(teacher.grad, t.grad, torch.float32, "compiled teacher grad")
-
-
-@pytest.mark.skipif(STATUS["cuda"] != "available", reason=f"backend 'cuda' {STATUS['cuda']}")
-def test_cuda_contract_errors():
-    fwd, bwd = ops("cuda")
-    a = make((2, 3, 4, 5), torch.float32)
-    with pytest.raises(ValueError, match="both contiguous or both channels_last"):
-        fwd(a, a.contiguous(memory_format=torch.channels_last), 0, 2.0)
-    with pytest.raises(ValueError, match="mode must be"):
-        fwd(a, a, 3, 2.0)
-    with pytest.raises(TypeError, match="dtypes differ"):
-        fwd(a, a.double(), 1, 2.0)
-    with pytest.raises(ValueError, match="contiguous or channels_last"):
-        fwd(a[..., ::2], a[..., ::2].contiguous(), 2, 2.0)
-    with pytest.raises(ValueError, match="p must be"):
-        fwd(a, a, 2, 0.0)
-    losses, coeffs, map_s, map_t = fwd(a, a, 2, 2.0)
-    ones = torch.ones_like(losses)
-    with pytest.raises(ValueError, match="coeffs must be"):
-        bwd(ones, a, a, coeffs[:, :3], map_s, map_t, 2, 2.0, True, True)
-    with pytest.raises(ValueError, match="grad_losses must be"):
-        bwd(ones.double(), a, a, coeffs, map_s, map_t, 2, 2.0, True, True)
-    with pytest.raises(ValueError, match="map_t must be"):
-        bwd(ones, a, a, coeffs, map_s, map_t[:, :3], 2, 2.0, True, True)

@@ -151,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fd_jacobian_fwd_cpu(
     double temperature, bool grad_clean, bool grad_pert) {
   check_fd_jacobian_inputs(s_clean, s_pert, h, t_clean, t_pert, on, temperature, c10::DeviceType::CPU);
   const bool teacher = t_clean.has_value();
-  const auto acc = s_clean.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = accumulate_dtype(s_clean);
   const int64_t n = s_clean.size(0);
 
   at::Tensor losses = at::empty({n}, s_clean.options().dtype(acc));

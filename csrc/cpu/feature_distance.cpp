@@ -64,8 +64,6 @@ constexpr int64_t kAttentionChunk = 16384;
 // A thread is handed at least this many elements: smaller problems run on the calling thread.
 constexpr int64_t kMinWorkPerThread = 32768;
 
-enum Mode : int64_t { kMse = 0, kNormalized = 1, kAttention = 2 };
-
 template <typename scalar_t>
 using acc_t = at::opmath_type<scalar_t>;  // float for float/half/bfloat16, double for double
 template <typename scalar_t>
@@ -598,61 +596,14 @@ void attention_backward(const at::Tensor& grad_losses, const at::Tensor& student
   });
 }
 
-bool same_flat_order(const at::Tensor& a, const at::Tensor& b) {
-  if (a.is_contiguous() && b.is_contiguous()) return true;
-  return a.dim() == 4 && a.is_contiguous(at::MemoryFormat::ChannelsLast) &&
-         b.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
-bool readable_map(const at::Tensor& x) {
-  return x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
-at::ScalarType acc_type_of(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// The checks both ops make on (student, teacher, mode, p); `op` names the op in the messages.
-void check_inputs(const char* op, const at::Tensor& student, const at::Tensor& teacher, int64_t mode, double p) {
-  TORCH_CHECK(student.device().is_cpu() && teacher.device().is_cpu(), op, " (CPU): expected CPU tensors, got ",
-              student.device(), " and ", teacher.device());
-  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(), op, ": student and teacher dtypes differ (",
-              student.scalar_type(), " and ", teacher.scalar_type(), ")");
-  TORCH_CHECK(mode == kMse || mode == kNormalized || mode == kAttention, op,
-              ": mode must be 0 (mse), 1 (normalized) or 2 (attention), got ", mode);
-  TORCH_CHECK(student.dim() >= 1 && teacher.dim() >= 1 && student.size(0) == teacher.size(0), op,
-              ": need a common batch dim 0, got shapes ", student.sizes(), " and ", teacher.sizes());
-  if (mode == kAttention) {
-    TORCH_CHECK(student.dim() == 4 && teacher.dim() == 4 && student.size(2) == teacher.size(2) &&
-                    student.size(3) == teacher.size(3),
-                op, ": mode attention takes (N, C, H, W) maps with equal H, W, got shapes ", student.sizes(), " and ",
-                teacher.sizes());
-    TORCH_CHECK(std::isfinite(p) && p > 0, op, ": p must be finite and > 0, got ", p);
-    TORCH_CHECK(readable_map(student) && readable_map(teacher), op,
-                ": attention maps must be contiguous or channels_last");
-  } else {
-    TORCH_CHECK(student.sizes() == teacher.sizes(), op, ": mode ", mode, " needs equal shapes, got ",
-                student.sizes(), " and ", teacher.sizes());
-    TORCH_CHECK(same_flat_order(student, teacher), op,
-                ": student and teacher must both be contiguous or both channels_last");
-  }
-}
-
-// A saved tensor handed back to the backward: contiguous, the accumulation dtype, the expected shape.
-void check_saved(const char* name, const at::Tensor& x, at::ScalarType acc, at::IntArrayRef shape) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == acc && x.sizes() == shape && x.is_contiguous(),
-              "feature_distance_bwd: ", name, " must be a contiguous CPU ", acc, " tensor of shape ", shape,
-              ", got ", x.scalar_type(), " ", x.sizes(), " on ", x.device());
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> feature_distance_fwd_cpu(const at::Tensor& student,
                                                                                     const at::Tensor& teacher,
                                                                                     int64_t mode, double p) {
-  check_inputs("feature_distance_fwd", student, teacher, mode, p);
+  check_feature_distance_inputs("feature_distance_fwd", student, teacher, mode, p, c10::DeviceType::CPU);
   const int64_t n = student.size(0);
-  const auto acc_options = student.options().dtype(acc_type_of(student));
+  const auto acc_options = student.options().dtype(accumulate_dtype(student));
   at::Tensor losses = at::empty({n}, acc_options);
   at::Tensor coeffs = at::empty({n, 4}, acc_options);
   const bool maps = mode == kAttention;
@@ -678,17 +629,9 @@ std::tuple<at::Tensor, at::Tensor> feature_distance_bwd_cpu(const at::Tensor& gr
                                                             const at::Tensor& map_s, const at::Tensor& map_t,
                                                             int64_t mode, double p, bool grad_student,
                                                             bool grad_teacher) {
-  check_inputs("feature_distance_bwd", student, teacher, mode, p);
-  const int64_t n = student.size(0);
-  const at::ScalarType acc = acc_type_of(student);
-  check_saved("grad_losses", grad_losses, acc, {n});
-  check_saved("coeffs", coeffs, acc, {n, 4});
+  check_feature_distance_inputs("feature_distance_bwd", student, teacher, mode, p, c10::DeviceType::CPU);
+  check_feature_distance_saved(grad_losses, coeffs, map_s, map_t, student, mode);
   const bool maps = mode == kAttention;
-  const int64_t hw = maps ? student.size(2) * student.size(3) : 0;
-  if (maps) {
-    check_saved("map_s", map_s, acc, {n, hw});
-    check_saved("map_t", map_t, acc, {n, hw});
-  }
   at::Tensor grad_s = grad_student ? at::empty_like(student) : at::empty({0}, student.options());
   at::Tensor grad_t = grad_teacher ? at::empty_like(teacher) : at::empty({0}, teacher.options());
   advise_huge_pages(grad_s);

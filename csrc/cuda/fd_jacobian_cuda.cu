@@ -166,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fd_jacobian_fwd_cuda(
     double temperature, bool grad_clean, bool grad_pert) {
   check_fd_jacobian_inputs(s_clean, s_pert, h, t_clean, t_pert, on, temperature, c10::DeviceType::CUDA);
   const bool teacher = t_clean.has_value();
-  const auto acc = s_clean.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = accumulate_dtype(s_clean);
   const int64_t n = s_clean.size(0);
 
   const c10::cuda::CUDAGuard guard(s_clean.device());

@@ -49,7 +49,6 @@ constexpr double kNormEps = 1e-12;  // floor of ‖x‖, as in torch.nn.function
 constexpr int kMaxChunks = 1024;     // per sample; keeps the partials small and the finalize loop short
 constexpr int kMaxGridY = 65535;
 
-enum Mode : int64_t { kMse = 0, kNormalized = 1, kAttention = 2 };
 enum PowKind : int { kPowAny = 0, kPowOne = 1, kPowTwo = 2 };
 
 template <typename scalar_t>
@@ -353,16 +352,6 @@ __global__ void __launch_bounds__(kThreads) attention_grad_kernel(
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-bool same_flat_order(const at::Tensor& s, const at::Tensor& t) {
-  if (s.is_contiguous() && t.is_contiguous()) return true;
-  return s.dim() == 4 && s.is_contiguous(at::MemoryFormat::ChannelsLast) &&
-         t.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
-bool in_place_layout(const at::Tensor& x) {
-  return x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
 // A size-1 dim may carry any stride: hw = h*W + w steps by W's stride unless W == 1.
 int64_t hw_stride(const at::Tensor& x) { return x.size(3) > 1 ? x.stride(3) : x.stride(2); }
 
@@ -460,52 +449,6 @@ void launch_attention_grad(const at::Tensor& f, at::Tensor& grad, const at::Tens
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void check_inputs(const char* op, const at::Tensor& student, const at::Tensor& teacher, int64_t mode, double p) {
-  TORCH_CHECK_VALUE(student.is_cuda() && teacher.is_cuda(), op, " (CUDA): expected CUDA tensors, got ",
-                    student.device(), " and ", teacher.device());
-  TORCH_CHECK_VALUE(student.device() == teacher.device(), op, ": student and teacher are on ", student.device(),
-                    " and ", teacher.device());
-  const auto dtype = student.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-                   op, ": unsupported dtype ", dtype, " (float32, float64, float16, bfloat16)");
-  TORCH_CHECK_TYPE(teacher.scalar_type() == dtype, op, ": student and teacher dtypes differ: ", dtype, " and ",
-                   teacher.scalar_type());
-  TORCH_CHECK_VALUE(mode == kMse || mode == kNormalized || mode == kAttention, op,
-                    ": mode must be 0 (mse), 1 (normalized) or 2 (attention), got ", mode);
-  TORCH_CHECK_VALUE(student.dim() >= 1 && teacher.dim() >= 1 && student.size(0) == teacher.size(0), op,
-                    ": student and teacher need the same batch size in dim 0, got shapes ", student.sizes(), " and ",
-                    teacher.sizes());
-  if (mode == kAttention) {
-    TORCH_CHECK_VALUE(student.dim() == 4 && teacher.dim() == 4 && student.size(2) == teacher.size(2) &&
-                          student.size(3) == teacher.size(3),
-                      op, ": mode 2 (attention) takes 4-D (N, C, H, W) maps with equal H, W, got ", student.sizes(),
-                      " and ", teacher.sizes());
-    TORCH_CHECK_VALUE(in_place_layout(student) && in_place_layout(teacher), op,
-                      ": mode 2 (attention) reads contiguous or channels_last tensors, got strides ",
-                      student.strides(), " and ", teacher.strides());
-    TORCH_CHECK_VALUE(std::isfinite(p) && p > 0, op, ": p must be a finite number > 0, got ", p);
-  } else {
-    TORCH_CHECK_VALUE(student.sizes() == teacher.sizes(), op, ": modes 0 and 1 need equal shapes, got ",
-                      student.sizes(), " and ", teacher.sizes());
-    TORCH_CHECK_VALUE(same_flat_order(student, teacher), op,
-                      ": modes 0 and 1 need student and teacher both contiguous or both channels_last, got "
-                      "strides ", student.strides(), " and ", teacher.strides());
-  }
-}
-
-// The backward's own inputs are what the forward returned (grad_losses shaped like its losses): contiguous,
-// in the accumulation dtype, on the inputs' device.
-void check_saved(const char* name, const at::Tensor& x, at::IntArrayRef shape, at::ScalarType acc_dtype,
-                 const at::Tensor& student) {
-  TORCH_CHECK_VALUE(x.sizes() == shape && x.scalar_type() == acc_dtype && x.is_contiguous() &&
-                        x.device() == student.device(),
-                    "feature_distance_bwd: ", name, " must be a contiguous ", acc_dtype, " tensor of shape ", shape,
-                    " on ", student.device(), ", got ", x.scalar_type(), " ", x.sizes(), " with strides ",
-                    x.strides(), " on ", x.device());
-}
-
-at::ScalarType acc_dtype_of(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
 int pow_kind_of(double p) { return p == 2.0 ? kPowTwo : (p == 1.0 ? kPowOne : kPowAny); }
 
 }  // namespace
@@ -513,10 +456,10 @@ int pow_kind_of(double p) { return p == 2.0 ? kPowTwo : (p == 1.0 ? kPowOne : kP
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> feature_distance_fwd_cuda(const at::Tensor& student,
                                                                                      const at::Tensor& teacher,
                                                                                      int64_t mode, double p) {
-  check_inputs("feature_distance_fwd", student, teacher, mode, p);
+  check_feature_distance_inputs("feature_distance_fwd", student, teacher, mode, p, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(student.device());
   const int64_t n = student.size(0);
-  const auto acc_options = student.options().dtype(acc_dtype_of(student));
+  const auto acc_options = student.options().dtype(accumulate_dtype(student));
   const int64_t hw = mode == kAttention ? student.size(2) * student.size(3) : 0;
   at::Tensor losses = at::empty({n}, acc_options);
   at::Tensor coeffs = at::empty({n, 4}, acc_options);
@@ -548,16 +491,9 @@ std::tuple<at::Tensor, at::Tensor> feature_distance_bwd_cuda(const at::Tensor& g
                                                              const at::Tensor& map_s, const at::Tensor& map_t,
                                                              int64_t mode, double p, bool grad_student,
                                                              bool grad_teacher) {
-  check_inputs("feature_distance_bwd", student, teacher, mode, p);
+  check_feature_distance_inputs("feature_distance_bwd", student, teacher, mode, p, c10::DeviceType::CUDA);
+  check_feature_distance_saved(grad_losses, coeffs, map_s, map_t, student, mode);
   const int64_t n = student.size(0);
-  const auto acc_dtype = acc_dtype_of(student);
-  check_saved("grad_losses", grad_losses, {n}, acc_dtype, student);
-  check_saved("coeffs", coeffs, {n, 4}, acc_dtype, student);
-  if (mode == kAttention) {
-    const int64_t hw = student.size(2) * student.size(3);
-    check_saved("map_s", map_s, {n, hw}, acc_dtype, student);
-    check_saved("map_t", map_t, {n, hw}, acc_dtype, student);
-  }
   const c10::cuda::CUDAGuard guard(student.device());
   // empty_like keeps the input's strides (contiguous or channels_last), as the Python fake does
   at::Tensor grad_s = grad_student ? at::empty_like(student) : at::empty({0}, student.options());

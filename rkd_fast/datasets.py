@@ -9,7 +9,7 @@ iteration. `build_dataset` picks a loader by data set name; `dataset_info` gives
 
 Sharding follows `torch.utils.data.DistributedSampler`: the epoch's permutation is split ``perm[rank::world_size]``,
 so the ranks' batches ``k``, interleaved, are exactly batch ``k`` of a single process whose batch size is
-``world_size`` times larger. The order and (`GPULoader`, `ImageFolderLoader`) the augmentation of each sample
+``world_size`` times larger. The order and (`GPULoader`, `ImageFolderLoader`, `DALILoader`) the augmentation of each sample
 come from ``(seed, epoch, sample index)`` only, never from the rank or world size.
 """
 
@@ -472,59 +472,112 @@ class ImageFolderLoader:
 DALI_PIP = "nvidia-dali-cuda120 (or nvidia-dali-cuda130 for CUDA 13)"
 
 
+def import_dali():
+    """(fn, types, pipeline_def, DALIGenericIterator, LastBatchPolicy) of NVIDIA DALI, or ImportError naming the
+    package to install."""
+    try:
+        from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+    except ImportError as e:
+        raise ImportError(f"loader='dali' needs NVIDIA DALI, which is not installed: pip install {DALI_PIP} "
+                          f"(see https://docs.nvidia.com/deeplearning/dali/); or use loader='pytorch'") from e
+    return fn, types, pipeline_def, DALIGenericIterator, LastBatchPolicy
+
+
 class DALILoader:
-    """ImageNet decoded and augmented on the GPU by NVIDIA DALI (same augmentation as `imagenet_transform`).
+    """ImageNet training batches decoded, cropped and resized by NVIDIA DALI (nvJPEG on the GPU when `device` is
+    CUDA, DALI's CPU decoder otherwise), with `ImageFolderLoader`'s contract: the same `ShardSampler` order and
+    sharding, ``set_epoch(epoch, start_batch)``, and each sample's crop box and flip drawn exactly as there
+    (torchvision's RandomResizedCrop / RandomHorizontalFlip draws from an RNG seeded by (seed, epoch, sample)),
+    so they do not depend on the rank or world size and a resumed run replays them. Only the pixels' resampling
+    differs (DALI's antialiased linear resize, not PIL's): a run may switch loaders on --resume.
 
-    UNTESTED here (no GPU and no DALI on the development machine): kept minimal on purpose. Sharding is
-    DALI's own (contiguous shards, reshuffled with `seed`), not `ShardSampler`'s, and ``start_batch`` is not
-    supported."""
+    Python reads each file and its JPEG header (for the image size the crop box needs); DALI decodes just the
+    box (``decoders.image_slice``), resizes it to ``size × size``, flips and converts it to float [0, 1] CHW on
+    `device`. Yields ``(x, y)``: x (B, 3, size, size) float32 on `device`, y (B,) int64."""
 
-    def __init__(self, root, split, batch_size, *, num_workers=8, seed=0, rank=None, world_size=None, device_id=None):
-        try:
-            from nvidia.dali import fn, pipeline_def, types
-            from nvidia.dali.plugin.pytorch import DALIClassificationIterator, LastBatchPolicy
-        except ImportError as e:
-            raise ImportError(f"loader='dali' needs NVIDIA DALI, which is not installed: pip install {DALI_PIP} "
-                              f"(see https://docs.nvidia.com/deeplearning/dali/); or use loader='pytorch'") from e
+    def __init__(self, root, split, batch_size, *, size=224, num_workers=8, seed=0, rank=None, world_size=None,
+                 drop_last=None, device=None):
+        self._dali = import_dali()
+        if split != "train":
+            raise ValueError(f"the DALI loader serves the train split (random crops); got {split!r}: read val "
+                             f"with loader='pytorch'")
         rank, world_size = _distributed_defaults(rank, world_size)
-        folder = Path(root) / split
-        if not folder.is_dir():
-            raise FileNotFoundError(f"ImageNet {split} split not found: expected a directory {folder}")
-        train = split == "train"
-        device_id = torch.cuda.current_device() if device_id is None else device_id
+        self.dataset = image_folder(root, split)  # the samples and class numbering (no transform runs)
+        self.sampler = ShardSampler(len(self.dataset), batch_size, shuffle=True,
+                                    drop_last=True if drop_last is None else drop_last, seed=seed, rank=rank,
+                                    world_size=world_size)
+        self.seed, self.size, self.num_workers = seed, size, max(1, num_workers)
+        self.device = torch.device("cpu" if device is None else device)
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"the DALI loader runs on cpu or cuda, not {self.device}")
 
-        @pipeline_def(batch_size=batch_size, num_threads=num_workers, device_id=device_id, seed=seed)
+    @property
+    def num_samples(self):
+        return len(self.dataset)
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.sampler.set_epoch(epoch, start_batch)
+
+    def __len__(self):
+        return -(-len(self.sampler) // self.sampler.batch_size)
+
+    def _sample(self, epoch, index):
+        """(encoded bytes, crop anchor (top, left), crop shape (h, w), flip, label) of sample `index`."""
+        import numpy as np
+        from PIL import Image
+        from torchvision import transforms
+
+        path, target = self.dataset.samples[index]
+        data = np.fromfile(path, dtype=np.uint8)
+        with Image.open(path) as header:  # reads the header only: the size, without decoding
+            state = torch.get_rng_state()
+            try:  # the draws of imagenet_transform("train"), in its order
+                torch.default_generator.manual_seed(_sample_seed(self.seed, epoch, index))
+                top, left, h, w = transforms.RandomResizedCrop.get_params(header, (0.08, 1.0), (3 / 4, 4 / 3))
+                flip = bool(torch.rand(1) < 0.5)
+            finally:
+                torch.set_rng_state(state)
+        return (data, np.array([top, left], np.int32), np.array([h, w], np.int32), np.array(flip, np.int32),
+                np.array(target, np.int64))
+
+    def _batches(self, epoch, indices):
+        batch = self.sampler.batch_size
+        for start in range(0, len(indices), batch):
+            yield tuple(list(column) for column in zip(*(self._sample(epoch, i) for i in indices[start:start + batch])))
+
+    def __iter__(self):
+        fn, types, pipeline_def, DALIGenericIterator, LastBatchPolicy = self._dali
+        indices = list(self.sampler)
+        self.sampler.start_batch = 0  # a resume offset applies to one pass only
+        if not indices:
+            return
+        on_gpu = self.device.type == "cuda"
+        device_id = (torch.cuda.current_device() if self.device.index is None else self.device.index) if on_gpu else None
+        source = self._batches(self.sampler.epoch, indices)
+
+        # A pipeline per epoch: its source is this epoch's plan, fixed before any batch is prefetched.
+        @pipeline_def(batch_size=self.sampler.batch_size, num_threads=self.num_workers,
+                      device_id=device_id, seed=self.seed,
+                      prefetch_queue_depth=2)
         def pipeline():
-            jpegs, labels = fn.readers.file(file_root=str(folder), shard_id=rank, num_shards=world_size,
-                                            random_shuffle=train, name="Reader")
-            if train:
-                images = fn.decoders.image_random_crop(jpegs, device="mixed", output_type=types.RGB)
-                images = fn.resize(images, resize_x=224, resize_y=224)
-                mirror = fn.random.coin_flip(probability=0.5)
-            else:
-                images = fn.decoders.image(jpegs, device="mixed", output_type=types.RGB)
-                images = fn.resize(images, resize_shorter=256)
-                mirror = False
-            images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", crop=(224, 224),
-                                              mean=[0.0] * 3, std=[255.0] * 3, mirror=mirror)
-            return images, labels.gpu()
+            jpegs, anchor, shape, flip, label = fn.external_source(source=source, num_outputs=5, batch=True)
+            images = fn.decoders.image_slice(jpegs, anchor, shape, axis_names="HW", device="mixed" if on_gpu else "cpu",
+                                             output_type=types.RGB, adjust_orientation=False)  # as PIL: no EXIF turn
+            images = fn.resize(images, resize_x=self.size, resize_y=self.size, antialias=True)
+            images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=[0.0] * 3,
+                                              std=[255.0] * 3, mirror=flip)
+            return images, label.gpu() if on_gpu else label
 
         pipe = pipeline()
         pipe.build()
-        policy = LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL
-        self.iterator = DALIClassificationIterator(pipe, reader_name="Reader", last_batch_policy=policy,
-                                                   auto_reset=True)
-
-    def set_epoch(self, epoch, start_batch=0):
-        if start_batch:
-            raise ValueError("the DALI loader cannot resume mid-epoch; use loader='pytorch'")
-
-    def __len__(self):
-        return len(self.iterator)
-
-    def __iter__(self):
-        for batch in self.iterator:
-            yield batch[0]["data"], batch[0]["label"].squeeze(-1).long()
+        iterator = DALIGenericIterator(pipe, ["x", "y"], last_batch_policy=LastBatchPolicy.PARTIAL,
+                                       prepare_first_batch=False)
+        try:
+            for (batch,) in iterator:
+                yield batch["x"], batch["y"].view(-1)
+        finally:
+            del iterator, pipe
 
 
 # --- synthetic ---------------------------------------------------------------------------------------------
@@ -627,7 +680,7 @@ def build_dataset(name, data_dir=None, split="train", *, batch_size=128, device=
                          world_size=world_size, device=device)
     if loader == "dali":
         return DALILoader(data_dir, split, batch_size, num_workers=num_workers, seed=seed, rank=rank,
-                          world_size=world_size)
+                          world_size=world_size, device=device)
     if loader != "pytorch":
         raise ValueError(f"loader must be 'pytorch' or 'dali', got {loader!r}")
     return ImageFolderLoader(data_dir, split, batch_size, num_workers=num_workers, seed=seed, rank=rank,

@@ -7,6 +7,7 @@ two processes under torchrun training like one."""
 import contextlib
 import json
 import shutil
+import sys
 import warnings
 
 import pytest
@@ -145,10 +146,21 @@ def test_bad_imagenet_dir_is_a_clear_error_before_any_file(tmp_path, capsys, ext
     assert not out.exists()
 
 
+def test_dali_loader_without_dali_is_a_clear_error_before_any_file(folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # make `import nvidia.dali` fail
+    out = tmp_path / "run"
+    assert _train(["--method", "natural", "--dataset", "imagenet", "--data-dir", str(folder), "--loader", "dali",
+                   *TINY, "--out", str(out)]) == 2
+    assert "needs NVIDIA DALI, which is not installed: pip install nvidia-dali-cuda120" in capsys.readouterr().err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("options,message", [
     ({"dataset": "cifar10", "image_size": 16}, "--image-size applies to --dataset imagenet/synthetic-imagenet"),
     ({"dataset": "synthetic-imagenet", "num_workers": 2}, "--num-workers applies to --dataset imagenet"),
     ({"dataset": "synthetic-imagenet", "synthetic_batches": 0}, "synthetic_batches must be >= 1"),
+    ({"dataset": "synthetic-imagenet", "loader": "dali"}, "--loader applies to --dataset imagenet"),
+    ({"dataset": "imagenet", "loader": "nvjpeg"}, "unknown loader 'nvjpeg'"),
 ])
 def test_streaming_options_are_validated(options, message):
     with pytest.raises(ValueError, match=message):

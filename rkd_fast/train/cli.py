@@ -4,7 +4,7 @@ import dataclasses
 import sys
 
 from .config import (ARD_ALPHA, ARD_TEMPERATURE, CIFAR_VAL_SIZE, DATASETS, DEFAULT_FEATURE_LAYER, FEATURE_MODES,
-                     IMAGENET_WORKERS, METHODS, PRECISIONS, SCHEDULES, STREAMING_VAL_SIZE, SYNTHETIC_BATCHES,
+                     IMAGENET_WORKERS, LOADERS, METHODS, PRECISIONS, SCHEDULES, STREAMING_VAL_SIZE, SYNTHETIC_BATCHES,
                      TRADES_BETA, TrainConfig)
 
 _D = TrainConfig()
@@ -26,6 +26,10 @@ def add_arguments(parser):
                      help="imagenet, synthetic-imagenet: side of the square input images (default: 224)")
     run.add_argument("--num-workers", type=int, default=_D.num_workers,
                      help=f"imagenet: DataLoader worker processes per process (default: {IMAGENET_WORKERS})")
+    run.add_argument("--loader", choices=LOADERS, default=_D.loader,
+                     help="imagenet: what reads and augments the training images: pytorch (DataLoader workers, "
+                          "the default) or dali (NVIDIA DALI, decoding on the GPU; pip install "
+                          "'rkd_fast[dali]'); the same samples, crops and flips either way")
     run.add_argument("--synthetic-batches", type=int, default=_D.synthetic_batches,
                      help=f"synthetic-imagenet: training steps per epoch (default: {SYNTHETIC_BATCHES})")
     run.add_argument("--arch", default=_D.arch, help="student architecture (small_cnn, preact_resnet18, resnet18)")

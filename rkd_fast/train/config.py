@@ -20,6 +20,7 @@ FEATURE_MODES = ("normalized", "mse", "attention")
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet", "synthetic-imagenet")  # see rkd_fast.datasets
 IN_MEMORY_DATASETS = ("digits", "cifar10", "cifar100")  # held as tensors (load_data)
 STREAMING_DATASETS = ("imagenet", "synthetic-imagenet")  # served by loaders (rkd_fast.train.streaming)
+LOADERS = ("pytorch", "dali")  # imagenet training batches: DataLoader workers, or NVIDIA DALI
 CIFAR_VAL_SIZE = 1000  # images of CIFAR train held out as the val split (CIFAR has no val split of its own)
 # imagenet, synthetic-imagenet: images of the val split the robust validation evaluates unless --val-size (a
 # fixed stratified subset of ImageNet's 50,000: PGD over all of them at every evaluation is slow).
@@ -40,7 +41,7 @@ ARD_ALPHA = 1.0  # official main.py --alpha: weight of the distillation term, (1
 
 # Options that may differ between a run and its --resume (they do not change what is computed).
 RESUME_MAY_CHANGE = ("resume", "overwrite", "progress", "out", "ckpt_every", "keep", "device", "command",
-                     "data_dir", "download", "num_workers")
+                     "data_dir", "download", "num_workers", "loader")
 
 
 @dataclass
@@ -58,6 +59,7 @@ class TrainConfig:
     val_size: int | None = None
     image_size: int | None = None  # imagenet, synthetic-imagenet: side of the square inputs (None: 224)
     num_workers: int | None = None  # imagenet: DataLoader workers per process (None: IMAGENET_WORKERS)
+    loader: str | None = None  # imagenet training batches: "pytorch" (None) or "dali" (rkd_fast.datasets)
     synthetic_batches: int | None = None  # synthetic-imagenet: steps per epoch (None: SYNTHETIC_BATCHES)
     arch: str = "small_cnn"
     width: int | None = None  # the architecture's base width; None: its default
@@ -228,10 +230,12 @@ def check_config(cfg):
                          "synthetic-imagenet (val images evaluated); digits evaluates its whole val split")
     # Options of the streaming data sets, refused elsewhere rather than silently ignored.
     for name, applies in (("image_size", STREAMING_DATASETS), ("num_workers", ("imagenet",)),
-                          ("synthetic_batches", ("synthetic-imagenet",))):
+                          ("loader", ("imagenet",)), ("synthetic_batches", ("synthetic-imagenet",))):
         if getattr(cfg, name) is not None and cfg.dataset not in applies:
             raise ValueError(f"--{name.replace('_', '-')} applies to --dataset {'/'.join(applies)}, not "
                              f"{cfg.dataset!r}")
+    if cfg.loader is not None:
+        _choice("loader", cfg.loader, LOADERS)
     _number("val_size", cfg.val_size, minimum=1, integer=True, allow_none=True)
     _number("image_size", cfg.image_size, minimum=1, integer=True, allow_none=True)
     _number("num_workers", cfg.num_workers, integer=True, allow_none=True)

@@ -18,6 +18,8 @@ horizontal flip; val: resize to ``image_size · 256/224``, center crop. The robu
 seed VAL_SPLIT_SEED), in chunks of the per-process batch size. Each sample's crop and flip are drawn from an RNG
 seeded by (seed, epoch, sample) (rkd_fast.datasets.ImageFolderLoader), so they do not depend on the DataLoader
 worker, rank or world size, and a resumed run replays them (``num_workers`` may change on --resume).
+``--loader dali`` reads and augments the training images with NVIDIA DALI (rkd_fast.datasets.DALILoader): the
+same samples, crop boxes and flips, resampled by DALI; the val split is read as above either way.
 
 On both, a student whose architecture takes a ``stem`` (ResNet-34/50, MobileNetV2) is built with the ImageNet
 stem (trainer.Run); a teacher file keeps the stem it was built with.
@@ -105,13 +107,17 @@ def load_streaming(cfg, device, ctx):
             from error
     workers = config.IMAGENET_WORKERS if cfg.num_workers is None else cfg.num_workers
     pin = device.type == "cuda"
+    # drop_last=False: the step count and the short last batch's weighting assume every sample is served.
+    shard = {"num_workers": workers, "seed": cfg.seed, "rank": ctx.rank, "world_size": ctx.world_size,
+             "drop_last": False}
     try:
-        # drop_last=False: the step count and the short last batch's weighting assume every sample is served.
-        train = datasets.ImageFolderLoader(cfg.data_dir, "train", cfg.batch_size, num_workers=workers, seed=cfg.seed,
-                                           rank=ctx.rank, world_size=ctx.world_size, drop_last=False,
-                                           transform=datasets.imagenet_transform("train", side), pin_memory=pin)
+        if cfg.loader == "dali":
+            train = datasets.DALILoader(cfg.data_dir, "train", cfg.batch_size, size=side, device=device, **shard)
+        else:
+            train = datasets.ImageFolderLoader(cfg.data_dir, "train", cfg.batch_size, pin_memory=pin,
+                                               transform=datasets.imagenet_transform("train", side), **shard)
         val_folder = datasets.image_folder(cfg.data_dir, "val", datasets.imagenet_transform("val", side))
-    except FileNotFoundError as error:  # a bad --data-dir is bad input, like any other option
+    except (FileNotFoundError, ImportError) as error:  # a bad --data-dir, or --loader dali without DALI
         raise ValueError(str(error)) from error
     classes = train.dataset.classes
     if val_folder.classes != classes:

@@ -43,7 +43,7 @@ for p in "$@"; do
         # Built where it runs: this machine's torch and Python; sm_90 only (H100/H200) to halve the compile.
         # The system compiler when there is one: the lent H100 image's default g++ (/opt/gcc, 2026-11-25) linked
         # libstdc++ statically into the library, whose own locale then crashed formatting a number into an
-        # error message (a segfault instead of ValueError in test_cuda_contract_errors).
+        # error message (a segfault instead of ValueError in the CUDA kernel's bad-argument test).
         compilers=()
         [ -x /usr/bin/g++ ] && compilers=(CC=/usr/bin/gcc CXX=/usr/bin/g++)
         phase build 300 env "${compilers[@]}" TORCH_CUDA_ARCH_LIST=9.0 RKD_FAST_CUDA=1 MAX_JOBS=16 $PY setup.py build_ext --inplace \
@@ -52,7 +52,9 @@ for p in "$@"; do
         cp rkd_fast/_build_info.py rkd_fast/_C*.so "$OUT/" 2>/dev/null;;
     gputests)
         phase gputests 270 $PY -m pytest -q -p no:cacheprovider -rfE --tb=short ${PYTEST_ARGS:-} \
-            tests/test_feature_distance_gpu.py tests/test_fd_jacobian_gpu.py tests/test_train_gpu.py tests/triton
+            tests/test_feature_distance_gpu.py tests/test_fd_jacobian_gpu.py tests/test_train_gpu.py tests/triton \
+            tests/test_feature_distance.py::test_kernels_refuse_bad_arguments \
+            tests/test_fd_jacobian.py::test_kernel_refuses_bad_arguments
         grep -E "^(FAILED|ERROR)" "$OUT/gputests.log" | head -n 40;;
     suite)
         # One thread per worker: 12 workers of 16 threads each on 16 cores ran ~10x slower.

@@ -13,6 +13,7 @@ so the ranks' batches ``k``, interleaved, are exactly batch ``k`` of a single pr
 come from ``(seed, epoch, sample index)`` only, never from the rank or world size.
 """
 
+import contextlib
 import hashlib
 import pickle
 import warnings
@@ -387,6 +388,18 @@ def _sample_seed(seed, epoch, index):
     return (_epoch_generator(seed, epoch).initial_seed() * 0x632BE5AB + int(index)) % (1 << 63)
 
 
+@contextlib.contextmanager
+def _sample_rng(seed, epoch, index):
+    """Inside: torch's CPU generator (which torchvision's random transforms draw from) seeded by (seed, epoch,
+    index); its state is restored after. The CUDA generators are untouched."""
+    state = torch.get_rng_state()
+    torch.default_generator.manual_seed(_sample_seed(seed, epoch, index))
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state)
+
+
 class _EpochKeys(torch.utils.data.Sampler):
     """A `ShardSampler`'s indices as ``(epoch, index)`` keys: the DataLoader workers learn the epoch of each
     sample they load (persistent workers hold a copy of the data set made when they started)."""
@@ -419,13 +432,8 @@ class _SeededSamples(torch.utils.data.Dataset):
         image = self.folder.loader(path)
         if self.folder.transform is None:
             return image, target
-        state = torch.get_rng_state()
-        try:
-            torch.default_generator.manual_seed(_sample_seed(self.seed, epoch, index))  # CPU only: CUDA RNG untouched
-            x = self.folder.transform(image)
-        finally:
-            torch.set_rng_state(state)
-        return x, target
+        with _sample_rng(self.seed, epoch, index):
+            return self.folder.transform(image), target
 
 
 class ImageFolderLoader:
@@ -508,6 +516,7 @@ class DALILoader:
                                     drop_last=True if drop_last is None else drop_last, seed=seed, rank=rank,
                                     world_size=world_size)
         self.seed, self.size, self.num_workers = seed, size, max(1, num_workers)
+        self.crop, self.flip = imagenet_transform("train", size).transforms[:2]  # their draws, not their pixels
         self.device = torch.device("cpu" if device is None else device)
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"the DALI loader runs on cpu or cuda, not {self.device}")
@@ -526,18 +535,13 @@ class DALILoader:
         """(encoded bytes, crop anchor (top, left), crop shape (h, w), flip, label) of sample `index`."""
         import numpy as np
         from PIL import Image
-        from torchvision import transforms
 
         path, target = self.dataset.samples[index]
         data = np.fromfile(path, dtype=np.uint8)
-        with Image.open(path) as header:  # reads the header only: the size, without decoding
-            state = torch.get_rng_state()
-            try:  # the draws of imagenet_transform("train"), in its order
-                torch.default_generator.manual_seed(_sample_seed(self.seed, epoch, index))
-                top, left, h, w = transforms.RandomResizedCrop.get_params(header, (0.08, 1.0), (3 / 4, 4 / 3))
-                flip = bool(torch.rand(1) < 0.5)
-            finally:
-                torch.set_rng_state(state)
+        # The draws imagenet_transform("train") makes for this sample, in its order, with its parameters.
+        with Image.open(path) as header, _sample_rng(self.seed, epoch, index):  # header only: the size
+            top, left, h, w = self.crop.get_params(header, self.crop.scale, self.crop.ratio)
+            flip = bool(torch.rand(1) < self.flip.p)  # as RandomHorizontalFlip
         return (data, np.array([top, left], np.int32), np.array([h, w], np.int32), np.array(flip, np.int32),
                 np.array(target, np.int64))
 
@@ -557,9 +561,8 @@ class DALILoader:
         source = self._batches(self.sampler.epoch, indices)
 
         # A pipeline per epoch: its source is this epoch's plan, fixed before any batch is prefetched.
-        @pipeline_def(batch_size=self.sampler.batch_size, num_threads=self.num_workers,
-                      device_id=device_id, seed=self.seed,
-                      prefetch_queue_depth=2)
+        @pipeline_def(batch_size=self.sampler.batch_size, num_threads=self.num_workers, device_id=device_id,
+                      seed=self.seed, prefetch_queue_depth=2)
         def pipeline():
             jpegs, anchor, shape, flip, label = fn.external_source(source=source, num_outputs=5, batch=True)
             images = fn.decoders.image_slice(jpegs, anchor, shape, axis_names="HW", device="mixed" if on_gpu else "cpu",

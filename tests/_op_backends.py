@@ -12,9 +12,12 @@ GPU_MODULE_MARKS = [pytest.mark.gpu,
                                        reason="needs a CUDA GPU (torch.cuda.is_available() is False)")]
 
 
-def _params(status, names):
-    return [pytest.param(name, marks=pytest.mark.skipif(status[name] != "available",
-                                                        reason=f"backend {name!r} {status[name]}"))
+def _params(status, names, gpu=()):
+    """`names` as pytest params, each skipped with its backend's status unless available; those in `gpu` are
+    also marked `gpu`."""
+    return [pytest.param(name, marks=[pytest.mark.skipif(status[name] != "available",
+                                                         reason=f"backend {name!r} {status[name]}"),
+                                      *([pytest.mark.gpu] if name in gpu else [])])
             for name in names]
 
 
@@ -34,8 +37,4 @@ def gpu_backend_params(op):
 def kernel_device_params(op):
     """["cpu", "cuda"] as pytest params: the devices of the op's C++/CUDA kernels (its dispatcher registrations),
     each skipped with the reason where its backend is unavailable; the cuda one is also marked `gpu`."""
-    status = rkd_fast.backends()[op]
-    return [pytest.param(device, marks=[pytest.mark.skipif(status[device] != "available",
-                                                           reason=f"backend {device!r} {status[device]}"),
-                                        *([pytest.mark.gpu] if device == "cuda" else [])])
-            for device in ("cpu", "cuda")]
+    return _params(rkd_fast.backends()[op], ("cpu", "cuda"), gpu=("cuda",))

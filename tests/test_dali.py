@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from test_datasets import _epoch
 from test_train_imagenet import TINY, _train, _weights
 
 from rkd_fast import datasets
@@ -33,11 +34,6 @@ def smooth_folder(tmp_path_factory):
                 pixels = np.clip(pattern + rng.integers(0, 30, pattern.shape), 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(root / split / cls / f"img{i}.JPEG", quality=95)
     return root
-
-
-def _epoch(loader, epoch, start_batch=0):
-    loader.set_epoch(epoch, start_batch)
-    return list(loader)
 
 
 @pytest.mark.parametrize("world_size", [1, 2])

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import rkd_fast
+import _feature_distance_contract as contract
 from _op_backends import backend_params, kernel_device_params
 from rkd_fast.ops.feature_distance import MODE_IDS
 
@@ -415,35 +416,10 @@ def test_kernels_refuse_bad_arguments(device):
     # the CPU and CUDA kernels) name the problem, with the Python API's exception types.
     fwd, bwd = torch.ops.rkd_fast.feature_distance_fwd, torch.ops.rkd_fast.feature_distance_bwd
     a = torch.randn(2, 3, 4, 5, device=device)
-    forward_cases = [
-        ((a, a.contiguous(memory_format=torch.channels_last), 0, 2.0), ValueError,
-         "both contiguous or both channels_last"),
-        ((a, a, 3, 2.0), ValueError, "mode must be"),
-        ((a, a.double(), 1, 2.0), TypeError, "dtypes differ"),
-        ((a.int(), a.int(), 1, 2.0), TypeError, "unsupported dtype Int"),
-        ((a, a[:, :, :, :4], 0, 2.0), ValueError, "equal shapes"),
-        ((a, a[:1], 0, 2.0), ValueError, "same batch size"),
-        ((a[..., ::2], a[..., ::2].contiguous(), 2, 2.0), ValueError, "contiguous or channels_last"),
-        ((a[0, 0], a[0, 0], 2, 2.0), ValueError, "4-D"),
-        ((a, a, 2, 0.0), ValueError, "p must be"),
-        ((a, a, 2, math.nan), ValueError, "p must be"),
-    ]
-    if device == "cuda":  # the dispatcher picks the CUDA kernel for a CPU tensor beside a CUDA one
-        forward_cases.append(((a, a.cpu(), 0, 2.0), ValueError, "student and teacher are on"))
-    for args, error, message in forward_cases:
-        with pytest.raises(error, match=message):
-            fwd(*args)
-    losses, coeffs, map_s, map_t = fwd(a, a, 2, 2.0)
-    ones = torch.ones_like(losses)
-    backward_cases = [
-        ((ones, a, a, coeffs[:, :3], map_s, map_t), "coeffs must be"),
-        ((ones.double(), a, a, coeffs, map_s, map_t), "grad_losses must be"),
-        ((ones, a, a, coeffs, map_s, map_t[:, :3]), "map_t must be"),
-        ((ones, a, a, coeffs, map_s.t().contiguous().t(), map_t), "map_s must be a contiguous"),
-    ]
-    for args, message in backward_cases:
-        with pytest.raises(ValueError, match=message):
-            bwd(*args, 2, 2.0, True, True)
+    for op, cases in ((fwd, contract.forward_cases(a)), (bwd, contract.backward_cases(a, fwd))):
+        for args, error, message in cases:
+            with pytest.raises(error, match=message):
+                op(*args)
 
 
 def test_cuda_backend_on_cpu_tensors():

@@ -21,7 +21,7 @@ from rkd_fast.models import build_model
 from rkd_fast.train import checkpoints, distributed, make_config
 from rkd_fast.train.streaming import ValSet, load_streaming
 from rkd_fast.train.trainer import chunked_robust_accuracy, robust_accuracy
-from test_datasets import _make_image_folder
+from test_datasets import _epoch, _make_image_folder
 
 TINY = ["--arch", "resnet18", "--width", "4", "--image-size", "16", "--attack-steps", "1", "--no-progress",
         "--device", "cpu"]
@@ -68,11 +68,6 @@ def test_imagenet_run_files_export_and_bit_identical_resume(folder, tmp_path):
     assert _train([*args, "--num-workers", "1", "--out", str(resumed), "--resume"]) == 0
     a, b = _weights(whole, 6), _weights(resumed, 6)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def _epoch(loader, epoch, start_batch=0):
-    loader.set_epoch(epoch, start_batch)
-    return list(loader)
 
 
 def test_imagenet_loader_shards_the_global_batch(folder):

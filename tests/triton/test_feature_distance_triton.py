@@ -2,6 +2,7 @@
 dtypes, odd shapes, opcheck and torch.compile. On CPU it runs under TRITON_INTERPRET=1 (see conftest.py), so
 shapes are small."""
 
+import _feature_distance_contract as contract
 import pytest
 import torch
 
@@ -318,33 +319,14 @@ def test_backward_scales_by_grad_losses(mode, device):
 
 
 def test_contract_errors(device):
+    # The contract the C++ kernels keep too (tests/_feature_distance_contract.py).
     module = kernel_module()
-    forward, backward = module.forward, module.backward
     a = make((2, 3, 4, 5), torch.float32, device)
-    with pytest.raises(ValueError, match="both contiguous or both channels_last"):
-        forward(a, a.contiguous(memory_format=torch.channels_last), 0, 2.0)
-    with pytest.raises(ValueError, match="mode"):
-        forward(a, a, 3, 2.0)
-    with pytest.raises(TypeError, match="dtypes differ"):
-        forward(a, a.double(), 1, 2.0)
-    with pytest.raises(TypeError, match="unsupported dtype"):
-        forward(a.int(), a.int(), 1, 2.0)
-    with pytest.raises(ValueError, match="equal shapes"):
-        forward(a, a[:, :2], 0, 2.0)
-    with pytest.raises(ValueError, match="contiguous or channels_last"):
-        forward(a[..., ::2], a[..., ::2].contiguous(), 2, 2.0)
-    with pytest.raises(ValueError, match="p must be"):
-        forward(a, a, 2, 0.0)
-    losses, coeffs, map_s, map_t = forward(a, a, 2, 2.0)
-    ones = torch.ones_like(losses)
-    with pytest.raises(ValueError, match="coeffs must be"):
-        backward(ones, a, a, coeffs[:, :3], map_s, map_t, 2, 2.0, True, True)
-    with pytest.raises(ValueError, match="grad_losses must be"):
-        backward(ones.double(), a, a, coeffs, map_s, map_t, 2, 2.0, True, True)
-    with pytest.raises(ValueError, match="map_t must be"):
-        backward(ones, a, a, coeffs, map_s, map_t[:, :3], 2, 2.0, True, True)
-    with pytest.raises(ValueError, match="both contiguous or both channels_last"):
-        backward(ones, a, a.contiguous(memory_format=torch.channels_last), coeffs, map_s, map_t, 1, 2.0, True, True)
+    forward, backward = module.forward, module.backward
+    for op, cases in ((forward, contract.forward_cases(a)), (backward, contract.backward_cases(a, forward))):
+        for args, error, message in cases:
+            with pytest.raises(error, match=message):
+                op(*args)
 
 
 @pytest.mark.parametrize("mode", ["mse", "normalized", "attention"])

@@ -15,11 +15,14 @@ import rkd_fast
 from _digits_model import EPS, one_thread, robust_digits_model
 from rkd_fast.attacks import (EvaluationWarning, GradientMaskingWarning, ProbabilityOutputWarning,
                               RandomizedModelWarning, parse_attack, sanity_check)
+from rkd_fast.attacks.evaluate import run_evaluation
 from rkd_fast.cli import main
 from rkd_fast.data import load_digits
 from rkd_fast.models import build_model
+from rkd_fast.train.config import stratified_split
 
-pytest.importorskip("pyautoattack")
+pyautoattack = pytest.importorskip("pyautoattack")
+torchattacks = pytest.importorskip("torchattacks")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -68,7 +71,10 @@ def test_step_counts_are_parsed(model, data):
     results = rkd_fast.evaluate(model, (x, y), attacks=["pgd1", "pgd10"], eps=EPS)
     assert results["pgd10"] < results["pgd1"]  # more steps find more adversarials on this model
     assert parse_attack("pgd50") == ("pgd", 50) and parse_attack("cw7") == ("cw", 7)
-    assert parse_attack("autoattack") == ("autoattack", None)
+    assert parse_attack("autoattack") == ("autoattack", "standard")
+    assert parse_attack("autoattack-plus") == ("autoattack", "plus")
+    assert parse_attack("autoattack-rand", "l2") == ("autoattack", "rand")
+    assert parse_attack("autoattack:apgd-ce+square") == ("autoattack", ("apgd-ce", "square"))
 
 
 def test_iterable_of_batches_equals_the_pair(model, data):
@@ -102,7 +108,13 @@ def test_model_state_restored_after_evaluate(data):
     ({"attacks": "pgd20"}, TypeError, "list of attack names"),
     ({"attacks": []}, TypeError, "list of attack names"),
     ({"attacks": ["fgsm", "fgsm"]}, ValueError, "twice"),
-    ({"eps": -0.1}, ValueError, "eps must be >= 0"),
+    ({"eps": -0.1}, ValueError, "eps must be > 0"),
+    ({"eps": 0}, ValueError, "eps must be > 0"),  # names eps, not the step eps/4 derived from it
+    ({"eps": float("nan")}, ValueError, "eps must be > 0 and finite"),
+    ({"norm": "l1"}, ValueError, "unknown norm 'l1'"),
+    ({"attacks": ["fgsm"], "norm": "l2"}, ValueError, "fgsm is an L∞ attack"),
+    ({"attacks": ["autoattack:apgd-ce+pgd"]}, ValueError, "bad custom AutoAttack"),
+    ({"attacks": ["autoattack:apgd-ce+apgd-ce"]}, ValueError, "bad custom AutoAttack"),
     ({"batch_size": 0}, ValueError, "batch_size must be >= 1"),
     ({"precision": "int8"}, ValueError, "unknown precision"),
     ({"seed": "0"}, TypeError, "seed must be an int"),
@@ -125,6 +137,74 @@ def test_bad_data(data):
         rkd_fast.evaluate(model, [x, x, x], attacks=["clean"], eps=EPS)
     with pytest.raises(ValueError, match=r"x must lie in \[0, 1\]"):
         rkd_fast.evaluate(model, (x * 16, y), attacks=["clean"], eps=EPS)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("sanity_checks", [True, False])
+def test_non_finite_inputs_in_any_batch_are_refused(model, data, value, sanity_checks):
+    # NaN compares false with both bounds: without the check it scored as class 0 (10%), never an error.
+    x, y = data[0].clone(), data[1]
+    x[300, 0, 3, 4] = value  # in the second batch of 256: the first batch's sanity checks never see it
+    with pytest.raises(ValueError, match=r"x holds 1 NaN or infinite value"):
+        rkd_fast.evaluate(model, (x, y), attacks=["clean"], eps=EPS, sanity_checks=sanity_checks)
+
+
+@pytest.mark.parametrize("label", [99, 10, -1])
+@pytest.mark.parametrize("sanity_checks", [True, False])
+def test_labels_of_every_batch_are_checked(model, data, label, sanity_checks):
+    # y[256:] = 99 used to drop clean accuracy from 96% to 69% without a word; with sanity_checks=False nothing
+    # was checked at all.
+    x, y = data[0], data[1].clone()
+    y[256:] = label
+    with pytest.raises(ValueError, match=rf"labels must lie in \[0, 10\).*got values in \[{label}, {label}\]"):
+        rkd_fast.evaluate(model, (x, y), attacks=["clean"], eps=EPS, sanity_checks=sanity_checks)
+    batches = [(x[:256], y[:256]), (x[256:], y[256:])]  # an iterable of batches is checked the same way
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
+        rkd_fast.evaluate(model, batches, attacks=["clean", "fgsm"], eps=EPS, sanity_checks=sanity_checks)
+
+
+def test_run_evaluation_reports_seconds_and_samples(model, data):
+    x, y = data[0][:100], data[1][:100]
+    evaluation = run_evaluation(model, (x, y), attacks=["clean", "fgsm", "pgd5"], eps=EPS, batch_size=40)
+    assert evaluation.n_examples == 100 and set(evaluation.seconds) == {"clean", "fgsm", "pgd5"}
+    assert all(seconds > 0 for seconds in evaluation.seconds.values())
+    assert evaluation.seconds["pgd5"] > evaluation.seconds["clean"]  # five forward-backward passes vs one forward
+    assert evaluation.accuracy == rkd_fast.evaluate(model, (x, y), attacks=["clean", "fgsm", "pgd5"], eps=EPS,
+                                                    batch_size=40)
+
+
+# --- L2: the same cross-checks as L∞ (test_attacks), through evaluate ------------------------------------------
+
+EPS_L2 = 0.8  # about the L2 size of an L∞ 0.1 perturbation of 64 pixels
+
+
+def test_l2_pgd_matches_torchattacks(model, data):
+    x, y = data
+    ours = rkd_fast.evaluate(model, (x, y), attacks=["clean", "pgd10"], eps=EPS_L2, norm="l2")
+    torch.manual_seed(0)  # torchattacks draws its random start from the global RNG
+    x_theirs = torchattacks.PGDL2(model, eps=EPS_L2, alpha=EPS_L2 / 4, steps=10, random_start=True)(x, y)
+    with torch.no_grad():
+        theirs = ((model(x_theirs).argmax(1) == y) & (model(x).argmax(1) == y)).float().mean().item()
+    assert 0.3 < ours["pgd10"] < ours["clean"]  # a meaningful comparison: neither 0 nor the clean accuracy
+    assert abs(ours["pgd10"] - theirs) <= 0.02
+    # On 64 pixels the L∞ ball of 0.1 lies inside the L2 ball of 0.8: L2 PGD finds at least as many adversarials
+    # (and an L∞ attack of radius 0.8, the norm ignored, would have left next to nothing above).
+    assert ours["pgd10"] <= rkd_fast.evaluate(model, (x, y), attacks=["pgd10"], eps=EPS_L2 / 8)["pgd10"] + 0.01
+
+
+def test_l2_autoattack_matches_pyautoattack(model, data):
+    x, y = data[0][:100], data[1][:100]
+    attacks = ["apgd-ce", "apgd-t"]
+    ours = rkd_fast.evaluate(model, (x, y), attacks=["clean", "autoattack:" + "+".join(attacks)], eps=EPS_L2,
+                             norm="l2", batch_size=100)
+    direct = pyautoattack.AutoAttack(model, norm="L2", eps=EPS_L2, version="custom", attacks=attacks, seed=0)
+    x_direct, _ = direct.run_standard_evaluation(x, y, batch_size=100)
+    with torch.no_grad():
+        theirs = (model(x_direct).argmax(1) == y).float().mean().item()
+    assert abs(ours["autoattack:apgd-ce+apgd-t"] - theirs) <= 0.01
+    assert ours["autoattack:apgd-ce+apgd-t"] <= rkd_fast.evaluate(model, (x, y), attacks=["pgd20"], eps=EPS_L2,
+                                                                  norm="l2")["pgd20"] + 0.01
+    assert (x_direct - x).flatten(1).norm(dim=1).max() <= EPS_L2 + 1e-4
 
 
 # --- sanity checks -----------------------------------------------------------------------------------------
@@ -194,10 +274,25 @@ def test_eval_cli_end_to_end(model_file, tmp_path, capsys):
     assert set(report["results"]) == {"clean", "fgsm", "pgd5", "cw5", "worst_case"}
     assert {"torch", "rkd_fast", "pyautoattack", "python"} <= set(report["versions"])
     assert "git_commit" in report
+    # RobustBench's field names; no AutoAttack in the list, so no AutoAttack accuracy
+    assert (report["dataset"], report["threat_model"], report["eps"], report["n_examples"]) == ("digits", "Linf", EPS, 60)
+    assert report["clean_acc"] == report["results"]["clean"] and report["autoattack_acc"] is None
+    assert report["worst_case"] == report["results"]["worst_case"] and set(report["seconds"]) == {"clean", "fgsm",
+                                                                                                   "pgd5", "cw5"}
+    # --n-examples: the fixed class-stratified subset (6 of each digit), through the same evaluate
     x, y = load_digits("test")
-    expected = rkd_fast.evaluate(rkd_fast.load_model(model_file), (x[:60], y[:60]),
+    subset = stratified_split(y, 60)[1]
+    assert torch.bincount(y[subset]).tolist() == [6] * 10
+    expected = rkd_fast.evaluate(rkd_fast.load_model(model_file), (x[subset], y[subset]),
                                  attacks=["clean", "fgsm", "pgd5", "cw5"], eps=EPS)
-    assert report["results"] == pytest.approx(expected)
+    assert report["results"] == expected
+
+
+def test_eval_cli_shows_a_progress_bar_per_attack(model_file, capsys):
+    assert main(["eval", "--checkpoint", str(model_file), "--dataset", "digits", "--n-examples", "20",
+                 "--attacks", "clean,fgsm,pgd2"]) == 0
+    err = capsys.readouterr().err
+    assert all(f"{name:>12}" in err for name in ("clean", "fgsm", "pgd2"))
 
 
 def test_eval_cli_rejects_a_bad_attack_name(model_file, capsys):

@@ -62,15 +62,28 @@ def check_inputs(x, y):
                          f"got {tuple(y.shape)}")
     if x.device != y.device:
         raise ValueError(f"x and y must be on the same device, got x on {x.device}, y on {y.device}")
-    if x.numel() and (x.min() < 0 or x.max() > 1):
+    if not x.numel():
+        return
+    # One reduction on the device and one value read back: this runs on every batch of every attack. NaN fails
+    # both comparisons, so NaN and ±Inf inputs are refused here too.
+    low, high = torch.aminmax(x.detach())
+    if not bool((low >= 0) & (high <= 1)):
+        bad = (~torch.isfinite(x)).sum().item()
+        if bad:
+            raise ValueError(f"x holds {bad} NaN or infinite value(s); inputs must be finite, in [0, 1]")
         raise ValueError(f"x must lie in [0, 1] (normalisation belongs inside the model), got values in "
-                         f"[{x.min().item():.4g}, {x.max().item():.4g}]")
+                         f"[{low.item():.4g}, {high.item():.4g}]")
 
 
 def check_labels(y, num_classes):
-    if y.numel() and (y.min() < 0 or y.max() >= num_classes):
+    """Labels of an (N,) integer tensor are class indices of a model with `num_classes` outputs (one reduction
+    on the device, one value read back)."""
+    if not y.numel():
+        return
+    low, high = torch.aminmax(y)
+    if not bool((low >= 0) & (high < num_classes)):
         raise ValueError(f"labels must lie in [0, {num_classes}) for a model with {num_classes} outputs, "
-                         f"got values in [{y.min().item()}, {y.max().item()}]")
+                         f"got values in [{low.item()}, {high.item()}]")
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,47 +1,67 @@
-"""Robust accuracy of a model under a list of L∞ attacks, and the worst case over them."""
+"""Robust accuracy of a model under a list of attacks (L∞ or L2), and the worst case over them."""
 
 import re
+import time
+from dataclasses import dataclass
 
 import torch
 
-from ._common import (attack_mode, autocast_dtype, check_count, check_inputs, check_model, check_number,
-                      logits_fp32, model_dtype)
-from .attacks import cw_linf, fgsm, pgd
-from .autoattack import autoattack
+from ._common import (NORMS, attack_mode, autocast_dtype, check_choice, check_count, check_inputs, check_labels,
+                      check_model, check_number, logits_fp32, model_dtype)
+from .attacks import fgsm, pgd
+from .autoattack import CUSTOM_ATTACKS, autoattack
 from .sanity import sanity_check
 
 DEFAULT_ATTACKS = ("clean", "fgsm", "pgd20", "cw20", "autoattack")
+DEFAULT_ATTACKS_L2 = ("clean", "pgd20", "cw20", "autoattack")  # FGSM is an L∞ attack
+AUTOATTACK_VERSIONS = {"autoattack": "standard", "autoattack-plus": "plus", "autoattack-rand": "rand"}
 _STEPPED = re.compile(r"(pgd|cw)(\d+)")
+_CUSTOM = "autoattack:"
+ATTACK_NAMES_HELP = ("clean; fgsm (L∞ only); pgdN, cwN (N steps of eps/4 from a random start, on the cross-entropy "
+                     "or the CW margin loss); autoattack (standard), autoattack-plus, autoattack-rand (for randomised "
+                     "models); autoattack:A+B+... (AutoAttack's " + ", ".join(CUSTOM_ATTACKS) + " in that order)")
 
 
-def parse_attack(name):
-    """("clean" | "fgsm" | "autoattack", None) or ("pgd" | "cw", steps) for names like "pgd20", "cw50"."""
+def parse_attack(name, norm="linf"):
+    """What an attack name means: ("clean" | "fgsm", None), ("pgd" | "cw", steps) for names like "pgd20",
+    ("autoattack", version) for "autoattack" (standard), "autoattack-plus", "autoattack-rand", or ("autoattack",
+    (attack, ...)) for a custom list "autoattack:apgd-ce+square". Raises ValueError for an unknown name and for
+    fgsm under ``norm="l2"``."""
     if not isinstance(name, str):
         raise TypeError(f"attack names are strings, got {type(name).__name__}")
-    if name in ("clean", "fgsm", "autoattack"):
+    check_choice("norm", norm, NORMS)
+    if name == "fgsm" and norm != "linf":
+        raise ValueError(f"fgsm is an L∞ attack; under norm {norm!r} use pgdN (e.g. pgd20)")
+    if name in ("clean", "fgsm"):
         return name, None
+    if name in AUTOATTACK_VERSIONS:
+        return "autoattack", AUTOATTACK_VERSIONS[name]
+    if name.startswith(_CUSTOM):
+        parts = tuple(name[len(_CUSTOM):].split("+"))
+        unknown = [part for part in parts if part not in CUSTOM_ATTACKS]
+        if unknown or len(set(parts)) != len(parts):
+            raise ValueError(f"bad custom AutoAttack {name!r}: expected autoattack:A+B+... with distinct attacks "
+                             f"from {', '.join(CUSTOM_ATTACKS)}")
+        return "autoattack", parts
     match = _STEPPED.fullmatch(name)
     if match and int(match.group(2)) >= 1:
         return match.group(1), int(match.group(2))
-    raise ValueError(f"unknown attack {name!r}; expected clean, fgsm, autoattack, or pgdN / cwN with N >= 1 "
-                     f"steps (e.g. pgd20, cw50)")
+    raise ValueError(f"unknown attack {name!r}; expected one of: {ATTACK_NAMES_HELP}")
 
 
-def run_attack(name, model, x, y, eps, *, precision="fp32", seed=None):
-    """Adversarial inputs for one named attack as `evaluate` runs it: pgdN / cwN take N steps of size eps/4
-    from a random start, one restart; autoattack is the standard version."""
-    kind, steps = parse_attack(name)
+def run_attack(name, model, x, y, eps, *, norm="linf", precision="fp32", seed=None):
+    """Adversarial inputs for one named attack (see `parse_attack`) as `evaluate` runs it: pgdN / cwN take N
+    steps of size eps/4 from a random start, one restart; the AutoAttack versions run through pyautoattack."""
+    kind, arg = parse_attack(name, norm)
     if kind == "clean":
         return x
     if kind == "fgsm":
         return fgsm(model, x, y, eps, precision=precision)
-    if kind == "pgd":
-        return pgd(model, x, y, eps, eps / 4, steps, random_start=True, restarts=1, precision=precision,
-                   seed=seed)
-    if kind == "cw":
-        return cw_linf(model, x, y, eps, eps / 4, steps, random_start=True, restarts=1, precision=precision,
-                       seed=seed)
-    return autoattack(model, x, y, eps, version="standard", precision=precision, seed=seed,
+    if kind in ("pgd", "cw"):
+        return pgd(model, x, y, eps, eps / 4, arg, norm=norm, loss="ce" if kind == "pgd" else "cw",
+                   random_start=True, restarts=1, precision=precision, seed=seed)
+    version, attacks = (arg, None) if isinstance(arg, str) else ("custom", list(arg))
+    return autoattack(model, x, y, eps, norm=norm, version=version, attacks=attacks, precision=precision, seed=seed,
                       batch_size=max(len(x), 1))
 
 
@@ -85,28 +105,30 @@ def _attack_seed(seed, batch, attack):
     return None if seed is None else (seed * 1_000_003 + batch * 1_009 + attack) % (2 ** 63)
 
 
-def evaluate(model, data, *, attacks=DEFAULT_ATTACKS, eps, batch_size=256, precision="fp32", seed=0,
-             sanity_checks=True, progress=False):
-    """Accuracy under each attack (L∞, radius ``eps`` on the [0, 1] scale) and the worst case over them.
+@dataclass
+class Evaluation:
+    """What `run_evaluation` measured: ``accuracy`` {attack: accuracy in [0, 1], ..., "worst_case": ...},
+    ``seconds`` {attack: seconds spent in it, the clean forward for "clean"}, ``n_examples`` samples."""
 
-    ``data``: an ``(x, y)`` pair of tensors (split into ``batch_size`` batches) or an iterable of ``(x, y)``
-    batches; batches are moved to the model's device. ``attacks``: names from "clean", "fgsm", "pgdN", "cwN"
-    (N steps of size eps/4 from a random start, one restart) and "autoattack" (standard version).
+    accuracy: dict
+    seconds: dict
+    n_examples: int
 
-    A sample counts as robust to an attack when the model classifies both it and the attack's output
-    correctly (misclassified samples are not attacked); "worst_case" counts the samples robust to every attack
-    run, clean included. Returns ``{name: accuracy in [0, 1], ..., "worst_case": ...}``.
 
-    ``sanity_checks`` runs `sanity_check` on the first batch (warnings, see `EvaluationWarning`); ``progress``
-    shows a tqdm bar over batches × attacks."""
+def run_evaluation(model, data, *, attacks=None, eps, norm="linf", batch_size=256, precision="fp32", seed=0,
+                   sanity_checks=True, progress=False):
+    """`evaluate`, returning an `Evaluation`: the accuracies, each attack's seconds and the number of samples."""
     check_model(model)
-    eps = check_number("eps", eps)
+    check_choice("norm", norm, NORMS)
+    eps = check_number("eps", eps, positive=True)
     batch_size = check_count("batch_size", batch_size)
+    if attacks is None:
+        attacks = DEFAULT_ATTACKS if norm == "linf" else DEFAULT_ATTACKS_L2
     if isinstance(attacks, str) or not attacks:
         raise TypeError(f"attacks must be a non-empty list of attack names, got {attacks!r}")
     names = list(attacks)
     for name in names:
-        parse_attack(name)
+        parse_attack(name, norm)
     if len(set(names)) != len(names):
         raise ValueError(f"attacks lists a name twice: {names}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
@@ -117,39 +139,72 @@ def evaluate(model, data, *, attacks=DEFAULT_ATTACKS, eps, batch_size=256, preci
     from tqdm.auto import tqdm
 
     n_batches = _n_batches(data, batch_size)
-    bar = tqdm(total=None if n_batches is None else n_batches * len(names), desc="eval", unit="attack",
-               disable=not progress, leave=False)
+    bars = [tqdm(total=n_batches, desc=f"{name:>12}", unit="batch", position=index, disable=not progress,
+                 leave=False) for index, name in enumerate(names)]
     correct_counts = dict.fromkeys(names, 0)
+    seconds = dict.fromkeys(names, 0.0)
     worst_count = n_total = 0
-    with attack_mode(model), bar:
-        input_dtype = model_dtype(model)
+    try:
+        with attack_mode(model):
+            input_dtype = model_dtype(model)
 
-        def predict(inputs):
-            with torch.no_grad():
-                return logits_fp32(model, inputs, autocast, input_dtype).argmax(dim=1)
+            def logits(inputs):
+                with torch.no_grad():
+                    return logits_fp32(model, inputs, autocast, input_dtype)
 
-        for batch, (x, y) in enumerate(_batches(data, batch_size)):
-            x, y = x.to(device), y.to(device)
-            check_inputs(x, y)
-            if batch == 0 and sanity_checks:
-                sanity_check(model, x, y, precision=precision)
-            clean_correct = predict(x) == y
-            attacked = clean_correct.nonzero().squeeze(1)
-            robust_to_all = clean_correct.clone()
-            for index, name in enumerate(names):
-                bar.set_postfix_str(name, refresh=False)
-                correct = clean_correct.clone()
-                if name != "clean" and len(attacked):
-                    x_adv = run_attack(name, model, x[attacked], y[attacked], eps, precision=precision,
-                                       seed=_attack_seed(seed, batch, index))
-                    correct[attacked] = predict(x_adv) == y[attacked]
-                correct_counts[name] += int(correct.sum())
-                robust_to_all &= correct
-                bar.update(1)
-            worst_count += int(robust_to_all.sum())
-            n_total += len(y)
+            for batch, (x, y) in enumerate(_batches(data, batch_size)):
+                x, y = x.to(device), y.to(device)
+                check_inputs(x, y)  # every batch: NaN, Inf, values outside [0, 1], label dtype and shape
+                if batch == 0 and sanity_checks:
+                    sanity_check(model, x, y, precision=precision)
+                start = time.perf_counter()
+                clean_logits = logits(x)
+                check_labels(y, clean_logits.shape[1])  # every batch, against the model's class count
+                clean_correct = clean_logits.argmax(dim=1) == y
+                attacked = clean_correct.nonzero().squeeze(1)
+                clean_seconds = time.perf_counter() - start
+                robust_to_all = clean_correct.clone()
+                for index, name in enumerate(names):
+                    start = time.perf_counter()
+                    correct = clean_correct.clone()
+                    if name != "clean" and len(attacked):
+                        x_adv = run_attack(name, model, x[attacked], y[attacked], eps, norm=norm,
+                                           precision=precision, seed=_attack_seed(seed, batch, index))
+                        correct[attacked] = logits(x_adv).argmax(dim=1) == y[attacked]
+                    correct_counts[name] += int(correct.sum())
+                    seconds[name] += time.perf_counter() - start + (clean_seconds if name == "clean" else 0.0)
+                    robust_to_all &= correct
+                    bars[index].update(1)
+                worst_count += int(robust_to_all.sum())
+                n_total += len(y)
+    finally:
+        for bar in bars:
+            bar.close()
     if n_total == 0:
         raise ValueError("data holds no samples")
-    results = {name: count / n_total for name, count in correct_counts.items()}
-    results["worst_case"] = worst_count / n_total
-    return results
+    accuracy = {name: count / n_total for name, count in correct_counts.items()}
+    accuracy["worst_case"] = worst_count / n_total
+    return Evaluation(accuracy=accuracy, seconds=seconds, n_examples=n_total)
+
+
+def evaluate(model, data, *, attacks=None, eps, norm="linf", batch_size=256, precision="fp32", seed=0,
+             sanity_checks=True, progress=False):
+    """Accuracy under each attack (threat model ``norm``, "linf" or "l2", radius ``eps`` > 0 on the [0, 1] scale)
+    and the worst case over them.
+
+    ``data``: an ``(x, y)`` pair of tensors (split into ``batch_size`` batches) or an iterable of ``(x, y)``
+    batches; batches are moved to the model's device, and every batch is checked there (finite inputs in [0, 1],
+    integer labels that are classes of the model). ``attacks``: names (see `parse_attack`): "clean", "fgsm"
+    (L∞), "pgdN", "cwN" (N steps of size eps/4 from a random start, one restart; cross-entropy or CW margin
+    loss), "autoattack" (standard), "autoattack-plus", "autoattack-rand", "autoattack:A+B" (a custom list).
+    Default: DEFAULT_ATTACKS (L∞) or DEFAULT_ATTACKS_L2.
+
+    A sample counts as robust to an attack when the model classifies both it and the attack's output
+    correctly (misclassified samples are not attacked); "worst_case" counts the samples robust to every attack
+    run, clean included. Returns ``{name: accuracy in [0, 1], ..., "worst_case": ...}``; `run_evaluation`
+    also returns each attack's seconds.
+
+    ``sanity_checks`` runs `sanity_check` on the first batch (warnings, see `EvaluationWarning`); ``progress``
+    shows a tqdm bar per attack."""
+    return run_evaluation(model, data, attacks=attacks, eps=eps, norm=norm, batch_size=batch_size,
+                          precision=precision, seed=seed, sanity_checks=sanity_checks, progress=progress).accuracy

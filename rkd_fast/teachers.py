@@ -24,38 +24,42 @@ def parse_robustbench_spec(spec):
     """``robustbench:DATASET/THREAT/NAME`` -> (dataset, threat, name)."""
     parts = spec[len(ROBUSTBENCH_PREFIX):].split("/")
     if len(parts) != 3 or not all(parts):
-        raise ValueError(f"bad teacher spec {spec!r}: expected robustbench:DATASET/THREAT/NAME, e.g. "
+        raise ValueError(f"bad RobustBench spec {spec!r}: expected robustbench:DATASET/THREAT/NAME, e.g. "
                          f"robustbench:cifar10/Linf/Addepalli2022Efficient_RN18")
     dataset, threat, name = parts
     if dataset not in ROBUSTBENCH_CLASSES:
-        raise ValueError(f"bad teacher spec {spec!r}: RobustBench dataset must be one of "
+        raise ValueError(f"bad RobustBench spec {spec!r}: RobustBench dataset must be one of "
                          f"{', '.join(ROBUSTBENCH_CLASSES)}, got {dataset!r}")
     return dataset, threat, name
 
 
 def _check_classes(spec, found, num_classes):
     if num_classes is not None and found != num_classes:
-        raise ValueError(f"teacher {spec} has {found} classes, but {num_classes} were asked (the data set's)")
+        raise ValueError(f"{spec} has {found} classes, but {num_classes} were asked (the data set's)")
 
 
-def _load_robustbench(spec, teacher_dir, num_classes):
+def load_robustbench(spec, model_dir=None, num_classes=None):
+    """(model, number of classes) of the RobustBench spec ``robustbench:DATASET/THREAT/NAME``, read from
+    ``model_dir/DATASET/THREAT/NAME.pt`` (default ``./models``) by RobustBench's own ``load_model``; never
+    downloads. ImportError without RobustBench, FileNotFoundError naming the expected file, ValueError for a bad
+    spec or (num_classes given) another class count."""
     dataset, threat, name = parse_robustbench_spec(spec)
     _check_classes(spec, ROBUSTBENCH_CLASSES[dataset], num_classes)
     try:
         from robustbench.utils import load_model as rb_load_model
     except ImportError as e:
-        raise ImportError(f"teacher {spec} needs RobustBench, which could not be imported ({e}); install it with "
+        raise ImportError(f"{spec} needs RobustBench, which could not be imported ({e}); install it with "
                           f"`{ROBUSTBENCH_PIP}`") from e
-    teacher_dir = Path(DEFAULT_TEACHER_DIR if teacher_dir is None else teacher_dir)
-    path = teacher_dir / dataset / threat / f"{name}.pt"
+    model_dir = Path(DEFAULT_TEACHER_DIR if model_dir is None else model_dir)
+    path = model_dir / dataset / threat / f"{name}.pt"
     if not path.is_file():
         # RobustBench would try to download it; this machine cannot, so say where the file must go.
-        raise FileNotFoundError(f"teacher {spec}: checkpoint {path} not found, and this machine cannot download "
+        raise FileNotFoundError(f"{spec}: checkpoint {path} not found, and this machine cannot download "
                                 f"it. Fetch it where there is network (robustbench.utils.load_model("
                                 f"model_name={name!r}, dataset={dataset!r}, threat_model={threat!r}, "
-                                f"model_dir=...)) and copy the .pt file to {path}, or pass the teacher "
+                                f"model_dir=...)) and copy the .pt file to {path}, or pass the model "
                                 f"directory that holds {dataset}/{threat}/{name}.pt")
-    model = rb_load_model(model_name=name, dataset=dataset, threat_model=threat, model_dir=str(teacher_dir))
+    model = rb_load_model(model_name=name, dataset=dataset, threat_model=threat, model_dir=str(model_dir))
     if not isinstance(model, nn.Module):
         raise TypeError(f"robustbench load_model returned {type(model).__name__}, not a torch.nn.Module")
     return model, ROBUSTBENCH_CLASSES[dataset]
@@ -85,7 +89,7 @@ def load_teacher(spec, *, teacher_dir=None, num_classes=None, device=None, arch=
         raise TypeError(f"teacher spec must be a str or path, got {type(spec).__name__}")
     spec = str(spec)
     if spec.startswith(ROBUSTBENCH_PREFIX):
-        model, classes = _load_robustbench(spec, teacher_dir, num_classes)
+        model, classes = load_robustbench(spec, teacher_dir, num_classes)
         source = "robustbench"
     else:
         model, classes = _load_file(spec, num_classes, device, arch)

@@ -1,134 +1,331 @@
-"""`rkd-fast eval`: robust accuracy of a model file under white-box L∞ attacks; prints a table and, with
---out, writes DIR/eval.json (command, config, results, library versions, git commit)."""
+"""`rkd-fast eval`: robust accuracy of a model under white-box L∞ or L2 attacks, on any data set the trainer reads.
 
-import platform
+The model: a model file (``--checkpoint``, from rkd_fast.save_model or `rkd-fast export`), a RobustBench model on
+disk (``--checkpoint robustbench:DATASET/THREAT/NAME --model-dir DIR``), or an architecture with a plain state_dict
+(``--arch NAME|torchvision:NAME --weights FILE``, normalisation from ``--mean/--std`` or the data set's, put
+inside the model). Prints a table (accuracy and seconds per attack) and, with ``--out DIR``, writes DIR/eval.json:
+RobustBench's field names where they exist (dataset, threat_model, eps, n_examples, clean_acc, autoattack_acc;
+accuracies as fractions in [0, 1], as robustbench.eval.benchmark returns them), the per-attack accuracies and
+seconds, worst_case, the command, the configuration, the model's description, library versions and the git
+commit.
+
+Every bad input (option, file, data directory) is a one-line error and exit status 2 before any attack runs, and
+nothing is written."""
+
+import math
+import os
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from .evaluate import DEFAULT_ATTACKS, evaluate, parse_attack
+from ._common import NORMS, autocast_dtype, check_count, check_number
+from .evaluate import (ATTACK_NAMES_HELP, DEFAULT_ATTACKS, DEFAULT_ATTACKS_L2, parse_attack, run_evaluation)
+from .sources import EVAL_SPLITS, eval_batches, model_from_weights, normalization
 
-DATASETS = ("digits",)
+REPORT_FORMAT = "rkd_fast.eval"
+REPORT_VERSION = 2  # 1: digits only, no format key; 2: adds the RobustBench fields and seconds
+THREAT_MODELS = {"linf": "Linf", "l2": "L2"}  # RobustBench's names
 
 
 def add_arguments(parser):
-    parser.add_argument("--checkpoint", required=True, help="model file written by rkd_fast.save_model / export")
-    parser.add_argument("--dataset", required=True, choices=DATASETS)
-    parser.add_argument("--split", default="test", choices=("train", "val", "test"))
-    parser.add_argument("--attacks", nargs="+", default=list(DEFAULT_ATTACKS), metavar="NAME",
-                        help="clean, fgsm, pgdN, cwN (N steps of eps/4, random start), autoattack; "
-                             "space- or comma-separated (default: %(default)s)")
-    parser.add_argument("--eps", type=float, default=0.1, help="L∞ radius on the [0, 1] pixel scale "
-                                                               "(default: %(default)s)")
-    parser.add_argument("--n-examples", type=int, default=None, metavar="N",
-                        help="evaluate the first N samples of the split (default: all)")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+    model = parser.add_argument_group("model (--checkpoint, or --arch with --weights)")
+    model.add_argument("--checkpoint", metavar="MODEL",
+                       help="a model file (rkd_fast.save_model / `rkd-fast export`), or robustbench:DATASET/THREAT/NAME "
+                            "(needs robustbench; reads MODEL_DIR/DATASET/THREAT/NAME.pt, never downloads)")
+    model.add_argument("--model-dir", metavar="DIR", help="robustbench: the model directory (default: ./models)")
+    model.add_argument("--arch", help="with --weights: an rkd_fast architecture (small_cnn, resnet18, ...) or "
+                                      "torchvision:NAME (e.g. torchvision:resnet50)")
+    model.add_argument("--weights", metavar="FILE", help="a plain state_dict file for --arch")
+    model.add_argument("--num-classes", type=int, help="--arch: outputs of the model (default: the data set's)")
+    model.add_argument("--mean", type=float, nargs="+", metavar="M",
+                       help="--arch: per-channel mean the model subtracts from [0, 1] inputs (default: the data set's)")
+    model.add_argument("--std", type=float, nargs="+", metavar="S", help="--arch: per-channel std (default: the data "
+                                                                         "set's)")
+    model.add_argument("--width", type=int, help="--arch (rkd_fast architectures): base width (default: its own)")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", required=True, choices=tuple(EVAL_SPLITS))
+    data.add_argument("--data-dir", metavar="DIR", help="cifar10/cifar100: the directory holding cifar-10-batches-py/ "
+                                                        "or cifar-100-python/; imagenet: holding train/ and val/")
+    data.add_argument("--split", help="default: test (digits, cifar10, cifar100), val (imagenet)")
+    data.add_argument("--n-examples", type=int, default=None, metavar="N",
+                      help="a fixed class-stratified subset of N samples of the split (default: all)")
+    data.add_argument("--image-size", type=int, default=None, help="imagenet: center-crop side (default: 224)")
+    data.add_argument("--num-workers", type=int, default=4, help="imagenet: DataLoader workers (default: %(default)s)")
+
+    attack = parser.add_argument_group("attacks")
+    attack.add_argument("--norm", choices=NORMS, default="linf", help="threat model (default: %(default)s)")
+    attack.add_argument("--eps", type=float, default=None,
+                        help="radius on the [0, 1] pixel scale (default, L∞: the data set's, digits 0.1, CIFAR 8/255, "
+                             "ImageNet 4/255; L2: required)")
+    attack.add_argument("--attacks", nargs="+", default=None, metavar="NAME",
+                        help=f"space- or comma-separated: {ATTACK_NAMES_HELP} (default: "
+                             f"{' '.join(DEFAULT_ATTACKS)}; L2: {' '.join(DEFAULT_ATTACKS_L2)})")
+    attack.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
                         help="precision of the model's forward pass during the attacks")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--out", type=Path, default=None, metavar="DIR", help="write DIR/eval.json")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    attack.add_argument("--batch-size", type=int, default=256)
+    attack.add_argument("--seed", type=int, default=0)
+    attack.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
+
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", type=Path, default=None, metavar="DIR", help="write DIR/eval.json")
+    out.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _attack_names(values):
+# --- checks and preparation (all before any attack runs) ------------------------------------------------------
+
+def _attack_names(values, norm):
+    if values is None:
+        return list(DEFAULT_ATTACKS if norm == "linf" else DEFAULT_ATTACKS_L2)
     names = [name for value in values for name in value.split(",") if name]
+    if not names:
+        raise ValueError("--attacks names no attack")
     for name in names:
-        parse_attack(name)
+        parse_attack(name, norm)
+    if len(set(names)) != len(names):
+        raise ValueError(f"--attacks lists a name twice: {' '.join(names)}")
     return names
 
 
-def _versions():
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    from .. import __version__
-    versions["rkd_fast"] = __version__
-    for module in ("pyautoattack", "torchattacks", "numpy", "sklearn"):
-        try:
-            versions[module] = getattr(__import__(module), "__version__", "unknown")
-        except ImportError:
-            pass
-    return versions
+def _check_out(out):
+    """--out must be a directory, or a path where one can be made: refused before any work, not after it."""
+    if out is None:
+        return
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: cannot write in {existing}")
 
 
-def _git_commit():
-    """(commit, dirty) of the checkout this package runs from, or (None, None) outside a git checkout."""
-    root = Path(__file__).resolve().parents[2]
+def _check_file(option, path):
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is a directory, not a file" + (
+            " (a run directory? `rkd-fast export RUN_DIR MODEL.pt` writes its best model as a model file)"
+            if option == "--checkpoint" else ""))
+    if not path.is_file():
+        raise ValueError(f"{option} {path}: no such file")
+    return path
+
+
+def _check_model_options(args):
+    from ..teachers import ROBUSTBENCH_PREFIX, parse_robustbench_spec
+
+    if (args.checkpoint is None) == (args.arch is None):
+        raise ValueError("give the model as --checkpoint MODEL or as --arch NAME --weights FILE (one of them)")
+    if args.checkpoint is not None:
+        for option in ("weights", "num_classes", "mean", "std", "width"):
+            if getattr(args, option) is not None:
+                raise ValueError(f"--{option.replace('_', '-')} applies to --arch, not --checkpoint")
+        if args.checkpoint.startswith(ROBUSTBENCH_PREFIX):
+            parse_robustbench_spec(args.checkpoint)
+            return "robustbench"
+        if args.model_dir is not None:
+            raise ValueError("--model-dir applies to --checkpoint robustbench:DATASET/THREAT/NAME")
+        _check_file("--checkpoint", args.checkpoint)
+        return "file"
+    if args.weights is None:
+        raise ValueError("--arch needs --weights FILE (a plain state_dict)")
+    if args.model_dir is not None:
+        raise ValueError("--model-dir applies to --checkpoint robustbench:DATASET/THREAT/NAME")
+    _check_file("--weights", args.weights)
+    if args.num_classes is not None:
+        check_count("--num-classes", args.num_classes)
+    if args.width is not None:
+        check_count("--width", args.width)
+    if (args.mean is None) != (args.std is None):
+        raise ValueError("--mean and --std go together")
+    if args.std is not None and not all(math.isfinite(s) and s > 0 for s in args.std):
+        raise ValueError(f"--std must be finite and > 0, got {args.std}")
+    if args.mean is not None and not all(math.isfinite(m) for m in args.mean):
+        raise ValueError(f"--mean must be finite, got {args.mean}")
+    return "weights"
+
+
+def _load_model(args, source, info, num_classes):
+    """(model, its description for the report)."""
+    from ..checkpoint import load_model
+    from ..teachers import load_robustbench
+
+    if source == "file":
+        model = load_model(args.checkpoint)
+        return model, {"source": "file", "path": str(args.checkpoint), "arch": model.rkd_arch,
+                       "kwargs": model.rkd_kwargs, **model.rkd_meta}
+    if source == "robustbench":
+        model, _ = load_robustbench(args.checkpoint, args.model_dir, num_classes)
+        return model.eval(), {"source": "robustbench", "spec": args.checkpoint,
+                              "model_dir": args.model_dir or "models"}
+    mean, std = (args.mean, args.std) if args.mean is not None else (info.mean, info.std)
+    if len(mean) != len(std) or len(mean) not in (1, info.in_channels):
+        raise ValueError(f"--mean/--std: give 1 or {info.in_channels} values each ({info.name} has "
+                         f"{info.in_channels} channel(s)), got {len(mean)} and {len(std)}")
+    mean, std = [*mean] * (info.in_channels // len(mean)), [*std] * (info.in_channels // len(std))
+    model = model_from_weights(args.arch, args.weights, num_classes=args.num_classes or num_classes,
+                               in_channels=info.in_channels, mean=mean, std=std, width=args.width,
+                               stem="imagenet" if info.name == "imagenet" else None,
+                               explicit_normalization=args.mean is not None)
+    return model.eval(), {"source": "weights", "arch": args.arch, "weights": str(args.weights),
+                          "num_classes": args.num_classes or num_classes, "normalization": normalization(model)}
+
+
+def _check_outputs(model, input_shape, num_classes, where, device):
+    """One forward of a zero batch: the model takes the data's inputs and has one output per class."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                capture_output=True, text=True, timeout=10, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None, None
-    return commit, bool(status.strip())
+        with torch.no_grad():
+            out = model(torch.zeros(2, *input_shape, device=device))
+    except RuntimeError as error:
+        raise ValueError(f"the model does not take {where}'s inputs of shape (N, {', '.join(map(str, input_shape))}): "
+                         f"{' '.join(str(error).split())}") from error
+    if out.dim() != 2 or out.shape[1] != num_classes:
+        raise ValueError(f"the model returns outputs of shape {tuple(out.shape)}, but {where} has {num_classes} "
+                         f"classes: one logit per class is expected")
 
 
-def _command(args, names):
-    """The command line that reproduces this run (rebuilt from the parsed arguments, so it is the same
-    whether the CLI was called from a shell or through rkd_fast.cli.main)."""
-    argv = ["rkd-fast", "eval", "--checkpoint", str(args.checkpoint), "--dataset", args.dataset, "--split",
-            args.split, "--attacks", *names, "--eps", repr(args.eps), "--precision", args.precision,
-            "--batch-size", str(args.batch_size), "--seed", str(args.seed)]
-    if args.n_examples is not None:
-        argv += ["--n-examples", str(args.n_examples)]
-    if args.device is not None:
-        argv += ["--device", args.device]
-    if args.out is not None:
-        argv += ["--out", str(args.out)]
-    return shlex.join(argv)
+def prepare(args):
+    """Everything `run` needs, checked: raises ValueError (or ImportError, OSError) naming the option or file at
+    fault. Reads the data and the model; runs no attack and writes nothing."""
+    from ..datasets import dataset_info
+    from ..train.trainer import resolve_device
+
+    info = dataset_info(args.dataset)
+    plan = {"norm": args.norm, "dataset": args.dataset, "split": args.split or EVAL_SPLITS[args.dataset]}
+    if args.eps is None and args.norm != "linf":
+        raise ValueError(f"--norm {args.norm} needs --eps (the radius on the [0, 1] pixel scale)")
+    plan["eps"] = check_number("--eps", info.eps if args.eps is None else args.eps, positive=True)
+    plan["attacks"] = _attack_names(args.attacks, args.norm)
+    check_count("--batch-size", args.batch_size)
+    for option in ("n_examples", "image_size"):
+        if getattr(args, option) is not None:
+            check_count(f"--{option.replace('_', '-')}", getattr(args, option))
+    if args.num_workers < 0:
+        raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:
+        raise ValueError(f"--device {args.device}: {error}") from error
+    autocast_dtype(args.precision, device)
+    _check_out(args.out)
+    source = _check_model_options(args)
+
+    batches, n, num_classes = eval_batches(args.dataset, plan["split"], data_dir=args.data_dir,
+                                           n_examples=args.n_examples, batch_size=args.batch_size, device=device,
+                                           image_size=args.image_size, num_workers=args.num_workers)
+    model, description = _load_model(args, source, info, num_classes)
+    model.to(device)
+    side = args.image_size or info.input_size[0]
+    input_shape = (info.in_channels, side, side) if args.dataset == "imagenet" else (info.in_channels, *info.input_size)
+    _check_outputs(model, input_shape, num_classes, f"{args.dataset} {plan['split']}", device)
+    plan.update(device=device, batches=batches, n_examples=n, model=model, model_description=description)
+    return plan
 
 
-def format_table(results, n_examples, eps):
-    lines = [f"robust accuracy on {n_examples} samples, L∞ eps = {eps:g}", f"{'attack':<12}{'accuracy':>10}"]
-    lines += [f"{name:<12}{100 * acc:>9.2f}%" for name, acc in results.items()]
+# --- output ----------------------------------------------------------------------------------------------------
+
+def _eps_text(eps):
+    k = eps * 255
+    return f"{eps:g} ({round(k)}/255)" if abs(k - round(k)) < 1e-6 and round(k) >= 1 else f"{eps:g}"
+
+
+def format_table(evaluation, plan):
+    norm = "L∞" if plan["norm"] == "linf" else "L2"
+    lines = [f"robust accuracy on {evaluation.n_examples} samples of {plan['dataset']} {plan['split']}, "
+             f"{norm} eps = {_eps_text(plan['eps'])}", f"{'attack':<28}{'accuracy':>10}{'seconds':>10}"]
+    for name, acc in evaluation.accuracy.items():
+        seconds = f"{evaluation.seconds[name]:10.1f}" if name in evaluation.seconds else ""
+        lines.append(f"{name:<28}{100 * acc:>9.2f}%{seconds}")
     return "\n".join(lines)
 
 
+def _command(args, plan):
+    """The command line that reproduces this run, with the defaults it resolved (split, eps, attacks) spelled out:
+    the same whether the CLI was called from a shell or through rkd_fast.cli.main."""
+    resolved = {"split": plan["split"], "eps": repr(plan["eps"]), "attacks": plan["attacks"]}
+    words = ["rkd-fast", "eval"]
+    for dest in ("checkpoint", "model_dir", "arch", "weights", "num_classes", "mean", "std", "width", "dataset",
+                 "data_dir", "split", "n_examples", "image_size", "num_workers", "norm", "eps", "attacks",
+                 "precision", "batch_size", "seed", "device", "out"):
+        value = resolved.get(dest, getattr(args, dest))
+        if value is None or (dest == "num_workers" and args.dataset != "imagenet"):
+            continue
+        words += [f"--{dest.replace('_', '-')}", *map(str, value if isinstance(value, list) else [value])]
+    return shlex.join(words)
+
+
+def _model_name(args):
+    if args.checkpoint is not None:
+        return args.checkpoint.split("/")[-1] if args.checkpoint.startswith("robustbench:") else Path(args.checkpoint).stem
+    return f"{args.arch}:{Path(args.weights).stem}"
+
+
+def build_report(args, plan, evaluation, elapsed):
+    from ..info import package_versions
+    from ..train.config import _git_commit, library_versions
+
+    accuracy = evaluation.accuracy
+    autoattacks = [name for name in plan["attacks"] if parse_attack(name, plan["norm"])[0] == "autoattack"]
+    commit, dirty = _git_commit()
+    return {
+        "format": REPORT_FORMAT,
+        "version": REPORT_VERSION,
+        # RobustBench's names (robustbench.eval.benchmark and its model_info files)
+        "model_name": _model_name(args),
+        "dataset": plan["dataset"],
+        "threat_model": THREAT_MODELS[plan["norm"]],
+        "eps": plan["eps"],
+        "n_examples": evaluation.n_examples,
+        "clean_acc": accuracy.get("clean"),
+        "autoattack_acc": accuracy[autoattacks[0]] if autoattacks else None,  # the first AutoAttack version run
+        # rkd_fast's own
+        "results": accuracy,  # every attack, and worst_case
+        "worst_case": accuracy["worst_case"],
+        "seconds": {name: round(value, 3) for name, value in evaluation.seconds.items()},
+        "elapsed_s": round(elapsed, 3),
+        "command": _command(args, plan),
+        "config": {"dataset": plan["dataset"], "data_dir": args.data_dir, "split": plan["split"],
+                   "n_examples": evaluation.n_examples,
+                   "subset": "all" if args.n_examples is None else "class-stratified (rkd_fast.train.config."
+                                                                   "stratified_split, seed 0)",
+                   "attacks": plan["attacks"], "eps": plan["eps"], "norm": plan["norm"], "precision": args.precision,
+                   "batch_size": args.batch_size, "seed": args.seed, "device": str(plan["device"])},
+        "model": plan["model_description"],
+        "versions": {**library_versions(), **package_versions(("pyautoattack", "torchattacks", "torchvision",
+                                                                "robustbench"))},
+        "git_commit": commit,
+        "git_dirty": dirty,
+    }
+
+
+def _fail(error):
+    print(f"rkd-fast eval: error: {' '.join(str(error).split())}", file=sys.stderr)
+    return 2
+
+
 def run(args):
-    from ..checkpoint import atomic_write_json, load_model
-    from ..data import load_digits
+    from ..checkpoint import atomic_write_json
 
     try:
-        names = _attack_names(args.attacks)
-    except (TypeError, ValueError) as error:
-        print(f"rkd-fast eval: {error}", file=sys.stderr)
-        return 2
-    if args.n_examples is not None and args.n_examples < 1:
-        print("rkd-fast eval: --n-examples must be >= 1", file=sys.stderr)
-        return 2
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_model(args.checkpoint, device=device)
-    x, y = load_digits(args.split)
-    if args.n_examples is not None:
-        x, y = x[:args.n_examples], y[:args.n_examples]
-
+        plan = prepare(args)
+    except (ValueError, TypeError, ImportError, OSError) as error:
+        return _fail(error)
     start = time.perf_counter()
-    results = evaluate(model, (x, y), attacks=names, eps=args.eps, batch_size=args.batch_size,
-                       precision=args.precision, seed=args.seed, progress=not args.no_progress)
+    try:
+        evaluation = run_evaluation(plan["model"], plan["batches"], attacks=plan["attacks"], eps=plan["eps"],
+                                    norm=plan["norm"], batch_size=args.batch_size, precision=args.precision,
+                                    seed=args.seed, progress=not args.no_progress)
+    except ValueError as error:  # a later batch's data (NaN, labels outside the classes): nothing is written
+        return _fail(error)
     elapsed = time.perf_counter() - start
-    print(format_table(results, len(y), args.eps))
-    print(f"({elapsed:.1f} s on {device})")
-
+    print(format_table(evaluation, plan))
+    print(f"({elapsed:.1f} s on {plan['device']})")
     if args.out is not None:
-        commit, dirty = _git_commit()
-        report = {
-            "command": _command(args, names),
-            "config": {"checkpoint": str(args.checkpoint), "dataset": args.dataset, "split": args.split,
-                       "attacks": names, "eps": args.eps, "norm": "linf", "n_examples": len(y),
-                       "precision": args.precision, "batch_size": args.batch_size, "seed": args.seed,
-                       "device": str(device)},
-            "model": {"arch": model.rkd_arch, "kwargs": model.rkd_kwargs, **model.rkd_meta},
-            "results": results,
-            "elapsed_s": round(elapsed, 3),
-            "versions": _versions(),
-            "git_commit": commit,
-            "git_dirty": dirty,
-        }
-        path = args.out / "eval.json"
-        atomic_write_json(path, report)
+        path = atomic_write_json(args.out / "eval.json", build_report(args, plan, evaluation, elapsed))
         print(f"wrote {path}")
     return 0

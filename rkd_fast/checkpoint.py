@@ -104,6 +104,8 @@ def atomic_write(path, write, *, text=False, tmp_prefix=None):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=tmp_prefix or f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes the file 0600; give it the mode open() would (0666 less the umask), as users expect
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w", newline="") if text else os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -114,6 +116,20 @@ def atomic_write(path, write, *, text=False, tmp_prefix=None):
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _umask():
+    # Linux reports it without changing it (os.umask can only be read by setting it, which races other threads).
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_save(obj, path, *, tmp_prefix=None):
@@ -136,16 +152,27 @@ def _reason(error):
     return (detail or lines or ["no details"])[0]
 
 
+def load_weights_only(path, what="an rkd_fast model file"):
+    """torch.load(path, weights_only=True) on the CPU. A file that does not load (random bytes, truncated, not
+    a torch file) is a ValueError naming it and `what` it should have been; a missing file, a directory or a
+    permission error stays the OSError it is."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except OSError as error:  # a truncated zip archive: "[Errno 22] Invalid argument", with no file name
+        raise ValueError(f"{path} is not {what}: it cannot be read, truncated or damaged? "
+                         f"({type(error).__name__}: {_reason(error)})") from error
+    except Exception as error:  # unpickling errors differ by cause and torch version; all mean "not ours"
+        raise ValueError(f"{path} is not {what}: torch.load(weights_only=True) failed "
+                         f"({type(error).__name__}: {_reason(error)})") from error
+
+
 def read_model_file(path):
     """The checked contents of a model file (the dict described above), loaded with weights_only=True."""
     path = Path(path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:
-        raise
-    except Exception as error:  # unpickling errors differ by cause and torch version; all mean "not ours"
-        raise ValueError(f"{path} is not an rkd_fast model file: torch.load(weights_only=True) failed "
-                         f"({type(error).__name__}: {_reason(error)})") from error
+    payload = load_weights_only(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not an rkd_fast model file (no 'format': {FORMAT!r} entry); a raw state_dict "
                          f"or a training checkpoint? `rkd-fast export` writes a model file from the latter")
@@ -166,16 +193,66 @@ def load_model(path, device=None):
 
     The file's metadata is on the model as ``model.rkd_meta`` (meta, num_classes, normalization)."""
     payload = read_model_file(path)
+    check_weights(payload, path)
     model = build_model(payload["arch"], **payload["kwargs"])
-    try:
-        model.load_state_dict(payload["state_dict"])
-    except RuntimeError as error:
-        raise ValueError(f"{path}: the weights do not fit {payload['arch']}({payload['kwargs']}): {error}") from error
+    model.load_state_dict(payload["state_dict"])  # check_weights has matched every name and shape
     model.rkd_meta = {"meta": payload["meta"], "num_classes": payload["num_classes"],
                       "normalization": payload["normalization"]}
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+def check_weights(payload, path):
+    """ValueError naming `path` unless the file's recorded architecture and arguments fit its weights, class count
+    and normalisation, and every weight is finite. The model is built on the meta device to compare the shapes
+    (no memory is allocated), so a file asking for an absurd width is refused before anything is built."""
+    arch, kwargs, state = payload["arch"], payload["kwargs"], payload["state_dict"]
+    if not isinstance(kwargs, dict) or not isinstance(state, dict) or \
+            not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: 'kwargs' must be a dict and 'state_dict' a dict of tensors")
+    try:
+        with torch.device("meta"):
+            expected = build_model(arch, **kwargs)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: {arch}({kwargs}) cannot be built: {error}") from error
+    shapes = {k: tuple(v.shape) for k, v in expected.state_dict().items()}
+    missing, unexpected = sorted(set(shapes) - set(state)), sorted(set(state) - set(shapes))
+    wrong = [f"{k} {tuple(state[k].shape)} (expected {shapes[k]})" for k in shapes
+             if k in state and tuple(state[k].shape) != shapes[k]]
+    if missing or unexpected or wrong:
+        problems = [f"missing {', '.join(missing[:3])}" if missing else "",
+                    f"unexpected {', '.join(unexpected[:3])}" if unexpected else "",
+                    f"wrong shapes {', '.join(wrong[:3])}" if wrong else ""]
+        raise ValueError(f"{path}: the weights do not fit {arch}({kwargs}): "
+                         + "; ".join(p for p in problems if p))
+    if payload["num_classes"] != _num_classes(arch, kwargs, expected):
+        raise ValueError(f"{path}: records num_classes {payload['num_classes']}, but {arch}({kwargs}) has "
+                         f"{_num_classes(arch, kwargs, expected)}")
+    recorded = payload["normalization"]
+    for key in ("mean", "std") if recorded is not None else ():
+        buffer = state.get(f"normalize.{key}")  # every model here names its InputNormalization `normalize`
+        if buffer is None or not torch.equal(buffer.flatten(), torch.tensor(recorded[key], dtype=buffer.dtype)):
+            raise ValueError(f"{path}: its recorded input normalisation {key} {recorded[key]} disagrees with the "
+                             f"model's normalize.{key} buffer")
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise ValueError(f"{path}: non-finite weights (NaN or Inf) in {describe_names(bad)}: a diverged model")
+
+
+def nonfinite_tensors(state_dict):
+    """Names of the floating-point tensors of `state_dict` that hold a NaN or an Inf (one host sync for all)."""
+    floating = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    if not floating:
+        return []
+    finite = torch.stack([torch.isfinite(v).all() for v in floating.values()]).cpu()
+    return [k for k, ok in zip(floating, finite.tolist()) if not ok]
+
+
+def describe_names(names, shown=3):
+    """'3 tensors (a, b, c)' or '5 tensors (a, b, c, ...)'."""
+    more = ", ..." if len(names) > shown else ""
+    return f"{len(names)} tensor{'s' if len(names) != 1 else ''} ({', '.join(names[:shown])}{more})"
 
 
 def _fsync_dir(directory):

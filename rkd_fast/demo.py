@@ -13,18 +13,19 @@ the test split (clean, FGSM, PGD-20 and AutoAttack standard, L∞ radius --eps),
 students' figures do not include the teacher's. The settings below are those docs/demo_tuning.md measured.
 """
 
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from .runfiles import RunFiles
+
 # The models trained, in order (the teacher first: the distilling students load it). A student's name is its method.
 MODEL_NAMES = ("teacher", "natural", "kd", "robust-kd", "pgd-at")
-BASELINE_NAMES = ("trades", "ard", "rslad")  # added by --all (docs/baselines.md)
-# What marks a directory as holding a demo run (and all that --overwrite removes).
-DEMO_FILES = ("results.json", "robustness_vs_cost.png", "models")
+BASELINE_NAMES = ("fgsm-rs", "n-fgsm", "free-at", "trades", "ard", "rslad")  # added by --all (docs/baselines.md)
+# free-at's m: 5 replays over 10 / 5 = 2 epochs are the other students' 100 optimizer steps (its default m is 8)
+FREE_AT_DEMO_REPLAYS = 5
 
 # Full demo and --quick (the test's smoke run). AutoAttack standard dominates the run time (its Square attack
 # makes 5,000 queries per still-robust sample), so it runs on a fixed class-stratified subset of the test split.
@@ -66,7 +67,8 @@ def model_names(all_baselines=False):
 
 def training_config(name, settings, common, teacher_path):
     """The trainer config of model `name`: the teacher is PGD-AT at the teacher's width; a student is trained with
-    the method of its name at the student width, given the teacher file when its method distils one."""
+    the method of its name at the student width, given the teacher file when its method distils one. free-at
+    replays each batch FREE_AT_DEMO_REPLAYS times over the epochs divided by that: the same optimizer steps."""
     from .train.config import TEACHER_METHODS
 
     if name == "teacher":
@@ -76,6 +78,8 @@ def training_config(name, settings, common, teacher_path):
         cfg = {**common, "method": name, "width": settings["student_width"], "epochs": settings["student_epochs"]}
         if name in TEACHER_METHODS:
             cfg["teacher"] = str(teacher_path)
+        if name == "free-at":
+            cfg.update(free_replays=FREE_AT_DEMO_REPLAYS, epochs=max(1, cfg["epochs"] // FREE_AT_DEMO_REPLAYS))
     cfg["eval_every"] = cfg["epochs"]  # the trainer's robust validation once, at the end
     return cfg
 
@@ -94,33 +98,46 @@ def stratified_subset(y, n):
 
 
 def check_out(out, overwrite):
-    """Refuses an --out holding another demo's results unless --overwrite (which removes only DEMO_FILES)."""
+    """Refuses an --out holding another demo's results unless --overwrite, and then removes exactly the files that
+    demo wrote (its record, rkd_fast.runfiles; for a demo written before demos kept one, its results, plot and
+    model files by name). Other files in --out, models/ included, are never touched."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
-    present = [name for name in DEMO_FILES if (out / name).exists()]
-    if present and not overwrite:
-        raise ValueError(f"--out {out} holds another run's results ({', '.join(present)}); pass --overwrite "
-                         "to replace them or choose another --out")
-    return present
+    files = RunFiles(out)
+    legacy = [out / "results.json", out / "robustness_vs_cost.png"] + \
+        [out / "models" / f"{name}.pt" for name in model_names(True)]
+    if not files.exists() and not (out / "results.json").is_file():
+        return
+    if not overwrite:
+        raise ValueError(f"--out {out} holds another demo's results; pass --overwrite to replace them or choose "
+                         "another --out")
+    if files.exists():
+        files.remove_all()
+        return
+    for path in legacy:
+        path.unlink(missing_ok=True)
+    if (out / "models").is_dir() and not any((out / "models").iterdir()):
+        (out / "models").rmdir()
 
 
-class _Stages:
+class Stages:
     """Wall and process-CPU seconds of each stage (the machine may be shared: CPU time is the steadier one)."""
 
-    def __init__(self, show):
-        self.show = show
+    def __init__(self, show, prefix="demo"):
+        self.show, self.prefix = show, prefix
         self.records = {}
 
     def run(self, name, function):
         if self.show:
-            print(f"[demo] {name} ...", flush=True)
+            print(f"[{self.prefix}] {name} ...", flush=True)
         wall, cpu = time.perf_counter(), time.process_time()
         value = function()
         record = {"wall_seconds": round(time.perf_counter() - wall, 3),
                   "cpu_seconds": round(time.process_time() - cpu, 3)}
         self.records[name] = record
         if self.show:
-            print(f"[demo] {name}: {record['wall_seconds']:.1f} s wall, {record['cpu_seconds']:.1f} s CPU", flush=True)
+            print(f"[{self.prefix}] {name}: {record['wall_seconds']:.1f} s wall, {record['cpu_seconds']:.1f} s CPU",
+                  flush=True)
         return value
 
 
@@ -146,27 +163,10 @@ def format_table(results):
 
 
 def plot(results, path):
-    import matplotlib
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
+    from .plots import plot_robustness_vs_cost
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for key, label, marker in (("pgd20", "PGD-20", "o"), ("autoattack", "AutoAttack", "s")):
-        xs = [r["train_seconds"] for r in results["models"].values()]
-        ys = [100 * r[key] for r in results["models"].values()]
-        ax.scatter(xs, ys, marker=marker, label=label, alpha=0.8)
-    for name, r in results["models"].items():
-        ax.annotate(name, (r["train_seconds"], 100 * r["pgd20"]), textcoords="offset points", xytext=(5, 4),
-                    fontsize=8)
-    ax.set_xscale("log")
-    ax.set_xlabel("training seconds (own training only, log scale)")
-    ax.set_ylabel(f"robust test accuracy, L∞ eps={results['eps']} (%)")
-    ax.set_title("digits: robust accuracy vs training cost")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return plot_robustness_vs_cost(results["models"], path, eps=results["eps"],
+                                   xlabel="training seconds (own training only, log scale)")
 
 
 def run_demo(out, *, eps=0.1, quick=False, all_baselines=False, autoattack_samples=None, threads=1, seed=0,
@@ -187,11 +187,9 @@ def run_demo(out, *, eps=0.1, quick=False, all_baselines=False, autoattack_sampl
         if autoattack_samples < 0:
             raise ValueError(f"autoattack_samples must be >= 0, got {autoattack_samples}")
         settings["autoattack_samples"] = autoattack_samples
-    present = check_out(out, overwrite)
-    for name in present:
-        target = out / name
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    check_out(out, overwrite)
     (out / "models").mkdir(parents=True, exist_ok=True)
+    files = RunFiles(out)
 
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -203,7 +201,7 @@ def run_demo(out, *, eps=0.1, quick=False, all_baselines=False, autoattack_sampl
         aa_index = stratified_subset(y, settings["autoattack_samples"])
         test, aa = (x, y), (x[aa_index], y[aa_index])
 
-        stages = _Stages(progress)
+        stages = Stages(progress)
         common = {**COMMON, "eps": float(eps), "seed": seed}
         names = model_names(all_baselines)
         configs, models, train_seconds = {}, {}, {}
@@ -212,7 +210,7 @@ def run_demo(out, *, eps=0.1, quick=False, all_baselines=False, autoattack_sampl
             result = stages.run(f"train {name}", lambda cfg=cfg: train_model(cfg))
             models[name], train_seconds[name] = result.model, result.train_seconds
             configs[name] = result.config.to_dict()
-            save_model(result.model, out / "models" / f"{name}.pt", name=name, method=cfg["method"],
+            save_model(result.model, files.add(out / "models" / f"{name}.pt"), name=name, method=cfg["method"],
                        eps=float(eps), train_seconds=result.train_seconds, config=_plain(configs[name]))
 
         scores = {}
@@ -246,8 +244,8 @@ def run_demo(out, *, eps=0.1, quick=False, all_baselines=False, autoattack_sampl
         "git_dirty": dirty,
         "versions": library_versions(),
     }
-    atomic_write_json(out / "results.json", results)
-    plot(results, out / "robustness_vs_cost.png")
+    atomic_write_json(files.add("results.json"), results)
+    plot(results, files.add("robustness_vs_cost.png"))
     return results
 
 

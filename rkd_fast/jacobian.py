@@ -6,28 +6,12 @@ One random (or gradient) direction ``d`` per sample, two forward passes of the s
 sample, a finite-difference estimate of ``‖J_S·d - J_T·d‖²`` (``‖J_S·d‖²`` without a teacher).
 ``method="exact"`` computes ``J·d`` by double backprop instead: the accuracy reference and the speed baseline.
 
-BatchNorm in train mode. One batched call ``model(cat([x, x + h·d]))`` would normalise the clean samples with
-statistics of a batch half made of perturbed samples (so the clean logits handed back for CE and KD would not
-be those of a clean forward), and would update the running statistics from that mixed, doubled batch. Two
-calls where the perturbed call normalises with its own batch statistics leave the clean logits intact, but
-still update the running statistics a second time (unless suppressed), and on a subset (``fraction < 1``) the
-subset's statistics differ from the full batch's by O(1), so ``(S(x+hd) - S(x))/h`` would measure that
-change divided by h, not the Jacobian. So here: two calls; the clean call is an ordinary forward (it alone
-updates the running statistics); the perturbed call normalises every training-mode BatchNorm with the batch
-statistics the clean call computed (kept in the graph, so gradients flow through them as in the clean call)
-and touches no running statistics. The Jacobian estimated is that of each sample's output at this batch's
-normalisation, which is what eval mode gives with the running statistics; ``method="exact"`` differentiates
-the same function. (SyncBatchNorm across processes is not supported in train mode; activation checkpointing
-inside the model would recompute the perturbed pass with its own statistics.)
-
-Under ``torch.compile`` the two-call scheme cannot work: it installs its recording and replaying for one call at
-a time, and a compiled graph does not see hooks added after it was traced. ``share_clean_statistics(model)``
-gives each BatchNorm the scheme inside its own forward instead: asked to (``_SharedStatistics``), it normalises
-the first n rows of its input as an ordinary forward (which alone updates the running statistics) and the rest
-with those rows' batch statistics, so that one call ``model(cat([x, x + h·d]))`` computes the same as the two
-calls. ``jacobian_penalty`` takes that batched path whenever the student's BatchNorms have been converted (and
-the direction does not need the clean pass first); the trainer converts the student when it compiles it. It
-is also one larger forward instead of two smaller ones on a GPU.
+BatchNorm and dropout in train mode: the perturbed pass reuses the clean pass's batch statistics and dropout
+masks (`rkd_fast.clean_pass`), in two calls, or in one batched call ``model(cat([x, x + h·d]))`` after
+``share_clean_statistics(model)`` (which also makes the term work under ``torch.compile``; the trainer converts
+the student when it compiles it). The batched path is taken whenever the student's modules have been converted
+(and the direction does not need the clean pass first); it is also one larger forward instead of two smaller
+ones on a GPU.
 
 Default step (``h=None``): measured on the digits CNN, see docs/jacobian_accuracy.md and
 ``python -m rkd_fast.bench.jacobian_accuracy``. The step scales with the input's RMS, so a per-pixel move is a
@@ -38,13 +22,12 @@ float32 forward and backward passes of both models in that step instead of bfloa
 """
 
 import contextlib
-import functools
 import math
 
 import torch
 import torch.nn.functional as F
-from torch.nn.modules.batchnorm import _BatchNorm
 
+from .clean_pass import CleanPassState, clean_rows, share_clean_statistics, shares_clean_statistics
 from .ops._dispatch import REDUCTIONS, check_choice
 from .ops.fd_jacobian import fd_jacobian_loss
 
@@ -114,179 +97,29 @@ def draw_direction(x, direction="rademacher", norm="l2", grad=None):
     return flat.view(x.shape).to(x.dtype)
 
 
-def _uses_batch_stats(module):
-    # The condition under which _BatchNorm.forward normalises with the batch's own statistics.
-    return isinstance(module, _BatchNorm) and (module.training or module.running_mean is None)
-
-
-def _normalize_with(module, stats, fused, x):
-    """Batch norm of x with given (mean, biased var), no running-statistics update: x·scale + shift, by the
-    batch-norm kernel (fused=True) or by elementwise ops (differentiable twice, for method="exact")."""
-    if not stats:
-        raise RuntimeError("jacobian_penalty: the perturbed pass called a BatchNorm more times than the clean pass; "
-                           "the model's control flow must not depend on its input")
-    mean, var = stats.pop(0)
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    scale = torch.rsqrt(var + module.eps)
-    if module.weight is not None:
-        scale = module.weight * scale
-    shift = -mean * scale
-    if module.bias is not None:
-        shift = module.bias + shift
-    if fused:
-        # x·scale + shift by the batch-norm kernel (eval mode, mean 0, var + eps = 1 exactly): one fused pass
-        # forward and backward, gradients to scale and shift (so to the statistics); it is not differentiable
-        # twice. eps must be > 0 (torch 2.11 refuses 0 on CUDA); 1 − 2⁻²⁰ and 2⁻²⁰ are exact and sum to 1.
-        eps = 2.0 ** -20
-        return F.batch_norm(x, torch.zeros_like(scale), torch.full_like(scale, 1.0 - eps), scale, shift, False, 0.0,
-                             eps)
-    return (x * scale.view(shape) + shift.view(shape)).to(x.dtype)
-
-
-class _ChannelMoments(torch.autograd.Function):
-    """Per-channel mean and biased variance of (N, C, ...) over every dim but 1, in float32 (float64 for float64).
-    torch.var_mean over dims (0, 2, 3) is about 6x slower on CPU than these two passes, and its backward runs
-    several passes; here the backward is one fused pass, x·a + b with per-channel a and b (it is itself
-    differentiable, built from differentiable ops)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        dims = [0] + list(range(2, x.dim()))
-        xa = x.to(acc)
-        mean = xa.mean(dims, keepdim=True)
-        var = (xa - mean).square().mean(dims, keepdim=True)  # two passes: no cancellation
-        ctx.save_for_backward(x)
-        ctx.count = x.numel() // max(mean.numel(), 1)
-        return mean.flatten(), var.flatten()
-
-    @staticmethod
-    def backward(ctx, grad_mean, grad_var):
-        (x,) = ctx.saved_tensors
-        # recomputed rather than saved, so that this backward is differentiable w.r.t. x through it too
-        mean = x.to(grad_var.dtype if grad_var is not None else grad_mean.dtype).mean(
-            [0] + list(range(2, x.dim())), keepdim=True)
-        shape = mean.shape
-        grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean.view(shape)
-        grad_var = torch.zeros_like(mean) if grad_var is None else grad_var.view(shape)
-        # d mean / dx = 1/M; d var / dx = 2 (x - mean) / M (the term through mean sums to zero)
-        a = 2 * grad_var / ctx.count
-        b = grad_mean / ctx.count - a * mean
-        return (x * a + b).to(x.dtype)
-
-
-class _BatchStatistics:
-    """Records the batch statistics that each batch-statistics BatchNorm of a model computes in one forward
-    (``record``) and normalises with them in a later forward (``replay``), which then updates no running
-    statistics. The recorded statistics keep their graph: gradients reach the parameters through them in the
-    replayed pass as they do in the recorded one."""
-
-    def __init__(self, model):
-        modules = model.modules() if isinstance(model, torch.nn.Module) else ()
-        self.modules = [m for m in modules if _uses_batch_stats(m)]
-        for m in self.modules:
-            if isinstance(m, torch.nn.SyncBatchNorm) and torch.distributed.is_available() \
-                    and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-                raise NotImplementedError("jacobian_penalty: SyncBatchNorm in train mode across processes is not "
-                                          "supported (the perturbed pass needs the clean pass's statistics)")
-        # torch.compile(model) wraps it (with _orig_mod); model.compile() sets _compiled_call_impl in place.
-        compiled = getattr(model, "_orig_mod", None) is not None or \
-            getattr(model, "_compiled_call_impl", None) is not None
-        if self.modules and compiled:
-            # Dynamo does not guard on forward hooks by default (skip_nnmodule_hook_guards): a graph compiled
-            # without the recording hooks would silently skip them, so the replay would normalise wrongly.
-            raise NotImplementedError("jacobian_penalty: a torch.compile'd model with BatchNorm in train mode needs "
-                                      "rkd_fast.jacobian.share_clean_statistics(model) before compiling (the "
-                                      "clean and perturbed passes then share batch statistics in one call)")
-        self.stats = {m: [] for m in self.modules}
-
-    def _record(self, module, args):
-        mean, var = _ChannelMoments.apply(args[0])
-        self.stats[module].append((mean, var))
-
-    @contextlib.contextmanager
-    def record(self):
-        handles = [m.register_forward_pre_hook(self._record) for m in self.modules]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    @contextlib.contextmanager
-    def replay(self, fused=True):
-        # An instance attribute `forward` shadows the class's for nn.Module.__call__; deleting it restores it.
-        queues = {m: list(self.stats[m]) for m in self.modules}  # a module called twice replays in order
-        saved = {m: m.__dict__.get("forward") for m in self.modules}
-        for m in self.modules:
-            m.forward = functools.partial(_normalize_with, m, queues[m], fused)
-        try:
-            yield
-        finally:
-            for m, forward in saved.items():
-                if forward is None:
-                    del m.forward
-                else:
-                    m.forward = forward
-        unused = [m for m in self.modules if queues[m]]
-        if unused:
-            raise RuntimeError("jacobian_penalty: the perturbed pass called a BatchNorm fewer times than the clean "
-                               "pass; the model's control flow must not depend on its input")
-
-
-class _SharedStatistics:
-    """BatchNorm behaviour mixed in by `share_clean_statistics`: with ``clean_rows = n > 0`` (set by
-    `_clean_rows` around one call) and batch statistics in use, rows ``[0, n)`` are normalised by the ordinary
-    forward (which updates the running statistics) and the remaining rows with the batch statistics of rows
-    ``[0, n)`` (`_normalize_with`, in the graph). ``clean_rows = 0`` is the ordinary BatchNorm."""
-
-    clean_rows = 0
-
-    def forward(self, x):
-        n = self.clean_rows
-        if n == 0 or not _uses_batch_stats(self):
-            return super().forward(x)
-        clean = x[:n]
-        stats = [_ChannelMoments.apply(clean)]
-        return torch.cat([super().forward(clean), _normalize_with(self, stats, True, x[n:])])
-
-
-@functools.cache
-def _shared_class(cls):
-    return type(f"SharedStatistics{cls.__name__}", (_SharedStatistics, cls), {"__module__": __name__})
-
-
-def share_clean_statistics(model):
-    """Converts, in place, every BatchNorm of `model` (except SyncBatchNorm) so that `jacobian_penalty` can run
-    its clean and perturbed student passes as one batched call, which also works when the model is
-    ``torch.compile``'d (module docstring). Parameters, buffers and state_dict keys are unchanged, and outside
-    `jacobian_penalty` the modules behave as before. Convert before compiling. Returns `model`."""
-    for module in model.modules():
-        if isinstance(module, _BatchNorm) and not isinstance(module, (_SharedStatistics, torch.nn.SyncBatchNorm)):
-            module.__class__ = _shared_class(type(module))
-    return model
-
-
-def _shares_clean_statistics(model):
-    """True when every batch-statistics BatchNorm of the model has been converted (and there is one)."""
-    modules = [m for m in model.modules() if _uses_batch_stats(m)] if isinstance(model, torch.nn.Module) else []
-    return bool(modules) and all(isinstance(m, _SharedStatistics) for m in modules)
-
-
-@contextlib.contextmanager
-def _clean_rows(model, n):
-    modules = [m for m in model.modules() if isinstance(m, _SharedStatistics)]
-    for m in modules:
-        m.clean_rows = n
-    try:
-        yield
-    finally:
-        for m in modules:
-            del m.clean_rows  # back to the class default, 0
-
-
 def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_options(**options):
+    """ValueError for a bad value among jacobian_penalty's options (h, direction, norm, on, temperature, fraction,
+    method); the options not given are not checked. RobustKDLoss and the trainer check theirs with this when they
+    are read, before any step runs."""
+    choices = {"direction": DIRECTIONS, "norm": NORMS, "on": ON, "method": METHODS}
+    for name, value in options.items():
+        if name in choices:
+            check_choice(name, value, choices[name])
+        elif name == "h":
+            if value is not None and (not _is_number(value) or not math.isfinite(value) or value <= 0):
+                raise ValueError(f"h must be None or a finite number > 0, got {value!r}")
+        elif name == "fraction":
+            if not _is_number(value) or not 0 < value <= 1:  # NaN fails both comparisons
+                raise ValueError(f"fraction must be a number in (0, 1], got {value!r}")
+        elif name == "temperature":
+            if not _is_number(value) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"temperature must be a finite number > 0, got {value!r}")
+        else:
+            raise TypeError(f"unknown jacobian_penalty option {name!r}")
 
 
 def _check(student, x, y, teacher, h, direction, norm, on, temperature, fraction, reduction, method):
@@ -300,17 +133,9 @@ def _check(student, x, y, teacher, h, direction, norm, on, temperature, fraction
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
     if x.dim() < 2 or x.shape[0] == 0 or x[0].numel() == 0:
         raise ValueError(f"x must be a non-empty batch (N, ...) with N >= 1, got shape {tuple(x.shape)}")
-    check_choice("direction", direction, DIRECTIONS)
-    check_choice("norm", norm, NORMS)
-    check_choice("on", on, ON)
     check_choice("reduction", reduction, REDUCTIONS)
-    check_choice("method", method, METHODS)
-    if h is not None and (not _is_number(h) or not math.isfinite(h) or h <= 0):
-        raise ValueError(f"h must be None or a finite number > 0, got {h!r}")
-    if not _is_number(fraction) or not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
-    if not _is_number(temperature) or not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    check_options(h=h, direction=direction, norm=norm, on=on, temperature=temperature, fraction=fraction,
+                  method=method)
     if direction == "grad":
         if y is None:
             raise ValueError("direction='grad' needs the labels y (the direction is the input gradient of the "
@@ -389,8 +214,8 @@ def jacobian_penalty(student, x, y=None, *, teacher=None, h=None, direction="rad
         ``return_outputs=True`` (``teacher_logits`` is None without a teacher, and carries no graph).
 
     BatchNorm layers that normalise with batch statistics (train mode) are updated by the clean pass only; the
-    perturbed pass reuses the clean pass's batch statistics (module docstring). Randomness (the subset and
-    the directions) comes from torch's global generator.
+    perturbed pass reuses the clean pass's batch statistics and dropout masks (`rkd_fast.clean_pass`). Randomness
+    (the subset and the directions) comes from torch's global generator.
     """
     _check(student, x, y, teacher, h, direction, norm, on, temperature, fraction, reduction, method)
     n = x.shape[0]
@@ -419,9 +244,9 @@ def _penalty(student, teacher, x, y, h, k, dtype, direction, norm, on, temperatu
     student_grad_dir = direction == "grad" and teacher is None
     # A student whose BatchNorms share clean statistics makes its clean and perturbed passes in one call, after
     # the direction is drawn (module docstring); the student's own grad direction needs its clean pass first.
-    batched = not exact and not student_grad_dir and _shares_clean_statistics(student)
-    s_stats = None if batched else _BatchStatistics(student)
-    t_stats = _BatchStatistics(teacher) if teacher is not None else None
+    batched = not exact and not student_grad_dir and shares_clean_statistics(student)
+    s_stats = None if batched else CleanPassState(student)
+    t_stats = CleanPassState(teacher) if teacher is not None else None
 
     # Clean passes over the whole batch. The input needs a gradient for the grad direction, and for the exact
     # method when the clean pass can serve as the differentiated one (whole batch, no batch statistics).
@@ -454,11 +279,11 @@ def _penalty(student, teacher, x, y, h, k, dtype, direction, norm, on, temperatu
     d = draw_direction(xs, direction, norm, grad=grad)
 
     if exact:
-        jd_s = _exact_jvp(student, s_stats, s_clean if reuse_s else None, x_s if reuse_s else xs, d, on,
+        jd_s = _exact_jvp(student, s_stats, idx, s_clean if reuse_s else None, x_s if reuse_s else xs, d, on,
                           temperature, create_graph=grad_mode)
         jd_t = None
         if teacher is not None:
-            jd_t = _exact_jvp(teacher, t_stats, t_graph if reuse_t else None, x_t if reuse_t else xs, d, on,
+            jd_t = _exact_jvp(teacher, t_stats, idx, t_graph if reuse_t else None, x_t if reuse_t else xs, d, on,
                               temperature, create_graph=False)
         zeros = torch.zeros_like(jd_s)
         with torch.set_grad_enabled(grad_mode):
@@ -468,7 +293,7 @@ def _penalty(student, teacher, x, y, h, k, dtype, direction, norm, on, temperatu
         step = h if h is not None else default_step(x, norm, dtype)
         x_pert = xs + step * d
         if batched:
-            with _clean_rows(student, n):
+            with clean_rows(student, n, idx):
                 out = student(torch.cat([x, x_pert]))
             if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != n + xs.shape[0]:
                 raise ValueError(f"the student must return logits of shape (N, K) = ({n + xs.shape[0]}, K) for the "
@@ -477,11 +302,11 @@ def _penalty(student, teacher, x, y, h, k, dtype, direction, norm, on, temperatu
             s_clean, s_pert = out[:n], out[n:]
             _check_outputs(s_clean, t_clean, n)
         else:
-            with s_stats.replay():
+            with s_stats.replay(idx):
                 s_pert = student(x_pert)
         t_pert = None
         if teacher is not None:
-            with torch.no_grad(), t_stats.replay():
+            with torch.no_grad(), t_stats.replay(idx):
                 t_pert = teacher(x_pert)
         rows = fd_jacobian_loss(pick(s_clean), s_pert, step, t_clean=None if t_pert is None else pick(t_clean),
                                 t_pert=t_pert, on=on, temperature=temperature, reduction="none")
@@ -490,13 +315,14 @@ def _penalty(student, teacher, x, y, h, k, dtype, direction, norm, on, temperatu
     return (rows, idx), s_clean, t_clean
 
 
-def _exact_jvp(model, stats, out, x_in, d, on, temperature, create_graph):
+def _exact_jvp(model, stats, idx, out, x_in, d, on, temperature, create_graph):
     """J·d at x_in. `out` is the model's output at x_in when the clean pass can serve; otherwise a pass on x_in
-    (the selected samples) normalises with the clean pass's batch statistics, as the perturbed pass of "fd"."""
+    (the selected samples `idx`) reuses the clean pass's batch statistics and dropout masks, as the perturbed pass
+    of "fd" does."""
     with torch.enable_grad():
         if out is None:
             x_in = x_in if x_in.requires_grad else x_in.detach().requires_grad_()
-            with stats.replay(fused=False):  # differentiated twice
+            with stats.replay(idx, fused=False):  # differentiated twice
                 out = model(x_in)
         jd = _jvp(out, x_in, d, on, temperature, create_graph)
     return jd if create_graph else jd.detach()

@@ -5,9 +5,20 @@
           + feat_weight · mean over feature pairs of feature_distance(adapter(F_s), F_t)
           + jac_weight · jacobian_penalty(student, x, teacher=teacher, ...)
 
+Where the terms are evaluated. Without ``eps`` (Zhang & Yi's recipe): CE, KD and features at the input x, and the
+Jacobian term along a random direction (`jacobian_penalty`). With ``eps`` (the trainer's default): at the
+student's single-step adversarial point x' in the L∞ threat model of radius eps, built as N-FGSM builds it (de
+Jorge et al. 2022): a start x̃ = x + η, η uniform in [−noise·eps, noise·eps], then one step of h along the sign of
+the input gradient of the student's cross-entropy at x̃, h = eps by default, clamped to [0, 1]. CE, KD and the
+feature maps are matched at x' (the teacher's soft labels and features where the student is weakest), and the
+Jacobian term is the finite difference along that step: ‖(S(x') − S(x̃))/h − (T(x') − T(x̃))/h‖². One
+gradient pass of the student finds x' (the attack pass, eval mode, no parameter gradients); with jac_weight 0
+the step is then one student forward + backward at x' and one teacher forward: what single-step adversarial
+training costs plus a teacher forward (docs/frontier.md).
+
 Feature maps are captured with forward hooks on the named modules (model code is not changed). The hooks record
-only the clean forward of a step: they are armed before it and disarm themselves when the model's forward
-returns, so the perturbed forwards of the Jacobian term pass through unrecorded.
+only the forward the terms are evaluated at (x, or x'): they are armed before it and disarm themselves when the
+model's forward returns, so the other forwards (the Jacobian term's, the attack pass) pass through unrecorded.
 
 The student and teacher are held by reference, not as submodules: `parameters()`, `state_dict()`, `.to()` and
 `.train()` of the loss see only the feature adapters.
@@ -17,13 +28,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .jacobian import jacobian_penalty
+from .clean_pass import CleanPassState, clean_rows, shares_clean_statistics
+from .jacobian import check_options, jacobian_penalty
+from .ops.fd_jacobian import fd_jacobian_loss
 from .ops.feature_distance import MODES as FEATURE_MODES
 from .ops.feature_distance import feature_distance
 
 # jacobian_penalty keyword arguments a caller may set through `jacobian={...}`; the loss supplies the others.
 JACOBIAN_OPTIONS = ("h", "direction", "norm", "on", "temperature", "fraction", "method")
 JACOBIAN_DEFAULTS = {"direction": "gaussian"}
+# N-FGSM's start noise, in units of eps (de Jorge et al. 2022: uniform in [−2·eps, 2·eps])
+ADVERSARIAL_NOISE = 2.0
 
 
 def resize_matrix(src, dst, pool):
@@ -90,10 +105,12 @@ class _Capture:
     def __init__(self, count):
         self.armed = False
         self.features = [None] * count
+        self.rows = slice(None)
 
-    def arm(self):
+    def arm(self, rows=slice(None)):
+        """Records the next forward's features, rows `rows` of them (a batched call holds other passes too)."""
         self.features = [None] * len(self.features)
-        self.armed = True
+        self.armed, self.rows = True, rows
 
 
 def _named_modules(model, names, side):
@@ -129,7 +146,11 @@ class RobustKDLoss(nn.Module):
         kd_temperature: T of the KD term (the term is multiplied by T²).
         label_smoothing: of the cross-entropy term.
         jacobian: keyword arguments of :func:`rkd_fast.jacobian.jacobian_penalty` (h, direction, norm, on,
-            temperature, fraction, method); ``direction`` defaults to ``"gaussian"``.
+            temperature, fraction, method); ``direction`` defaults to ``"gaussian"``. With ``eps``, only ``h``
+            (the step, default eps), ``on`` and ``temperature`` apply: the direction is the adversarial one.
+        eps: None, or the L∞ radius of the threat model (on the [0, 1] pixel scale): evaluate every term at the
+            student's single-step adversarial point (module docstring).
+        noise: with ``eps``: the start's uniform noise, in units of eps (N-FGSM's 2).
 
     Returns ``(total, terms)``: ``total`` a 0-d float32 tensor with a gradient, ``terms`` a dict of detached
     0-d tensors (``"ce"``, ``"kd"``, ``"feat"``, ``"jac"`` for the terms computed, and ``"total"``). Nothing
@@ -138,7 +159,7 @@ class RobustKDLoss(nn.Module):
 
     def __init__(self, student, teacher, *, feature_pairs=(), example_input=None, feature_mode="normalized",
                  ce_weight=1.0, kd_weight=1.0, kd_temperature=4.0, feat_weight=1.0, jac_weight=1.0,
-                 label_smoothing=0.0, jacobian=None):
+                 label_smoothing=0.0, jacobian=None, eps=None, noise=ADVERSARIAL_NOISE):
         super().__init__()
         for name, model in (("student", student), ("teacher", teacher)):
             if not isinstance(model, nn.Module):
@@ -160,7 +181,20 @@ class RobustKDLoss(nn.Module):
         unknown = sorted(set(jacobian) - set(JACOBIAN_OPTIONS))
         if unknown:
             raise ValueError(f"unknown jacobian option(s) {', '.join(unknown)}; allowed: {', '.join(JACOBIAN_OPTIONS)}")
-        self.jacobian = {**JACOBIAN_DEFAULTS, **jacobian}
+        if eps is not None:
+            self.eps = _check_weight("eps", eps)
+            self.noise = _check_weight("noise", noise)
+            if self.eps == 0:
+                raise ValueError("eps must be > 0 (or None: the terms at the clean input)")
+            fixed = sorted(set(jacobian) - {"h", "on", "temperature"})
+            if fixed:
+                raise ValueError(f"jacobian option(s) {', '.join(fixed)} do not apply with eps: the step is along the "
+                                 "sign of the student's input gradient, on the whole batch, by finite difference")
+            self.jacobian = {"h": self.eps, "on": "logits", "temperature": 1.0, **jacobian}
+        else:
+            self.eps = None
+            self.jacobian = {**JACOBIAN_DEFAULTS, **jacobian}
+        check_options(**self.jacobian)  # now, not at the first step
 
         # Held by reference (a tuple is not registered as a submodule): the loss's state_dict and train()
         # never touch the models.
@@ -244,14 +278,11 @@ class RobustKDLoss(nn.Module):
             handle.remove()
         self._hooks = []
 
-    def forward(self, x, y):
-        student, teacher = self._models
-        if teacher.training:  # someone called teacher.train(): BN statistics must stay frozen
-            teacher.eval()
-        s_capture, t_capture = self._captures
-        if self.feature_pairs:
-            s_capture.arm()
-            t_capture.arm()
+    def forward(self, x, y, seed=None):
+        """``(total, terms)`` for the batch (x, y). ``seed`` seeds the adversarial start's noise (with ``eps``; a
+        local generator, so a resumed run replays it); None draws a fresh one."""
+        if self.teacher.training:  # someone called teacher.train(): BN statistics must stay frozen
+            self.teacher.eval()
         terms = {}
         total = None
 
@@ -261,20 +292,8 @@ class RobustKDLoss(nn.Module):
             terms[name] = value.detach()
             total = weight * value if total is None else total + weight * value
 
-        try:
-            if self.jac_weight > 0:
-                # One call makes the clean forwards of both models (recorded by the hooks) and the perturbed
-                # ones; the clean logits it returns serve the other terms.
-                jac, s_logits, t_logits = jacobian_penalty(student, x, y, teacher=teacher, reduction="mean",
-                                                           return_outputs=True, **self.jacobian)
-            else:
-                s_logits = student(x)
-                t_logits = None
-                if self.uses_teacher:
-                    with torch.no_grad():
-                        t_logits = teacher(x)
-        finally:
-            s_capture.armed = t_capture.armed = False
+        passes = self._adversarial_passes(x, y, seed) if self.eps is not None else self._clean_passes(x, y)
+        s_logits, t_logits, jac = passes
         if t_logits is not None:
             t_logits = t_logits.detach()
             if t_logits.shape != s_logits.shape:
@@ -286,7 +305,7 @@ class RobustKDLoss(nn.Module):
         if self.kd_weight > 0:
             add("kd", self.kd_weight, kd_loss(s_logits, t_logits, self.kd_temperature))
         if self.feat_weight > 0:
-            add("feat", self.feat_weight, self._feature_term(x.shape[0]))
+            add("feat", self.feat_weight, self._feature_term(s_logits.shape[0]))
         if self.jac_weight > 0:
             add("jac", self.jac_weight, jac)
         if total is None:  # every weight 0: a zero loss that still connects to the student's graph
@@ -294,18 +313,89 @@ class RobustKDLoss(nn.Module):
         terms["total"] = total.detach()
         return total, terms
 
+    def _clean_passes(self, x, y):
+        """(student logits at x, teacher logits at x, the Jacobian term or None), features recorded at x."""
+        student, teacher = self._models
+        s_capture, t_capture = self._captures
+        if self.feature_pairs:
+            # the first n rows: in the batched Jacobian call (a student sharing clean statistics) the rest are
+            # the perturbed ones
+            s_capture.arm(rows=slice(0, x.shape[0]))
+            t_capture.arm()
+        jac = t_logits = None
+        try:
+            if self.jac_weight > 0:
+                # One call makes the clean forwards of both models (recorded by the hooks) and the perturbed
+                # ones; the clean logits it returns serve the other terms.
+                jac, s_logits, t_logits = jacobian_penalty(student, x, y, teacher=teacher, reduction="mean",
+                                                           return_outputs=True, **self.jacobian)
+            else:
+                s_logits = student(x)
+                if self.uses_teacher:
+                    with torch.no_grad():
+                        t_logits = teacher(x)
+        finally:
+            s_capture.armed = t_capture.armed = False
+        return s_logits, t_logits, jac
+
+    def _adversarial_passes(self, x, y, seed):
+        """(student logits at x', teacher logits at x', the Jacobian term or None), features recorded at x'."""
+        from .attacks import n_fgsm
+
+        student, teacher = self._models
+        h = self.jacobian["h"]
+        start, x_adv = n_fgsm(student, x, y, self.eps, alpha=h, noise=self.noise * self.eps, seed=seed,
+                              return_start=True)
+        s_capture, t_capture = self._captures
+        jac = None
+        try:
+            if self.jac_weight > 0 and shares_clean_statistics(student):
+                # one batched call (a compiled student): rows [0, n) are x̃, the rest x' (rkd_fast.clean_pass)
+                n = x.shape[0]
+                if self.feature_pairs:
+                    s_capture.arm(rows=slice(n, None))
+                with clean_rows(student, n):
+                    out = student(torch.cat([start, x_adv]))
+                s_start, s_logits = out[:n], out[n:]
+            elif self.jac_weight > 0:
+                # S(x̃) is an ordinary train-mode forward (it alone updates BatchNorm's running statistics); S(x')
+                # reuses its batch statistics and dropout masks, so the difference is the function's change.
+                state = CleanPassState(student)
+                with state.record():
+                    s_start = student(start)
+                if self.feature_pairs:
+                    s_capture.arm()
+                with state.replay():
+                    s_logits = student(x_adv)
+            else:
+                if self.feature_pairs:
+                    s_capture.arm()
+                s_logits = student(x_adv)
+            t_logits = t_start = None
+            if self.uses_teacher:
+                n = x.shape[0]
+                if self.feature_pairs:
+                    t_capture.arm(rows=slice(0, n))
+                with torch.no_grad():  # with the Jacobian term, x' and x̃ in one call (the teacher is frozen)
+                    t_out = teacher(torch.cat([x_adv, start]) if self.jac_weight > 0 else x_adv)
+                t_logits, t_start = t_out[:n], (t_out[n:] if self.jac_weight > 0 else None)
+        finally:
+            s_capture.armed = t_capture.armed = False
+        if self.jac_weight > 0:
+            jac = fd_jacobian_loss(s_start, s_logits, h, t_clean=t_start, t_pert=t_logits, on=self.jacobian["on"],
+                                   temperature=self.jacobian["temperature"], reduction="mean")
+        return s_logits, t_logits, jac
+
     def _feature_term(self, batch):
         s_feats, t_feats = self._captures[0].features, self._captures[1].features
         losses = []
         for (s_name, t_name), adapter, s_feat, t_feat in zip(self.feature_pairs, self.adapters, s_feats, t_feats):
             if s_feat is None or t_feat is None:
-                raise RuntimeError(f"feature pair ({s_name!r}, {t_name!r}) was not recorded in the clean forward")
-            # The batched Jacobian call (student BatchNorms sharing clean statistics, see rkd_fast.jacobian)
-            # records the clean rows followed by the perturbed ones: the clean ones are the first `batch`.
-            if s_feat.shape[0] < batch or t_feat.shape[0] != batch:
+                raise RuntimeError(f"feature pair ({s_name!r}, {t_name!r}) was not recorded in the forward the "
+                                   "terms are evaluated at")
+            if s_feat.shape[0] != batch or t_feat.shape[0] != batch:
                 raise RuntimeError(f"feature pair ({s_name!r}, {t_name!r}): recorded batch sizes "
                                    f"{s_feat.shape[0]}, {t_feat.shape[0]} differ from the input's {batch}")
-            s_feat = s_feat[:batch]
             losses.append(feature_distance(adapter(s_feat), t_feat.detach(), mode=self.feature_mode))
         for capture in self._captures:  # drop the references so the activations can be freed
             capture.features = [None] * len(capture.features)
@@ -328,7 +418,7 @@ def kd_loss(student_logits, teacher_logits, temperature):
 def _record_hook(capture, index):
     def hook(module, inputs, output):
         if capture.armed:
-            capture.features[index] = output
+            capture.features[index] = output[capture.rows]
     return hook
 
 

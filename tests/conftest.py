@@ -9,6 +9,16 @@ import torch
 # is first imported: `make test-triton` runs that directory in a process of its own. A plain `pytest tests`
 # leaves it out unless the interpreter is already on or a GPU is present.
 collect_ignore = []
+
+# Inductor's compiled-code cache is keyed without ATEN_CPU_CAPABILITY: a kernel generated under AVX-512 and
+# replayed in a run under ATEN_CPU_CAPABILITY=default fails to compile ("'at::vec' has not been declared"), and CI
+# runs the number-comparing tests a second time under that setting. One cache per capability.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import getpass
+    import tempfile
+    capability = os.environ.get("ATEN_CPU_CAPABILITY", "native")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{capability}")
 if os.environ.get("TRITON_INTERPRET", "") != "1" and not torch.cuda.is_available():
     collect_ignore.append("triton")
 

@@ -11,7 +11,7 @@ from rkd_fast.bench import cli, report, steps
 from rkd_fast.train import methods as methods_module
 
 TINY = ["--quick", "--device", "cpu", "--width", "4", "--wrn-widen", "1", "--batch-size", "2", "--repeats", "1",
-        "--warmup", "0", "--attack-steps", "1", "--methods", "natural,kd,robust-kd,robust-kd:exact,pgd-at,ard",
+        "--warmup", "0", "--attack-steps", "1", "--methods", "natural,kd,robust-kd,robust-kd:clean,robust-kd:exact,pgd-at,ard",
         "--kernel-shapes", "2x4x3x3", "--kernel-impls", "rkd_fast,eager", "--kernel-min-time", "0.01"]
 
 

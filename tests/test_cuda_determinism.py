@@ -18,6 +18,7 @@ from rkd_fast.checkpoint import save_model
 from rkd_fast.losses import FeatureAdapter
 from rkd_fast.models import MODELS, build_model
 from rkd_fast.train import train_model
+from rkd_fast.train.config import TEACHER_METHODS
 from rkd_fast.train.methods import METHODS
 
 aten = torch.ops.aten
@@ -85,7 +86,7 @@ def test_the_recorder_sees_what_cuda_refuses():
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_trains_with_deterministic_cuda_ops(tmp_path, method):
-    teacher = {} if method in ("natural", "pgd-at", "trades") else {"teacher": str(_teacher(tmp_path / "t.pt"))}
+    teacher = {"teacher": str(_teacher(tmp_path / "t.pt"))} if method in TEACHER_METHODS else {}
     pairs = {"feature_pairs": ("block2:block3",)} if method == "robust-kd" else {}  # an adapter that resizes
     assert _refused_ops(lambda: train_model(method=method, **teacher, **pairs, **FAST)) == set()
 

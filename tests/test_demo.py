@@ -93,8 +93,8 @@ def test_rejects_bad_eps(tmp_path, capsys):
 
 def test_all_adds_exactly_the_baselines():
     assert model_names() == MODEL_NAMES
-    assert model_names(all_baselines=True) == MODEL_NAMES + ("trades", "ard", "rslad")
-    assert set(BASELINE_NAMES) == {"trades", "ard", "rslad"}
+    assert model_names(all_baselines=True) == MODEL_NAMES + ("fgsm-rs", "n-fgsm", "free-at", "trades", "ard", "rslad")
+    assert set(BASELINE_NAMES) == {"fgsm-rs", "n-fgsm", "free-at", "trades", "ard", "rslad"}
 
 
 def test_training_configs_of_the_baselines(tmp_path):
@@ -105,6 +105,10 @@ def test_training_configs_of_the_baselines(tmp_path):
         assert cfg["method"] == name
         # ard and rslad distil the demo's teacher; trades trains from labels only.
         assert cfg.get("teacher") == (str(teacher) if name in ("ard", "rslad") else None)
+        if name == "free-at":  # the same optimizer steps: m replays over the epochs divided by m
+            m = cfg.pop("free_replays")
+            assert m > 1 and m * cfg["epochs"] == student["epochs"] and cfg["eval_every"] == cfg["epochs"]
+            cfg.update(epochs=student["epochs"], eval_every=student["eval_every"])
         # Otherwise the same run as the other students: width, epochs, schedule, data, eps.
         assert {k: v for k, v in cfg.items() if k not in ("method", "teacher")} == student
     assert training_config("teacher", settings, common, teacher)["width"] == settings["teacher_width"]

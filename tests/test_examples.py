@@ -29,7 +29,7 @@ def _percent(text, label):
 
 def test_distil_in_your_loop():
     out = _run("distil_in_your_loop.py")
-    assert "epoch 6: ce" in out and "jac" in out and "feat" in out
+    assert "epoch 6: ce" in out and "kd" in out and "feat" in out
     student = out.split("student:")[1]
     # The distilled student is accurate and keeps much of its accuracy under PGD-20 (a natural one keeps about
     # half at this eps, README's demo table)

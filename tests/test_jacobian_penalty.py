@@ -367,3 +367,66 @@ def test_compiled_student_with_train_mode_batchnorm_is_refused(compile_in_place)
     x = torch.rand(4, 1, 8, 8)
     with pytest.raises(NotImplementedError, match="BatchNorm in train mode"):
         jacobian_penalty(student, x, h=0.1)
+
+
+# --- dropout: the perturbed pass multiplies by the clean pass's mask ----------------------------------------------
+
+class _LinearDropout(nn.Module):
+    """logits = Dropout(W·flatten(x) + b): linear, so J·d = mask ⊙ (W·d) exactly, and the mask can be read back
+    from the clean logits (mask = logits / (W·x + b))."""
+
+    def __init__(self, p=0.5, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.linear = nn.Linear(64, 10, dtype=torch.float64)
+        self.dropout = nn.Dropout(p)
+
+    def forward(self, x):
+        return self.dropout(self.linear(x.flatten(1)))
+
+
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("method", ["fd", "exact"])
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_dropout_perturbed_pass_reuses_the_clean_mask(batched, method, fraction):
+    """The issue's case: a Linear + Dropout(0.5) student in train mode measured mask noise / h (1e6 against 0.05 in
+    eval mode). Now the term equals the same computation with the clean pass's mask fixed by hand."""
+    if batched and method == "exact":
+        pytest.skip("the exact method always makes its own passes")
+    student = _LinearDropout().train()
+    if batched:
+        rkd_fast.jacobian.share_clean_statistics(student)
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, 10, dtype=torch.float64)).eval()
+    generator = torch.Generator().manual_seed(1)
+    x = torch.rand(8, 1, 8, 8, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 10, (8,), generator=generator)
+    h = 1e-4
+    rows, s_clean, _ = jacobian_penalty(student, x, y, teacher=teacher, h=h, direction="grad", method=method,
+                                        fraction=fraction, reduction="none", return_outputs=True)
+    with torch.no_grad():
+        mask = s_clean / student.linear(x.flatten(1))
+    assert set(mask.unique().tolist()) <= {0.0, 2.0}  # Bernoulli(0.5) / 0.5: the clean pass was masked
+    xt = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(F.cross_entropy(teacher(xt), y, reduction="sum"), xt)
+    d = grad.flatten(1) / grad.flatten(1).norm(dim=1, keepdim=True)
+    by_hand = (mask * (d @ student.linear.weight.T) - d @ teacher[1].weight.T).square().sum(1)
+    selected = rows.nonzero().squeeze(1)  # fraction < 1: the subset's rows, scaled by N/k
+    assert len(selected) == round(fraction * 8)
+    torch.testing.assert_close(rows[selected] * fraction, by_hand[selected].detach(), rtol=1e-5, atol=1e-10)
+
+
+def test_dropout_penalty_is_that_of_a_fixed_mask_model_not_mask_noise():
+    """mobilenet-like classifier head dropout: train mode with the shared mask stays at the eval-mode scale."""
+    student = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 10))
+    x = torch.rand(64, 1, 8, 8)
+    train_value = float(jacobian_penalty(student.train(), x, h=0.05).detach())
+    eval_value = float(jacobian_penalty(student.eval(), x, h=0.05).detach())
+    # With a mask kept, train mode is the Jacobian of a random half of the units, scaled by 2: about twice the
+    # eval value (E‖M⊙v‖² = 2‖v‖² for Bernoulli(1/2)/(1/2)); a new mask per pass gave ~1e6 times more.
+    assert 0.5 * eval_value < train_value < 8 * eval_value
+
+
+def test_alpha_dropout_in_train_mode_is_refused():
+    student = nn.Sequential(nn.Flatten(), nn.Linear(64, 10), nn.AlphaDropout(0.2)).train()
+    with pytest.raises(NotImplementedError, match="AlphaDropout"):
+        jacobian_penalty(student, torch.rand(4, 1, 8, 8), h=0.1)

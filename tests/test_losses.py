@@ -289,3 +289,83 @@ def test_adapter_resize_keeps_low_precision_inputs_accurate():
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), F.adaptive_avg_pool2d(x.bfloat16().float(), 2), rtol=1e-2, atol=1e-2)
     assert "resize_h" not in adapter.state_dict()  # a function of the shapes, not a parameter
+
+
+# --- the terms at the student's adversarial point (eps given: the trainer's default) ------------------------------
+
+@pytest.mark.parametrize("jac_weight", [0.0, 0.5])
+@pytest.mark.parametrize("train", [False, True])
+def test_adversarial_point_terms_match_a_direct_computation(jac_weight, train):
+    """With eps: x̃ = clamp(x + U(−2·eps, 2·eps)), x' = clamp(x̃ + h·sign(∇x̃ CE(S_eval(x̃), y))) with h = eps; CE, KD and
+    features at x'; the Jacobian term (S(x') − S(x̃))/h against the teacher's, S(x') normalised with the
+    statistics of the S(x̃) batch (train mode). Written out here from the seed."""
+    student, teacher = _models()
+    student.train(train)
+    x, y = _batch()
+    eps, h = 0.1, 0.1
+    pairs = [("block2", "block3")]
+    loss_fn = RobustKDLoss(student, teacher, feature_pairs=pairs, example_input=x, eps=eps, ce_weight=0.7,
+                           kd_weight=1.3, kd_temperature=1.0, feat_weight=0.4, jac_weight=jac_weight)
+    state = copy.deepcopy(student.state_dict())
+    total, terms = loss_fn(x, y, seed=11)
+    student.load_state_dict(state)  # undo the running-statistics update
+
+    noise = torch.empty_like(x).uniform_(-2 * eps, 2 * eps, generator=torch.Generator().manual_seed(11))
+    start = (x + noise).clamp(0, 1)
+    student.eval()
+    z = start.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(F.cross_entropy(student(z), y, reduction="none").sum(), z)
+    student.train(train)
+    x_adv = (start + h * grad.sign()).clamp(0, 1)
+    if jac_weight and train:  # x' normalised with the batch statistics of the x̃ pass, by hand
+        moments = {}
+        bns = [m for m in student.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        hooks = [m.register_forward_pre_hook(lambda m, a: moments.__setitem__(m, (a[0].mean((0, 2, 3)),
+                                                                                a[0].var((0, 2, 3), unbiased=False))))
+                 for m in bns]
+        s_start = student(start)
+        for hook in hooks:
+            hook.remove()
+        student.eval()
+        saved = {m: (m.running_mean.clone(), m.running_var.clone()) for m in bns}
+        with torch.no_grad():
+            for m in bns:
+                m.running_mean.copy_(moments[m][0])
+                m.running_var.copy_(moments[m][1])
+        s_adv, s_feats = _features(student, x_adv, ["block2"])
+        with torch.no_grad():
+            for m in bns:
+                m.running_mean.copy_(saved[m][0])
+                m.running_var.copy_(saved[m][1])
+        student.train()
+    else:
+        s_start = student(start) if jac_weight else None
+        s_adv, s_feats = _features(student, x_adv, ["block2"])
+    with torch.no_grad():
+        t_adv, t_feats = _features(teacher, x_adv, ["block3"])
+        t_start = teacher(start)
+    expected = {"ce": F.cross_entropy(s_adv, y), "kd": kd_loss(s_adv, t_adv, 1.0),
+                "feat": _reference.feature_distance(loss_fn.adapters[0](s_feats[0]), t_feats[0], mode="normalized")}
+    if jac_weight:
+        expected["jac"] = (((s_adv - s_start) - (t_adv - t_start)) / h).square().sum(1).mean()
+    assert set(terms) == set(expected) | {"total"}
+    for name, value in expected.items():
+        torch.testing.assert_close(terms[name], value.detach(), rtol=1e-4, atol=1e-5, msg=name)
+    weights = {"ce": 0.7, "kd": 1.3, "feat": 0.4, "jac": jac_weight}
+    torch.testing.assert_close(total, sum(weights[k] * v for k, v in expected.items()), rtol=1e-4, atol=1e-5)
+
+
+def test_adversarial_point_options():
+    student, teacher = _models()
+    with pytest.raises(ValueError, match="direction do not apply with eps"):
+        RobustKDLoss(student, teacher, eps=0.1, feat_weight=0, jacobian={"direction": "rademacher"})
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        RobustKDLoss(student, teacher, eps=0.0, feat_weight=0)
+    loss_fn = RobustKDLoss(student, teacher, eps=0.1, feat_weight=0, jac_weight=0)
+    student.eval()  # (in train mode the first call's update of the running statistics moves the attack pass)
+    x, y = _batch()
+    a, _ = loss_fn(x, y, seed=3)
+    b, _ = loss_fn(x, y, seed=3)
+    c, _ = loss_fn(x, y, seed=4)
+    torch.testing.assert_close(a, b)  # the seed fixes the start's noise
+    assert not torch.equal(a, c)

@@ -36,10 +36,11 @@ def teacher_file(tmp_path_factory):
 
 
 def _args(out, teacher):
-    # robust-kd: adapters (block2 → block3) and Gaussian Jacobian directions drawn from the global RNG.
+    # robust-kd: adapters (block2 → block3), the seeded noise of the adversarial point, and the Jacobian term.
     # 1,257 samples at batch 256: 5 steps per epoch; step checkpoints at global steps 2, 4, 7, 9.
     return ["train", "--method", "robust-kd", "--teacher", str(teacher), "--out", str(out), "--epochs", "2",
             "--width", "4", "--batch-size", "256", "--attack-steps", "1", "--feature-pair", "block2:block3",
+            "--jac-weight", "1",
             "--ckpt-every", "2", "--keep", "10", "--deterministic", "--no-progress", "--seed", "5"]
 
 
@@ -79,6 +80,27 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, teacher_file):
     assert untimed[0] == untimed[1]
     run = (interrupted / "run.json").read_text()
     assert '"resumes"' in run and "ckpt-0000000" in run
+
+
+def test_free_at_resumes_inside_a_batchs_replays(tmp_path):
+    """free-at replays each minibatch (3 steps here) and carries its perturbation δ from step to step: a run
+    resumed from a checkpoint taken between two replays of one batch ends bit-identical."""
+    args = ["train", "--method", "free-at", "--free-replays", "3", "--epochs", "2", "--width", "4", "--batch-size",
+            "256", "--attack-steps", "1", "--ckpt-every", "4", "--keep", "10", "--deterministic", "--no-progress"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert main([*args, "--out", str(whole)]) == 0
+    shutil.copytree(whole, resumed)
+    for step, path in checkpoints.list_checkpoints(resumed):
+        if step > 4:  # back to global step 4: batch 2's second replay is next
+            path.unlink()
+    (resumed / "best.pt").unlink()
+    assert main([*args, "--out", str(resumed), "--resume"]) == 0
+    final = [checkpoints.read_checkpoint(checkpoints.checkpoint_path(d, 30)) for d in (whole, resumed)]
+    for part in ("student", "method"):
+        a, b = final[0][part], final[1][part]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else
+                                            torch.equal(a[k]["delta"], b[k]["delta"]) for k in a), part
+    assert final[0]["position"]["global_step"] == 30  # 5 batches × 3 replays × 2 epochs
 
 
 @pytest.fixture(scope="module")

@@ -82,11 +82,15 @@ def test_kd_without_its_kd_term_is_natural_training(teacher_file):
 def test_cli_robust_kd_run_files_and_export(tmp_path, teacher_file):
     out = tmp_path / "run"
     args = ["train", "--method", "robust-kd", "--teacher", str(teacher_file), "--teacher-arch", "small_cnn",
+            "--jac-weight", "1",  # every term, the Jacobian's too (off by default)
             "--out", str(out), *FAST_ARGS, "--epochs", "2", "--keep", "1", "--feature-pair", "block2:block3",
             "--schedule", "multistep", "--nesterov", "--label-smoothing", "0.1", "--seed", "3"]
     assert main(args) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "checkpoints", "metrics.csv", "metrics.json",
-                                                      "run.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".rkd_fast_files", "best.pt", "checkpoints", "metrics.csv",
+                                                      "metrics.json", "run.json"]
+    # the record of the run's files (what --overwrite removes) names exactly the files it left
+    assert sorted(json.loads((out / ".rkd_fast_files").read_text())) == [
+        "best.pt", "checkpoints/ckpt-00000010.pt", "metrics.csv", "metrics.json", "run.json"]
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["ckpt-00000010.pt"]  # 5 steps × 2 epochs, keep 1
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2"]
@@ -212,12 +216,13 @@ def test_cifar_stem_resnets(arch):
     assert torch.isfinite(total)
 
 
-def test_compiled_robust_kd_with_batchnorm_student(tmp_path, teacher_file):
+@pytest.mark.parametrize("distill_at", ["adversarial", "clean"])
+def test_compiled_robust_kd_with_batchnorm_student(tmp_path, teacher_file, distill_at):
     # --compile converts the student's BatchNorms to share the clean statistics in one batched Jacobian call
     # (rkd_fast.jacobian.share_clean_statistics): the two-call scheme's hooks would be skipped by the graph.
     out = tmp_path / "run"
     args = ["train", "--method", "robust-kd", "--teacher", str(teacher_file), "--compile", "--out", str(out),
-            *FAST_ARGS]
+            "--jac-weight", "1", "--distill-at", distill_at, *FAST_ARGS]
     assert main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert all(math.isfinite(row["train_jac"]) and row["train_jac"] > 0 for row in metrics["epochs"])

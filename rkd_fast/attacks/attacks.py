@@ -1,4 +1,5 @@
-"""White-box gradient attacks: FGSM, PGD (L∞ / L2, cross-entropy or CW margin loss, restarts) and CW-L∞.
+"""White-box gradient attacks: FGSM, PGD (L∞ / L2, cross-entropy or CW margin loss, restarts) and CW-L∞, and
+N-FGSM, the training perturbation of the single-step method n-fgsm.
 
 Conventions (as torchattacks and AutoAttack): inputs in [0, 1], eps and alpha on that scale, the model returns
 logits with any normalisation inside it. Every attack returns the adversarial inputs with x's shape, dtype and
@@ -85,6 +86,30 @@ def fgsm(model, x, y, eps, *, precision="fp32"):
         grad = _input_grad(model, x0, y, "ce", autocast, model_dtype(model), first=True)
         x_adv = (x0 + eps * grad.sign()).clamp(0.0, 1.0)
     return like_input(x_adv, x)
+
+
+def n_fgsm(model, x, y, eps, *, alpha=None, noise=None, precision="fp32", seed=None, return_start=False):
+    """N-FGSM (de Jorge et al. 2022), L∞: from x + η with η uniform in [−noise, noise] (default 2·eps), one
+    signed-gradient step of ``alpha`` (default eps) on the cross-entropy, and no projection back onto the eps-ball
+    (the point may lie up to noise + alpha from x); the noisy start and the result are clamped to the [0, 1] box.
+    A training perturbation, not an evaluation attack: it is not confined to the threat model. ``seed`` seeds the
+    noise (a local generator). ``return_start``: also return the noisy start, ``(start, x_adv)`` (robust-kd's
+    finite difference runs from it)."""
+    check_model(model)
+    check_inputs(x, y)
+    eps = check_number("eps", eps)
+    alpha = eps if alpha is None else check_number("alpha", alpha)
+    noise = 2.0 * eps if noise is None else check_number("noise", noise)
+    autocast = autocast_dtype(precision, x.device)
+    if x.shape[0] == 0:
+        return (x.clone(), x.clone()) if return_start else x.clone()
+    x0 = to_attack_layout(x)
+    generator = make_generator(seed, x.device)
+    with attack_mode(model):
+        start = (x0 + torch.empty_like(x0).uniform_(-noise, noise, generator=generator)).clamp(0.0, 1.0)
+        grad = _input_grad(model, start, y, "ce", autocast, model_dtype(model), first=True)
+        x_adv = (start + alpha * grad.sign()).clamp(0.0, 1.0)
+    return (like_input(start, x), like_input(x_adv, x)) if return_start else like_input(x_adv, x)
 
 
 def pgd(model, x, y, eps, alpha, steps, *, norm="linf", loss="ce", random_start=True, restarts=1,

@@ -21,22 +21,30 @@ import torch.nn.functional as F
 from ..jacobian import share_clean_statistics
 from ..models import build_model
 from ..train import methods as methods_module
-from ..train.config import TrainConfig
+from ..train.config import TrainConfig, resolve_loss_defaults
 
 # What a step case asks for: (registered method, overrides of TrainConfig, overrides of the jacobian options).
+# robust-kd is its default (the terms at the student's single-step adversarial point, no Jacobian term), with
+# its finite-difference Jacobian term (+jac), without its feature term (-feat), and Zhang & Yi's recipe at the
+# clean input (clean: feature weight 3, Jacobian weight 1, T 4, the trainer's defaults before the frontier study)
+# with the finite difference or the exact (double-backprop) Jacobian.
+CLEAN_RECIPE = {"distill_at": "clean", "feat_weight": 3.0, "jac_weight": 1.0, "kd_temperature": 4.0}
 VARIANTS = {
     "natural": ("natural", {}, {}),
     "kd": ("kd", {}, {}),
     "robust-kd": ("robust-kd", {}, {}),
-    "robust-kd:-jac": ("robust-kd", {"jac_weight": 0.0}, {}),
+    "robust-kd:+jac": ("robust-kd", {"jac_weight": 1.0}, {}),
     "robust-kd:-feat": ("robust-kd", {"feat_weight": 0.0}, {}),
-    "robust-kd:exact": ("robust-kd", {}, {"method": "exact"}),
+    "robust-kd:clean": ("robust-kd", CLEAN_RECIPE, {}),
+    "robust-kd:exact": ("robust-kd", CLEAN_RECIPE, {"method": "exact"}),
     "pgd-at": ("pgd-at", {}, {}),
+    "fgsm-rs": ("fgsm-rs", {}, {}),
+    "n-fgsm": ("n-fgsm", {}, {}),
     "trades": ("trades", {}, {}),
     "ard": ("ard", {}, {}),
     "rslad": ("rslad", {}, {}),
 }
-TEACHER_FREE = ("natural", "pgd-at", "trades")
+TEACHER_FREE = ("natural", "pgd-at", "fgsm-rs", "n-fgsm", "trades")
 # The last feature stage of each architecture: the default pair of robust-kd's feature term here.
 FEATURE_LAYER = {"resnet18": "layer4", "preact_resnet18": "layer4", "resnet34": "layer4", "resnet50": "layer4",
                  "wide_resnet34_10": "layer3", "small_cnn": "block3"}
@@ -52,13 +60,19 @@ def cost_units(variant, attack_steps):
     table = {
         "natural": {"S_fb": 1},
         "kd": {"S_fb": 1, "T_f": 1},
+        # one attack pass (forward + input backward), the training pass at the adversarial point, its teacher forward
+        "robust-kd": {"S_fb": 2, "T_f": 1},
+        "robust-kd:-feat": {"S_fb": 2, "T_f": 1},
+        # ... and the start's student pass (backpropagated) and teacher forward of the finite difference
+        "robust-kd:+jac": {"S_fb": 3, "T_f": 2},
         # clean + perturbed student passes, both backpropagated; clean + perturbed teacher passes
-        "robust-kd": {"S_fb": 2, "T_f": 2},
-        "robust-kd:-feat": {"S_fb": 2, "T_f": 2},
-        "robust-kd:-jac": {"S_fb": 1, "T_f": 1},
+        "robust-kd:clean": {"S_fb": 2, "T_f": 2},
         # double backprop: forward, backward with create_graph, then backward through both (~3 fwd+bwd), and
         # the teacher's J·d by an input backward
         "robust-kd:exact": {"S_fb": 3, "T_fb": 1},
+        # one attack step and the training pass
+        "fgsm-rs": {"S_fb": 2},
+        "n-fgsm": {"S_fb": 2},
         # k attack steps (forward + input backward), then the training forward + backward
         "pgd-at": {"S_fb": k + 1},
         # clean target (no graph), k attack steps, training passes on clean and adversarial inputs
@@ -134,7 +148,7 @@ def make_config(variant, scenario, attack_steps, precision):
     pair = f"{FEATURE_LAYER[scenario.student.arch]}:{FEATURE_LAYER[scenario.teacher.arch]}"
     values = {"method": method, "arch": scenario.student.arch, "eps": 8 / 255, "attack_steps": attack_steps,
               "precision": precision, "feature_pairs": (pair,), **overrides}
-    return TrainConfig(**values)
+    return TrainConfig(**resolve_loss_defaults(values))
 
 
 class StepCase:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import atomic_save as _atomic_save
+from ..checkpoint import load_weights_only
 
 FORMAT = "rkd_fast.train_checkpoint"
 VERSION = 1
@@ -47,22 +48,25 @@ def list_checkpoints(run_dir):
     return sorted(found, reverse=True)
 
 
-def save_checkpoint(run_dir, state, global_step, keep):
-    """Writes `state` as the checkpoint of `global_step`, then deletes all but the newest `keep`."""
-    path = atomic_save(state, checkpoint_path(run_dir, global_step))
-    for _, old in list_checkpoints(run_dir)[keep:]:
-        old.unlink(missing_ok=True)
+def save_checkpoint(run_dir, state, global_step, keep, files=None):
+    """Writes `state` as the checkpoint of `global_step`, then deletes all but the newest `keep`. `files`: the
+    run's rkd_fast.runfiles.RunFiles, which records the new file before it is written and forgets the deleted."""
+    path = checkpoint_path(run_dir, global_step)
+    if files is not None:
+        files.add(path)
+    atomic_save(state, path)
+    old = [p for _, p in list_checkpoints(run_dir)[keep:]]
+    for p in old:
+        p.unlink(missing_ok=True)
+    if files is not None:
+        files.discard(old)
     return path
 
 
-def read_checkpoint(path, map_location="cpu"):
-    """The checked contents of a training checkpoint; ValueError when it is not one or does not load."""
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except OSError:
-        raise
-    except Exception as error:  # truncated zip, bad pickle, ...: the exception type varies by damage
-        raise ValueError(f"{path} does not load ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from error
+def read_checkpoint(path):
+    """The checked contents of a training checkpoint, on the CPU; ValueError when it is not one or does not load
+    (truncated, damaged, another kind of file), naming it. A missing file stays a FileNotFoundError."""
+    state = load_weights_only(path, "an rkd_fast training checkpoint")  # damage of any kind: a ValueError naming it
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not an rkd_fast training checkpoint (no 'format': {FORMAT!r} entry)")
     if not isinstance(state.get("version"), int) or state["version"] > VERSION:
@@ -70,12 +74,12 @@ def read_checkpoint(path, map_location="cpu"):
     return state
 
 
-def load_latest(run_dir, map_location="cpu"):
+def load_latest(run_dir):
     """(state, path) of the newest checkpoint in `run_dir` that loads, or (None, None). Unreadable files are
     skipped with a warning."""
     for _, path in list_checkpoints(run_dir):
         try:
-            return read_checkpoint(path, map_location), path
+            return read_checkpoint(path), path
         except (ValueError, OSError) as error:
             warnings.warn(f"skipping checkpoint {path}: {error}", RuntimeWarning, stacklevel=2)
     return None, None

@@ -3,11 +3,13 @@
 import dataclasses
 import sys
 
-from .config import (ARD_ALPHA, ARD_TEMPERATURE, CIFAR_VAL_SIZE, DATASETS, DEFAULT_FEATURE_LAYER, FEATURE_MODES,
-                     IMAGENET_WORKERS, LOADERS, METHODS, PRECISIONS, SCHEDULES, STREAMING_VAL_SIZE, SYNTHETIC_BATCHES,
-                     TRADES_BETA, TrainConfig)
+from . import rerun
+from .config import (ARD_ALPHA, ARD_TEMPERATURE, CIFAR_VAL_SIZE, DATASETS, DEFAULT_FEATURE_LAYER, DISTILL_AT,
+                     FEATURE_MODES, IMAGENET_WORKERS, LOADERS, LOSS_DEFAULTS, METHODS, PRECISIONS, SCHEDULES,
+                     STREAMING_VAL_SIZE, SYNTHETIC_BATCHES, TRADES_BETA, TrainConfig)
 
 _D = TrainConfig()
+_OPTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "command")  # args.command: the subcommand
 
 
 def add_arguments(parser):
@@ -67,8 +69,10 @@ def add_arguments(parser):
     attack.add_argument("--alpha", type=float, default=_D.alpha, help="PGD step (default: eps/4)")
     attack.add_argument("--attack-steps", type=int, default=_D.attack_steps, help="PGD steps (default: %(default)s)")
 
-    loss = parser.add_argument_group("distillation loss (kd, robust-kd)")
-    loss.add_argument("--ce-weight", type=float, default=_D.ce_weight)
+    loss = parser.add_argument_group("distillation loss (kd, robust-kd; defaults: docs/frontier.md)")
+    defaults = {m: ", ".join(f"{k} {v:g}" for k, v in d.items()) for m, d in LOSS_DEFAULTS.items()}
+    loss.add_argument("--ce-weight", type=float, default=_D.ce_weight,
+                      help=f"weights default per method: kd: {defaults['kd']}; robust-kd: {defaults['robust-kd']}")
     loss.add_argument("--kd-weight", type=float, default=_D.kd_weight)
     loss.add_argument("--kd-temperature", type=float, default=_D.kd_temperature)
     loss.add_argument("--feat-weight", type=float, default=_D.feat_weight)
@@ -77,15 +81,27 @@ def add_arguments(parser):
                       help="student and teacher module names whose outputs are matched; repeatable (default: "
                            + ", ".join(f"{a}: {m}" for a, m in DEFAULT_FEATURE_LAYER.items()) + ")")
     loss.add_argument("--feature-mode", choices=FEATURE_MODES, default=_D.feature_mode)
+    loss.add_argument("--distill-at", choices=DISTILL_AT, default=_D.distill_at,
+                      help="robust-kd: evaluate the terms at the student's single-step adversarial point (default) "
+                           "or at the clean input, with the Jacobian term along a random direction (Zhang & Yi)")
+    loss.add_argument("--adv-noise", type=float, default=_D.adv_noise,
+                      help="the adversarial point's start noise, in units of --eps (default: %(default)s)")
+    loss.add_argument("--jac-step", type=float, default=_D.jac_step,
+                      help="finite-difference step in units of the threat model: jac_step·eps (L∞, and the "
+                           "adversarial point) or jac_step·eps·sqrt(D) (L2 directions) (default: %(default)s)")
     loss.add_argument("--jac-h", type=float, default=_D.jac_h,
-                      help="finite-difference step, L2 on the [0, 1] pixel scale (default: %(default)s)")
-    loss.add_argument("--jac-direction", choices=("rademacher", "gaussian", "grad"), default=_D.jac_direction)
+                      help="an absolute finite-difference step on the [0, 1] pixel scale instead of --jac-step")
+    loss.add_argument("--jac-direction", choices=("rademacher", "gaussian", "grad"), default=_D.jac_direction,
+                      help="--distill-at clean: the direction of the finite difference")
     loss.add_argument("--jac-norm", choices=("l2", "linf"), default=_D.jac_norm)
     loss.add_argument("--jac-on", choices=("logits", "probs"), default=_D.jac_on)
     loss.add_argument("--jac-temperature", type=float, default=_D.jac_temperature)
     loss.add_argument("--jac-fraction", type=float, default=_D.jac_fraction)
 
     base = parser.add_argument_group("baselines (docs/baselines.md)")
+    base.add_argument("--free-replays", type=int, default=_D.free_replays, metavar="M",
+                      help="free-at: optimizer steps per minibatch (default: %(default)s, Shafahi et al.'s CIFAR "
+                           "value); divide --epochs by M to match the other methods' cost")
     base.add_argument("--trades-beta", type=float, default=_D.trades_beta,
                       help=f"trades: weight of the KL robustness term (default: {TRADES_BETA})")
     base.add_argument("--ard-temperature", type=float, default=_D.ard_temperature,
@@ -103,15 +119,25 @@ def add_arguments(parser):
     out.add_argument("--ckpt-every", type=int, default=_D.ckpt_every,
                      help="also checkpoint every N steps (default: epoch ends only)")
     out.add_argument("--keep", type=int, default=_D.keep, help="rolling checkpoints kept (default: %(default)s)")
+    out.add_argument("--max-bad-steps", type=int, default=_D.max_bad_steps, metavar="K",
+                     help="skip up to K steps whose loss is NaN or infinite (fp16 overflows) before stopping; "
+                          "default 0: the first one stops the run, which then exits with status 1")
     out.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    out.add_argument("--tensorboard", action="store_true",
+                     help="also log each epoch's metrics for TensorBoard in DIR/tensorboard (needs tensorboard)")
+    parser.add_argument("--config", metavar="RUN_JSON",
+                        help="rerun the run recorded in RUN_JSON (a run.json, or its run directory): its seed and "
+                             "options, overridden by the flags given here; --out names the new run's directory")
+    # Defaults wrapped, so that a flag given with the default's value still overrides the --config record.
+    rerun.mark_defaults(parser, _OPTIONS)
 
 
 def config_from_args(args):
     from .config import make_config
 
-    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"command"}  # args.command is the subcommand
-    values = {name: getattr(args, name) for name in names if hasattr(args, name)}
-    return make_config(values)
+    if getattr(args, "config", None):  # the record, then the flags given on the command line
+        return make_config({**rerun.read_run_config(args.config), **rerun.given(args, _OPTIONS)})
+    return make_config({name: rerun.unwrap(getattr(args, name)) for name in _OPTIONS if hasattr(args, name)})
 
 
 def command_line(cfg):
@@ -137,17 +163,21 @@ def command_line(cfg):
 
 
 def run(args):
-    from .trainer import Run
+    from .trainer import NonFiniteError, Run
 
     run_ = None
     try:
         try:  # bad input: a one-line error, exit status 2, nothing written
-            run_ = Run(config_from_args(args))
+            run_ = Run(config_from_args(args), tensorboard=args.tensorboard)
             run_.prepare()
         except (ValueError, TypeError) as error:
             print(f"rkd-fast train: error: {error}", file=sys.stderr)
             return 2
-        result = run_.train()
+        try:
+            result = run_.train()
+        except NonFiniteError as error:  # a diverged run: nothing non-finite was written
+            print(f"rkd-fast train: error: {error}", file=sys.stderr)
+            return 1
     finally:
         if run_ is not None:
             run_.close()

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-METHODS = ("natural", "kd", "robust-kd", "pgd-at", "trades", "ard", "rslad")
+METHODS = ("natural", "kd", "robust-kd", "pgd-at", "fgsm-rs", "n-fgsm", "free-at", "trades", "ard", "rslad")
 TEACHER_METHODS = ("kd", "robust-kd", "ard", "rslad")  # the methods that distil a teacher (need --teacher)
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "multistep", "constant")
@@ -34,14 +34,26 @@ DEFAULT_FEATURE_LAYER = {"small_cnn": "block3", "preact_resnet18": "layer4", "re
                          "resnet34": "layer4", "resnet50": "layer4", "wide_resnet34_10": "layer3",
                          "mobilenet_v2": "features"}
 
+# The loss weights of the distilling methods when not given (None). robust-kd's: the best of the frontier study's
+# search (docs/frontier.md): CE and the teacher's soft labels at T = 1 at the student's adversarial point, the
+# feature maps there too; its finite-difference Jacobian term lowered AutoAttack accuracy there, so it is off.
+LOSS_DEFAULTS = {
+    "kd": {"ce_weight": 1.0, "kd_weight": 1.0, "kd_temperature": 4.0, "feat_weight": 0.0, "jac_weight": 0.0},
+    "robust-kd": {"ce_weight": 1.0, "kd_weight": 1.0, "kd_temperature": 1.0, "feat_weight": 1.0, "jac_weight": 0.0},
+}
+DISTILL_AT = ("adversarial", "clean")
+
 # Published values of the baselines' own options (docs/baselines.md gives the sources).
 TRADES_BETA = 6.0  # Zhang et al. 2019, CIFAR-10 (1/λ)
 ARD_TEMPERATURE = 30.0  # Goldblum et al. 2020, official main.py --temp
 ARD_ALPHA = 1.0  # official main.py --alpha: weight of the distillation term, (1 − α) on clean CE
+FGSM_RS_ALPHA = 1.25  # Wong et al. 2020: step 1.25·eps from a uniform start in the eps-ball
+N_FGSM_NOISE = 2.0  # de Jorge et al. 2022: noise uniform in [−2·eps, 2·eps], step eps, no projection
+FREE_AT_REPLAYS = 8  # Shafahi et al. 2019: m = 8 replays of each minibatch on CIFAR (4 on ImageNet)
 
 # Options that may differ between a run and its --resume (they do not change what is computed).
 RESUME_MAY_CHANGE = ("resume", "overwrite", "progress", "out", "ckpt_every", "keep", "device", "command",
-                     "data_dir", "download", "num_workers", "loader")
+                     "data_dir", "download", "num_workers", "loader", "max_bad_steps")
 
 
 @dataclass
@@ -86,22 +98,30 @@ class TrainConfig:
     eps: float | None = None
     alpha: float | None = None  # None: eps / 4
     attack_steps: int = 10
-    # robust-kd / kd loss
-    ce_weight: float = 1.0
-    kd_weight: float = 1.0
-    kd_temperature: float = 4.0
-    feat_weight: float = 3.0  # tuned on digits: docs/demo_tuning.md
-    jac_weight: float = 1.0
+    # kd / robust-kd loss. None: the method's default (LOSS_DEFAULTS; robust-kd's measured in docs/frontier.md).
+    ce_weight: float | None = None
+    kd_weight: float | None = None
+    kd_temperature: float | None = None
+    feat_weight: float | None = None
+    jac_weight: float | None = None
     feature_pairs: tuple = ()  # ("student_layer:teacher_layer", ...); empty: DEFAULT_FEATURE_LAYER of each
     feature_mode: str = "normalized"
-    # The FD step, L2 on the [0, 1] pixel scale: a robustness-scale step, not a derivative-accurate one (the
-    # automatic tiny step made the students collapse, docs/demo_tuning.md). None: jacobian_penalty's default.
-    jac_h: float | None = 0.3
-    jac_direction: str = "gaussian"
+    # Where robust-kd evaluates its terms (rkd_fast.losses): "adversarial", the student's single-step adversarial
+    # point (start noise adv_noise·eps, one step of h along the sign of its input gradient); or "clean", the input,
+    # with the Jacobian term along a random direction (Zhang & Yi's recipe).
+    distill_at: str = "adversarial"
+    adv_noise: float = 2.0  # units of eps (N-FGSM's)
+    # The finite-difference step in units of the threat model: h = jac_step·eps (L∞ directions, and the
+    # adversarial point) or jac_step·eps·sqrt(D) (L2 directions, D values per sample), so that one default means
+    # the same on digits, CIFAR and ImageNet. jac_h: an absolute step instead.
+    jac_step: float = 1.0
+    jac_h: float | None = None
+    jac_direction: str = "gaussian"  # distill_at="clean" only, as jac_norm and jac_fraction
     jac_norm: str = "l2"
     jac_on: str = "logits"
     jac_temperature: float = 1.0
     jac_fraction: float = 1.0
+    free_replays: int = FREE_AT_REPLAYS  # free-at: optimizer steps per minibatch (m)
     # Baselines' own options; None: the published value (TRADES_BETA, ARD_TEMPERATURE, ARD_ALPHA)
     trades_beta: float | None = None
     ard_temperature: float | None = None
@@ -112,6 +132,7 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     ckpt_every: int = 0  # also checkpoint every N optimizer steps (0: only at epoch ends)
+    max_bad_steps: int = 0  # steps with a NaN/Inf loss skipped before the run stops (0: stop at the first)
     keep: int = 3  # rolling checkpoints kept
     progress: bool = True
     # The command recorded in the JSON outputs; empty: the equivalent `rkd-fast train` command line.
@@ -158,11 +179,21 @@ def make_config(config=None, **overrides):
             values[key] = tuple(values[key])
     if isinstance(values.get("command"), (list, tuple)):
         values["command"] = list(values["command"])
-    cfg = TrainConfig(**values)
+    cfg = TrainConfig(**resolve_loss_defaults(values))
     if not all(isinstance(word, str) for word in cfg.command):
         raise TypeError(f"command must be a list of strings, got {cfg.command!r}")
     check_config(cfg)
     return cfg
+
+
+def resolve_loss_defaults(values):
+    """`values` (TrainConfig fields) with the method's LOSS_DEFAULTS for the loss weights left None: resolved when
+    the config is made, so run.json records the values the run used."""
+    values = dict(values)
+    for name, value in LOSS_DEFAULTS.get(values.get("method", TrainConfig.method), {}).items():
+        if values.get(name) is None:
+            values[name] = value
+    return values
 
 
 def _choice(name, value, choices):
@@ -191,15 +222,39 @@ def check_config(cfg):
     for name in ("epochs", "batch_size", "attack_steps", "eval_every", "keep"):
         _number(name, getattr(cfg, name), minimum=1, integer=True)
     _number("ckpt_every", cfg.ckpt_every, integer=True)
+    _number("max_bad_steps", cfg.max_bad_steps, integer=True)
+    _number("free_replays", cfg.free_replays, minimum=1, integer=True)
+    if cfg.free_replays != FREE_AT_REPLAYS and cfg.method != "free-at":
+        raise ValueError(f"--free-replays applies to --method free-at, not {cfg.method!r}")
     _number("seed", cfg.seed, integer=True)
     _number("width", cfg.width, minimum=1, integer=True, allow_none=True)
-    for name in ("lr", "kd_temperature"):
-        _number(name, getattr(cfg, name), strict=True)
-    for name in ("momentum", "weight_decay", "gamma", "ce_weight", "kd_weight", "feat_weight", "jac_weight"):
+    _number("lr", cfg.lr, strict=True)
+    for name in ("momentum", "weight_decay", "gamma"):
         _number(name, getattr(cfg, name))
+    _choice("distill_at", cfg.distill_at, DISTILL_AT)
+    for name in ("adv_noise", "jac_step"):
+        _number(name, getattr(cfg, name), strict=name == "jac_step")
+    if cfg.method in LOSS_DEFAULTS:
+        for name in ("ce_weight", "kd_weight", "feat_weight", "jac_weight"):
+            _number(name, getattr(cfg, name))
+        _number("kd_temperature", cfg.kd_temperature, strict=True)
+        if cfg.method == "kd" and (cfg.feat_weight or cfg.jac_weight):
+            raise ValueError("--feat-weight and --jac-weight apply to --method robust-kd, not 'kd' (its loss is "
+                             "CE + KD)")
+    else:
+        given = [name for name in LOSS_DEFAULTS["robust-kd"] if getattr(cfg, name) is not None]
+        if given:  # silently ignored otherwise
+            raise ValueError(f"--{given[0].replace('_', '-')} applies to --method kd or robust-kd, not "
+                             f"{cfg.method!r}")
     _number("eps", cfg.eps, allow_none=True)
     _number("alpha", cfg.alpha, strict=True, allow_none=True)
     _number("jac_h", cfg.jac_h, strict=True, allow_none=True)
+    from ..jacobian import check_options
+    try:
+        check_options(direction=cfg.jac_direction, norm=cfg.jac_norm, on=cfg.jac_on, temperature=cfg.jac_temperature,
+                      fraction=cfg.jac_fraction)
+    except ValueError as error:  # in the trainer's words: the option's flag
+        raise ValueError(f"--jac-{error}") from error
     if not 0.0 <= cfg.label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {cfg.label_smoothing!r}")
     if cfg.nesterov and cfg.momentum == 0:

@@ -27,7 +27,7 @@ def resolve_checkpoint(source, which="best"):
 def export_checkpoint(source, out, *, which="best", overwrite=False):
     """Writes the student of checkpoint `source` (a file or a run directory) to the model file `out`; returns
     its path. The file's meta records the method, data set, eps, epoch and validation accuracies."""
-    from ..checkpoint import save_model
+    from ..checkpoint import describe_names, nonfinite_tensors, save_model
     from ..models import build_model
 
     out = Path(out)
@@ -35,6 +35,10 @@ def export_checkpoint(source, out, *, which="best", overwrite=False):
         raise ValueError(f"{out} exists; pass --overwrite to replace it")
     path = resolve_checkpoint(source, which)
     state = checkpoints.read_checkpoint(path)
+    bad = nonfinite_tensors(state["student"])
+    if bad:
+        raise ValueError(f"{path}: the student has non-finite weights (NaN or Inf) in {describe_names(bad)}: "
+                         "a diverged run; export an earlier checkpoint")
     model = build_model(state["model"]["arch"], **state["model"]["kwargs"])
     model.load_state_dict(state["student"])
     evaluated = [row for row in state["history"] if row.get("val_robust_acc") is not None]

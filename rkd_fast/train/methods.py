@@ -8,6 +8,8 @@ come from the global RNG (the PGD random start), so a resumed run replays it. A 
 parameters (the feature adapters) are ``method.parameters()`` and its state is ``method.state_dict()``.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,7 +18,7 @@ from ..attacks._common import attack_mode, autocast_dtype, like_input, logits_fp
     to_attack_layout
 from ..attacks.attacks import _project
 from ..losses import RobustKDLoss
-from .config import ARD_ALPHA, ARD_TEMPERATURE, DEFAULT_FEATURE_LAYER, TRADES_BETA
+from .config import ARD_ALPHA, ARD_TEMPERATURE, DEFAULT_FEATURE_LAYER, FGSM_RS_ALPHA, N_FGSM_NOISE, TRADES_BETA
 
 # TRADES and RSLAD start their inner maximisation at x + START_SIGMA · N(0, I) (both official codes).
 START_SIGMA = 0.001
@@ -109,15 +111,93 @@ class PGDAT(_Adversarial):
     """Madry et al.'s adversarial training: cross-entropy on PGD adversarial examples (L∞, eps, alpha,
     attack_steps steps, random start)."""
 
+    def __init__(self, student, teacher, cfg, info, example_input, autocast):
+        super().__init__(student, teacher, cfg, info, example_input, autocast)
+        self.steps = cfg.attack_steps
+
     def forward(self, x, y, step_seed):
         from ..attacks import pgd
 
-        x_adv = pgd(self.student, x, y, self.eps, self.alpha, self.cfg.attack_steps, norm="linf",
-                    random_start=True, precision=self.cfg.precision, seed=step_seed)
-        with self.autocast():
-            logits = self.student(x_adv)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
-        return loss, {"adv_ce": loss.detach(), "total": loss.detach()}
+        x_adv = pgd(self.student, x, y, self.eps, self.alpha, self.steps, norm="linf", random_start=True,
+                    precision=self.cfg.precision, seed=step_seed)
+        return _adversarial_ce(self, x_adv, y)
+
+
+def _adversarial_ce(method, x_adv, y):
+    """The training loss of the adversarial-training methods: cross-entropy of the student on x_adv."""
+    with method.autocast():
+        logits = method.student(x_adv)
+    loss = F.cross_entropy(logits.float(), y, label_smoothing=method.cfg.label_smoothing)
+    return loss, {"adv_ce": loss.detach(), "total": loss.detach()}
+
+
+class FGSMRS(PGDAT):
+    """Wong, Rice & Kolter 2020 ("Fast is better than free"), FGSM with a random start: from a point uniform in
+    the eps-ball, one signed-gradient step of alpha (default FGSM_RS_ALPHA · eps), projected back onto the ball
+    and [0, 1]; cross-entropy on the result. PGD-AT with one step (`pgd` with steps=1)."""
+
+    def __init__(self, student, teacher, cfg, info, example_input, autocast):
+        super().__init__(student, teacher, cfg, info, example_input, autocast)
+        self.alpha = cfg.alpha if cfg.alpha is not None else FGSM_RS_ALPHA * self.eps
+        self.steps = 1
+
+
+class NFGSM(_Adversarial):
+    """de Jorge et al. 2022 (N-FGSM, "Make some noise"): from x plus noise uniform in [−N_FGSM_NOISE·eps,
+    N_FGSM_NOISE·eps], one signed-gradient step of alpha (default eps), not projected back onto the eps-ball
+    (`rkd_fast.attacks.n_fgsm`); cross-entropy on the result."""
+
+    def __init__(self, student, teacher, cfg, info, example_input, autocast):
+        super().__init__(student, teacher, cfg, info, example_input, autocast)
+        self.alpha = cfg.alpha if cfg.alpha is not None else self.eps
+
+    def forward(self, x, y, step_seed):
+        from ..attacks import n_fgsm
+
+        x_adv = n_fgsm(self.student, x, y, self.eps, alpha=self.alpha, noise=N_FGSM_NOISE * self.eps,
+                       precision=self.cfg.precision, seed=step_seed)
+        return _adversarial_ce(self, x_adv, y)
+
+
+def step_in_threat_units(kappa, eps, norm, input_shape):
+    """The finite-difference step h = κ·eps for an L∞ (sign) direction, κ·eps·sqrt(D) for a unit L2 direction (D
+    values per sample): the same fraction of the threat model's radius whatever the input size (8×8 digits: D = 64;
+    CIFAR: 3,072; ImageNet: 150,528)."""
+    d = math.prod(input_shape[1:])
+    return kappa * eps * (math.sqrt(d) if norm == "l2" else 1.0)
+
+
+class FreeAT(_Adversarial):
+    """Shafahi et al. 2019 ("Adversarial training for free!"): each minibatch is replayed for `replays` (m)
+    consecutive optimizer steps, and one backward pass per step gives both the weights' gradient and the input's,
+    which moves the perturbation δ by eps along its sign, clipped to the eps-ball; δ carries over to the next
+    step and the next minibatch (the official code's global noise tensor). Cross-entropy of the student on
+    clamp(x + δ, 0, 1), in train mode (the attack is the training pass). Give --epochs divided by m to spend
+    what the other methods spend. δ is method state (in checkpoints); under torchrun each process keeps its own."""
+
+    def __init__(self, student, teacher, cfg, info, example_input, autocast):
+        super().__init__(student, teacher, cfg, info, example_input, autocast)
+        self.replays = cfg.free_replays
+        self.step_size = cfg.alpha if cfg.alpha is not None else self.eps  # the official fgsm_step = clip_eps
+        self.delta = torch.zeros((cfg.batch_size, *example_input.shape[1:]), device=example_input.device)
+
+    def get_extra_state(self):  # in state_dict (checkpoints) but not a buffer: DDP must not broadcast it
+        return {"delta": self.delta}
+
+    def set_extra_state(self, state):
+        self.delta = state["delta"].to(self.delta.device)
+
+    def forward(self, x, y, step_seed):
+        n = x.shape[0]
+        noise = self.delta[:n].clone().requires_grad_()
+
+        def move(grad):  # in this step's backward, from the gradient the weights' update uses too
+            with torch.no_grad():
+                step = self.step_size * torch.nan_to_num(grad).sign()
+                self.delta[:n] = (self.delta[:n] + step).clamp_(-self.eps, self.eps)
+
+        noise.register_hook(move)
+        return _adversarial_ce(self, (x + noise).clamp(0.0, 1.0), y)
 
 
 class _Distill(Method):
@@ -128,13 +208,14 @@ class _Distill(Method):
 
     def __init__(self, student, teacher, cfg, info, example_input, autocast):
         super().__init__(student, teacher, cfg, info, example_input, autocast)
+        self.example_shape = tuple(example_input.shape)
         self.loss_fn = RobustKDLoss(student, teacher, example_input=example_input,
                                     label_smoothing=cfg.label_smoothing, kd_temperature=cfg.kd_temperature,
                                     **self.loss_options(cfg))
 
     def forward(self, x, y, step_seed):
         with self.autocast():
-            return self.loss_fn(x, y)
+            return self.loss_fn(x, y, seed=step_seed)
 
 
 class KD(_Distill):
@@ -145,7 +226,9 @@ class KD(_Distill):
 
 
 class RobustKD(_Distill):
-    """Robust knowledge distillation: CE + KD + feature-map matching + finite-difference Jacobian matching."""
+    """Robust knowledge distillation: CE + KD + feature-map matching + finite-difference Jacobian matching, at the
+    student's single-step adversarial point (distill_at="adversarial", the default) or at the clean input
+    (distill_at="clean"); see rkd_fast.losses."""
 
     def loss_options(self, cfg):
         pairs = cfg.pairs()
@@ -157,13 +240,18 @@ class RobustKD(_Distill):
                 raise ValueError(f"no default feature layer for {cfg.arch!r}: give --feature-pair "
                                  "STUDENT_LAYER:TEACHER_LAYER (or --feat-weight 0)")
             pairs = [(s_layer, t_layer)]
-        jacobian = {"direction": cfg.jac_direction, "norm": cfg.jac_norm, "on": cfg.jac_on,
-                    "temperature": cfg.jac_temperature, "fraction": cfg.jac_fraction}
-        if cfg.jac_h is not None:
-            jacobian["h"] = cfg.jac_h
-        return {"ce_weight": cfg.ce_weight, "kd_weight": cfg.kd_weight, "feat_weight": cfg.feat_weight,
-                "jac_weight": cfg.jac_weight, "feature_pairs": pairs, "feature_mode": cfg.feature_mode,
-                "jacobian": jacobian}
+        eps = cfg.eps if cfg.eps is not None else self.info.eps
+        options = {"ce_weight": cfg.ce_weight, "kd_weight": cfg.kd_weight, "feat_weight": cfg.feat_weight,
+                   "jac_weight": cfg.jac_weight, "feature_pairs": pairs, "feature_mode": cfg.feature_mode}
+        if cfg.distill_at == "adversarial":
+            h = cfg.jac_h if cfg.jac_h is not None else cfg.jac_step * eps
+            return {**options, "eps": eps, "noise": cfg.adv_noise,
+                    "jacobian": {"h": h, "on": cfg.jac_on, "temperature": cfg.jac_temperature}}
+        h = cfg.jac_h if cfg.jac_h is not None else step_in_threat_units(cfg.jac_step, eps, cfg.jac_norm,
+                                                                          self.example_shape)
+        return {**options, "jacobian": {"h": h, "direction": cfg.jac_direction, "norm": cfg.jac_norm,
+                                        "on": cfg.jac_on, "temperature": cfg.jac_temperature,
+                                        "fraction": cfg.jac_fraction}}
 
 
 class TRADES(_Adversarial):
@@ -237,8 +325,9 @@ class RSLAD(_Adversarial):
         return total, {"kl_adv": kl_adv.detach(), "kl_nat": kl_nat.detach(), "total": total.detach()}
 
 
-METHODS = {"natural": Natural, "kd": KD, "robust-kd": RobustKD, "pgd-at": PGDAT, "trades": TRADES, "ard": ARD,
-           "rslad": RSLAD}
+METHODS = {"natural": Natural, "kd": KD, "robust-kd": RobustKD, "pgd-at": PGDAT, "fgsm-rs": FGSMRS, "n-fgsm": NFGSM,
+           "free-at": FreeAT,
+           "trades": TRADES, "ard": ARD, "rslad": RSLAD}
 
 
 def build_method(cfg, student, teacher, info, example_input, autocast):

@@ -36,7 +36,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -46,15 +45,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import atomic_write, atomic_write_json
+from ..checkpoint import atomic_write, atomic_write_json, describe_names, nonfinite_tensors
 from ..jacobian import share_clean_statistics
 from ..models import MODELS, build_model
-from . import checkpoints, distributed, streaming
+from ..runfiles import RunFiles
+from . import checkpoints, distributed, rerun, streaming, tensorboard
 from .config import RESUME_MAY_CHANGE, TrainConfig, load_data, make_config, run_metadata
 from .methods import build_method
 
 # What marks a directory as holding a run (and what --overwrite removes; nothing else is touched).
-RUN_FILES = ("run.json", "metrics.json", "metrics.csv", "best.pt", checkpoints.CHECKPOINT_DIR)
+# The fixed file names of a run (--overwrite of a run written before runs kept a record removes these and its
+# checkpoint files; a run now records every file it writes, rkd_fast.runfiles).
+RUN_FILES = ("run.json", "metrics.json", "metrics.csv", "best.pt")
 LOG_EVERY = 10  # steps between progress-bar updates (each reads the running losses back to the host)
 
 
@@ -71,10 +73,11 @@ class TrainResult:
     world_size: int = 1
 
 
-def train_model(config=None, **overrides):
+def train_model(config=None, *, tensorboard=False, **overrides):
     """Trains as `rkd-fast train` does. `config`: a TrainConfig or a dict of its fields; keyword arguments
-    override. Returns a TrainResult (metrics, trained model, best model, train seconds)."""
-    return Run(make_config(config, **overrides)).run()
+    override. ``tensorboard``: also log each epoch's metrics to OUT/tensorboard (rkd_fast.train.tensorboard).
+    Returns a TrainResult (metrics, trained model, best model, train seconds)."""
+    return Run(make_config(config, **overrides), tensorboard=tensorboard).run()
 
 
 # --- checks that run before anything is written -----------------------------------------------------------
@@ -110,22 +113,52 @@ def resolve_precision(precision, device):
 
 
 def check_out_dir(cfg):
-    """Refuses an --out holding another run unless --resume or --overwrite; with --resume, the newest
-    readable checkpoint (or an error when there is none)."""
+    """Refuses an --out holding another run (its record of files, `rkd_fast.runfiles`, or a run.json) unless
+    --resume or --overwrite; other files there are not a run and are never touched. With --resume: the newest
+    readable checkpoint, or None for a run that stopped before writing its first one (it starts over from
+    scratch); an error when there is no run to resume."""
     if cfg.out is None:
         return None
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
-    holds_run = out.is_dir() and any((out / name).exists() for name in RUN_FILES)
+    for parent in (out, *out.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--out {out}: {parent} exists and is not a directory")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ValueError(f"--out {out}: cannot write in {parent} (permission denied or a read-only file "
+                                 "system)")
+            break
+    holds_run = out.is_dir() and (RunFiles(out).exists() or (out / "run.json").is_file())
+    no_checkpoint = not checkpoints.list_checkpoints(out) and not (out / "best.pt").exists()
     if cfg.resume:
         state, path = checkpoints.load_latest(out)
-        if state is None:
-            raise ValueError(f"--resume: no readable checkpoint in {out / checkpoints.CHECKPOINT_DIR}")
-        return state, path
+        if state is not None:
+            return state, path
+        if holds_run and no_checkpoint:
+            return None  # stopped before its first checkpoint: nothing to continue, it starts over
+        raise ValueError(f"--resume: no readable checkpoint in {out / checkpoints.CHECKPOINT_DIR}")
     if holds_run and not cfg.overwrite:
+        if no_checkpoint:
+            raise ValueError(f"--out {out} holds a run that stopped before its first checkpoint; pass --resume to "
+                             "start it over from scratch, or --overwrite to replace it")
         raise ValueError(f"--out {out} holds another run; pass --resume to continue it or --overwrite to replace it")
     return None
+
+
+def remove_run_files(out):
+    """What --overwrite removes: the files the run in `out` recorded (rkd_fast.runfiles), or, for a run written
+    before runs kept a record, its fixed file names and checkpoint files. Nothing else in `out` is touched."""
+    files = RunFiles(out)
+    if files.exists():
+        return files.remove_all()
+    legacy = [out / name for name in RUN_FILES] + [p for _, p in checkpoints.list_checkpoints(out)]
+    removed = [p for p in legacy if p.is_file()]
+    for p in removed:
+        p.unlink()
+    for folder in (out / checkpoints.CHECKPOINT_DIR, out / tensorboard.TENSORBOARD_DIR):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    return removed
 
 
 def load_teacher(cfg, info, device):
@@ -268,6 +301,67 @@ def chunked_robust_accuracy(model, chunks, num_samples, *, eps, alpha, steps, pr
     return clean.item() / n, robust.item() / n
 
 
+class NonFiniteError(RuntimeError):
+    """A training step's loss was NaN or infinite (more often than --max-bad-steps allows), or the weights about
+    to be written are: the run stops without writing them."""
+
+
+class LossHealth:
+    """Watches each step's loss for NaN and Inf without a host synchronisation per step: the first bad step and
+    which terms were bad are recorded on the device, and `check()` (called every few steps, before every
+    checkpoint and at each epoch end, on every rank at once) raises NonFiniteError naming them. With
+    ``max_bad_steps`` K > 0 each step is looked at on the host (one sync per step) so that a bad step's update
+    can be skipped; the run stops at the (K+1)-th bad step. Under fp16 the loss scaler skips a step whose
+    gradients overflowed on its own; that is not a bad step (the loss itself was finite)."""
+
+    def __init__(self, max_bad_steps, device, dist):
+        self.max_bad_steps, self.dist = max_bad_steps, dist
+        self.bad_steps = torch.zeros((), dtype=torch.long, device=device)
+        self.first_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.first_terms = None  # bad-term flags of the first bad step, in the order of `names`
+        self.names = ()
+        self.skipped_last = False
+
+    def record(self, global_step, total, terms):
+        """Records this step's loss; True when its update should be applied."""
+        bad = ~torch.isfinite(total.detach())
+        flags = torch.stack([~torch.isfinite(v.detach().float()) for v in terms.values()])
+        if self.first_terms is None:
+            self.names, self.first_terms = tuple(terms), torch.zeros_like(flags)
+        first = bad & (self.first_step < 0)
+        self.first_step = torch.where(first, global_step, self.first_step)
+        self.first_terms = torch.where(first, flags, self.first_terms)
+        self.bad_steps += bad.long()
+        self.skipped_last = False
+        if self.max_bad_steps > 0 and bool(bad):  # the opted-in per-step sync
+            self.skipped_last = True
+            self.check()
+        return not self.skipped_last
+
+    def check(self):
+        counts = self.dist.all_reduce_sum(self.bad_steps.clone().view(1))
+        total_bad = int(counts.item())
+        if total_bad <= self.max_bad_steps:
+            return
+        step = int(self.first_step)
+        if step < 0:
+            where = "on another process"
+        else:
+            names = [n for n, f in zip(self.names, self.first_terms.tolist()) if f] or ["total"]
+            where = f"first at global step {step + 1} (term{'s' if len(names) > 1 else ''} {', '.join(names)})"
+        allowed = f" (--max-bad-steps {self.max_bad_steps})" if self.max_bad_steps else ""
+        raise NonFiniteError(
+            f"the training loss was NaN or infinite in {total_bad} step(s){allowed}, {where}; the run stops and "
+            f"no checkpoint is written after it (try a lower --lr, or --max-bad-steps K for fp16 overflows)")
+
+
+def finite_or_raise(state_dict, what, action):
+    """NonFiniteError naming the tensors of `state_dict` that hold NaN or Inf."""
+    bad = nonfinite_tensors(state_dict)
+    if bad:
+        raise NonFiniteError(f"{what} has non-finite values in {describe_names(bad)}: {action}")
+
+
 def _plain(value):
     if isinstance(value, torch.Tensor):
         return value.item()
@@ -277,12 +371,18 @@ def _plain(value):
 class Run:
     """One training run: prepare() (checks, builds, creates the files), train(), close()."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, *, tensorboard=False):
         self.cfg = cfg
+        self.tensorboard = tensorboard  # log each epoch's metrics to out/tensorboard (rkd_fast.train.tensorboard)
+        self.tb_log = None
 
     # Everything that can refuse the run happens here, before a file is written.
     def _setup(self):
         cfg = self.cfg
+        if self.tensorboard:
+            if not cfg.out:
+                raise ValueError("--tensorboard needs --out DIR (the events go to DIR/tensorboard)")
+            tensorboard.summary_writer_class()  # installed, or a clear error now
         self.dist, self.device = distributed.setup(resolve_device(cfg.device))
         world = self.dist.world_size
         self.dtype = resolve_precision(cfg.precision, self.device)
@@ -341,7 +441,8 @@ class Run:
         # A step takes the next global batch (batch_size per process) of the epoch order.
         self.global_batch = cfg.batch_size * world
         self.num_train = n
-        self.steps_per_epoch = math.ceil(n / self.global_batch)
+        self.replays = getattr(self.method, "replays", 1)  # optimizer steps per batch (free-at's m)
+        self.steps_per_epoch = math.ceil(n / self.global_batch) * self.replays
         if 0 < n % self.global_batch < world:
             raise ValueError(f"the epoch's last global batch has {n % self.global_batch} sample(s), fewer than the "
                              f"{world} processes: pick a --batch-size that leaves at least one sample per process")
@@ -350,12 +451,13 @@ class Run:
             self.train_batches = training_batches(cfg, x_train, y_train, self.dist)
         else:
             self.train_batches = streamed.train
-        assert len(self.train_batches) == self.steps_per_epoch  # every rank takes part in every step
+        assert len(self.train_batches) * self.replays == self.steps_per_epoch  # every rank takes part in every step
         params = list(student.parameters()) + list(self.method.parameters())
         self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                          weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.steps_per_epoch))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+        self.health = LossHealth(cfg.max_bad_steps, self.device, self.dist)
         if cfg.compile:
             if cfg.method == "robust-kd" and cfg.jac_weight > 0:
                 # The Jacobian term's clean and perturbed passes share batch statistics inside each BatchNorm, in
@@ -394,6 +496,9 @@ class Run:
             self._saved_flags = None
         if getattr(self, "dist", None) is not None:
             self.dist.close()
+        if self.tb_log is not None:
+            self.tb_log.close()
+            self.tb_log = None
 
     # --- files ---------------------------------------------------------------------------------------------
 
@@ -411,23 +516,31 @@ class Run:
             self._restore(*self.resume_from)
         if not self.writes:
             return
-        if cfg.overwrite:
-            for name in RUN_FILES:
-                target = self.out / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
+        restart = cfg.resume and self.resume_from is None  # a run that stopped before its first checkpoint
+        if cfg.overwrite or restart:
+            if restart:
+                warnings.warn(f"--resume: {self.out} has no checkpoint yet; the run starts over from scratch",
+                              RuntimeWarning, stacklevel=2)
+            remove_run_files(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
+        self.files = RunFiles(self.out)
+        if cfg.resume and not self.files.exists():  # a run written before runs kept a record: adopt its files
+            for path in [self.out / n for n in RUN_FILES] + [p for _, p in checkpoints.list_checkpoints(self.out)]:
+                if path.is_file():
+                    self.files.add(path)
         checkpoints.remove_temporary_files(self.out)
-        run_file = self.out / "run.json"
-        if cfg.resume and run_file.exists():
+        run_file = self.files.add("run.json")
+        if cfg.resume and not restart and run_file.exists():
             record = json.loads(run_file.read_text())
             record.setdefault("resumes", []).append({"from": str(self.resume_from[1]), **{
                 k: self.meta[k] for k in ("command", "git_commit", "git_dirty", "versions", "device")}})
         else:
-            record = dict(self.meta)
+            record = {**rerun.record_header(), **self.meta}  # the format `--config` checks
         atomic_write_json(run_file, record)
+        if self.tensorboard:
+            if not (self.out / tensorboard.TENSORBOARD_DIR).exists():
+                self.files.add(tensorboard.TENSORBOARD_DIR)  # the run's own folder, removed whole by --overwrite
+            self.tb_log = tensorboard.TensorBoardLog(self.out)
 
     def _restore(self, state, path):
         cfg = self.cfg
@@ -456,6 +569,8 @@ class Run:
         checkpoints.set_rng_state(state["rng"])  # last: nothing after this may draw random numbers
 
     def _state(self):
+        finite_or_raise(self.student.state_dict(), f"the student after global step {self.position['global_step']}",
+                        "refusing to write a checkpoint; the last one written is intact")
         return {
             "format": checkpoints.FORMAT,
             "version": checkpoints.VERSION,
@@ -487,8 +602,8 @@ class Run:
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
             writer.writerows(self.history)
-        atomic_write(self.out / "metrics.csv", write_csv, text=True)
-        atomic_write_json(self.out / "metrics.json", {**self.meta, "epochs": self.history, "best": self.best,
+        atomic_write(self.files.add("metrics.csv"), write_csv, text=True)
+        atomic_write_json(self.files.add("metrics.json"), {**self.meta, "epochs": self.history, "best": self.best,
                                                 "train_seconds": self.train_seconds})
 
     # --- the loop ------------------------------------------------------------------------------------------
@@ -497,7 +612,7 @@ class Run:
         from tqdm import tqdm
 
         cfg = self.cfg
-        n, batch, ctx = self.num_train, self.global_batch, self.dist
+        ctx = self.dist
         progress = cfg.progress and ctx.is_main
         for epoch in range(self.position["epoch"], cfg.epochs):
             self.student.train()
@@ -508,26 +623,26 @@ class Run:
             # Seconds of training in this epoch: the clock excludes checkpoint writes; `base` carries the
             # seconds of a resumed epoch's earlier part.
             base, started, paused = self.accum["seconds"], time.perf_counter(), 0.0
-            self.train_batches.set_epoch(epoch, start_batch=first)  # a resumed epoch skips the steps done
-            for step, (x, y) in enumerate(self.train_batches, start=first):
-                size = min(batch, n - step * batch)  # the global batch; (x, y) is this rank's [rank::N] share
-                # Streamed batches come from the host (pinned); the in-memory ones are on the device already.
-                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                self._step(self._layout(x), y, size)
+            for step, x, y, size in self._epoch_steps(epoch, first):
+                self._step(x, y, size)
                 self.position.update(step=step + 1, global_step=self.position["global_step"] + 1)
                 bar.update(1)
-                if cfg.progress and ((step + 1) % LOG_EVERY == 0 or step + 1 == self.steps_per_epoch):
-                    self._reduce_accum()  # a collective: every rank takes part, rank 0 shows it
-                    bar.set_postfix(self._postfix(base + time.perf_counter() - started - paused))
                 last_step = step + 1 == self.steps_per_epoch
+                if (step + 1) % LOG_EVERY == 0 or last_step:
+                    self.health.check()  # a collective too: every rank stops at the same step
+                    if cfg.progress:
+                        self._reduce_accum()  # a collective: every rank takes part, rank 0 shows it
+                        bar.set_postfix(self._postfix(base + time.perf_counter() - started - paused))
                 if self.out and cfg.ckpt_every and self.position["global_step"] % cfg.ckpt_every == 0 and not last_step:
                     # Mid-epoch checkpoint (an epoch's last step is covered by the epoch-end one).
+                    self.health.check()
                     self._sync()
                     now = time.perf_counter()
                     self.accum["seconds"] = base + now - started - paused
                     self._reduce_accum()
                     if self.writes:
-                        checkpoints.save_checkpoint(self.out, self._state(), self.position["global_step"], cfg.keep)
+                        checkpoints.save_checkpoint(self.out, self._state(), self.position["global_step"], cfg.keep,
+                                                    self.files)
                     ctx.barrier()  # no rank runs ahead of a checkpoint being written
                     paused += time.perf_counter() - now
             bar.close()
@@ -535,6 +650,21 @@ class Run:
             self.accum["seconds"] = base + time.perf_counter() - started - paused
             self._end_epoch(epoch)
         return self._result()
+
+    def _epoch_steps(self, epoch, first):
+        """(step, x, y, global batch size) of each optimizer step of `epoch` from its step `first` (a resumed
+        epoch skips the steps done): each batch serves `replays` consecutive steps (free-at's; 1 otherwise)."""
+        m, batch = self.replays, self.global_batch
+        self.train_batches.set_epoch(epoch, start_batch=first // m)
+        step = first
+        for index, (x, y) in enumerate(self.train_batches, start=first // m):
+            size = min(batch, self.num_train - index * batch)  # the global batch; (x, y) is this rank's share
+            # Streamed batches come from the host (pinned); the in-memory ones are on the device already.
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x = self._layout(x)
+            while step < (index + 1) * m:
+                yield step, x, y, size
+                step += 1
 
     def _step(self, x, y, global_size):
         """One optimizer step on this rank's share (x, y) of a global batch of `global_size` samples."""
@@ -549,9 +679,12 @@ class Run:
             total = total * (x.shape[0] * ctx.world_size / global_size)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if self.health.record(self.position["global_step"], total, terms):
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.scheduler.step()
+        if self.health.skipped_last:
+            return  # a tolerated bad step: no update, and its losses stay out of the epoch's means
         sums, size = self.accum["sums"], x.shape[0]
         for name, value in terms.items():  # running sums stay on the device: no sync per step
             sums[name] = sums[name] + value * size if name in sums else value * size
@@ -582,6 +715,7 @@ class Run:
 
     def _end_epoch(self, epoch):
         cfg = self.cfg
+        self.health.check()
         self._reduce_accum(everywhere=True)
         images = max(self.accum["images"], 1)
         row = {"epoch": epoch + 1, "lr": self.scheduler.get_last_lr()[0]}
@@ -606,9 +740,11 @@ class Run:
         if self.writes:
             state = self._state()
             if improved:
-                checkpoints.atomic_save(state, self.out / "best.pt")
-            checkpoints.save_checkpoint(self.out, state, self.position["global_step"], cfg.keep)
+                checkpoints.atomic_save(state, self.files.add("best.pt"))
+            checkpoints.save_checkpoint(self.out, state, self.position["global_step"], cfg.keep, self.files)
             self._write_metrics()
+            if self.tb_log is not None:
+                self.tb_log.log_epoch(self.history[-1])
         self.dist.barrier()
         if cfg.progress and self.dist.is_main:
             shown = {k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in self.history[-1].items()}

@@ -1,0 +1,89 @@
+"""`rkd-fast frontier`: the study end to end in its quick mode, its summary and criterion, and the steps the
+trainer derives from the threat model."""
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from rkd_fast import frontier
+from rkd_fast.cli import main
+from rkd_fast.datasets import dataset_info
+from rkd_fast.models import build_model
+from rkd_fast.train import make_config
+from rkd_fast.train.methods import build_method
+
+pytest.importorskip("pyautoattack", reason="the study evaluates with AutoAttack: pip install pyautoattack")
+
+
+def test_quick_study_end_to_end(tmp_path):
+    out = tmp_path / "study"
+    args = ["frontier", "--quick", "--methods", "robust-kd,fgsm-rs,pgd-at", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["seeds"] == 2 and results["variants"] == ["robust-kd", "fgsm-rs", "pgd-at"]
+    assert len(results["rows"]) == 6 and {r["seed"] for r in results["rows"]} == {0, 1}
+    for row in results["rows"]:
+        assert all(0 <= row[k] <= 1 for k in ("clean", "pgd20", "autoattack")) and row["train_seconds"] > 0
+        assert (row["transfer"] is None) == (row["variant"] == "pgd-at")  # the transfer examples' source
+        assert (out / row["path"]).is_file()
+    s = results["summary"]["robust-kd"]
+    seconds = [r["train_seconds"] for r in results["rows"] if r["variant"] == "robust-kd"]
+    assert s["n"] == 2 and math.isclose(s["train_seconds_mean"], sum(seconds) / 2)
+    assert math.isclose(s["train_seconds_std"], abs(seconds[0] - seconds[1]) / math.sqrt(2))
+    assert results["criterion"]["evaluated"] and isinstance(results["criterion"]["met"], bool)
+    assert len(list(csv.DictReader(open(out / "seeds.csv")))) == 6
+    assert [r["variant"] for r in csv.DictReader(open(out / "summary.csv"))] == ["robust-kd", "fgsm-rs", "pgd-at"]
+    assert (out / "frontier.png").stat().st_size > 0
+    assert main(args) == 2  # a second study into the same --out is refused
+    assert main([*args, "--overwrite"]) == 0
+
+
+def _rows(variant, aa, seconds):
+    return [{"variant": variant, "seed": i, "clean": 1.0, "pgd20": a + 0.01, "autoattack": a, "transfer": None,
+             "train_seconds": t, "masking": False} for i, (a, t) in enumerate(zip(aa, seconds))]
+
+
+def test_criterion_from_the_means():
+    rows = _rows("robust-kd", [0.80, 0.82], [1.2, 1.4]) + _rows("fgsm-rs", [0.78, 0.76], [1.0, 1.0])
+    summary = frontier.summarize(rows, ["robust-kd", "fgsm-rs"])
+    c = frontier.criterion(summary)
+    assert math.isclose(c["time_ratio_to_fgsm_rs"], 1.3) and c["met"] and c["dominated_by"] == []
+    # a faster method with more AutoAttack accuracy dominates robust-kd
+    rows += _rows("n-fgsm", [0.83, 0.83], [1.1, 1.1])
+    c = frontier.criterion(frontier.summarize(rows, ["robust-kd", "fgsm-rs", "n-fgsm"]))
+    assert c["dominated_by"] == ["n-fgsm"] and not c["met"]
+    # too slow
+    slow = _rows("robust-kd", [0.80, 0.82], [1.6, 1.6]) + _rows("fgsm-rs", [0.78, 0.76], [1.0, 1.0])
+    assert not frontier.criterion(frontier.summarize(slow, ["robust-kd", "fgsm-rs"]))["met"]
+
+
+def test_bad_study_options_are_refused(tmp_path, capsys):
+    assert main(["frontier", "--methods", "robust-kd,nope", "--out", str(tmp_path / "s")]) == 2
+    assert "unknown nope" in capsys.readouterr().err
+    assert main(["frontier", "--seeds", "0", "--out", str(tmp_path / "s")]) == 2
+    assert not (tmp_path / "s").exists()
+
+
+def _robust_kd(shape, **options):
+    torch.manual_seed(0)
+    arch, dataset = ("small_cnn", "digits") if shape[1] == 1 else ("preact_resnet18", "cifar10")
+    student, teacher = (build_model(arch, width=2, **({"in_channels": 1} if shape[1] == 1 else {})) for _ in "st")
+    cfg = make_config(method="robust-kd", teacher="unused.pt", arch=arch, dataset=dataset, **options)
+    import contextlib
+    return build_method(cfg, student, teacher, dataset_info(dataset), torch.rand(*shape), contextlib.nullcontext)
+
+
+@pytest.mark.parametrize("shape", [(4, 1, 8, 8), (4, 3, 32, 32)])  # digits (D = 64) and CIFAR (D = 3,072)
+@pytest.mark.parametrize("eps", [0.1, 8 / 255])
+def test_default_step_is_in_units_of_the_threat_model(shape, eps):
+    d = math.prod(shape[1:])
+    adversarial = _robust_kd(shape, eps=eps)
+    assert adversarial.loss_fn.eps == eps and math.isclose(adversarial.loss_fn.jacobian["h"], eps)
+    l2 = _robust_kd(shape, eps=eps, distill_at="clean")
+    assert math.isclose(l2.loss_fn.jacobian["h"], eps * math.sqrt(d))  # a unit L2 direction: the ball's radius
+    linf = _robust_kd(shape, eps=eps, distill_at="clean", jac_norm="linf", jac_step=0.5)
+    assert math.isclose(linf.loss_fn.jacobian["h"], 0.5 * eps)
+    assert _robust_kd(shape, eps=eps, jac_h=0.3).loss_fn.jacobian["h"] == 0.3  # an absolute step overrides

@@ -37,10 +37,15 @@ def test_bench_end_to_end(tmp_path):
             assert row["ms"] > 0 and row["images_per_s"] > 0 and row["peak_MB"] is None  # CPU: no peak memory
             assert row["predicted_ms"] > 0 and math.isclose(row["measured_over_predicted"],
                                                             row["ms"] / row["predicted_ms"])
+            assert row["aten_ops"] > 0 and row["host_ms"] > 0
+        # the attack pass makes robust-kd dispatch more ops than a natural step, the training pass as many
+        assert scenario["steps"]["robust-kd"]["ops_x_natural"] > 1
         assert scenario["steps"]["natural"]["x_natural"] == 1.0
     assert big["teacher_GFLOPs_per_image"] > big["student_GFLOPs_per_image"]
     ratios = {(t["scenario"], t["ratio"]) for t in r["targets"]}
     assert ("cifar-same", "robust-kd / pgd-at") in ratios and ("cifar-10x", "robust-kd / ard") in ratios
+    assert ("cifar-same", "robust-kd aten ops / natural's") in ratios
+    assert ("cifar-10x", "robust-kd measured / predicted") in ratios
     # rslad was not asked for: its targets are reported as missing, not as failures
     assert all(t["status"] == "missing" for t in r["targets"] if "rslad" in t["ratio"])
     assert [row["setting"] for row in r["teacher_inference"]["rows"]][:2] == ["no_grad, fp32", "inference_mode, fp32"]

@@ -67,13 +67,16 @@ def _scenario_md(s):
     rows = []
     for name, r in s["steps"].items():
         if "error" in r:
-            rows.append([name, "error: " + r["error"].replace("|", "/")[:120]] + [""] * 7)
+            rows.append([name, "error: " + r["error"].replace("|", "/")[:120]] + [""] * 10)
             continue
-        rows.append([name, _fmt(r["ms"], ".1f"), _fmt(r.get("median_ms"), ".1f"), _fmt(r["images_per_s"], ".1f"), _fmt(r.get("peak_MB"), ".0f"),
-                     _fmt(r.get("x_natural")), _units_text(r.get("units")), _fmt(r.get("predicted_ms"), ".1f"),
-                     _fmt(r.get("measured_over_predicted"))])
-    out.append(_table(["method", "ms/step", "median ms", "images/s", "peak MB", "× natural", "cost model", "predicted ms",
-                       "measured/predicted"], rows))
+        rows.append([name, _fmt(r["ms"], ".1f"), _fmt(r.get("median_ms"), ".1f"), _fmt(r["images_per_s"], ".1f"),
+                     _fmt(r.get("peak_MB"), ".0f"), _fmt(r.get("x_natural")), _units_text(r.get("units")),
+                     _fmt(r.get("predicted_ms"), ".1f"), _fmt(r.get("measured_over_predicted")),
+                     _fmt(r.get("aten_ops"), "d"), _fmt(r.get("ops_x_natural")), _fmt(r.get("host_ms"), ".1f")])
+    out.append(_table(["method", "ms/step", "median ms", "images/s", "peak MB", "× natural", "cost model",
+                       "predicted ms", "measured/predicted", "aten ops", "ops × natural",
+                       "host ms" + (" (CPU: dispatch estimate)" if s.get("device_type", "cpu") == "cpu" else "")],
+                      rows))
     if s["missing"]:
         out += ["", f"Not registered in rkd_fast.train.methods at run time (not measured): "
                     f"{', '.join(s['missing'])}."]

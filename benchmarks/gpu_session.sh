@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (the device tool): build the extension there, then the named phases, each
 # logging to $OUT; a summary line per phase is printed last.
+#   bash benchmarks/gpu_session.sh all OUT_DIR      # build, GPU tests, kernel and step benchmarks, frontier:
+#                                                   # the whole verification inside 10 minutes on one H200
 #   bash benchmarks/gpu_session.sh build gputests suite opsbench bench
 # Phases: build (the extension for sm_90 against that machine's torch; reused from .gpubuild/ when a previous
 # call's library was fetched there and carried), gputests (tests/*_gpu.py and tests/triton on the GPU), suite
@@ -10,6 +12,12 @@
 # Environment: PYTEST_ARGS (extra pytest arguments of gputests), BENCH_ARGS, BENCH_LIMIT, SUITE_LIMIT.
 set -u
 export PYTHONUNBUFFERED=1
+if [ "${1:-}" = all ]; then
+    # The whole verification in one 10-minute call: each phase's limit below keeps the sum under 570 s.
+    [ -n "${2:-}" ] && OUT=$2
+    set -- build gputests opsbench bench frontier
+    QUICK_LIMITS=1
+fi
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 PY=${PY:-python3}
 if [ -d .whl ]; then  # wheels carried for packages the machine lacks (expecttest for opcheck)
@@ -46,12 +54,12 @@ for p in "$@"; do
         # error message (a segfault instead of ValueError in the CUDA kernel's bad-argument test).
         compilers=()
         [ -x /usr/bin/g++ ] && compilers=(CC=/usr/bin/gcc CXX=/usr/bin/g++)
-        phase build 300 env "${compilers[@]}" TORCH_CUDA_ARCH_LIST=9.0 RKD_FAST_CUDA=1 MAX_JOBS=16 $PY setup.py build_ext --inplace \
+        phase build $([ -n "${QUICK_LIMITS:-}" ] && echo 180 || echo 300) env "${compilers[@]}" TORCH_CUDA_ARCH_LIST=9.0 RKD_FAST_CUDA=1 MAX_JOBS=16 $PY setup.py build_ext --inplace \
             || tail -n 40 "$OUT/build.log"
         $PY -c "import json, rkd_fast; print(json.dumps(rkd_fast.backends()))" | tee "$OUT/backends.json"
         cp rkd_fast/_build_info.py rkd_fast/_C*.so "$OUT/" 2>/dev/null;;
     gputests)
-        phase gputests 270 $PY -m pytest -q -p no:cacheprovider -rfE --tb=short ${PYTEST_ARGS:-} \
+        phase gputests $([ -n "${QUICK_LIMITS:-}" ] && echo 140 || echo 270) $PY -m pytest -q -p no:cacheprovider -rfE --tb=short ${PYTEST_ARGS:-} \
             tests/test_feature_distance_gpu.py tests/test_fd_jacobian_gpu.py tests/test_train_gpu.py tests/triton \
             tests/test_feature_distance.py::test_kernels_refuse_bad_arguments \
             tests/test_fd_jacobian.py::test_kernel_refuses_bad_arguments
@@ -63,12 +71,18 @@ for p in "$@"; do
             --ignore=tests/test_train_gpu.py --ignore=tests/triton
         grep -E "^(FAILED|ERROR)" "$OUT/suite.log" | head -n 40;;
     opsbench)
-        phase opsbench 240 $PY -m rkd_fast.bench.ops --device cuda --suite all --min-run-time 0.3 --json "$OUT/opsbench.json"
+        phase opsbench $([ -n "${QUICK_LIMITS:-}" ] && echo 60 || echo 240) $PY -m rkd_fast.bench.ops --device cuda --suite all --min-run-time 0.3 --json "$OUT/opsbench.json"
         tail -n 20 "$OUT/opsbench.log";;
     bench)  # training steps of every method, teacher inference and the kernels: report.md + report.json
-        phase bench ${BENCH_LIMIT:-330} $PY -m rkd_fast bench --device cuda --out /tmp/bench --min-time 1 --repeats 3 \
+        phase bench ${BENCH_LIMIT:-$([ -n "${QUICK_LIMITS:-}" ] && echo 90 || echo 330)} $PY -m rkd_fast bench --device cuda --out /tmp/bench --min-time 1 --repeats 3 \
             --kernel-min-time 0.3 ${BENCH_ARGS:-}
-        tar czf "$OUT/bench.tgz" -C /tmp bench; tail -n 5 "$OUT/bench.log";;
+        tar czf "$OUT/bench.tgz" -C /tmp bench; cp /tmp/bench/report.md "$OUT/bench_report.md" 2>/dev/null
+        tail -n 5 "$OUT/bench.log";;
+    frontier)  # the frontier criterion re-measured on the GPU: robust-kd, fgsm-rs, n-fgsm, 5 seeds, digits
+        # trained on the GPU (the students' clocks), evaluated on the CPU cores; AutoAttack on a subset to fit
+        phase frontier ${FRONTIER_LIMIT:-90} $PY -m rkd_fast frontier --out /tmp/frontier --device cuda --methods \
+            robust-kd,fgsm-rs,n-fgsm --jobs 12 --autoattack-samples ${FRONTIER_AA:-100}
+        cp /tmp/frontier/results.json "$OUT/frontier_results.json" 2>/dev/null; tail -n 8 "$OUT/frontier.log";;
     *) echo "unknown phase $p"; exit 2;;
     esac
 done

@@ -37,6 +37,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
+from . import seeding
+
 # nn.Dropout masks each element; the others mask whole channels (dims after N, C are broadcast).
 _CHANNEL_DROPOUT = (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 
@@ -59,7 +61,7 @@ def _draw_mask(module, x):
     """The mask ``F.dropout`` would multiply `x` by: Bernoulli(1 − p) / (1 − p), per element or per channel."""
     shape = x.shape if not isinstance(module, _CHANNEL_DROPOUT) else x.shape[:2] + (1,) * (x.dim() - 2)
     keep = 1.0 - module.p
-    return torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(keep).div_(keep)
+    return seeding.bernoulli(shape, keep, device=x.device, dtype=x.dtype).div_(keep)
 
 
 def _apply_mask(module, mask, x):

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from . import data as _digits
+from . import seeding
 
 # --- data set constants ------------------------------------------------------------------------------------
 
@@ -197,9 +198,8 @@ def load_cifar(root, name="cifar10", split="train", *, verify=True, download=Fal
 # --- epoch order -------------------------------------------------------------------------------------------
 
 def _epoch_generator(seed, epoch):
-    # One CPU stream per (seed, epoch): the same on every rank and device. The odd multiplier spreads seeds
-    # so that (seed, epoch + 1) and (seed + 1, epoch) do not collide.
-    return torch.Generator().manual_seed((int(seed) * 0x9E3779B1 + int(epoch)) % (1 << 63))
+    # One CPU stream per (seed, epoch): the same on every rank and device (the trainer's epoch_order's).
+    return seeding.generator(seeding.derive_seed(int(seed), "epoch", int(epoch)))
 
 
 def _shard(order, rank, world_size, batch_size, drop_last):
@@ -385,7 +385,7 @@ def image_folder(root, split, transform=None):
 
 
 def _sample_seed(seed, epoch, index):
-    return (_epoch_generator(seed, epoch).initial_seed() * 0x632BE5AB + int(index)) % (1 << 63)
+    return seeding.derive_seed(int(seed), "epoch", int(epoch), "sample", int(index))
 
 
 @contextlib.contextmanager
@@ -466,8 +466,8 @@ class ImageFolderLoader:
     def set_epoch(self, epoch, start_batch=0):
         self.sampler.set_epoch(epoch, start_batch)
         # The workers' own seeds derive from this generator (the transforms are seeded per sample instead).
-        self.loader.generator.manual_seed((_epoch_generator(self.seed, epoch).initial_seed() * 4099
-                                           + self.sampler.rank) % (1 << 63))
+        self.loader.generator.manual_seed(seeding.derive_seed(int(self.seed), "epoch", int(epoch), "workers",
+                                                              self.sampler.rank))
 
     def __len__(self):
         return len(self.loader)
@@ -590,8 +590,7 @@ def synthetic_sample(seed, index, input_size=(224, 224), num_classes=1000, strea
     [0, num_classes), drawn from a CPU generator seeded by (seed, stream, index) alone, so a sample does not
     depend on the batch, rank or world size it is served in. ``stream`` tells sets of the same seed apart
     (the trainer: 0 for train, 1 for val)."""
-    generator = torch.Generator().manual_seed(
-        (int(seed) * 0x9E3779B1 + int(stream) * 0x7F4A7C15 + int(index) * 0x632BE5AB) % (1 << 63))
+    generator = seeding.generator(seeding.derive_seed(int(seed), "synthetic", int(stream), int(index)))
     x = torch.rand(3, *input_size, generator=generator)
     return x, torch.randint(0, num_classes, (), generator=generator)
 

@@ -22,7 +22,6 @@ its mean training time, and no other method both more robust and faster on avera
 """
 
 import csv
-import platform
 import statistics
 import sys
 import time
@@ -73,6 +72,8 @@ def add_arguments(parser):
     parser.add_argument("--seeds", type=int, default=None, help="seeds per method (default: 5; --quick: 2)")
     parser.add_argument("--eps", type=float, default=0.1, help="L∞ radius for training and every attack")
     parser.add_argument("--jobs", type=int, default=2, help="evaluation processes (training runs one at a time)")
+    parser.add_argument("--device", default="cpu", help="where the models train (default: the demo's cpu); the "
+                                                         "evaluation runs on the CPU")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of training and of each evaluation")
     parser.add_argument("--autoattack-samples", type=int, default=None, metavar="N",
                         help="AutoAttack on a fixed class-stratified subset of N test samples (default: all)")
@@ -83,7 +84,7 @@ def add_arguments(parser):
     parser.add_argument("--no-progress", action="store_true", help="no per-stage progress lines")
 
 
-def study_config(variant, settings, eps, seed, teacher_path):
+def study_config(variant, settings, eps, seed, teacher_path, device="cpu"):
     """The trainer options of `variant` for `seed`: the demo's student of its method, with the variant's options."""
     from .demo import COMMON, training_config
 
@@ -91,7 +92,8 @@ def study_config(variant, settings, eps, seed, teacher_path):
     options = dict(options)
     if "alpha_eps" in options:
         options["alpha"] = options.pop("alpha_eps") * eps
-    return {**training_config(method, settings, {**COMMON, "eps": eps, "seed": seed}, teacher_path), **options}
+    common = {**COMMON, "eps": eps, "seed": seed, "device": device}
+    return {**training_config(method, settings, common, teacher_path), **options}
 
 
 def _mean_std(values):
@@ -162,13 +164,14 @@ def _transfer_accuracy(path, x_adv, y):
 
 
 def run_frontier(out, *, variants=DEFAULT_VARIANTS, seeds=None, eps=0.1, jobs=2, threads=1, quick=False,
-                 autoattack_samples=None, teacher=None, overwrite=False, progress=True, command=None):
+                 autoattack_samples=None, teacher=None, device="cpu", overwrite=False, progress=True, command=None):
     """The study as a function; returns the results dict (also written to out/results.json)."""
     from .checkpoint import atomic_write, atomic_write_json, save_model
     from .data import load_digits
     from .demo import COMMON, Stages, stratified_subset, training_config
     from .plots import plot_frontier
     from .train import train_model
+    from .bench.report import machine_info
     from .train.config import _git_commit, library_versions
 
     out = Path(out)
@@ -199,6 +202,7 @@ def run_frontier(out, *, variants=DEFAULT_VARIANTS, seeds=None, eps=0.1, jobs=2,
         files.remove_all()
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    machine = machine_info()  # the load average before the study starts
 
     x, y = load_digits("test")
     if settings["test_samples"]:
@@ -214,13 +218,14 @@ def run_frontier(out, *, variants=DEFAULT_VARIANTS, seeds=None, eps=0.1, jobs=2,
     try:
         teacher_path = Path(teacher) if teacher is not None else files.add(out / "models" / "teacher.pt")
         if teacher is None:
-            cfg = training_config("teacher", settings, {**COMMON, "eps": float(eps), "seed": 0}, None)
+            cfg = training_config("teacher", settings, {**COMMON, "eps": float(eps), "seed": 0, "device": device},
+                                  None)
             result = stages.run("train teacher", lambda: train_model(cfg))
             save_model(result.model, teacher_path, name="teacher", method="pgd-at", eps=float(eps))
         rows = []
         for seed in range(seeds):
             for variant in variants:
-                cfg = study_config(variant, settings, float(eps), seed, teacher_path)
+                cfg = study_config(variant, settings, float(eps), seed, teacher_path, device)
                 result = stages.run(f"train {variant} seed {seed}", lambda cfg=cfg: train_model(cfg))
                 path = files.add(out / "models" / f"{variant}-seed{seed}.pt")
                 save_model(result.model, path, name=variant, method=cfg["method"], seed=seed, eps=float(eps),
@@ -260,13 +265,12 @@ def run_frontier(out, *, variants=DEFAULT_VARIANTS, seeds=None, eps=0.1, jobs=2,
     results = {
         "eps": float(eps), "norm": "linf", "settings": settings, "seeds": seeds, "variants": list(variants),
         "options": {v: VARIANTS[v][1] for v in variants}, "threads": threads, "jobs": jobs,
-        "test_samples": len(y), "autoattack_samples": len(aa_index), "autoattack_version": "standard",
+        "device": device, "test_samples": len(y), "autoattack_samples": len(aa_index), "autoattack_version": "standard",
         "transfer_source": TRANSFER_SOURCE, "masking_gap": MASKING_GAP,
         "rows": rows, "summary": summary, "criterion": criterion(summary),
         "stages": stages.records, "evaluation_seconds": round(evaluation_seconds, 1),
         "total_seconds": round(time.perf_counter() - started, 1),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": torch.get_num_threads(),
-                    "capability": torch.backends.cpu.get_cpu_capability()},
+        "machine": {**machine, "load_average_at_end": machine_info()["load_average_1_5_15"]},
         "command": list(command) if command else ["rkd-fast", "frontier", "--out", str(out)],
         "argv": [sys.executable] + sys.argv, "git_commit": commit, "git_dirty": dirty,
         "versions": library_versions(), "quick": bool(quick),
@@ -325,7 +329,8 @@ def run(args):
     try:
         results = run_frontier(args.out, variants=variants, seeds=args.seeds, eps=args.eps, jobs=args.jobs,
                                threads=args.threads, quick=args.quick, autoattack_samples=args.autoattack_samples,
-                               teacher=args.teacher, overwrite=args.overwrite, progress=not args.no_progress,
+                               teacher=args.teacher, device=args.device, overwrite=args.overwrite,
+                               progress=not args.no_progress,
                                command=command)
     except (TypeError, ValueError) as error:
         print(f"rkd-fast frontier: error: {error}", file=sys.stderr)

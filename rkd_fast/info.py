@@ -47,7 +47,8 @@ def _gpus(torch):
     return gpus
 
 
-def _cpu_model():
+def cpu_model():
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -75,7 +76,7 @@ def collect():
         "extension": _extension(),
         "cpu": {"aten_capability": torch.backends.cpu.get_cpu_capability(),
                 "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY"),
-                "processor": _cpu_model(), "cores": os.cpu_count(),
+                "processor": cpu_model(), "cores": os.cpu_count(),
                 "torch_threads": torch.get_num_threads()},
         "cuda_available": torch.cuda.is_available(),
         "gpus": _gpus(torch),

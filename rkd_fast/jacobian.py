@@ -27,6 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import seeding
 from .clean_pass import CleanPassState, clean_rows, share_clean_statistics, shares_clean_statistics
 from .ops._dispatch import REDUCTIONS, check_choice
 from .ops.fd_jacobian import fd_jacobian_loss
@@ -71,8 +72,9 @@ def default_step(x, norm="l2", dtype=None):
     return STEP_PER_PIXEL[dtype] * rms * (math.sqrt(per_sample) if norm == "l2" else 1.0)
 
 
-def draw_direction(x, direction="rademacher", norm="l2", grad=None):
-    """One direction per sample of ``x`` (N, ...), in ``x``'s dtype.
+def draw_direction(x, direction="rademacher", norm="l2", grad=None, generator=None):
+    """One direction per sample of ``x`` (N, ...), in ``x``'s dtype, drawn from `generator` (torch's global one
+    when None; per sample of a global batch inside a training step, `rkd_fast.seeding`).
 
     - ``"rademacher"``: independent ±1 entries; ``"gaussian"``: independent N(0, 1) entries;
       ``"grad"``: ``grad`` (an input gradient, the shape of ``x``).
@@ -87,9 +89,9 @@ def draw_direction(x, direction="rademacher", norm="l2", grad=None):
             raise ValueError("direction='grad' needs the input gradient, of the shape of x")
         raw = grad.detach()
     elif direction == "rademacher":
-        raw = torch.randint(0, 2, x.shape, device=x.device).to(x.dtype).mul_(2).sub_(1)
+        raw = seeding.randint(0, 2, x.shape, generator=generator, device=x.device).to(x.dtype).mul_(2).sub_(1)
     else:
-        raw = torch.randn(x.shape, device=x.device, dtype=x.dtype)
+        raw = seeding.normal(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     if norm == "linf":
         return raw.sign().to(x.dtype)
     flat = raw.float().flatten(1)
@@ -176,7 +178,8 @@ def _jvp(out, x_in, d, on, temperature, create_graph):
 
 
 def jacobian_penalty(student, x, y=None, *, teacher=None, h=None, direction="rademacher", norm="l2", on="logits",
-                     temperature=1.0, fraction=1.0, reduction="mean", method="fd", return_outputs=False):
+                     temperature=1.0, fraction=1.0, reduction="mean", method="fd", return_outputs=False,
+                     generator=None):
     """Input-Jacobian penalty (no teacher) or Jacobian matching (with a teacher) along one direction per sample.
 
     Per selected sample ``i``, with ``g`` the identity (``on="logits"``) or ``softmax(· / temperature)``
@@ -215,9 +218,12 @@ def jacobian_penalty(student, x, y=None, *, teacher=None, h=None, direction="rad
 
     BatchNorm layers that normalise with batch statistics (train mode) are updated by the clean pass only; the
     perturbed pass reuses the clean pass's batch statistics and dropout masks (`rkd_fast.clean_pass`). Randomness
-    (the subset and the directions) comes from torch's global generator.
+    (the subset and the directions) comes from `generator` (a torch.Generator on x's device; None: torch's global
+    generator).
     """
     _check(student, x, y, teacher, h, direction, norm, on, temperature, fraction, reduction, method)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     n = x.shape[0]
     k = max(1, min(n, round(fraction * n)))
     dtype = compute_dtype(x)
@@ -228,16 +234,16 @@ def jacobian_penalty(student, x, y=None, *, teacher=None, h=None, direction="rad
         dtype = x.dtype
     with precision:
         loss_rows, s_clean, t_clean = _penalty(student, teacher, x, y, h, k, dtype, direction, norm, on,
-                                               temperature, method)
+                                               temperature, method, generator)
     loss = _reduce(loss_rows, n, reduction)
     return (loss, s_clean, t_clean) if return_outputs else loss
 
 
-def _penalty(student, teacher, x, y, h, k, dtype, direction, norm, on, temperature, method):
+def _penalty(student, teacher, x, y, h, k, dtype, direction, norm, on, temperature, method, generator):
     """(per-sample losses of the k selected samples with their indices, clean student logits, clean teacher
     logits)."""
     n = x.shape[0]
-    idx = None if k == n else torch.randperm(n, device=x.device)[:k]
+    idx = None if k == n else torch.randperm(n, device=x.device, generator=generator)[:k]
     pick = (lambda t: t) if idx is None else (lambda t: t[idx])
     exact = method == "exact"
     grad_mode = torch.is_grad_enabled()
@@ -276,7 +282,7 @@ def _penalty(student, teacher, x, y, h, k, dtype, direction, norm, on, temperatu
                 grad = _input_grad_of_ce(t_graph, y, x_t, retain_graph=reuse_t)
         grad = pick(grad)
     xs = pick(x)
-    d = draw_direction(xs, direction, norm, grad=grad)
+    d = draw_direction(xs, direction, norm, grad=grad, generator=generator)
 
     if exact:
         jd_s = _exact_jvp(student, s_stats, idx, s_clean if reuse_s else None, x_s if reuse_s else xs, d, on,

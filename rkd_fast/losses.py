@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import seeding
 from .clean_pass import CleanPassState, clean_rows, shares_clean_statistics
 from .jacobian import check_options, jacobian_penalty
 from .ops.fd_jacobian import fd_jacobian_loss
@@ -133,7 +134,8 @@ class RobustKDLoss(nn.Module):
 
     Args:
         student, teacher: models taking inputs in [0, 1] and returning logits. The teacher is frozen here
-            (``requires_grad_(False)``, eval mode) and always run under ``torch.no_grad()``.
+            (``requires_grad_(False)``, eval mode; a convolutional one is converted to channels_last, its fastest
+            layout) and always run under ``torch.no_grad()``.
         feature_pairs: ``[(student_module_name, teacher_module_name), ...]`` whose outputs are matched by
             the feature term. Where the shapes differ a student-side :class:`FeatureAdapter` is created now,
             so an optimizer built from ``loss_fn.parameters()`` right after sees it.
@@ -201,6 +203,12 @@ class RobustKDLoss(nn.Module):
         self._models = (student, teacher)
         teacher.requires_grad_(False)
         teacher.eval()
+        # The teacher only runs forward: a convolutional one runs in channels_last, its fastest layout for the
+        # convolutions and pooling of oneDNN (CPU) and cuDNN (GPU); measured in docs/frontier.md.
+        self._teacher_layout = torch.channels_last if any(
+            isinstance(m, nn.Conv2d) for m in teacher.modules()) else None
+        if self._teacher_layout is not None:
+            teacher.to(memory_format=self._teacher_layout)
 
         feature_pairs = [tuple(pair) for pair in feature_pairs]
         if any(len(pair) != 2 or not all(isinstance(n, str) for n in pair) for pair in feature_pairs):
@@ -250,7 +258,7 @@ class RobustKDLoss(nn.Module):
                 capture.arm()
             with torch.no_grad():
                 s_logits = student(example_input)
-                t_logits = teacher(example_input) if self.uses_teacher else None
+                t_logits = self._teach(example_input) if self.uses_teacher else None
         finally:
             student.train(was_training)
             for capture in self._captures:
@@ -272,6 +280,12 @@ class RobustKDLoss(nn.Module):
         for capture in self._captures:
             capture.features = [None] * len(capture.features)
 
+    def _teach(self, x):
+        """The teacher's logits for x, in the teacher's layout."""
+        if self._teacher_layout is not None and x.dim() == 4:
+            x = x.contiguous(memory_format=self._teacher_layout)
+        return self.teacher(x)
+
     def remove_hooks(self):
         """Detaches the feature hooks from the models (the loss cannot compute the feature term after)."""
         for handle in self._hooks:
@@ -279,8 +293,9 @@ class RobustKDLoss(nn.Module):
         self._hooks = []
 
     def forward(self, x, y, seed=None):
-        """``(total, terms)`` for the batch (x, y). ``seed`` seeds the adversarial start's noise (with ``eps``; a
-        local generator, so a resumed run replays it); None draws a fresh one."""
+        """``(total, terms)`` for the batch (x, y). ``seed`` seeds the step's random draws, the adversarial start's
+        noise (with ``eps``) or the Jacobian term's directions (without), from local generators, so a rerun or a
+        resumed run replays them; None: fresh draws (torch's global generator for the directions)."""
         if self.teacher.training:  # someone called teacher.train(): BN statistics must stay frozen
             self.teacher.eval()
         terms = {}
@@ -292,7 +307,7 @@ class RobustKDLoss(nn.Module):
             terms[name] = value.detach()
             total = weight * value if total is None else total + weight * value
 
-        passes = self._adversarial_passes(x, y, seed) if self.eps is not None else self._clean_passes(x, y)
+        passes = self._adversarial_passes(x, y, seed) if self.eps is not None else self._clean_passes(x, y, seed)
         s_logits, t_logits, jac = passes
         if t_logits is not None:
             t_logits = t_logits.detach()
@@ -313,7 +328,7 @@ class RobustKDLoss(nn.Module):
         terms["total"] = total.detach()
         return total, terms
 
-    def _clean_passes(self, x, y):
+    def _clean_passes(self, x, y, seed):
         """(student logits at x, teacher logits at x, the Jacobian term or None), features recorded at x."""
         student, teacher = self._models
         s_capture, t_capture = self._captures
@@ -327,13 +342,14 @@ class RobustKDLoss(nn.Module):
             if self.jac_weight > 0:
                 # One call makes the clean forwards of both models (recorded by the hooks) and the perturbed
                 # ones; the clean logits it returns serve the other terms.
+                generator = None if seed is None else seeding.generator(seeding.derive_seed(seed, "jacobian"), x.device)
                 jac, s_logits, t_logits = jacobian_penalty(student, x, y, teacher=teacher, reduction="mean",
-                                                           return_outputs=True, **self.jacobian)
+                                                           return_outputs=True, generator=generator, **self.jacobian)
             else:
                 s_logits = student(x)
                 if self.uses_teacher:
                     with torch.no_grad():
-                        t_logits = teacher(x)
+                        t_logits = self._teach(x)
         finally:
             s_capture.armed = t_capture.armed = False
         return s_logits, t_logits, jac
@@ -377,7 +393,7 @@ class RobustKDLoss(nn.Module):
                 if self.feature_pairs:
                     t_capture.arm(rows=slice(0, n))
                 with torch.no_grad():  # with the Jacobian term, x' and x̃ in one call (the teacher is frozen)
-                    t_out = teacher(torch.cat([x_adv, start]) if self.jac_weight > 0 else x_adv)
+                    t_out = self._teach(torch.cat([x_adv, start]) if self.jac_weight > 0 else x_adv)
                 t_logits, t_start = t_out[:n], (t_out[n:] if self.jac_weight > 0 else None)
         finally:
             s_capture.armed = t_capture.armed = False
@@ -399,7 +415,7 @@ class RobustKDLoss(nn.Module):
             losses.append(feature_distance(adapter(s_feat), t_feat.detach(), mode=self.feature_mode))
         for capture in self._captures:  # drop the references so the activations can be freed
             capture.features = [None] * len(capture.features)
-        return torch.stack(losses).mean()
+        return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
 
     def extra_repr(self):
         return (f"ce_weight={self.ce_weight}, kd_weight={self.kd_weight}, kd_temperature={self.kd_temperature}, "
@@ -418,7 +434,8 @@ def kd_loss(student_logits, teacher_logits, temperature):
 def _record_hook(capture, index):
     def hook(module, inputs, output):
         if capture.armed:
-            capture.features[index] = output[capture.rows]
+            rows = capture.rows
+            capture.features[index] = output if rows == slice(None) else output[rows]
     return hook
 
 

@@ -20,7 +20,7 @@ from rkd_fast.checkpoint import save_model
 from rkd_fast.models import build_model
 from rkd_fast.train import checkpoints
 from rkd_fast.train.config import make_config
-from rkd_fast.train.distributed import StepRandomness
+from rkd_fast import seeding
 from rkd_fast.train.trainer import _check_resume_config
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -97,14 +97,14 @@ def two_process_run(tmp_path_factory, robust_kd):
     return out
 
 
-def test_step_randomness_is_the_global_draw_sliced():
+def test_per_sample_draws_are_the_global_draw_sliced():
     # Rank r of N draws the rows r::N of what one process draws for the whole global batch.
     def draws(rows):
-        with StepRandomness(5, rows, 7):
-            x = torch.zeros(len(rows), 2, 3)
+        with seeding.per_sample_draws(rows, 7, seed=5):
+            shape = (len(rows), 2, 3)
             generator = torch.Generator().manual_seed(9)  # as pgd's seeded random start
-            return [torch.randn(x.shape), torch.randint(0, 2, x.shape), torch.rand(len(rows), 4),
-                    torch.empty_like(x).uniform_(-1, 1, generator=generator), torch.randn_like(x)]
+            return [seeding.normal(shape), seeding.randint(0, 2, shape), seeding.uniform((len(rows), 4), 0, 1),
+                    seeding.uniform(shape, -1, 1, generator=generator), seeding.bernoulli(shape, 0.5)]
 
     whole = draws(torch.arange(7))
     shares = [draws(torch.arange(r, 7, 3)) for r in range(3)]
@@ -113,14 +113,24 @@ def test_step_randomness_is_the_global_draw_sliced():
         for r, share in enumerate(shares):
             merged[r::3] = share[i]
         assert torch.equal(merged, full), i
-    # Draws that are not one per sample keep their generator; the same step seed replays the same numbers.
-    with StepRandomness(5, torch.arange(3), 3):
-        a = torch.randn(5)
-    with StepRandomness(5, torch.arange(3), 3):
-        b = torch.randn(5)
-    with StepRandomness(6, torch.arange(3), 3):
-        c = torch.randn(5)
-    assert torch.equal(a, b) and not torch.equal(a, c)
+    # Draws that are not one per sample of this share are made as asked; the same step seed replays them.
+    def subset(seed):
+        with seeding.per_sample_draws(torch.arange(3), 6, seed=seed):
+            return seeding.normal((5,))
+    assert torch.equal(subset(5), subset(5)) and not torch.equal(subset(5), subset(6))
+    # Outside a step: torch's global generator, as any torch draw.
+    torch.manual_seed(1)
+    a = seeding.normal((4,))
+    torch.manual_seed(1)
+    assert torch.equal(a, torch.empty(4).normal_())
+
+
+def test_derived_seeds_differ_by_key_and_are_stable():
+    assert seeding.derive_seed(0, "epoch", 1) != seeding.derive_seed(0, "epoch", 2) != seeding.derive_seed(1, "epoch", 1)
+    assert seeding.derive_seed(0, "epoch", 1) != seeding.derive_seed(0, "step", 1)
+    assert seeding.derive_seed(3, "step", 7) == seeding.derive_seed(3, "step", 7) < 2 ** 63
+    with pytest.raises(TypeError):
+        seeding.derive_seed(0, 1.5)
 
 
 def test_two_processes_train_like_one_natural(tmp_path):

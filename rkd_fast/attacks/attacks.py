@@ -13,6 +13,8 @@ no ``.grad`` is written), both restored afterwards; randomness from a local ``to
 import torch
 import torch.nn.functional as F
 
+from .. import seeding
+
 from ._common import (LOSSES, NORMS, attack_mode, autocast_dtype, check_choice, check_count, check_inputs,
                       check_labels, check_model, check_number, like_input, logits_fp32, make_generator, model_dtype,
                       to_attack_layout)
@@ -57,12 +59,12 @@ def _project(x_adv, x0, eps, norm):
 
 def _random_start(x0, eps, norm, generator):
     if norm == "linf":
-        delta = torch.empty_like(x0).uniform_(-eps, eps, generator=generator)
+        delta = seeding.uniform(x0.shape, -eps, eps, generator=generator, device=x0.device, dtype=x0.dtype)
     else:
         # A random direction and a radius uniform in [0, eps].
-        direction = torch.empty_like(x0).normal_(generator=generator)
+        direction = seeding.normal(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         direction = direction / _l2_per_sample(direction).clamp_min(_TINY)
-        radius = torch.empty(x0.shape[0], device=x0.device).uniform_(0.0, 1.0, generator=generator)
+        radius = seeding.uniform((x0.shape[0],), 0.0, 1.0, generator=generator, device=x0.device)
         delta = direction * (eps * radius).view(-1, *([1] * (x0.dim() - 1)))
     return (x0 + delta).clamp(0.0, 1.0)
 
@@ -106,7 +108,8 @@ def n_fgsm(model, x, y, eps, *, alpha=None, noise=None, precision="fp32", seed=N
     x0 = to_attack_layout(x)
     generator = make_generator(seed, x.device)
     with attack_mode(model):
-        start = (x0 + torch.empty_like(x0).uniform_(-noise, noise, generator=generator)).clamp(0.0, 1.0)
+        noise_draw = seeding.uniform(x0.shape, -noise, noise, generator=generator, device=x0.device, dtype=x0.dtype)
+        start = (x0 + noise_draw).clamp(0.0, 1.0)
         grad = _input_grad(model, start, y, "ce", autocast, model_dtype(model), first=True)
         x_adv = (start + alpha * grad.sign()).clamp(0.0, 1.0)
     return (like_input(start, x), like_input(x_adv, x)) if return_start else like_input(x_adv, x)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import seeding
 from ._common import (NORMS, attack_mode, autocast_dtype, check_choice, check_count, check_inputs, check_labels,
                       check_model, check_number, logits_fp32, model_dtype)
 from .attacks import fgsm, pgd
@@ -102,7 +103,7 @@ def _device_of(model):
 
 def _attack_seed(seed, batch, attack):
     # One reproducible seed per (batch, attack), so adding an attack to the list leaves the others' draws alone.
-    return None if seed is None else (seed * 1_000_003 + batch * 1_009 + attack) % (2 ** 63)
+    return None if seed is None else seeding.derive_seed(seed, "batch", batch, "attack", attack)
 
 
 @dataclass

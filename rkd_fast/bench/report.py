@@ -16,15 +16,9 @@ REPORT_VERSION = 1
 
 def machine_info():
     """CPU model and cores, GPU, and the versions the numbers depend on."""
-    cpu = platform.processor() or None
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    from ..info import cpu_model
+
+    cpu = cpu_model()
     try:
         import triton
         triton_version = triton.__version__
@@ -35,6 +29,7 @@ def machine_info():
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
             "python": platform.python_version(), "torch": torch.__version__, "triton": triton_version,
             "cuda": torch.version.cuda, "platform": platform.platform(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "load_average_1_5_15": list(load) if load else None}
 
 

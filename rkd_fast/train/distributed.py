@@ -10,14 +10,13 @@ all their gradients. Each rank's loss is scaled by ``local_batch · world_size /
 averaged gradient is the gradient of the global batch's mean loss even when a last, short batch splits
 unevenly: for a model without BatchNorm, N processes of batch B compute the steps one process of batch N·B does.
 
-Randomness of a step (Jacobian directions, PGD random starts) must not depend on the world size either:
-`StepRandomness` makes every draw whose first dimension is the rank's batch size come out as this rank's rows
-of the same draw made for the whole global batch (see its docstring).
+Randomness of a step (attack starts, Jacobian directions, dropout masks in the Jacobian term) must not depend on
+the world size either: every per-sample draw goes through `rkd_fast.seeding`, which inside the trainer's step
+draws for the whole global batch and keeps this rank's rows.
 
 Where N processes do not compute exactly what one does: BatchNorm normalises with each rank's own batch
 statistics (``--sync-bn``, CUDA only, uses the global batch's; it cannot be combined with the robust-kd Jacobian
-term); the Jacobian term's default step ``h`` scales with the RMS of the batch a rank sees (pass ``--jac-h`` for
-exact agreement); ``--jac-fraction < 1`` picks each rank's subset on its own; the robust validation attacks
+term); ``--jac-fraction < 1`` picks each rank's subset on its own; the robust validation attacks
 chunks of ``max(batch_size, 256)`` samples (imagenet, synthetic-imagenet: ``batch_size``), so its random starts
 follow the per-process batch size.
 """
@@ -27,7 +26,6 @@ import os
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 
 def env_world_size():
@@ -142,96 +140,3 @@ def wrap(student, method, ctx, device):
         raise ValueError("nothing to train: the student has no trainable parameters")
     device_ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
-
-
-# --- randomness that does not depend on the world size --------------------------------------------------------
-
-_FACTORIES = {torch.randn, torch.rand, torch.randint}  # (..., size, generator=, dtype=, device=)
-_LIKE = {torch.randn_like: torch.randn, torch.rand_like: torch.rand}
-_IN_PLACE = {torch.Tensor.uniform_, torch.Tensor.normal_, torch.Tensor.bernoulli_, torch.Tensor.random_,
-             torch.Tensor.exponential_, torch.Tensor.geometric_, torch.Tensor.cauchy_, torch.Tensor.log_normal_}
-
-
-def _split_size(func, args, kwargs):
-    """(leading positional arguments, size) of a call to one of _FACTORIES."""
-    if "size" in kwargs:
-        return args, tuple(kwargs["size"])
-    if func is torch.randint:  # randint([low,] high, size)
-        return args[:-1], tuple(args[-1])
-    if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)):
-        return (), tuple(args[0])
-    return (), tuple(args)
-
-
-class StepRandomness(TorchFunctionMode):
-    """Inside a training step: random draws from (seed, step) that come out the same whatever the world size.
-
-    A draw whose first dimension is this rank's batch size (``torch.randn``, ``rand``, ``randint``,
-    ``randn_like``, ``rand_like``, and in-place ``Tensor.uniform_``, ``normal_``, ``bernoulli_``, ...) is taken
-    to be one per sample: it is made for the whole global batch, from the generator the call names or else
-    from a generator seeded with `seed` (the same on every rank), and this rank's rows (`rows`) are kept. So N
-    ranks see the numbers one process would, and a resumed run replays them. The other draws of these functions
-    and ``torch.randperm`` (a random subset of the batch) keep the generator they name, or else draw from one
-    seeded by (seed, rank): reproducible, but dependent on the world size. Ops that draw inside C++ from the
-    global generator (dropout, torch.bernoulli, torch.normal) are left as they are."""
-
-    def __init__(self, seed, rows, global_size, rank=0):
-        super().__init__()
-        self.seed, self.rank = int(seed), rank
-        self.rows, self.local, self.global_size = rows, len(rows), global_size
-        self.sliced = global_size != len(rows)
-        self._generators = {}
-
-    def _generator(self, device, per_rank=False):
-        device = torch.device(device if device is not None else torch.get_default_device())
-        key = (device, per_rank)
-        if key not in self._generators:
-            # Spread from the step seed, which the methods also hand to pgd: the streams must not coincide.
-            seed = self.seed * 0x9E3779B1 + 0x7F4A7C15 + (1 + self.rank if per_rank else 0) * 0x632BE5AB
-            self._generators[key] = torch.Generator(device=device).manual_seed(seed % (1 << 63))
-        return self._generators[key]
-
-    def _global(self, draw):
-        """``draw(global_size)`` (a tensor whose first dimension is global_size), this rank's rows of it."""
-        full = draw(self.global_size)
-        return full[self.rows.to(full.device)] if self.sliced else full
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if func in _FACTORIES:
-            lead, size = _split_size(func, args, kwargs)
-            if not size or size[0] != self.local or "out" in kwargs:
-                return self._other(func, args, kwargs, kwargs.get("device"))
-            kwargs.pop("size", None)
-            kwargs.setdefault("generator", self._generator(kwargs.get("device")))
-            requires_grad = kwargs.pop("requires_grad", False)
-            out = self._global(lambda n: func(*lead, (n, *size[1:]), **kwargs))
-            return out.requires_grad_(requires_grad)
-        if func in _LIKE:
-            x = args[0]
-            if x.dim() == 0 or x.shape[0] != self.local or len(args) > 1:
-                return func(*args, **kwargs)  # (the _like forms of torch 2.11 take no generator)
-            kwargs.pop("memory_format", None)
-            kwargs.setdefault("dtype", x.dtype)
-            kwargs.setdefault("device", x.device)
-            kwargs.setdefault("generator", self._generator(kwargs["device"]))
-            requires_grad = kwargs.pop("requires_grad", False)
-            out = self._global(lambda n: _LIKE[func]((n, *x.shape[1:]), **kwargs))
-            return out.requires_grad_(requires_grad)
-        if func in _IN_PLACE:
-            x = args[0]
-            if x.dim() == 0 or x.shape[0] != self.local:
-                return self._other(func, args, kwargs, x.device)
-            kwargs.setdefault("generator", self._generator(x.device))
-            with torch.no_grad():
-                x.copy_(self._global(lambda n: func(x.new_empty((n, *x.shape[1:])), *args[1:], **kwargs)))
-            return x
-        if func is torch.randperm:
-            return self._other(func, args, kwargs, kwargs.get("device"))
-        return func(*args, **kwargs)
-
-    def _other(self, func, args, kwargs, device):
-        # Not one draw per sample: from the generator it names, else from this rank's (seed, rank) stream.
-        if "generator" not in kwargs and "out" not in kwargs:
-            kwargs["generator"] = self._generator(device, per_rank=True)
-        return func(*args, **kwargs)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import seeding
 from ..attacks._common import attack_mode, autocast_dtype, like_input, logits_fp32, make_generator, model_dtype, \
     to_attack_layout
 from ..attacks.attacks import _project
@@ -46,7 +47,7 @@ def kl_attack(model, x, target_probs, eps, alpha, steps, *, precision="fp32", se
     target = target_probs.detach().float()
     with attack_mode(model):
         input_dtype = model_dtype(model)
-        x_adv = x0 + START_SIGMA * torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        x_adv = x0 + START_SIGMA * seeding.normal(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         for _ in range(steps):
             x_adv = x_adv.detach().requires_grad_(True)
             with torch.enable_grad():

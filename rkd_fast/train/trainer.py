@@ -48,6 +48,7 @@ from torch import nn
 from ..checkpoint import atomic_write, atomic_write_json, describe_names, nonfinite_tensors
 from ..jacobian import share_clean_statistics
 from ..models import MODELS, build_model
+from .. import seeding
 from ..runfiles import RunFiles
 from . import checkpoints, distributed, rerun, streaming, tensorboard
 from .config import RESUME_MAY_CHANGE, TrainConfig, load_data, make_config, run_metadata
@@ -198,8 +199,7 @@ def _check_resume_config(state, cfg, path, world_size):
 
 def epoch_order(seed, epoch, n):
     """The sample order of an epoch: a function of (seed, epoch) only, so a resumed run replays it."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=generator)
+    return torch.randperm(n, generator=seeding.generator(seeding.derive_seed(seed, "epoch", epoch)))
 
 
 class TensorBatches:
@@ -252,8 +252,8 @@ def training_batches(cfg, x, y, ctx):
 
 
 def step_seed(seed, global_step):
-    """Seed of a step's non-global randomness (PGD random starts)."""
-    return seed * 1_000_003 + global_step
+    """Seed of a step's random draws (attack starts, directions, masks), handed to the method."""
+    return seeding.derive_seed(seed, "step", global_step)
 
 
 def lr_lambda(cfg, steps_per_epoch):
@@ -318,20 +318,21 @@ class LossHealth:
         self.max_bad_steps, self.dist = max_bad_steps, dist
         self.bad_steps = torch.zeros((), dtype=torch.long, device=device)
         self.first_step = torch.full((), -1, dtype=torch.long, device=device)
-        self.first_terms = None  # bad-term flags of the first bad step, in the order of `names`
+        self.first_terms = None  # the terms' values at the first bad step, in the order of `names`
         self.names = ()
         self.skipped_last = False
 
     def record(self, global_step, total, terms):
-        """Records this step's loss; True when its update should be applied."""
-        bad = ~torch.isfinite(total.detach())
-        flags = torch.stack([~torch.isfinite(v.detach().float()) for v in terms.values()])
+        """Records this step's loss; True when its update should be applied. A handful of device ops: the
+        terms (detached already) are looked at only when a check finds a bad step."""
+        values = torch.stack([v.float() for v in terms.values()])
         if self.first_terms is None:
-            self.names, self.first_terms = tuple(terms), torch.zeros_like(flags)
+            self.names, self.first_terms = tuple(terms), torch.zeros_like(values)
+        bad = torch.isfinite(total.detach()).logical_not_()
         first = bad & (self.first_step < 0)
         self.first_step = torch.where(first, global_step, self.first_step)
-        self.first_terms = torch.where(first, flags, self.first_terms)
-        self.bad_steps += bad.long()
+        self.first_terms = torch.where(first, values, self.first_terms)
+        self.bad_steps += bad
         self.skipped_last = False
         if self.max_bad_steps > 0 and bool(bad):  # the opted-in per-step sync
             self.skipped_last = True
@@ -347,7 +348,8 @@ class LossHealth:
         if step < 0:
             where = "on another process"
         else:
-            names = [n for n, f in zip(self.names, self.first_terms.tolist()) if f] or ["total"]
+            flags = torch.isfinite(self.first_terms).logical_not_().tolist()
+            names = [n for n, f in zip(self.names, flags) if f] or ["total"]
             where = f"first at global step {step + 1} (term{'s' if len(names) > 1 else ''} {', '.join(names)})"
         allowed = f" (--max-bad-steps {self.max_bad_steps})" if self.max_bad_steps else ""
         raise NonFiniteError(
@@ -670,8 +672,8 @@ class Run:
         """One optimizer step on this rank's share (x, y) of a global batch of `global_size` samples."""
         ctx, seed = self.dist, step_seed(self.cfg.seed, self.position["global_step"])
         # Per-sample random draws come from (seed, step, position in the global batch): any world size
-        # draws the same numbers for a sample (distributed.StepRandomness).
-        with distributed.StepRandomness(seed, ctx.rows(global_size), global_size, ctx.rank):
+        # draws the same numbers for a sample (rkd_fast.seeding).
+        with seeding.per_sample_draws(ctx.rows(global_size), global_size, seed):
             total, terms = self.step_module(x, y, seed)
         if x.shape[0] * ctx.world_size != global_size:
             # Shares of a short last batch differ in size: weigh each rank's mean by its share of the batch,

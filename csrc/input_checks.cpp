@@ -26,15 +26,6 @@ bool in_place_layout(const at::Tensor& x) {
   return x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
-void check_saved(const char* name, const at::Tensor& x, at::IntArrayRef shape, const at::Tensor& student) {
-  const auto acc = accumulate_dtype(student);
-  TORCH_CHECK_VALUE(x.sizes() == shape && x.scalar_type() == acc && x.is_contiguous() &&
-                        x.device() == student.device(),
-                    "feature_distance_bwd: ", name, " must be a contiguous ", acc, " tensor of shape ", shape, " on ",
-                    student.device(), ", got ", x.scalar_type(), " ", x.sizes(), " with strides ", x.strides(),
-                    " on ", x.device());
-}
-
 void check_rows(const char* name, const at::Tensor& x, const at::Tensor& ref) {
   TORCH_CHECK_VALUE(x.device() == ref.device(), "fd_jacobian_fwd: ", name, " must be on ", ref.device(), ", got ",
                     x.device());
@@ -45,10 +36,15 @@ void check_rows(const char* name, const at::Tensor& x, const at::Tensor& ref) {
   TORCH_CHECK_VALUE(x.size(1) <= 1 || x.stride(1) == 1, "fd_jacobian_fwd: ", name, " rows must be unit-stride");
 }
 
+void check_reduction(const char* op, int64_t reduction) {
+  TORCH_CHECK_VALUE(reduction == kReduceMean || reduction == kReduceSum || reduction == kReduceNone, op,
+                    ": reduction must be 0 (mean), 1 (sum) or 2 (none), got ", reduction);
+}
+
 }  // namespace
 
 void check_feature_distance_inputs(const char* op, const at::Tensor& student, const at::Tensor& teacher, int64_t mode,
-                                   double p, c10::DeviceType device_type) {
+                                   double p, int64_t reduction, c10::DeviceType device_type) {
   check_device(op, student, device_type);
   TORCH_CHECK_VALUE(student.device() == teacher.device(), op, ": student and teacher are on ", student.device(),
                     " and ", teacher.device());
@@ -59,6 +55,7 @@ void check_feature_distance_inputs(const char* op, const at::Tensor& student, co
                    teacher.scalar_type());
   TORCH_CHECK_VALUE(mode == kMse || mode == kNormalized || mode == kAttention, op,
                     ": mode must be 0 (mse), 1 (normalized) or 2 (attention), got ", mode);
+  check_reduction(op, reduction);
   TORCH_CHECK_VALUE(student.dim() >= 1 && teacher.dim() >= 1 && student.size(0) == teacher.size(0), op,
                     ": student and teacher need the same batch size in dim 0, got shapes ", student.sizes(), " and ",
                     teacher.sizes());
@@ -80,21 +77,9 @@ void check_feature_distance_inputs(const char* op, const at::Tensor& student, co
   }
 }
 
-void check_feature_distance_saved(const at::Tensor& grad_losses, const at::Tensor& coeffs, const at::Tensor& map_s,
-                                  const at::Tensor& map_t, const at::Tensor& student, int64_t mode) {
-  const int64_t n = student.size(0);
-  check_saved("grad_losses", grad_losses, {n}, student);
-  check_saved("coeffs", coeffs, {n, 4}, student);
-  if (mode == kAttention) {
-    const int64_t hw = student.size(2) * student.size(3);
-    check_saved("map_s", map_s, {n, hw}, student);
-    check_saved("map_t", map_t, {n, hw}, student);
-  }
-}
-
 void check_fd_jacobian_inputs(const at::Tensor& s_clean, const at::Tensor& s_pert, const at::Tensor& h,
                               const std::optional<at::Tensor>& t_clean, const std::optional<at::Tensor>& t_pert,
-                              int64_t on, double temperature, c10::DeviceType device_type) {
+                              double temperature, int64_t options, c10::DeviceType device_type) {
   check_device("fd_jacobian_fwd", s_clean, device_type);
   TORCH_CHECK_VALUE(s_clean.dim() == 2, "fd_jacobian_fwd: s_clean must be 2-D (N, K), got ", s_clean.sizes());
   const auto dtype = s_clean.scalar_type();
@@ -108,14 +93,16 @@ void check_fd_jacobian_inputs(const at::Tensor& s_clean, const at::Tensor& s_per
     check_rows("t_clean", *t_clean, s_clean);
     check_rows("t_pert", *t_pert, s_clean);
   }
-  TORCH_CHECK_VALUE(on == 0 || on == 1, "fd_jacobian_fwd: on must be 0 (logits) or 1 (probs), got ", on);
+  TORCH_CHECK_VALUE(options >= 0 && options < 32, "fd_jacobian_fwd: options must be an int of 5 bits, got ",
+                    options);
+  check_reduction("fd_jacobian_fwd", FdJacobianOptions(options).reduction);
   TORCH_CHECK_VALUE(temperature > 0, "fd_jacobian_fwd: temperature must be > 0, got ", temperature);
   const auto acc = accumulate_dtype(s_clean);
   const int64_t n = s_clean.size(0);
-  TORCH_CHECK_VALUE(h.device() == s_clean.device() && h.dim() == 1 && h.size(0) == n && h.is_contiguous() &&
-                        h.scalar_type() == acc,
-                    "fd_jacobian_fwd: h must be a contiguous tensor of shape (", n, ",) and dtype ", acc, " on ",
-                    s_clean.device());
+  TORCH_CHECK_VALUE(h.device() == s_clean.device() && (h.dim() == 0 || (h.dim() == 1 && h.size(0) == n)) &&
+                        h.is_contiguous() && h.scalar_type() == acc,
+                    "fd_jacobian_fwd: h must be a contiguous tensor of shape () or (", n, ",) and dtype ", acc,
+                    " on ", s_clean.device());
 }
 
 }  // namespace rkd_fast

@@ -8,8 +8,8 @@ import torch
 
 
 def forward_cases(a):
-    """(arguments of the forward (student, teacher, mode, p), exception type, message pattern) built from `a`, a
-    (2, 3, 4, 5) float32 tensor on the kernel's device."""
+    """(arguments of the op (student, teacher, mode, p, reduction, grad_student, grad_teacher), exception type,
+    message pattern) built from `a`, a (2, 3, 4, 5) float32 tensor on the kernel's device."""
     cases = [
         ((a, a.contiguous(memory_format=torch.channels_last), 0, 2.0), ValueError,
          "both contiguous or both channels_last"),
@@ -23,24 +23,10 @@ def forward_cases(a):
         ((a[0, 0], a[0, 0], 2, 2.0), ValueError, "4-D"),
         ((a, a, 2, 0.0), ValueError, "p must be"),
         ((a, a, 2, math.nan), ValueError, "p must be"),
+        ((a, a, 1, 2.0, 3), ValueError, "reduction must be"),
+        ((a, a, 1, 2.0, -1), ValueError, "reduction must be"),
     ]
     if a.is_cuda:  # the dispatcher picks the CUDA kernel for a CPU tensor beside a CUDA one
         cases.append(((a, a.cpu(), 0, 2.0), ValueError, "student and teacher are on"))
-    return cases
-
-
-def backward_cases(a, forward):
-    """(arguments of the backward, exception type, message pattern): saved tensors that are not what
-    `forward(a, a, 2, 2.0)` returned, and inputs of mismatched layouts."""
-    losses, coeffs, map_s, map_t = forward(a, a, 2, 2.0)
-    ones = torch.ones_like(losses)
-    channels_last = a.contiguous(memory_format=torch.channels_last)
-    return [
-        ((ones, a, a, coeffs[:, :3], map_s, map_t, 2, 2.0, True, True), ValueError, "coeffs must be"),
-        ((ones.double(), a, a, coeffs, map_s, map_t, 2, 2.0, True, True), ValueError, "grad_losses must be"),
-        ((ones, a, a, coeffs, map_s, map_t[:, :3], 2, 2.0, True, True), ValueError, "map_t must be"),
-        ((ones, a, a, coeffs, map_s.t().contiguous().t(), map_t, 2, 2.0, True, True), ValueError,
-         "map_s must be a contiguous"),
-        ((ones, a, channels_last, coeffs, map_s, map_t, 1, 2.0, True, True), ValueError,
-         "both contiguous or both channels_last"),
-    ]
+    # reduction "mean" and both gradients unless the case says otherwise
+    return [(args + (0, True, True)[len(args) - 4:], error, message) for args, error, message in cases]

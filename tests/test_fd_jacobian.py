@@ -11,7 +11,7 @@ import torch
 import rkd_fast
 from _op_backends import backend_params, kernel_device_params
 from rkd_fast.ops._reference import fd_jacobian as reference
-from rkd_fast.ops.fd_jacobian import ON_IDS
+from rkd_fast.ops.fd_jacobian import options
 
 STATUS, BACKENDS, needs_cpu = backend_params("fd_jacobian")
 CPU_OK = STATUS["cpu"] == "available"
@@ -40,6 +40,8 @@ def make_pair(n, k, dtype=torch.float32, step=0.05, requires_grad=True):
 def make_h(kind, n, requires_grad=False):
     if kind == "float":
         return 0.05
+    if kind == "0-d tensor":
+        return torch.tensor(0.04).requires_grad_(requires_grad)
     return (0.03 + 0.04 * torch.rand(n)).requires_grad_(requires_grad)
 
 
@@ -86,7 +88,7 @@ def check_op(s_clean, s_pert, h, *, teacher=None, on="logits", temperature=1.0, 
     return loss
 
 
-@pytest.mark.parametrize("h_kind", ("float", "tensor"))
+@pytest.mark.parametrize("h_kind", ("float", "tensor", "0-d tensor"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("with_teacher", (False, True), ids=("penalty", "matching"))
@@ -253,6 +255,59 @@ def test_nan_input_propagates(backend):
         assert torch.isnan(losses[1]) and torch.isfinite(losses[[0, 2]]).all()
 
 
+# --- the fused backward: the gradients come from the forward ---------------------------------------------------
+
+@needs_cpu
+def test_backward_of_an_unweighted_loss_costs_nothing():
+    # For an upstream gradient of one the backward hands on the gradients the forward wrote: no op runs.
+    s_clean, s_pert = make_pair(4, 7)
+    loss = rkd_fast.fd_jacobian_loss(s_clean, s_pert, 0.05, backend="cpu")
+    names = _ops_run(lambda: torch.autograd.grad(loss, (s_clean, s_pert), retain_graph=True))
+    assert not names & ({"aten::mul"} | COPY_OPS), sorted(names)
+    assert "aten::mul" in _ops_run(lambda: torch.autograd.grad(loss * 0.5, (s_clean, s_pert)))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_twice(backend, reduction):
+    # retain_graph: each backward scales the forward's gradients afresh, and a change to .grad in between (which
+    # may share memory with what the first backward returned) does not reach the second.
+    s_clean, s_pert = make_pair(4, 7)
+    h = make_h("tensor", 4, requires_grad=True)
+    loss = rkd_fast.fd_jacobian_loss(s_clean, s_pert, h, on="probs", reduction=reduction, backend=backend).sum()
+    loss.backward(retain_graph=True)
+    first = [x.grad.clone() for x in (s_clean, s_pert, h)]
+    (3 * loss).backward(retain_graph=True)
+    for x, g in zip((s_clean, s_pert, h), first):
+        torch.testing.assert_close(x.grad, 4 * g)
+        x.grad.mul_(0)
+    loss.backward()
+    for x, g in zip((s_clean, s_pert, h), first):
+        torch.testing.assert_close(x.grad, g)
+
+
+# --- large values (issue 13 §7) ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_step_in_float64(backend):
+    # float64 holds h = 1e150 and the loss it gives, ~1e-300 per element: no silent 0.
+    s_clean, s_pert = make_pair(3, 6, torch.float64, requires_grad=False)
+    losses = rkd_fast.fd_jacobian_loss(s_clean, s_pert, 1e150, reduction="none", backend=backend)
+    expected = (((s_pert - s_clean) * 1e-75) ** 2).sum(dim=1) * 1e-150  # ‖d‖² / h², scaled to stay in range
+    assert (losses > 0).all()
+    torch.testing.assert_close(losses, expected, rtol=8 * torch.finfo(torch.float64).eps, atol=0)
+
+
+@pytest.mark.parametrize("h", (1e300, 1e-40, torch.tensor([0.1, 1e300], dtype=torch.float64)),
+                         ids=("1e300", "1e-40", "float64 tensor"))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_outside_the_accumulation_range_is_refused(backend, h):
+    # float32 inputs are computed in float32, where h = 1e300 is inf (the loss silently 0) and 1/1e-40 is inf.
+    s_clean, s_pert = make_pair(2, 5)
+    with pytest.raises(ValueError, match="outside the range of torch.float32"):
+        rkd_fast.fd_jacobian_loss(s_clean, s_pert, h, backend=backend)
+
+
 # --- gradcheck, opcheck, torch.compile ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("with_teacher", (False, True), ids=("penalty", "matching"))
@@ -273,24 +328,25 @@ def _opcheck_samples():
     def h(n, dtype=torch.float32):
         return (0.03 + 0.04 * torch.rand(n, dtype=dtype)).requires_grad_()
 
-    return [
-        (*make_pair(4, 10), h(4), None, None, "logits", 1.0, True, True),
-        (*make_pair(4, 10), h(4), *make_pair(4, 10, requires_grad=False), "probs", 2.0, True, True),
-        (*make_pair(3, 7, torch.bfloat16), h(3), *make_pair(3, 7, torch.bfloat16, requires_grad=False), "probs",
-         1.0, True, False),
-        (*make_pair(3, 7, torch.float16), h(3), None, None, "logits", 1.0, False, True),
+    return [  # h gets a gradient from reduction "none" only (fd_jacobian_loss reduces those itself)
+        (*make_pair(4, 10), h(4).detach(), None, None, "logits", 1.0, "mean"),
+        (*make_pair(4, 10), h(4), *make_pair(4, 10, requires_grad=False), "probs", 2.0, "none"),
+        (*make_pair(3, 7, torch.bfloat16), h(3).detach(), *make_pair(3, 7, torch.bfloat16, requires_grad=False),
+         "probs", 1.0, "sum"),
+        (*make_pair(3, 7, torch.float16), torch.tensor(0.05), None, None, "logits", 1.0, "mean"),
         (*make_pair(2, 5, torch.float64), h(2, torch.float64), *make_pair(2, 5, torch.float64,
                                                                           requires_grad=False),
-         "logits", 1.0, True, True),
+         "logits", 1.0, "none"),
     ]
 
 
 @needs_cpu
 @pytest.mark.parametrize("index", range(5))
 def test_opcheck(index):
-    s_clean, s_pert, h, t_clean, t_pert, on, temperature, grad_c, grad_p = _opcheck_samples()[index]
+    s_clean, s_pert, h, t_clean, t_pert, on, temperature, reduction = _opcheck_samples()[index]
     torch.library.opcheck(torch.ops.rkd_fast.fd_jacobian_fwd,
-                          (s_clean, s_pert, h, t_clean, t_pert, ON_IDS[on], temperature, grad_c, grad_p))
+                          (s_clean, s_pert, h, t_clean, t_pert, temperature,
+                           options(on, reduction, s_clean.requires_grad, s_pert.requires_grad)))
 
 
 @pytest.mark.parametrize("h_kind", ("float", "tensor"))
@@ -366,23 +422,25 @@ def test_kernel_refuses_bad_arguments(device):
     op = torch.ops.rkd_fast.fd_jacobian_fwd
     s, p = (x.to(device) for x in make_pair(3, 5, requires_grad=False))
     h = torch.full((3,), 0.1, device=device)
+    logits, probs = options("logits", "mean", False, False), options("probs", "mean", False, False)
     cases = [
-        ((s, p[:2], h, None, None, 0, 1.0), ValueError, "s_pert must have shape"),
-        ((s, p.double(), h, None, None, 0, 1.0), TypeError, "s_pert must have dtype"),
-        ((s.int(), p.int(), h, None, None, 0, 1.0), TypeError, "unsupported dtype Int"),
-        ((s, p, h, s, None, 0, 1.0), ValueError, "give both t_clean and t_pert"),
-        ((s, p, h, s.t().contiguous().t(), p, 0, 1.0), ValueError, "t_clean rows must be unit-stride"),
-        ((s, p, h, None, None, 2, 1.0), ValueError, "on must be 0"),
-        ((s, p, h, None, None, 1, 0.0), ValueError, "temperature must be > 0"),
-        ((s, p, h.double(), None, None, 0, 1.0), ValueError, "h must be a contiguous tensor of shape"),
-        ((s, p, h[:2], None, None, 0, 1.0), ValueError, "h must be a contiguous tensor of shape"),
-        ((s[:, 0], p[:, 0], h, None, None, 0, 1.0), ValueError, "s_clean must be 2-D"),
+        ((s, p[:2], h, None, None, 1.0, logits), ValueError, "s_pert must have shape"),
+        ((s, p.double(), h, None, None, 1.0, logits), TypeError, "s_pert must have dtype"),
+        ((s.int(), p.int(), h, None, None, 1.0, logits), TypeError, "unsupported dtype Int"),
+        ((s, p, h, s, None, 1.0, logits), ValueError, "give both t_clean and t_pert"),
+        ((s, p, h, s.t().contiguous().t(), p, 1.0, logits), ValueError, "t_clean rows must be unit-stride"),
+        ((s, p, h, None, None, 1.0, 32), ValueError, "options must be"),
+        ((s, p, h, None, None, 1.0, 3 << 1), ValueError, "reduction must be"),
+        ((s, p, h, None, None, 0.0, probs), ValueError, "temperature must be > 0"),
+        ((s, p, h.double(), None, None, 1.0, logits), ValueError, "h must be a contiguous tensor of shape"),
+        ((s, p, h[:2], None, None, 1.0, logits), ValueError, "h must be a contiguous tensor of shape"),
+        ((s[:, 0], p[:, 0], h, None, None, 1.0, logits), ValueError, "s_clean must be 2-D"),
     ]
     if device == "cuda":  # the dispatcher picks the CUDA kernel for a CPU tensor beside a CUDA one
-        cases.append(((s, p.cpu(), h, None, None, 0, 1.0), ValueError, "s_pert must be on cuda"))
+        cases.append(((s, p.cpu(), h, None, None, 1.0, logits), ValueError, "s_pert must be on cuda"))
     for args, error, message in cases:
         with pytest.raises(error, match=message):
-            op(*args, False, False)
+            op(*args)
 
 
 def _t(*shape, dtype=torch.float32, device="cpu"):
@@ -443,6 +501,8 @@ BAD_INPUTS = {
                         "temperature must be"),
     "temperature str": (dict(s_clean=_t(2, 3), s_pert=_t(2, 3), temperature="1"), ValueError,
                         "temperature must be"),
+    "temperature=1e-39": (dict(s_clean=_t(2, 3), s_pert=_t(2, 3), on="probs", temperature=1e-39), ValueError,
+                          "temperature = 1e-39 is outside the range of torch.float32"),
 }
 
 

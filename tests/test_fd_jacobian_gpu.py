@@ -12,7 +12,7 @@ from _op_backends import GPU_MODULE_MARKS, gpu_backend_params
 
 import rkd_fast
 from rkd_fast.ops._reference import fd_jacobian as reference
-from rkd_fast.ops.fd_jacobian import ON_IDS
+from rkd_fast.ops.fd_jacobian import options
 
 pytestmark = GPU_MODULE_MARKS
 STATUS, BACKENDS = gpu_backend_params("fd_jacobian")
@@ -152,9 +152,10 @@ def test_gradcheck(backend, on):
 def test_opcheck(backend, on, dtype):
     s_clean, s_pert = make_pair(6, 33, dtype)
     t_clean, t_pert = make_pair(6, 33, dtype, requires_grad=False)
-    h = (0.03 + 0.04 * torch.rand(6, device="cuda")).requires_grad_()
-    torch.library.opcheck(getattr(torch.ops.rkd_fast, OPS[backend]),
-                          (s_clean, s_pert, h, t_clean, t_pert, ON_IDS[on], 2.0, True, True))
+    h = (0.03 + 0.04 * torch.rand(6, device="cuda")).requires_grad_()  # its gradient: reduction "none" only
+    op = getattr(torch.ops.rkd_fast, OPS[backend])
+    torch.library.opcheck(op, (s_clean, s_pert, h, t_clean, t_pert, 2.0, options(on, "none", True, True)))
+    torch.library.opcheck(op, (s_clean, s_pert, h.detach(), t_clean, t_pert, 2.0, options(on, "mean", True, True)))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -4,8 +4,9 @@ autograd for the gradients. Skips without a GPU; a backend that is unavailable o
 built without CUDA, triton missing) skips with the reason rkd_fast.backends() gives.
 
 Besides modes × dtypes × layouts, the shapes cover both load paths of the CUDA kernel (16-byte vectors when
-every sample starts aligned, scalar loads otherwise), several chunks per sample and large batches. Tests that
-call the ops directly chain them as autograd does: feature_distance_fwd, then feature_distance_bwd."""
+every sample starts aligned, scalar loads otherwise), several chunks per sample (the last block of each finishes
+it) and large batches. Tests that call the ops directly ask for per-sample losses and the gradients of their sum.
+These tests have not run on a GPU since the kernels became single-pass (no GPU was available)."""
 
 import pytest
 import torch
@@ -13,12 +14,11 @@ from _op_backends import GPU_MODULE_MARKS, gpu_backend_params
 
 import rkd_fast
 from rkd_fast.ops import _reference
-from rkd_fast.ops.feature_distance import MODE_IDS
+from rkd_fast.ops.feature_distance import MODE_IDS, REDUCTION_IDS
 
 pytestmark = GPU_MODULE_MARKS
 STATUS, BACKENDS = gpu_backend_params("feature_distance")
-OPS = {"cuda": ("feature_distance_fwd", "feature_distance_bwd"),
-       "triton": ("feature_distance_fwd_triton", "feature_distance_bwd_triton")}
+OPS = {"cuda": "feature_distance_fwd", "triton": "feature_distance_fwd_triton"}
 MODES = ("mse", "normalized", "attention")
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Relative to the largest magnitude of the expected tensor. Both kernels accumulate in fp32 (fp64 for fp64);
@@ -38,16 +38,13 @@ def make(shape, dtype, layout="contiguous", device="cuda"):
     return torch.randn(shape, device=device).to(dtype)
 
 
-def ops(backend):
-    return tuple(getattr(torch.ops.rkd_fast, name) for name in OPS[backend])
+def op(backend):
+    return getattr(torch.ops.rkd_fast, OPS[backend])
 
 
 def run_ops(backend, student, teacher, mode, p=2.0, needs=(True, True)):
-    """(losses, grad_student, grad_teacher) of the backend's forward and backward ops, grad_losses ones."""
-    fwd, bwd = ops(backend)
-    losses, coeffs, map_s, map_t = fwd(student, teacher, MODE_IDS[mode], p)
-    grad_s, grad_t = bwd(torch.ones_like(losses), student, teacher, coeffs, map_s, map_t, MODE_IDS[mode], p, *needs)
-    return losses, grad_s, grad_t
+    """(per-sample losses, gradient of their sum for the student, for the teacher) from the backend's op."""
+    return op(backend)(student, teacher, MODE_IDS[mode], p, REDUCTION_IDS["none"], *needs)
 
 
 def teacher_shape(shape, mode):
@@ -243,7 +240,8 @@ def test_gradient_flags_and_strides(backend, needs):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_deterministic(backend, mode):
-    """No atomics: the per-sample sums are added in a fixed order, so two runs agree bit for bit."""
+    """The per-sample sums are added in a fixed order (the atomic only counts arrivals), so two runs agree bit for
+    bit."""
     shape = (8, 32, 28, 28)
     student, teacher = make(shape, torch.float32), make(teacher_shape(shape, mode), torch.float32)
     first = run_ops(backend, student, teacher, mode)
@@ -268,14 +266,33 @@ def test_side_stream(backend):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend, mode):
-    fwd, bwd = ops(backend)
     student = make((3, 4, 5, 6), torch.float32, "channels_last").requires_grad_()
     teacher = make(teacher_shape((3, 4, 5, 6), mode), torch.float32, "channels_last").requires_grad_()
-    torch.library.opcheck(fwd, (student, teacher, MODE_IDS[mode], 1.5))
-    student, teacher = student.detach(), teacher.detach()
-    _, coeffs, map_s, map_t = fwd(student, teacher, MODE_IDS[mode], 1.5)
-    grad_losses = torch.rand(3, device="cuda")
-    torch.library.opcheck(bwd, (grad_losses, student, teacher, coeffs, map_s, map_t, MODE_IDS[mode], 1.5, True, True))
+    for reduction in ("mean", "none"):
+        torch.library.opcheck(op(backend), (student, teacher, MODE_IDS[mode], 1.5, REDUCTION_IDS[reduction], True,
+                                            True))
+
+
+@pytest.mark.parametrize("scale", [1e18, 1e20, 1e37])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_values(backend, mode, scale):
+    """Squares of values above ~1.8e19 overflow float32: the last block redoes such a sample on x/max|x|."""
+    p = 4.0 if mode == "attention" else 2.0
+    student = (make((4, 16, 8, 8), torch.float64) * scale).float()
+    teacher = (make(teacher_shape((4, 16, 8, 8), mode), torch.float64) * scale).float()
+    losses = run_ops(backend, student, teacher, mode, p)[0]
+    expected = _reference.feature_distance(student.double(), teacher.double(), mode=mode, p=p, reduction="none")
+    torch.testing.assert_close(losses, expected.float(), rtol=4 * torch.finfo(torch.float32).eps * 1024, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_gradient_at_exact_zeros(backend):
+    """p < 1 on ReLU features: the subgradient 0 where F = 0, finite everywhere."""
+    student = make((3, 16, 8, 8), torch.float32, "channels_last").relu()
+    teacher = make((3, 8, 8, 8), torch.float32).relu()
+    _, grad_s, grad_t = compare(backend, student, teacher, "attention", p=0.5)
+    assert grad_s.isfinite().all() and (grad_s[student == 0] == 0).all()
 
 
 @pytest.mark.parametrize("mode", ["normalized", "attention"])

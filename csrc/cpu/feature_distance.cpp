@@ -1,30 +1,40 @@
-// rkd_fast::feature_distance_fwd and feature_distance_bwd on CPU.
+// rkd_fast::feature_distance_fwd on CPU: the reduced loss and, for each input whose flag is set, the gradient of
+// that loss (for an upstream gradient of one), in one pass over the inputs.
 //
-// The forward only reads: one pass over student and teacher reduces each (sample, chunk) task to a few
-// partial sums, the partials are combined per sample in double, and each sample's loss and gradient
-// coefficients come out of those sums (mode attention also keeps its two attention maps). The backward is one
-// more pass over the inputs that writes each needed gradient once, already scaled by the upstream gradient:
-// the gradient of every mode is linear in the inputs (or in the maps) with per-sample coefficients.
+// Per sample: its statistics come first (sums over the flat sample, or over its two attention maps), reduced per
+// chunk in the accumulation type and combined in double; then the sample's loss and the coefficients of its
+// gradient; then a second walk over the sample writes the gradient while the sample is still in this core's
+// cache (a CIFAR ResNet-18 sample of student and teacher, 512 KiB, fits a 1 MiB L2; an ImageNet one, 6 MiB, the
+// L3). Memory sees each input read once and each gradient written once. Samples are spread over the threads;
+// with too few samples to keep every thread busy, the threads share each sample instead, each walking the same
+// chunks in both phases. The partial sums are combined in one fixed order either way, so the results do not
+// depend on the thread count.
 //
-// The work is split into (sample, chunk) tasks run with at::parallel_for, so a batch of one big sample uses
-// every thread as well as a batch of many small ones. Inner loops use at::vec::Vectorized in the
-// accumulation type: float for float/half/bfloat16 inputs (half and bfloat16 are converted on load and
-// store), double for double.
+// Every gradient is linear in the inputs (or, in mode attention, in the maps) with per-sample coefficients:
+// d loss_i / d x = ax x + bx y, d loss_i / d y = ay y + by x. Inner loops use at::vec::Vectorized in the
+// accumulation type: float for float/half/bfloat16 inputs (half and bfloat16 converted on load and store),
+// double for double.
+//
+// Values whose squares overflow the accumulation type (|x| > 1.8e19 in float, say) give non-finite sums from
+// finite inputs: such a sample is redone in double on its inputs scaled by a power of two (see "rescaled").
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
+#include <c10/core/impl/alloc_cpu.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
+#include <mutex>
 #include <type_traits>
 #include <vector>
 
+#include "cpu/vec_blocks.h"
 #include "kernels.h"
+#include "normalized_pair.h"
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -34,93 +44,138 @@ namespace rkd_fast {
 
 namespace {
 
-// A fresh gradient-sized buffer (32 MiB for a ResNet-18 CIFAR feature map) comes straight from mmap, and its
-// first write page-faults every 4 KiB page: measured here, that fault cost was most of the backward's time.
-// Asking for transparent huge pages on the buffer's 2 MiB-aligned interior cuts the faults 512-fold. A hint
-// only: where THP is off or unsupported nothing changes.
-void advise_huge_pages(const at::Tensor& buffer) {
+// ---- gradient buffers ----
+// A fresh gradient-sized buffer (32 MiB for a ResNet-18 CIFAR feature map) comes straight from mmap: its first write
+// page-faults every page and has the kernel zero it. Measured on this project's 2-core VM (the fastest of ~100
+// calls): a fresh 32 MiB buffer filled once costs 17 ms against 2.5 ms for filling one already in use, more than
+// the rest of the op. A training loop asks for the same sizes every step, so the buffers the op's gradients leave
+// behind are kept (the most recent, up to kCacheBytes in all) and handed out again for the same size; each new one
+// gets a transparent-huge-page hint (512 times fewer faults where THP is on). Buffers below kCachedFrom come from
+// the default allocator, whose heap reuses them anyway.
+constexpr size_t kCachedFrom = size_t{4} << 20;
+constexpr size_t kCacheBytes = size_t{256} << 20;
+
+void advise_huge_pages(void* data, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t{1} << 21;
-  if (buffer.nbytes() < 2 * kHuge) return;
-  const auto begin = reinterpret_cast<uintptr_t>(buffer.data_ptr());
-  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t last = (begin + buffer.nbytes()) & ~(kHuge - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  const auto begin = reinterpret_cast<uintptr_t>(data);
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);  // the 2 MiB-aligned interior
+  const uintptr_t last = (begin + bytes) & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // a hint only
 #else
-  (void)buffer;
+  (void)data;
+  (void)bytes;
 #endif
 }
 
-}  // namespace
+class GradientBuffers final : public c10::Allocator {
+ public:
+  static GradientBuffers& instance() {
+    static auto* buffers = new GradientBuffers;  // never destroyed: a gradient may be freed after static destructors
+    return *buffers;
+  }
 
-namespace {
+  c10::DataPtr allocate(size_t bytes) override {
+    void* data = take(bytes);
+    if (data == nullptr) {
+      data = c10::alloc_cpu(bytes);
+      advise_huge_pages(data, bytes);
+    }
+    return {data, new Block{data, bytes}, &GradientBuffers::release, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+ private:
+  struct Block {
+    void* data;
+    size_t bytes;
+  };
+
+  static void release(void* context) {
+    const auto* block = static_cast<Block*>(context);
+    instance().keep(*block);
+    delete block;
+  }
+
+  void* take(size_t bytes) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    for (auto it = free_.end(); it != free_.begin();) {  // the most recently freed first
+      --it;
+      if (it->bytes == bytes) {
+        void* data = it->data;
+        cached_ -= bytes;
+        free_.erase(it);
+        return data;
+      }
+    }
+    return nullptr;
+  }
+
+  void keep(const Block& block) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    free_.push_back(block);
+    cached_ += block.bytes;
+    while (cached_ > kCacheBytes) {  // the oldest go first
+      c10::free_cpu(free_.front().data);
+      cached_ -= free_.front().bytes;
+      free_.erase(free_.begin());
+    }
+  }
+
+  std::mutex mutex_;
+  std::vector<Block> free_;
+  size_t cached_ = 0;
+};
+
+// An uninitialised tensor with x's sizes, strides and dtype, for x's gradient.
+at::Tensor gradient_like(const at::Tensor& x) {
+  if (x.nbytes() < kCachedFrom) return at::empty_like(x);
+  return at::detail::empty_strided_generic(x.sizes(), x.strides(), &GradientBuffers::instance(),
+                                           c10::DispatchKeySet(c10::DispatchKey::CPU), x.scalar_type());
+}
 
 constexpr double kNormEps = 1e-12;  // floor of ‖x‖, as in torch.nn.functional.normalize
-// Elements of one tensor per task in modes "mse" and "normalized". Small enough that float accumulation
+// Elements of one tensor per chunk in modes "mse" and "normalized". Small enough that float accumulation
 // stays accurate (each vector lane adds up 4096 / 16 terms before the partials are combined in double).
 constexpr int64_t kFlatChunk = 4096;
-// Elements (all channels of both maps) per task in mode "attention".
+// Elements (all channels of both maps) per chunk in mode "attention".
 constexpr int64_t kAttentionChunk = 16384;
 // A thread is handed at least this many elements: smaller problems run on the calling thread.
 constexpr int64_t kMinWorkPerThread = 32768;
 
-template <typename scalar_t>
-using acc_t = at::opmath_type<scalar_t>;  // float for float/half/bfloat16, double for double
-template <typename scalar_t>
-using AccVec = at::vec::Vectorized<acc_t<scalar_t>>;
+// ---- the driver: statistics, then the loss, then the gradient, per sample ----
 
-// Inner loops step over blocks of two accumulation vectors: the natural unit of a half/bfloat16 load
-// (one Vectorized<Half> converts to two Vectorized<float>), and two independent add chains for float.
-template <typename scalar_t>
-constexpr int64_t block_size() {
-  return 2 * AccVec<scalar_t>::size();
-}
-
-template <typename scalar_t>
-inline void load_block(const scalar_t* p, AccVec<scalar_t>& lo, AccVec<scalar_t>& hi) {
-  if constexpr (std::is_same_v<scalar_t, acc_t<scalar_t>>) {
-    lo = AccVec<scalar_t>::loadu(p);
-    hi = AccVec<scalar_t>::loadu(p + AccVec<scalar_t>::size());
-  } else {
-    std::tie(lo, hi) = at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(p));
+// For each of n samples of `chunks` chunks: stats(i, c) for every chunk, then finish(i), then grads(i, c) for
+// every chunk (see the top of the file). chunk_work: elements read per chunk, to size the work per thread.
+template <typename Stats, typename Finish, typename Grads>
+void per_sample(int64_t n, int64_t chunks, int64_t chunk_work, const Stats& stats, const Finish& finish,
+                const Grads& grads) {
+  const int64_t sample_work = std::max<int64_t>(1, chunks * chunk_work);
+  const bool share_samples = n < 4 * at::get_num_threads() && chunks > 1 && sample_work >= 2 * kMinWorkPerThread;
+  if (!share_samples) {
+    at::parallel_for(0, n, std::max<int64_t>(1, kMinWorkPerThread / sample_work), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        for (int64_t c = 0; c < chunks; ++c) stats(i, c);
+        finish(i);
+        for (int64_t c = 0; c < chunks; ++c) grads(i, c);
+      }
+    });
+    return;
   }
-}
-
-template <typename scalar_t>
-inline void store_block(scalar_t* p, const AccVec<scalar_t>& lo, const AccVec<scalar_t>& hi) {
-  if constexpr (std::is_same_v<scalar_t, acc_t<scalar_t>>) {
-    lo.store(p);
-    hi.store(p + AccVec<scalar_t>::size());
-  } else {
-    at::vec::convert_from_float<scalar_t>(lo, hi).store(p);
+  // Both parallel_for calls split [0, chunks) the same way, so each thread re-reads the chunks it just read.
+  const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, chunk_work));
+  for (int64_t i = 0; i < n; ++i) {
+    at::parallel_for(0, chunks, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) stats(i, c);
+    });
+    finish(i);
+    at::parallel_for(0, chunks, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) grads(i, c);
+    });
   }
-}
-
-template <typename Vec>
-inline double horizontal_sum(const Vec& v) {
-  typename Vec::value_type lanes[Vec::size()];
-  v.store(lanes);
-  double sum = 0;
-  for (int64_t i = 0; i < Vec::size(); ++i) sum += lanes[i];
-  return sum;
-}
-
-// Runs fn(task, sample, begin, end) for every chunk [begin, end) of each of n samples of length len, in
-// parallel over the n * chunks_per_sample tasks (sample-major, so each thread streams contiguous memory).
-// work_per_element: elements read per unit of len, to size the grain.
-template <typename F>
-void parallel_chunks(int64_t n, int64_t len, int64_t chunk, int64_t work_per_element, const F& fn) {
-  const int64_t chunks = (len + chunk - 1) / chunk;
-  const int64_t tasks = n * chunks;
-  if (tasks == 0) return;
-  const int64_t work_per_task = std::max<int64_t>(1, std::min(len, chunk) * work_per_element);
-  const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / work_per_task);
-  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t sample = task / chunks, c = task % chunks;
-      fn(task, sample, c * chunk, std::min(len, (c + 1) * chunk));
-    }
-  });
 }
 
 // ---- the normalised distance ‖x/‖x‖ − y/‖y‖‖² of two vectors, shared by "normalized" and "attention" ----
@@ -134,34 +189,8 @@ struct PairSums {
     xy += o.xy;
     dd += o.dd;
   }
+  bool finite() const { return std::isfinite(xx) && std::isfinite(yy) && std::isfinite(xy) && std::isfinite(dd); }
 };
-
-// loss, and d loss / dx = ax * x + bx * y, d loss / dy = ay * y + by * x.
-struct PairResult {
-  double loss, ax, bx, ay, by;
-};
-
-inline double clamped_norm(double sum_sq) {
-  const double norm = std::sqrt(sum_sq);
-  return norm < kNormEps ? kNormEps : norm;  // NaN stays NaN
-}
-
-PairResult normalized_pair(const PairSums& m) {
-  const double dx = clamped_norm(m.xx), dy = clamped_norm(m.yy);
-  // ‖x̂ − ŷ‖² written around the larger norm, so that no term is much larger than the result: 2 − 2 cos
-  // would cancel when x̂ ≈ ŷ, and dividing by the smaller norm would blow up when it is near the floor.
-  // dx ≥ dy: x̂ − ŷ = (x − y)/dx + k y;  dx < dy: x̂ − ŷ = (x − y)/dy + k x;  k = 1/dx − 1/dy.
-  const double k = 1.0 / dx - 1.0 / dy;
-  const double loss = dx >= dy ? m.dd / (dx * dx) + 2.0 * k * (m.xy - m.yy) / dx + k * k * m.yy
-                               : m.dd / (dy * dy) + 2.0 * k * (m.xx - m.xy) / dy + k * k * m.xx;
-  // With r = 2(x̂ − ŷ): d loss / dx = (r − x̂ (x̂·r)) / dx above the floor and r / dx below it (the clamp
-  // passes no gradient); x̂·r = 2(Σx²/dx² − Σxy/(dx dy)). The same for y with −r.
-  const double cross = m.xy / (dx * dy);
-  const double xr = std::sqrt(m.xx) > kNormEps ? 2.0 * (m.xx / (dx * dx) - cross) : 0.0;
-  const double yr = std::sqrt(m.yy) > kNormEps ? 2.0 * (m.yy / (dy * dy) - cross) : 0.0;
-  const double b = -2.0 / (dx * dy);
-  return {loss, (2.0 - xr) / (dx * dx), b, (2.0 - yr) / (dy * dy), b};
-}
 
 template <typename scalar_t>
 PairSums pair_sums(const scalar_t* x, const scalar_t* y, int64_t len) {
@@ -198,8 +227,7 @@ PairSums pair_sums(const scalar_t* x, const scalar_t* y, int64_t len) {
   return out;
 }
 
-// gx = ax * x + bx * y and gy = ay * y + by * x over [0, len); either output may be null. Each block is
-// loaded before it is stored, so gx may alias x and gy may alias y.
+// gx = ax * x + bx * y and gy = ay * y + by * x over [0, len); either output may be null.
 template <typename scalar_t, typename out_t>
 void pair_grads(const scalar_t* x, const scalar_t* y, int64_t len, const PairResult& r, out_t* gx, out_t* gy) {
   static_assert(std::is_same_v<acc_t<scalar_t>, acc_t<out_t>>);
@@ -223,37 +251,7 @@ void pair_grads(const scalar_t* x, const scalar_t* y, int64_t len, const PairRes
   }
 }
 
-// ---- the per-sample coefficients: d loss_i / d x = c0 x + c1 y, d loss_i / d y = c2 x + c3 y ----
-
-template <typename acc>
-void store_coeffs(acc* c, const PairResult& r) {
-  c[0] = static_cast<acc>(r.ax);
-  c[1] = static_cast<acc>(r.bx);
-  c[2] = static_cast<acc>(r.by);
-  c[3] = static_cast<acc>(r.ay);
-}
-
-// The coefficients of every sample times grad_losses[i], in double, as the PairResult pair_grads takes.
-template <typename acc>
-std::vector<PairResult> scaled_coeffs(const at::Tensor& grad_losses, const at::Tensor& coeffs) {
-  const int64_t n = coeffs.size(0);
-  const acc* g = grad_losses.const_data_ptr<acc>();
-  const acc* c = coeffs.const_data_ptr<acc>();
-  std::vector<PairResult> out(n);
-  for (int64_t i = 0; i < n; ++i) {
-    const double gi = g[i];
-    out[i] = {0, gi * c[4 * i], gi * c[4 * i + 1], gi * c[4 * i + 3], gi * c[4 * i + 2]};
-  }
-  return out;
-}
-
-// Chunks of hw covering about kAttentionChunk elements (over `channels` channels), a multiple of the widest
-// block.
-inline int64_t attention_chunk(int64_t channels) {
-  return std::max<int64_t>(32, kAttentionChunk / channels / 32 * 32);
-}
-
-// ---- modes "mse" and "normalized": each sample is one flat block of len elements in both tensors ----
+// ---- mode "mse" ----
 
 // Σ(s−t)² over [0, len).
 template <typename scalar_t>
@@ -279,15 +277,14 @@ double mse_sum(const scalar_t* s, const scalar_t* t, int64_t len) {
   return horizontal_sum(sum0 + sum1) + tail;
 }
 
-// gs = as (s − t) and gt = at (t − s) over [0, len); either output may be null. The difference is taken
-// first: as·s − as·t would lose the digits that s ≈ t share.
+// gs = a (s − t) and gt = −a (s − t) over [0, len); either output may be null. The difference is taken
+// first: a·s − a·t would lose the digits that s ≈ t share.
 template <typename scalar_t>
-void mse_grads(const scalar_t* s, const scalar_t* t, int64_t len, acc_t<scalar_t> as, acc_t<scalar_t> at_,
-               scalar_t* gs, scalar_t* gt) {
+void mse_grads(const scalar_t* s, const scalar_t* t, int64_t len, acc_t<scalar_t> a, scalar_t* gs, scalar_t* gt) {
   using Vec = AccVec<scalar_t>;
   using acc = acc_t<scalar_t>;
   constexpr int64_t kBlock = block_size<scalar_t>();
-  const Vec vs(as), vt(-at_);
+  const Vec vs(a), vt(-a);
   int64_t i = 0;
   for (; i + kBlock <= len; i += kBlock) {
     Vec s0, s1, t0, t1;
@@ -299,83 +296,15 @@ void mse_grads(const scalar_t* s, const scalar_t* t, int64_t len, acc_t<scalar_t
   }
   for (; i < len; ++i) {
     const acc d = static_cast<acc>(s[i]) - static_cast<acc>(t[i]);
-    if (gs) gs[i] = static_cast<scalar_t>(as * d);
-    if (gt) gt[i] = static_cast<scalar_t>(-at_ * d);
+    if (gs) gs[i] = static_cast<scalar_t>(a * d);
+    if (gt) gt[i] = static_cast<scalar_t>(-a * d);
   }
-}
-
-// Pass 1 and the per-sample finalisation: losses[i] and coeffs[i] = (c0, c1, c2, c3).
-template <typename scalar_t>
-void flat_forward(const at::Tensor& student, const at::Tensor& teacher, int64_t mode, at::Tensor& losses,
-                  at::Tensor& coeffs) {
-  using acc = acc_t<scalar_t>;
-  const int64_t n = student.size(0);
-  if (n == 0) return;
-  const int64_t len = student.numel() / n;
-  const scalar_t* s = student.const_data_ptr<scalar_t>();
-  const scalar_t* t = teacher.const_data_ptr<scalar_t>();
-  acc* out = losses.mutable_data_ptr<acc>();
-  acc* cf = coeffs.mutable_data_ptr<acc>();
-  const int64_t chunks = (len + kFlatChunk - 1) / kFlatChunk;
-
-  if (mode == kMse) {
-    std::vector<double> partial(n * chunks);
-    parallel_chunks(n, len, kFlatChunk, 2, [&](int64_t task, int64_t i, int64_t b, int64_t e) {
-      partial[task] = mse_sum(s + i * len + b, t + i * len + b, e - b);
-    });
-    const double d = static_cast<double>(len), scale = 2.0 / d;
-    for (int64_t i = 0; i < n; ++i) {
-      double sum = 0;
-      for (int64_t c = 0; c < chunks; ++c) sum += partial[i * chunks + c];
-      out[i] = static_cast<acc>(sum / d);  // len == 0 gives NaN, as torch.mean
-      store_coeffs(cf + 4 * i, {0, scale, -scale, scale, -scale});
-    }
-    return;
-  }
-
-  std::vector<PairSums> partial(n * chunks);
-  parallel_chunks(n, len, kFlatChunk, 2, [&](int64_t task, int64_t i, int64_t b, int64_t e) {
-    partial[task] = pair_sums(s + i * len + b, t + i * len + b, e - b);
-  });
-  for (int64_t i = 0; i < n; ++i) {
-    PairSums sums;
-    for (int64_t c = 0; c < chunks; ++c) sums.add(partial[i * chunks + c]);
-    const PairResult r = normalized_pair(sums);
-    out[i] = static_cast<acc>(r.loss);
-    store_coeffs(cf + 4 * i, r);
-  }
-}
-
-// One pass over s and t writing grad_losses[i] * d loss_i / d s_i and / d t_i (either may be skipped).
-template <typename scalar_t>
-void flat_backward(const at::Tensor& grad_losses, const at::Tensor& student, const at::Tensor& teacher,
-                   const at::Tensor& coeffs, int64_t mode, at::Tensor& grad_s, at::Tensor& grad_t) {
-  using acc = acc_t<scalar_t>;
-  const int64_t n = student.size(0);
-  if (n == 0) return;
-  const int64_t len = student.numel() / n;
-  const scalar_t* s = student.const_data_ptr<scalar_t>();
-  const scalar_t* t = teacher.const_data_ptr<scalar_t>();
-  scalar_t* gs = grad_s.numel() ? grad_s.mutable_data_ptr<scalar_t>() : nullptr;
-  scalar_t* gt = grad_t.numel() ? grad_t.mutable_data_ptr<scalar_t>() : nullptr;
-  if (!gs && !gt) return;
-  const std::vector<PairResult> scaled = scaled_coeffs<acc>(grad_losses, coeffs);
-  parallel_chunks(n, len, kFlatChunk, 3, [&](int64_t, int64_t i, int64_t b, int64_t e) {
-    const int64_t off = i * len + b;
-    const PairResult& r = scaled[i];
-    if (mode == kMse) {  // c1 = −c0 and c2 = −c3: the gradients are multiples of s − t
-      mse_grads(s + off, t + off, e - b, static_cast<acc>(r.ax), static_cast<acc>(r.ay), gs ? gs + off : nullptr,
-                gt ? gt + off : nullptr);
-    } else {
-      pair_grads(s + off, t + off, e - b, r, gs ? gs + off : nullptr, gt ? gt + off : nullptr);
-    }
-  });
 }
 
 // ---- mode "attention": a[hw] = Σ_c |F[c, hw]|^p, normalised over hw ----
 
 // Where element (c, hw) of a sample lies: c * c_stride + hw * hw_stride (contiguous: c_stride = H*W and
-// hw_stride = 1; channels_last: c_stride = 1 and hw_stride = C).
+// hw_stride = 1; channels_last: c_stride = 1 and hw_stride = C). Either way a sample is one block of C*H*W.
 struct MapLayout {
   int64_t channels, sample_stride, c_stride, hw_stride;
 };
@@ -416,19 +345,21 @@ inline acc scalar_sign(acc x) {
   return static_cast<acc>((x > 0) - (x < 0));
 }
 
-// d |x|^p / dx = p |x|^(p−1) sign(x) (2x for p = 2, sign(x) for p = 1).
+// d |x|^p / dx = p |x|^(p−1) sign(x) (2x for p = 2, sign(x) for p = 1), and 0 at x = 0 for every p: for p < 1
+// |x|^p has no derivative there, and 0, the subgradient, keeps ReLU features (exact zeros) from giving
+// p · inf · 0 = NaN. NaN stays NaN.
 template <int kPow, typename Vec>
 inline Vec abs_pow_grad(const Vec& x, const Vec& p, const Vec& p_minus_1) {
   if constexpr (kPow == kPowTwo) return x + x;
   else if constexpr (kPow == kPowOne) return sign(x);
-  else return p * x.abs().pow(p_minus_1) * sign(x);
+  else return (p * x.abs().pow(p_minus_1) * sign(x)) & (x != Vec(0));
 }
 
 template <int kPow, typename acc>
 inline acc scalar_abs_pow_grad(acc x, acc p, acc p_minus_1) {
   if constexpr (kPow == kPowTwo) return x + x;
   else if constexpr (kPow == kPowOne) return scalar_sign(x);
-  else return p * std::pow(std::abs(x), p_minus_1) * scalar_sign(x);
+  else return x == 0 ? acc(0) : p * std::pow(std::abs(x), p_minus_1) * scalar_sign(x);
 }
 
 // a[hw − h0] = Σ_c |x[c, hw]|^p for hw in [h0, h1).
@@ -524,9 +455,186 @@ void attention_grad_chunk(const scalar_t* x, const MapLayout& l, int64_t h0, int
   }
 }
 
+// Chunks of hw covering about kAttentionChunk elements (over `channels` channels), a multiple of the widest
+// block.
+inline int64_t attention_chunk(int64_t channels) {
+  return std::max<int64_t>(32, kAttentionChunk / channels / 32 * 32);
+}
+
+// ---- rescaled: a sample whose sums overflowed, redone in double on its inputs scaled by a power of two ----
+// The distances do not change when an input is scaled (its norm floor scaled with it), and each gradient
+// scales back by the same factor, so the scale is exact. Scalar loops: this path is rare.
+
+// 2^-e where 2^(e-1) <= max |x[j]| < 2^e (1 for all zeros), or 0 when some x[j] is not finite: then the sums
+// were not finite because of the input itself, and the ordinary path's NaN or inf is the answer.
+template <typename scalar_t>
+double inverse_scale(const scalar_t* x, int64_t len) {
+  double largest = 0;
+  for (int64_t j = 0; j < len; ++j) {
+    const double v = std::abs(static_cast<double>(x[j]));
+    if (!std::isfinite(v)) return 0;
+    largest = std::max(largest, v);
+  }
+  int e = 0;
+  std::frexp(largest, &e);
+  return std::ldexp(1.0, -e);
+}
+
+template <typename scalar_t>
+bool mse_rescaled(const scalar_t* s, const scalar_t* t, int64_t len, double weight, double& loss, scalar_t* gs,
+                  scalar_t* gt) {
+  double largest = 0;
+  for (int64_t j = 0; j < len; ++j) {
+    const double d = std::abs(static_cast<double>(s[j]) - static_cast<double>(t[j]));
+    if (!std::isfinite(d)) return false;
+    largest = std::max(largest, d);
+  }
+  int e = 0;
+  std::frexp(largest, &e);
+  double sum = 0;
+  for (int64_t j = 0; j < len; ++j) {
+    const double d = std::ldexp(static_cast<double>(s[j]) - static_cast<double>(t[j]), -e);
+    sum += d * d;
+  }
+  loss = std::ldexp(sum / static_cast<double>(len), 2 * e);
+  const double a = 2.0 * weight / static_cast<double>(len);
+  for (int64_t j = 0; j < len; ++j) {
+    const double d = static_cast<double>(s[j]) - static_cast<double>(t[j]);
+    if (gs) gs[j] = static_cast<scalar_t>(a * d);
+    if (gt) gt[j] = static_cast<scalar_t>(-a * d);
+  }
+  return true;
+}
+
+template <typename scalar_t>
+bool normalized_rescaled(const scalar_t* x, const scalar_t* y, int64_t len, double weight, double& loss,
+                         scalar_t* gx, scalar_t* gy) {
+  const double sx = inverse_scale(x, len), sy = inverse_scale(y, len);
+  if (sx == 0 || sy == 0) return false;
+  PairSums m;
+  for (int64_t j = 0; j < len; ++j) {
+    const double xv = sx * static_cast<double>(x[j]), yv = sy * static_cast<double>(y[j]);
+    m.add({xv * xv, yv * yv, xv * yv, (xv - yv) * (xv - yv)});
+  }
+  const PairResult r = normalized_pair(m.xx, m.yy, m.xy, m.dd, kNormEps * sx, kNormEps * sy).scaled(weight);
+  loss = r.loss;
+  for (int64_t j = 0; j < len; ++j) {  // d loss / dx = sx · d loss / d(sx x)
+    const double xv = sx * static_cast<double>(x[j]), yv = sy * static_cast<double>(y[j]);
+    if (gx) gx[j] = static_cast<scalar_t>(sx * (r.ax * xv + r.bx * yv));
+    if (gy) gy[j] = static_cast<scalar_t>(sy * (r.ay * yv + r.by * xv));
+  }
+  return true;
+}
+
+double d_abs_pow(double v, double p) {
+  return v == 0 ? 0.0 : p * std::pow(std::abs(v), p - 1) * ((v > 0) - (v < 0));
+}
+
+// Mode attention on F_s·ss and F_t·st: the maps scale by ss^p and st^p, and so do their norm floors.
+template <typename scalar_t>
+bool attention_rescaled(const scalar_t* s, const MapLayout& ls, const scalar_t* t, const MapLayout& lt, int64_t hw,
+                        double p, double weight, double& loss, scalar_t* gs, scalar_t* gt) {
+  const double ss = inverse_scale(s, ls.channels * hw), st = inverse_scale(t, lt.channels * hw);
+  if (ss == 0 || st == 0) return false;
+  const auto index = [](const MapLayout& l, int64_t c, int64_t k) { return c * l.c_stride + k * l.hw_stride; };
+  std::vector<double> a_s(hw, 0.0), a_t(hw, 0.0);
+  for (int64_t k = 0; k < hw; ++k) {
+    for (int64_t c = 0; c < ls.channels; ++c) a_s[k] += std::pow(std::abs(ss * static_cast<double>(s[index(ls, c, k)])), p);
+    for (int64_t c = 0; c < lt.channels; ++c) a_t[k] += std::pow(std::abs(st * static_cast<double>(t[index(lt, c, k)])), p);
+  }
+  PairSums m;
+  for (int64_t k = 0; k < hw; ++k) m.add({a_s[k] * a_s[k], a_t[k] * a_t[k], a_s[k] * a_t[k], (a_s[k] - a_t[k]) * (a_s[k] - a_t[k])});
+  const PairResult r =
+      normalized_pair(m.xx, m.yy, m.xy, m.dd, kNormEps * std::pow(ss, p), kNormEps * std::pow(st, p)).scaled(weight);
+  loss = r.loss;
+  for (int64_t k = 0; k < hw; ++k) {  // d loss / dF = s · d loss / d(sF)
+    const double g_s = r.ax * a_s[k] + r.bx * a_t[k], g_t = r.ay * a_t[k] + r.by * a_s[k];
+    if (gs)
+      for (int64_t c = 0; c < ls.channels; ++c) {
+        const int64_t j = index(ls, c, k);
+        gs[j] = static_cast<scalar_t>(ss * g_s * d_abs_pow(ss * static_cast<double>(s[j]), p));
+      }
+    if (gt)
+      for (int64_t c = 0; c < lt.channels; ++c) {
+        const int64_t j = index(lt, c, k);
+        gt[j] = static_cast<scalar_t>(st * g_t * d_abs_pow(st * static_cast<double>(t[j]), p));
+      }
+  }
+  return true;
+}
+
+// ---- the modes ----
+
+// What the kernels write: the per-sample losses (in double) and the gradients (null when not asked for),
+// each scaled by `weight` (1/N for the mean).
+template <typename scalar_t>
+struct Outputs {
+  std::vector<double>& losses;
+  scalar_t* grad_s;
+  scalar_t* grad_t;
+  double weight;
+};
+
+// Modes "mse" and "normalized": sample i is the flat block [i * len, (i + 1) * len) of both tensors.
+template <typename scalar_t>
+void flat_fused(const at::Tensor& student, const at::Tensor& teacher, int64_t mode, Outputs<scalar_t> out) {
+  const int64_t n = student.size(0);
+  if (n == 0) return;
+  const int64_t len = student.numel() / n;
+  const scalar_t* s = student.const_data_ptr<scalar_t>();
+  const scalar_t* t = teacher.const_data_ptr<scalar_t>();
+  const int64_t chunks = std::max<int64_t>(1, (len + kFlatChunk - 1) / kFlatChunk);
+  std::vector<PairSums> partial(n * chunks);  // mode mse uses .dd only
+  std::vector<PairResult> coeffs(n);
+  std::vector<char> rescaled(n, 0);  // the rescaled path has written this sample's gradients already
+  const bool grads = out.grad_s || out.grad_t;
+
+  const auto stats = [&](int64_t i, int64_t c) {
+    const int64_t b = c * kFlatChunk, e = std::min(len, b + kFlatChunk), off = i * len + b;
+    if (mode == kMse) {
+      partial[i * chunks + c].dd = mse_sum(s + off, t + off, e - b);
+    } else {
+      partial[i * chunks + c] = pair_sums(s + off, t + off, e - b);
+    }
+  };
+  const auto finish = [&](int64_t i) {
+    PairSums m;
+    for (int64_t c = 0; c < chunks; ++c) m.add(partial[i * chunks + c]);
+    scalar_t* gs = out.grad_s ? out.grad_s + i * len : nullptr;
+    scalar_t* gt = out.grad_t ? out.grad_t + i * len : nullptr;
+    if (!m.finite()) {
+      rescaled[i] = mode == kMse ? mse_rescaled(s + i * len, t + i * len, len, out.weight, out.losses[i], gs, gt)
+                                 : normalized_rescaled(s + i * len, t + i * len, len, out.weight, out.losses[i], gs, gt);
+      if (rescaled[i]) return;
+    }
+    if (mode == kMse) {
+      out.losses[i] = m.dd / static_cast<double>(len);  // len == 0 gives NaN, as torch.mean
+      const double a = 2.0 * out.weight / static_cast<double>(len);
+      coeffs[i] = {0, a, -a, a, -a};
+    } else {
+      const PairResult r = normalized_pair(m.xx, m.yy, m.xy, m.dd, kNormEps, kNormEps);
+      out.losses[i] = r.loss;
+      coeffs[i] = r.scaled(out.weight);
+    }
+  };
+  const auto grad = [&](int64_t i, int64_t c) {
+    if (!grads || rescaled[i]) return;
+    const int64_t b = c * kFlatChunk, e = std::min(len, b + kFlatChunk), off = i * len + b;
+    scalar_t* gs = out.grad_s ? out.grad_s + off : nullptr;
+    scalar_t* gt = out.grad_t ? out.grad_t + off : nullptr;
+    if (mode == kMse) {  // bx = −ax and by = −ay: the gradients are multiples of s − t
+      mse_grads(s + off, t + off, e - b, static_cast<acc_t<scalar_t>>(coeffs[i].ax), gs, gt);
+    } else {
+      pair_grads(s + off, t + off, e - b, coeffs[i], gs, gt);
+    }
+  };
+  per_sample(n, chunks, 2 * std::min(len, kFlatChunk), stats, finish, grad);
+}
+
+// Mode "attention": the maps of one chunk of hw are built into `maps` (both maps of every sample), reduced to
+// pair sums, and reused by the gradient walk.
 template <int kPow, typename scalar_t>
-void attention_forward(const at::Tensor& student, const at::Tensor& teacher, double p, at::Tensor& losses,
-                       at::Tensor& coeffs, at::Tensor& map_s, at::Tensor& map_t) {
+void attention_fused(const at::Tensor& student, const at::Tensor& teacher, double p, Outputs<scalar_t> out) {
   using acc = acc_t<scalar_t>;
   const int64_t n = student.size(0);
   if (n == 0) return;
@@ -534,130 +642,104 @@ void attention_forward(const at::Tensor& student, const at::Tensor& teacher, dou
   const MapLayout ls = map_layout(student), lt = map_layout(teacher);
   const scalar_t* s = student.const_data_ptr<scalar_t>();
   const scalar_t* t = teacher.const_data_ptr<scalar_t>();
-  acc* out = losses.mutable_data_ptr<acc>();
-  acc* cf = coeffs.mutable_data_ptr<acc>();
-  acc* as = map_s.mutable_data_ptr<acc>();
-  acc* at_ = map_t.mutable_data_ptr<acc>();
   const acc pa = static_cast<acc>(p);
   const int64_t channels = std::max<int64_t>(1, ls.channels + lt.channels);
   const int64_t chunk = attention_chunk(channels);
-  const int64_t chunks = (hw + chunk - 1) / chunk;
-
+  const int64_t chunks = std::max<int64_t>(1, (hw + chunk - 1) / chunk);
+  std::vector<acc> maps(2 * n * hw);  // a_s of sample i at [2 i hw, (2 i + 1) hw), then its a_t
   std::vector<PairSums> partial(n * chunks);
-  parallel_chunks(n, hw, chunk, channels, [&](int64_t task, int64_t i, int64_t b, int64_t e) {
-    acc* a_s = as + i * hw + b;
-    acc* a_t = at_ + i * hw + b;
+  std::vector<PairResult> coeffs(n);
+  std::vector<char> rescaled(n, 0);
+  const bool grads = out.grad_s || out.grad_t;
+
+  const auto stats = [&](int64_t i, int64_t c) {
+    const int64_t b = c * chunk, e = std::min(hw, b + chunk);
+    acc* a_s = maps.data() + 2 * i * hw + b;
+    acc* a_t = a_s + hw;
     attention_map_chunk<kPow>(s + i * ls.sample_stride, ls, b, e, pa, a_s);
     attention_map_chunk<kPow>(t + i * lt.sample_stride, lt, b, e, pa, a_t);
-    partial[task] = pair_sums(a_s, a_t, e - b);
-  });
-  for (int64_t i = 0; i < n; ++i) {
-    PairSums sums;
-    for (int64_t c = 0; c < chunks; ++c) sums.add(partial[i * chunks + c]);
-    const PairResult r = normalized_pair(sums);
-    out[i] = static_cast<acc>(r.loss);
-    store_coeffs(cf + 4 * i, r);
-  }
+    partial[i * chunks + c] = pair_sums(a_s, a_t, e - b);
+  };
+  const auto finish = [&](int64_t i) {
+    PairSums m;
+    for (int64_t c = 0; c < chunks; ++c) m.add(partial[i * chunks + c]);
+    if (!m.finite()) {
+      rescaled[i] = attention_rescaled(s + i * ls.sample_stride, ls, t + i * lt.sample_stride, lt, hw, p, out.weight,
+                                       out.losses[i], out.grad_s ? out.grad_s + i * ls.sample_stride : nullptr,
+                                       out.grad_t ? out.grad_t + i * lt.sample_stride : nullptr);
+      if (rescaled[i]) return;
+    }
+    const PairResult r = normalized_pair(m.xx, m.yy, m.xy, m.dd, kNormEps, kNormEps);
+    out.losses[i] = r.loss;
+    coeffs[i] = r.scaled(out.weight);
+  };
+  const auto grad = [&](int64_t i, int64_t c) {
+    if (!grads || rescaled[i]) return;
+    const int64_t b = c * chunk, e = std::min(hw, b + chunk), len = e - b;
+    const acc* a_s = maps.data() + 2 * i * hw + b;
+    std::vector<acc> d_maps(2 * len);  // d loss / d a_s and d loss / d a_t over the chunk
+    pair_grads(a_s, a_s + hw, len, coeffs[i], d_maps.data(), d_maps.data() + len);
+    if (out.grad_s)
+      attention_grad_chunk<kPow>(s + i * ls.sample_stride, ls, b, e, pa, d_maps.data(), out.grad_s + i * ls.sample_stride);
+    if (out.grad_t)
+      attention_grad_chunk<kPow>(t + i * lt.sample_stride, lt, b, e, pa, d_maps.data() + len,
+                                 out.grad_t + i * lt.sample_stride);
+  };
+  per_sample(n, chunks, chunk * channels, stats, finish, grad);
 }
 
-// d loss / d a from the saved maps, chunk by chunk into a task-local buffer (the saved maps are inputs of
-// the backward and stay untouched), then through d|F|^p/dF into the input gradients.
-template <int kPow, typename scalar_t>
-void attention_backward(const at::Tensor& grad_losses, const at::Tensor& student, const at::Tensor& teacher,
-                        const at::Tensor& coeffs, const at::Tensor& map_s, const at::Tensor& map_t, double p,
-                        at::Tensor& grad_s, at::Tensor& grad_t) {
-  using acc = acc_t<scalar_t>;
-  const int64_t n = student.size(0);
-  if (n == 0) return;
-  const int64_t hw = student.size(2) * student.size(3);
-  const MapLayout ls = map_layout(student), lt = map_layout(teacher);
-  const scalar_t* s = student.const_data_ptr<scalar_t>();
-  const scalar_t* t = teacher.const_data_ptr<scalar_t>();
-  scalar_t* gs = grad_s.numel() ? grad_s.mutable_data_ptr<scalar_t>() : nullptr;
-  scalar_t* gt = grad_t.numel() ? grad_t.mutable_data_ptr<scalar_t>() : nullptr;
-  if (!gs && !gt) return;
-  // The gradients are written through the inputs' strides: empty_like keeps them for these layouts.
-  TORCH_INTERNAL_ASSERT(!gs || grad_s.strides() == student.strides());
-  TORCH_INTERNAL_ASSERT(!gt || grad_t.strides() == teacher.strides());
-  const acc* as = map_s.const_data_ptr<acc>();
-  const acc* at_ = map_t.const_data_ptr<acc>();
-  const acc pa = static_cast<acc>(p);
-  const std::vector<PairResult> scaled = scaled_coeffs<acc>(grad_losses, coeffs);
-  const int64_t channels = std::max<int64_t>(1, (gs ? ls.channels : 0) + (gt ? lt.channels : 0));
-  const int64_t chunk = attention_chunk(channels);
-  parallel_chunks(n, hw, chunk, channels * 2, [&](int64_t, int64_t i, int64_t b, int64_t e) {
-    const int64_t len = e - b;
-    std::vector<acc> buffer((gs ? len : 0) + (gt ? len : 0));
-    acc* g_s = gs ? buffer.data() : nullptr;
-    acc* g_t = gt ? buffer.data() + (gs ? len : 0) : nullptr;
-    pair_grads(as + i * hw + b, at_ + i * hw + b, len, scaled[i], g_s, g_t);
-    if (gs) attention_grad_chunk<kPow>(s + i * ls.sample_stride, ls, b, e, pa, g_s, gs + i * ls.sample_stride);
-    if (gt) attention_grad_chunk<kPow>(t + i * lt.sample_stride, lt, b, e, pa, g_t, gt + i * lt.sample_stride);
-  });
+// The loss as `reduction` asks, from the per-sample losses: (N,) for none, 0-d otherwise (the mean of no
+// samples is NaN, as torch.mean).
+at::Tensor reduce_losses(const std::vector<double>& losses, int64_t reduction, const at::TensorOptions& options) {
+  const int64_t n = static_cast<int64_t>(losses.size());
+  if (reduction == kReduceNone) {
+    at::Tensor out = at::empty({n}, options);
+    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "reduce_losses", [&] {
+      std::copy(losses.begin(), losses.end(), out.mutable_data_ptr<scalar_t>());
+    });
+    return out;
+  }
+  double sum = 0;
+  for (double v : losses) sum += v;
+  if (reduction == kReduceMean) sum = n ? sum / static_cast<double>(n) : std::numeric_limits<double>::quiet_NaN();
+  return at::scalar_tensor(sum, options);
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> feature_distance_fwd_cpu(const at::Tensor& student,
-                                                                                    const at::Tensor& teacher,
-                                                                                    int64_t mode, double p) {
-  check_feature_distance_inputs("feature_distance_fwd", student, teacher, mode, p, c10::DeviceType::CPU);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_distance_fwd_cpu(const at::Tensor& student,
+                                                                       const at::Tensor& teacher, int64_t mode,
+                                                                       double p, int64_t reduction, bool grad_student,
+                                                                       bool grad_teacher) {
+  check_feature_distance_inputs("feature_distance_fwd", student, teacher, mode, p, reduction, c10::DeviceType::CPU);
   const int64_t n = student.size(0);
-  const auto acc_options = student.options().dtype(accumulate_dtype(student));
-  at::Tensor losses = at::empty({n}, acc_options);
-  at::Tensor coeffs = at::empty({n, 4}, acc_options);
-  const bool maps = mode == kAttention;
-  at::Tensor map_s = maps ? at::empty({n, student.size(2) * student.size(3)}, acc_options) : at::empty({0}, acc_options);
-  at::Tensor map_t = maps ? at::empty({n, student.size(2) * student.size(3)}, acc_options) : at::empty({0}, acc_options);
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "feature_distance_fwd_cpu", [&] {
-    if (!maps) {
-      flat_forward<scalar_t>(student, teacher, mode, losses, coeffs);
-    } else if (p == 2.0) {
-      attention_forward<kPowTwo, scalar_t>(student, teacher, p, losses, coeffs, map_s, map_t);
-    } else if (p == 1.0) {
-      attention_forward<kPowOne, scalar_t>(student, teacher, p, losses, coeffs, map_s, map_t);
-    } else {
-      attention_forward<kPowGeneral, scalar_t>(student, teacher, p, losses, coeffs, map_s, map_t);
-    }
-  });
-  return {losses, coeffs, map_s, map_t};
-}
-
-std::tuple<at::Tensor, at::Tensor> feature_distance_bwd_cpu(const at::Tensor& grad_losses, const at::Tensor& student,
-                                                            const at::Tensor& teacher, const at::Tensor& coeffs,
-                                                            const at::Tensor& map_s, const at::Tensor& map_t,
-                                                            int64_t mode, double p, bool grad_student,
-                                                            bool grad_teacher) {
-  check_feature_distance_inputs("feature_distance_bwd", student, teacher, mode, p, c10::DeviceType::CPU);
-  check_feature_distance_saved(grad_losses, coeffs, map_s, map_t, student, mode);
-  const bool maps = mode == kAttention;
-  at::Tensor grad_s = grad_student ? at::empty_like(student) : at::empty({0}, student.options());
-  at::Tensor grad_t = grad_teacher ? at::empty_like(teacher) : at::empty({0}, teacher.options());
-  advise_huge_pages(grad_s);
-  advise_huge_pages(grad_t);
-  // Modes 0/1 write the gradients in the inputs' flat element order: empty_like keeps it for these layouts.
+  // Each gradient has its input's strides (contiguous or channels_last): the kernels write it in its input's
+  // element order.
+  at::Tensor grad_s = grad_student ? gradient_like(student) : at::empty({0}, student.options());
+  at::Tensor grad_t = grad_teacher ? gradient_like(teacher) : at::empty({0}, teacher.options());
   TORCH_INTERNAL_ASSERT(!grad_student || grad_s.strides() == student.strides());
   TORCH_INTERNAL_ASSERT(!grad_teacher || grad_t.strides() == teacher.strides());
+  std::vector<double> losses(n);
+  const double weight = sample_weight(reduction, n);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "feature_distance_bwd_cpu", [&] {
-    if (!maps) {
-      flat_backward<scalar_t>(grad_losses, student, teacher, coeffs, mode, grad_s, grad_t);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "feature_distance_fwd_cpu", [&] {
+    const Outputs<scalar_t> out{losses, grad_student ? grad_s.mutable_data_ptr<scalar_t>() : nullptr,
+                                grad_teacher ? grad_t.mutable_data_ptr<scalar_t>() : nullptr, weight};
+    if (mode != kAttention) {
+      flat_fused<scalar_t>(student, teacher, mode, out);
     } else if (p == 2.0) {
-      attention_backward<kPowTwo, scalar_t>(grad_losses, student, teacher, coeffs, map_s, map_t, p, grad_s, grad_t);
+      attention_fused<kPowTwo, scalar_t>(student, teacher, p, out);
     } else if (p == 1.0) {
-      attention_backward<kPowOne, scalar_t>(grad_losses, student, teacher, coeffs, map_s, map_t, p, grad_s, grad_t);
+      attention_fused<kPowOne, scalar_t>(student, teacher, p, out);
     } else {
-      attention_backward<kPowGeneral, scalar_t>(grad_losses, student, teacher, coeffs, map_s, map_t, p, grad_s,
-                                                grad_t);
+      attention_fused<kPowGeneral, scalar_t>(student, teacher, p, out);
     }
   });
-  return {grad_s, grad_t};
+  return {reduce_losses(losses, reduction, student.options().dtype(accumulate_dtype(student))), grad_s, grad_t};
 }
 
 TORCH_LIBRARY_IMPL(rkd_fast, CPU, m) {
   m.impl("feature_distance_fwd", &feature_distance_fwd_cpu);
-  m.impl("feature_distance_bwd", &feature_distance_bwd_cpu);
 }
 
 }  // namespace rkd_fast

@@ -72,10 +72,10 @@ template <typename scalar_t, bool PROBS, bool TEACHER>
 __global__ void fd_jacobian_rows(const scalar_t* __restrict__ sc, const scalar_t* __restrict__ sp,
                                  const scalar_t* __restrict__ tc, const scalar_t* __restrict__ tp, int64_t sc_rs,
                                  int64_t sp_rs, int64_t tc_rs, int64_t tp_rs,
-                                 const at::opmath_type<scalar_t>* __restrict__ h,
+                                 const at::opmath_type<scalar_t>* __restrict__ h, int64_t h_stride,
                                  at::opmath_type<scalar_t>* __restrict__ losses, scalar_t* __restrict__ grad_c,
                                  scalar_t* __restrict__ grad_p, int64_t n, int64_t k,
-                                 at::opmath_type<scalar_t> inv_t) {
+                                 at::opmath_type<scalar_t> inv_t, at::opmath_type<scalar_t> weight) {
   using acc_t = at::opmath_type<scalar_t>;
   const int lane = threadIdx.x % kWarp;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
@@ -86,7 +86,7 @@ __global__ void fd_jacobian_rows(const scalar_t* __restrict__ sc, const scalar_t
     tc += row * tc_rs;
     tp += row * tp_rs;
   }
-  const acc_t inv_h = acc_t(1) / h[row];
+  const acc_t inv_h = acc_t(1) / h[row * h_stride];  // h_stride 0: one step for every row
 
   acc_t m_sc = 0, z_sc = 1, m_sp = 0, z_sp = 1, m_tc = 0, z_tc = 1, m_tp = 0, z_tp = 1;
   if constexpr (PROBS) {
@@ -109,7 +109,7 @@ __global__ void fd_jacobian_rows(const scalar_t* __restrict__ sc, const scalar_t
     }
     const acc_t u = diff * inv_h;
     loss += u * u;
-    const acc_t v = 2 * inv_h * u;
+    const acc_t v = 2 * weight * inv_h * u;  // weight: the row's weight in the reduced loss
     if constexpr (PROBS) {
       dot_c += gc * v;
       dot_p += gp * v;
@@ -133,7 +133,7 @@ __global__ void fd_jacobian_rows(const scalar_t* __restrict__ sc, const scalar_t
         diff -= g<scalar_t, acc_t, PROBS>(tp, j, m_tp, z_tp, inv_t) -
                 g<scalar_t, acc_t, PROBS>(tc, j, m_tc, z_tc, inv_t);
       }
-      const acc_t v = 2 * inv_h * (diff * inv_h);
+      const acc_t v = 2 * weight * inv_h * (diff * inv_h);
       if (grad_p) grad_p[row * k + j] = static_cast<scalar_t>(gp * (v - a_p) * inv_t);
       if (grad_c) grad_c[row * k + j] = static_cast<scalar_t>(gc * (a_c - v) * inv_t);
     }
@@ -143,7 +143,7 @@ __global__ void fd_jacobian_rows(const scalar_t* __restrict__ sc, const scalar_t
 template <typename scalar_t, bool PROBS, bool TEACHER>
 void launch(const at::Tensor& s_clean, const at::Tensor& s_pert, const at::Tensor* t_clean,
             const at::Tensor* t_pert, const at::Tensor& h, at::Tensor& losses, scalar_t* grad_c, scalar_t* grad_p,
-            double temperature) {
+            double temperature, double weight) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = s_clean.size(0), k = s_clean.size(1);
   const int64_t blocks = (n + kRowsPerBlock - 1) / kRowsPerBlock;
@@ -153,8 +153,8 @@ void launch(const at::Tensor& s_clean, const at::Tensor& s_pert, const at::Tenso
       <<<static_cast<unsigned int>(blocks), kRowsPerBlock * kWarp, 0, c10::cuda::getCurrentCUDAStream()>>>(
           s_clean.const_data_ptr<scalar_t>(), s_pert.const_data_ptr<scalar_t>(), tc, tp, s_clean.stride(0),
           s_pert.stride(0), TEACHER ? t_clean->stride(0) : 0, TEACHER ? t_pert->stride(0) : 0,
-          h.const_data_ptr<acc_t>(), losses.data_ptr<acc_t>(), grad_c, grad_p, n, k,
-          static_cast<acc_t>(1.0 / temperature));
+          h.const_data_ptr<acc_t>(), h.dim() == 0 ? 0 : 1, losses.data_ptr<acc_t>(), grad_c, grad_p, n, k,
+          static_cast<acc_t>(1.0 / temperature), static_cast<acc_t>(weight));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -162,38 +162,42 @@ void launch(const at::Tensor& s_clean, const at::Tensor& s_pert, const at::Tenso
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fd_jacobian_fwd_cuda(
     const at::Tensor& s_clean, const at::Tensor& s_pert, const at::Tensor& h,
-    const std::optional<at::Tensor>& t_clean, const std::optional<at::Tensor>& t_pert, int64_t on,
-    double temperature, bool grad_clean, bool grad_pert) {
-  check_fd_jacobian_inputs(s_clean, s_pert, h, t_clean, t_pert, on, temperature, c10::DeviceType::CUDA);
+    const std::optional<at::Tensor>& t_clean, const std::optional<at::Tensor>& t_pert, double temperature,
+    int64_t options) {
+  check_fd_jacobian_inputs(s_clean, s_pert, h, t_clean, t_pert, temperature, options, c10::DeviceType::CUDA);
+  const FdJacobianOptions opts(options);
   const bool teacher = t_clean.has_value();
   const auto acc = accumulate_dtype(s_clean);
   const int64_t n = s_clean.size(0);
 
   const c10::cuda::CUDAGuard guard(s_clean.device());
   at::Tensor losses = at::empty({n}, s_clean.options().dtype(acc));
-  at::Tensor gc = grad_clean ? at::empty(s_clean.sizes(), s_clean.options()) : at::empty({0}, s_clean.options());
-  at::Tensor gp = grad_pert ? at::empty(s_pert.sizes(), s_pert.options()) : at::empty({0}, s_pert.options());
-  if (n == 0) return {losses, gc, gp};
-  const at::Tensor* tc = teacher ? &*t_clean : nullptr;
-  const at::Tensor* tp = teacher ? &*t_pert : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s_clean.scalar_type(), "fd_jacobian_fwd_cuda", [&] {
-    scalar_t* gc_ptr = grad_clean ? gc.data_ptr<scalar_t>() : nullptr;
-    scalar_t* gp_ptr = grad_pert ? gp.data_ptr<scalar_t>() : nullptr;
-    if (on == 1) {
-      if (teacher) {
-        launch<scalar_t, true, true>(s_clean, s_pert, tc, tp, h, losses, gc_ptr, gp_ptr, temperature);
+  at::Tensor gc = opts.grad_clean ? at::empty(s_clean.sizes(), s_clean.options()) : at::empty({0}, s_clean.options());
+  at::Tensor gp = opts.grad_pert ? at::empty(s_pert.sizes(), s_pert.options()) : at::empty({0}, s_pert.options());
+  if (n > 0) {
+    const at::Tensor* tc = teacher ? &*t_clean : nullptr;
+    const at::Tensor* tp = teacher ? &*t_pert : nullptr;
+    const double weight = sample_weight(opts.reduction, n);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s_clean.scalar_type(), "fd_jacobian_fwd_cuda", [&] {
+      scalar_t* gc_ptr = opts.grad_clean ? gc.data_ptr<scalar_t>() : nullptr;
+      scalar_t* gp_ptr = opts.grad_pert ? gp.data_ptr<scalar_t>() : nullptr;
+      if (opts.probs) {
+        if (teacher) {
+          launch<scalar_t, true, true>(s_clean, s_pert, tc, tp, h, losses, gc_ptr, gp_ptr, temperature, weight);
+        } else {
+          launch<scalar_t, true, false>(s_clean, s_pert, tc, tp, h, losses, gc_ptr, gp_ptr, temperature, weight);
+        }
       } else {
-        launch<scalar_t, true, false>(s_clean, s_pert, tc, tp, h, losses, gc_ptr, gp_ptr, temperature);
+        if (teacher) {
+          launch<scalar_t, false, true>(s_clean, s_pert, tc, tp, h, losses, gc_ptr, gp_ptr, temperature, weight);
+        } else {
+          launch<scalar_t, false, false>(s_clean, s_pert, tc, tp, h, losses, gc_ptr, gp_ptr, temperature, weight);
+        }
       }
-    } else {
-      if (teacher) {
-        launch<scalar_t, false, true>(s_clean, s_pert, tc, tp, h, losses, gc_ptr, gp_ptr, temperature);
-      } else {
-        launch<scalar_t, false, false>(s_clean, s_pert, tc, tp, h, losses, gc_ptr, gp_ptr, temperature);
-      }
-    }
-  });
-  return {losses, gc, gp};
+    });
+  }
+  if (opts.reduction == kReduceNone) return {losses, gc, gp};
+  return {opts.reduction == kReduceMean ? losses.mean() : losses.sum(), gc, gp};  // the mean of none is NaN
 }
 
 TORCH_LIBRARY_IMPL(rkd_fast, CUDA, m) {

@@ -1,23 +1,26 @@
-// rkd_fast::feature_distance_fwd and rkd_fast::feature_distance_bwd on CUDA.
+// rkd_fast::feature_distance_fwd on CUDA: the reduced loss and, for each input whose flag is set, the gradient of
+// that loss, in one launch that reads each input once.
 //
-// Per sample the loss depends on the data only through a few sums, and its gradient is linear in the inputs
-// with four per-sample coefficients (modes 0, 1): d loss/d s = c0 s + c1 t, d loss/d t = c2 s + c3 t.
-// forward (reads each input once, writes nothing gradient-sized):
-//   1. pair_partials_kernel, grid (sample, chunk): each block reduces one chunk of one sample to partial sums
-//      (mode 0: Σ(x−y)²; modes 1 and 2: Σx², Σy², Σxy) with warp shuffles and a block reduction, written to a
-//      (N, chunks, 3) buffer. No atomics: the order of the sums is fixed, so results are deterministic.
-//   2. finalize_kernel, one warp per sample: adds the sample's partials (in double), writes its loss and
-//      coeffs[n] = (c0, c1, c2, c3).
-// backward (reads each input once, writes each asked-for gradient once):
-//   3. pair_grad_kernel, grid (sample, chunk): grad_losses[n] · (c0 x + c1 y) and grad_losses[n] · (c2 x + c3 y).
-// Mode 2 ("attention"): the forward builds the unnormalised maps a[n, hw] = Σ_c |F[c, hw]|^p of student and
-// teacher with attention_map_kernel, each tensor through its own strides (contiguous: lanes over 32
-// consecutive hw positions, warps over channels; channels_last: a warp per hw position, lanes over its
-// contiguous channels), returns them, and runs steps 1 and 2 on the two maps (normalised-mode coefficients);
-// the backward's attention_grad_kernel forms dL/da = c·(a_s, a_t) and chains it into dL/dF.
+// Grid (sample, chunk). Each block reduces its chunk to partial sums (modes 1, 2: Σx², Σy², Σxy, Σ(x−y)² and
+// max|x|, max|y|; mode 0: Σ(x−y)² and max|x−y|) and thread 0 stores them. The block that arrives last at its
+// sample (an atomic counter, as in CUDA's threadFenceReduction sample: no block ever waits for another, so none
+// can deadlock whatever the occupancy) adds the sample's partials in chunk order (so results are deterministic),
+// forms the loss and the gradient coefficients in double, and writes the sample's gradient in a second walk over
+// the sample, which the other blocks of the sample have just read: while it is in L2. Per sample the gradient is
+// linear in the inputs: d loss/d x = ax·x + bx·y, d loss/d y = ay·y + by·x (mode 0: multiples of x − y).
 //
-// Accumulation is in fp32 for float/half/bfloat16 and fp64 for double. Flat loads are 16-byte vectors when
-// every sample and chunk starts aligned.
+// Mode 2 ("attention"): the chunks are tiles of 32 H·W positions; each block builds the maps
+// a[hw] = Σ_c |F[c, hw]|^p of its tile for student and teacher, each through its own strides (contiguous: lanes
+// over the 32 positions, warps over channels; channels_last: a warp per position, lanes over its contiguous
+// channels), into a scratch (N, 2, H·W) buffer; the last block reads them back for dL/da, chained into
+// dL/dF = dL/da · p|F|^(p−1) sign(F) (0 at F = 0 for every p).
+//
+// Large values: sums that are not finite while max|x| is means the squares overflowed; the last block then redoes
+// the sample on x/max|x| (the distances are scale-invariant with the norm floor scaled too, and the gradients
+// scale back), as csrc/cpu does.
+//
+// Accumulation is in fp32 for float/half/bfloat16 and fp64 for double. Flat loads are 16-byte vectors when every
+// sample and chunk starts aligned.
 //
 // Only c10/cuda headers are used (the stream is c10::cuda::getCurrentCUDAStream, which
 // at::cuda::getCurrentCUDAStream names too; device attributes come from cudaDeviceGetAttribute):
@@ -39,15 +42,18 @@
 #include <tuple>
 
 #include "kernels.h"
+#include "normalized_pair.h"
 
 namespace rkd_fast {
 namespace {
 
 constexpr int kThreads = 256;  // threads per block of every kernel
 constexpr int kWarps = kThreads / 32;
+constexpr int kTile = 32;  // H·W positions per block in mode attention
 constexpr double kNormEps = 1e-12;  // floor of ‖x‖, as in torch.nn.functional.normalize
-constexpr int kMaxChunks = 1024;     // per sample; keeps the partials small and the finalize loop short
+constexpr int kMaxChunks = 1024;     // per sample: keeps the partials small and the last block's sum short
 constexpr int kMaxGridY = 65535;
+constexpr int kPartials = 6;  // per (sample, chunk): four sums and two largest magnitudes
 
 enum PowKind : int { kPowAny = 0, kPowOne = 1, kPowTwo = 2 };
 
@@ -71,175 +77,235 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
-// Sums each of the K values over the block; the totals are valid in thread 0.
-template <typename T, int K>
-__device__ __forceinline__ void block_sum(T (&v)[K]) {
+template <typename T>
+__device__ __forceinline__ T warp_max(T v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v = fmax(v, __shfl_down_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+// Sums the first kSums of v over the block and takes the max of the rest; the results are valid in thread 0.
+// The order of the additions is fixed, so results are deterministic.
+template <int kSums, typename T, int K>
+__device__ __forceinline__ void block_reduce(T (&v)[K]) {
   __shared__ T shared[K][kWarps];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
   for (int k = 0; k < K; ++k) {
-    v[k] = warp_sum(v[k]);
+    v[k] = k < kSums ? warp_sum(v[k]) : warp_max(v[k]);
     if (lane == 0) shared[k][warp] = v[k];
   }
   __syncthreads();
   if (warp == 0) {
 #pragma unroll
-    for (int k = 0; k < K; ++k) v[k] = warp_sum(lane < kWarps ? shared[k][lane] : T(0));
+    for (int k = 0; k < K; ++k) {
+      const T w = lane < kWarps ? shared[k][lane] : T(0);
+      v[k] = k < kSums ? warp_sum(w) : warp_max(w);
+    }
   }
+  __syncthreads();  // `shared` may be reused by the next call
 }
 
+// Broadcasts thread 0's value to the block.
+template <typename T>
+__device__ __forceinline__ T broadcast(T v) {
+  __shared__ T value;
+  if (threadIdx.x == 0) value = v;
+  __syncthreads();
+  const T out = value;
+  __syncthreads();
+  return out;
+}
+
+__device__ __forceinline__ bool finite(double v) { return isfinite(v); }
+
+// The scale that brings the largest magnitude to 1 (1 for all zeros).
+__device__ __forceinline__ double inverse(double largest) { return largest > 0 ? 1.0 / largest : 1.0; }
+
+// True in the block that completes sample n (every block of the sample has stored its partials by then, and the
+// fence makes them visible to it).
+__device__ __forceinline__ bool arrived_last(int* counts, int64_t n, int n_chunks) {
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(counts + n, 1) == n_chunks - 1;
+  __syncthreads();
+  return last;
+}
+
+// The sample's partials added in chunk order (each thread a strided subset, then a fixed tree): in thread 0,
+// {Σ0, Σ1, Σ2, Σ3, max4, max5}. __ldcg: written by other blocks, so read past this SM's L1.
+template <typename acc_t>
+__device__ void sample_partials(const acc_t* row, int n_chunks, acc_t (&s)[kPartials]) {
+  for (int k = 0; k < kPartials; ++k) s[k] = acc_t(0);
+  for (int c = threadIdx.x; c < n_chunks; c += kThreads) {
+    for (int k = 0; k < 4; ++k) s[k] += __ldcg(row + c * kPartials + k);
+    s[4] = fmax(s[4], __ldcg(row + c * kPartials + 4));
+    s[5] = fmax(s[5], __ldcg(row + c * kPartials + 5));
+  }
+  block_reduce<4>(s);
+}
+
+// In the last block of a sample: its partials added up (thread 0: sums in s[0..3], largest magnitudes in s[4],
+// s[5]), and the two inputs' scales for every thread: 1, or 1/max|·| when the sums overflowed while the inputs
+// are finite (the caller then recomputes the sums on the scaled inputs). Returns whether they overflowed.
+template <typename acc_t>
+__device__ bool sample_scales(const acc_t* row, int n_chunks, acc_t (&s)[kPartials], acc_t& scale_x,
+                              acc_t& scale_y) {
+  sample_partials(row, n_chunks, s);
+  const bool overflowed = threadIdx.x == 0 && !(finite(s[0]) && finite(s[1]) && finite(s[2]) && finite(s[3])) &&
+                          finite(s[4]) && finite(s[5]);
+  scale_x = broadcast(acc_t(overflowed ? inverse(s[4]) : 1.0));
+  scale_y = broadcast(acc_t(overflowed ? inverse(s[5]) : 1.0));
+  return broadcast(overflowed);
+}
+
+// Thread 0 of every block of (n, c) stores its partials.
+template <typename acc_t>
+__device__ __forceinline__ void store_partials(acc_t* partials, int64_t n, int c, int n_chunks,
+                                               const acc_t (&s)[kPartials]) {
+  if (threadIdx.x != 0) return;
+  acc_t* out = partials + (n * n_chunks + c) * kPartials;
+  for (int k = 0; k < kPartials; ++k) out[k] = s[k];
+}
+
+// ---- modes 0 and 1: sample n is the flat block [n * D, (n + 1) * D) of x and y ----
+
 template <int kMode, typename acc_t>
-__device__ __forceinline__ void accumulate(acc_t x, acc_t y, acc_t (&s)[3]) {
+__device__ __forceinline__ void accumulate(acc_t x, acc_t y, acc_t (&s)[kPartials]) {
+  const acc_t d = x - y;
+  s[3] += d * d;
   if (kMode == kMse) {
-    const acc_t d = x - y;
-    s[0] += d * d;
+    s[4] = fmax(s[4], fabs(d));
   } else {
     s[0] += x * x;
     s[1] += y * y;
     s[2] += x * y;
+    s[4] = fmax(s[4], fabs(x));
+    s[5] = fmax(s[5], fabs(y));
   }
 }
 
-// ---- step 1: partial sums of one (sample, chunk) ----
-// x and y hold one flat block of D elements per sample; the block (blockIdx.x, blockIdx.y) reduces elements
-// [c * chunk, min((c + 1) * chunk, D)) of sample blockIdx.x. `vectorized`: D, chunk and both base pointers
-// are multiples of the vector width, so every vector load is aligned and in bounds.
-template <int kMode, typename scalar_t>
-__global__ void __launch_bounds__(kThreads) pair_partials_kernel(const scalar_t* __restrict__ x,
-                                                                  const scalar_t* __restrict__ y,
-                                                                  acc_type<scalar_t>* __restrict__ partials,
-                                                                  int64_t D, int64_t chunk, int n_chunks,
-                                                                  bool vectorized) {
+// fn(x[i], y[i]) for every i of [begin, end) this thread owns, read as 16-byte vectors when `vectorized` (begin,
+// end − begin and both pointers aligned to the vector).
+template <typename scalar_t, typename F>
+__device__ __forceinline__ void for_pairs(const scalar_t* x, const scalar_t* y, int64_t begin, int64_t end,
+                                          bool vectorized, const F& fn) {
   using acc_t = acc_type<scalar_t>;
   constexpr int V = vec_size<scalar_t>();
+  if (vectorized) {
+    for (int64_t i = begin + threadIdx.x * V; i < end; i += int64_t(kThreads) * V) {
+      const auto xv = *reinterpret_cast<const Vec<scalar_t, V>*>(x + i);
+      const auto yv = *reinterpret_cast<const Vec<scalar_t, V>*>(y + i);
+#pragma unroll
+      for (int k = 0; k < V; ++k) fn(acc_t(xv.v[k]), acc_t(yv.v[k]));
+    }
+  } else {
+    for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) fn(acc_t(x[i]), acc_t(y[i]));
+  }
+}
+
+// (gx[i], gy[i]) = grads(x[i], y[i]) over [0, D) of one sample (either output may be null), as 16-byte vectors
+// when `vectorized`.
+template <typename scalar_t, typename F>
+__device__ __forceinline__ void write_grads(const scalar_t* x, const scalar_t* y, scalar_t* gx, scalar_t* gy,
+                                            int64_t D, bool vectorized, const F& grads) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int V = vec_size<scalar_t>();
+  if (vectorized) {
+    for (int64_t i = threadIdx.x * V; i < D; i += int64_t(kThreads) * V) {
+      const auto xv = *reinterpret_cast<const Vec<scalar_t, V>*>(x + i);
+      const auto yv = *reinterpret_cast<const Vec<scalar_t, V>*>(y + i);
+      Vec<scalar_t, V> gxv, gyv;
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        acc_t a, b;
+        grads(acc_t(xv.v[k]), acc_t(yv.v[k]), a, b);
+        gxv.v[k] = static_cast<scalar_t>(a);
+        gyv.v[k] = static_cast<scalar_t>(b);
+      }
+      if (gx) *reinterpret_cast<Vec<scalar_t, V>*>(gx + i) = gxv;
+      if (gy) *reinterpret_cast<Vec<scalar_t, V>*>(gy + i) = gyv;
+    }
+  } else {
+    for (int64_t i = threadIdx.x; i < D; i += kThreads) {
+      acc_t a, b;
+      grads(acc_t(x[i]), acc_t(y[i]), a, b);
+      if (gx) gx[i] = static_cast<scalar_t>(a);
+      if (gy) gy[i] = static_cast<scalar_t>(b);
+    }
+  }
+}
+
+template <int kMode, typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    flat_fused_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y, scalar_t* __restrict__ grad_x,
+                      scalar_t* __restrict__ grad_y, acc_type<scalar_t>* __restrict__ partials, int* __restrict__ counts,
+                      acc_type<scalar_t>* __restrict__ losses, int64_t D, int64_t chunk, int n_chunks, double weight,
+                      bool vectorized) {
+  using acc_t = acc_type<scalar_t>;
   const int64_t n = blockIdx.x;
   const int c = blockIdx.y;
   const scalar_t* xs = x + n * D;
   const scalar_t* ys = y + n * D;
   const int64_t begin = c * chunk, end = begin + chunk < D ? begin + chunk : D;
-  acc_t s[3] = {acc_t(0), acc_t(0), acc_t(0)};
-  if (vectorized) {
-    for (int64_t i = begin + threadIdx.x * V; i < end; i += int64_t(kThreads) * V) {
-      const auto xv = *reinterpret_cast<const Vec<scalar_t, V>*>(xs + i);
-      const auto yv = *reinterpret_cast<const Vec<scalar_t, V>*>(ys + i);
-#pragma unroll
-      for (int k = 0; k < V; ++k) accumulate<kMode>(acc_t(xv.v[k]), acc_t(yv.v[k]), s);
-    }
-  } else {
-    for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) accumulate<kMode>(acc_t(xs[i]), acc_t(ys[i]), s);
+  acc_t s[kPartials] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+  for_pairs(xs, ys, begin, end, vectorized, [&](acc_t xv, acc_t yv) { accumulate<kMode>(xv, yv, s); });
+  block_reduce<4>(s);
+  store_partials(partials, n, c, n_chunks, s);
+  if (!arrived_last(counts, n, n_chunks)) return;
+
+  // ---- the last block of sample n: its loss and its gradient ----
+  acc_t sx, sy;  // the scales of x and y (mode 0: of x − y)
+  if (sample_scales(partials + n * n_chunks * kPartials, n_chunks, s, sx, sy)) {  // the sums again, scaled
+    acc_t r[kPartials] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+    for_pairs(xs, ys, 0, D, vectorized, [&](acc_t xv, acc_t yv) {
+      if (kMode == kMse) accumulate<kMode>((xv - yv) * sx, acc_t(0), r);
+      else accumulate<kMode>(xv * sx, yv * sy, r);
+    });
+    block_reduce<4>(r);
+    for (int k = 0; k < 4; ++k) s[k] = r[k];
   }
-  block_sum(s);
+  // the loss and the coefficients (times the sample's weight in the reduced loss), in thread 0, in double
+  PairResult coef{};
   if (threadIdx.x == 0) {
-    acc_t* out = partials + (n * n_chunks + c) * 3;
-    out[0] = s[0];
-    out[1] = s[1];
-    out[2] = s[2];
-  }
-}
-
-// ---- step 2: a sample's loss and gradient coefficients, one warp per sample ----
-// mode 0: coef = 2/D · (1, −1, −1, 1). Modes 1, 2, with the norms floored at eps: c0 = (2 − k_x)/‖x‖²,
-// c1 = c2 = −2/(‖x‖‖y‖), c3 = (2 − k_y)/‖y‖², where k_x = x̂·r and k_y = ŷ·(−r), r = 2(x̂ − ŷ), are the
-// projections the normalisation removes from the gradient.
-template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) finalize_kernel(const acc_t* __restrict__ partials, int n_chunks,
-                                                             int64_t D, int64_t rows, bool mse,
-                                                             acc_t* __restrict__ losses, acc_t* __restrict__ coef) {
-  const int64_t n = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
-  const int lane = threadIdx.x & 31;
-  if (n >= rows) return;  // the whole warp leaves together
-  double s[3] = {0.0, 0.0, 0.0};
-  for (int c = lane; c < n_chunks; c += 32) {
-    const acc_t* p = partials + (n * n_chunks + c) * 3;
-    s[0] += p[0];
-    s[1] += p[1];
-    s[2] += p[2];
-  }
-  for (int k = 0; k < 3; ++k) s[k] = warp_sum(s[k]);
-  if (lane != 0) return;
-  acc_t* k = coef + n * 4;
-  if (mse) {
-    losses[n] = static_cast<acc_t>(D > 0 ? s[0] / double(D) : NAN);  // the mean of no elements is NaN
-    const double scale = 2.0 / double(D);
-    k[0] = static_cast<acc_t>(scale);
-    k[1] = static_cast<acc_t>(-scale);
-    k[2] = static_cast<acc_t>(-scale);
-    k[3] = static_cast<acc_t>(scale);
-    return;
-  }
-  const double xx = s[0], yy = s[1], xy = s[2];
-  const double norm_x = sqrt(xx), norm_y = sqrt(yy);
-  // `norm < eps ? eps : norm` keeps a NaN norm NaN, as clamp_min does
-  const double inv_x = 1.0 / (norm_x < kNormEps ? kNormEps : norm_x);
-  const double inv_y = 1.0 / (norm_y < kNormEps ? kNormEps : norm_y);
-  const double xhat_xhat = xx * inv_x * inv_x, yhat_yhat = yy * inv_y * inv_y, xhat_yhat = xy * inv_x * inv_y;
-  losses[n] = static_cast<acc_t>(xhat_xhat + yhat_yhat - 2.0 * xhat_yhat);
-  // below the floor the norm is a constant, so the gradient has no projection term
-  const double proj_x = norm_x > kNormEps ? 2.0 * (xhat_xhat - xhat_yhat) : 0.0;
-  const double proj_y = norm_y > kNormEps ? 2.0 * (yhat_yhat - xhat_yhat) : 0.0;
-  const double cross = -2.0 * inv_x * inv_y;
-  k[0] = static_cast<acc_t>((2.0 - proj_x) * inv_x * inv_x);
-  k[1] = static_cast<acc_t>(cross);
-  k[2] = static_cast<acc_t>(cross);
-  k[3] = static_cast<acc_t>((2.0 - proj_y) * inv_y * inv_y);
-}
-
-// ---- step 3 (the backward), modes 0 and 1: grad_losses[n] · d loss_n / dx and / dy of one (sample, chunk) ----
-// k = grad_losses[n] · coef[n].
-template <int kMode, typename acc_t>
-__device__ __forceinline__ void pair_grad(acc_t x, acc_t y, const acc_t (&k)[4], acc_t& gx, acc_t& gy) {
-  if (kMode == kMse) {
-    // mse's coefficients are c·(1, −1, −1, 1): the difference first, exact when x and y are close
-    const acc_t d = x - y;
-    gx = d * k[0];
-    gy = -(d * k[3]);
-  } else {
-    gx = k[0] * x + k[1] * y;
-    gy = k[2] * x + k[3] * y;
-  }
-}
-
-template <int kMode, typename scalar_t>
-__global__ void __launch_bounds__(kThreads) pair_grad_kernel(const scalar_t* __restrict__ x,
-                                                              const scalar_t* __restrict__ y,
-                                                              const acc_type<scalar_t>* __restrict__ coef,
-                                                              const acc_type<scalar_t>* __restrict__ grad_losses,
-                                                              scalar_t* __restrict__ grad_x,
-                                                              scalar_t* __restrict__ grad_y, int64_t D,
-                                                              int64_t chunk, bool vectorized) {
-  using acc_t = acc_type<scalar_t>;
-  constexpr int V = vec_size<scalar_t>();
-  const int64_t n = blockIdx.x;
-  const int64_t base = n * D;
-  const int64_t begin = int64_t(blockIdx.y) * chunk, end = begin + chunk < D ? begin + chunk : D;
-  const acc_t g = grad_losses[n];
-  const acc_t k[4] = {coef[n * 4] * g, coef[n * 4 + 1] * g, coef[n * 4 + 2] * g, coef[n * 4 + 3] * g};
-  if (vectorized) {
-    for (int64_t i = base + begin + threadIdx.x * V; i < base + end; i += int64_t(kThreads) * V) {
-      const auto xv = *reinterpret_cast<const Vec<scalar_t, V>*>(x + i);
-      const auto yv = *reinterpret_cast<const Vec<scalar_t, V>*>(y + i);
-      Vec<scalar_t, V> gxv, gyv;
-#pragma unroll
-      for (int j = 0; j < V; ++j) {
-        acc_t gx, gy;
-        pair_grad<kMode>(acc_t(xv.v[j]), acc_t(yv.v[j]), k, gx, gy);
-        gxv.v[j] = static_cast<scalar_t>(gx);
-        gyv.v[j] = static_cast<scalar_t>(gy);
-      }
-      if (grad_x != nullptr) *reinterpret_cast<Vec<scalar_t, V>*>(grad_x + i) = gxv;
-      if (grad_y != nullptr) *reinterpret_cast<Vec<scalar_t, V>*>(grad_y + i) = gyv;
-    }
-  } else {
-    for (int64_t i = base + begin + threadIdx.x; i < base + end; i += kThreads) {
-      acc_t gx, gy;
-      pair_grad<kMode>(acc_t(x[i]), acc_t(y[i]), k, gx, gy);
-      if (grad_x != nullptr) grad_x[i] = static_cast<scalar_t>(gx);
-      if (grad_y != nullptr) grad_y[i] = static_cast<scalar_t>(gy);
+    if (kMode == kMse) {
+      const double largest = 1.0 / double(sx);  // mean((d·sx)²)/sx², with no square that overflows
+      losses[n] = static_cast<acc_t>(D > 0 ? double(s[3]) / double(D) * largest * largest : NAN);  // mean of none
+      const double a = 2.0 * weight / double(D);
+      coef = {0, a, -a, a, -a};
+    } else {
+      const PairResult r = normalized_pair(s[0], s[1], s[2], s[3], kNormEps * double(sx), kNormEps * double(sy));
+      losses[n] = static_cast<acc_t>(r.loss);
+      coef = r.scaled(weight);
     }
   }
+  if (grad_x == nullptr && grad_y == nullptr) return;
+  const acc_t ax = broadcast(acc_t(coef.ax)), bx = broadcast(acc_t(coef.bx));
+  const acc_t ay = broadcast(acc_t(coef.ay)), by = broadcast(acc_t(coef.by));
+  scalar_t* gxs = grad_x ? grad_x + n * D : nullptr;
+  scalar_t* gys = grad_y ? grad_y + n * D : nullptr;
+  const bool scaled = kMode != kMse && (sx != acc_t(1) || sy != acc_t(1));
+  // the whole sample, as vectors when its chunks were (vectorized implies D and both bases aligned)
+  write_grads(xs, ys, gxs, gys, D, vectorized, [&](acc_t xv, acc_t yv, acc_t& gx, acc_t& gy) {
+    if (kMode == kMse) {  // the difference first: exact when x and y are close
+      const acc_t d = xv - yv;
+      gx = d * ax;
+      gy = d * by;
+    } else if (scaled) {  // d loss / dx = sx · d loss / d(sx x)
+      xv *= sx;
+      yv *= sy;
+      gx = (ax * xv + bx * yv) * sx;
+      gy = (ay * yv + by * xv) * sy;
+    } else {
+      gx = ax * xv + bx * yv;
+      gy = ay * yv + by * xv;
+    }
+  });
 }
 
 // ---- mode 2: the attention maps and their chain rule ----
+
 // powf for float (not a promotion to double pow), pow for double
 __device__ __forceinline__ float power(float a, float p) { return powf(a, p); }
 __device__ __forceinline__ double power(double a, double p) { return pow(a, p); }
@@ -252,99 +318,170 @@ __device__ __forceinline__ acc_t abs_pow(acc_t v, acc_t p, int pow_kind) {
   return a == acc_t(0) ? acc_t(0) : power(a, p);  // NaN != 0: NaN propagates
 }
 
-// d|v|^p / dv = p |v|^(p−1) sign(v) with sign(0) = 0, as autograd through abs().pow(p) computes it: 0 at
-// v = 0 for p >= 1, and inf · 0 = NaN there for p < 1 (where |v|^p has no derivative).
+// d|v|^p / dv = p |v|^(p−1) sign(v), and 0 at v = 0 for every p: for p < 1 |v|^p has no derivative there, and 0,
+// the subgradient, keeps ReLU features (exact zeros) from giving p · inf · 0 = NaN. NaN stays NaN.
 template <typename acc_t>
 __device__ __forceinline__ acc_t abs_pow_grad(acc_t v, acc_t p, int pow_kind) {
   if (pow_kind == kPowTwo) return acc_t(2) * v;
   if (v != v) return v;
   const acc_t sign = v > acc_t(0) ? acc_t(1) : (v < acc_t(0) ? acc_t(-1) : acc_t(0));
-  if (pow_kind == kPowOne) return sign;
-  if (v == acc_t(0)) return p < acc_t(1) ? acc_t(NAN) : acc_t(0);
+  if (pow_kind == kPowOne || v == acc_t(0)) return sign;
   return p * power(fabs(v), p - acc_t(1)) * sign;
 }
 
-// Element (c, hw) of sample n of a map is at n * stride_n + c * stride_c + hw * stride_hw.
+// Element (c, hw) of a sample is at c * stride_c + hw * stride_hw; channels_last (stride_c == 1, stride_hw != 1)
+// is walked a warp per position, anything else (contiguous) a lane per position.
 struct MapLayout {
-  int64_t channels, hw, stride_n, stride_c, stride_hw;
+  int64_t channels, stride_n, stride_c, stride_hw;
+  __host__ __device__ bool channels_last() const { return stride_hw != 1 && stride_c == 1; }
 };
 
-// a[n, hw] = Σ_c |F[n, c, hw]|^p. Both walks read memory in order:
-//   kChannelsLast (channels contiguous): a warp per hw position, lanes over the channels, a warp reduction;
-//   otherwise (hw contiguous): a block per tile of 32 hw positions, lanes over the positions, the 8 warps
-//   over interleaved channels, then a reduction across warps through shared memory.
-template <bool kChannelsLast, typename scalar_t>
-__global__ void __launch_bounds__(kThreads) attention_map_kernel(const scalar_t* __restrict__ f, MapLayout l,
-                                                                  acc_type<scalar_t> p, int pow_kind,
-                                                                  acc_type<scalar_t>* __restrict__ a) {
+// a[j] = Σ_c |scale · F[c, h0 + j]|^p for the tile's kTile positions (0 past hw), into shared `a`; returns this
+// thread's largest |F| seen. Ends with a barrier, so `a` is complete for every thread.
+template <typename scalar_t>
+__device__ acc_type<scalar_t> map_tile(const scalar_t* f, const MapLayout& l, int64_t h0, int64_t hw,
+                                       acc_type<scalar_t> scale, acc_type<scalar_t> p, int pow_kind,
+                                       acc_type<scalar_t>* a) {
   using acc_t = acc_type<scalar_t>;
-  const scalar_t* fs = f + int64_t(blockIdx.x) * l.stride_n;
-  acc_t* as = a + int64_t(blockIdx.x) * l.hw;
+  __shared__ acc_t part[kWarps][kTile];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (kChannelsLast) {
-    for (int64_t hw = int64_t(blockIdx.y) * kWarps + warp; hw < l.hw; hw += int64_t(gridDim.y) * kWarps) {
-      const scalar_t* col = fs + hw * l.stride_hw;
+  acc_t largest = 0;
+  if (l.channels_last()) {  // warp w takes positions w, w + 8, ...; lanes over the contiguous channels
+    for (int j = warp; j < kTile; j += kWarps) {
       acc_t sum = 0;
-      for (int64_t c = lane; c < l.channels; c += 32) sum += abs_pow(acc_t(col[c * l.stride_c]), p, pow_kind);
+      if (h0 + j < hw) {
+        const scalar_t* col = f + (h0 + j) * l.stride_hw;
+        for (int64_t c = lane; c < l.channels; c += 32) {
+          const acc_t v = acc_t(col[c * l.stride_c]);
+          sum += abs_pow(v * scale, p, pow_kind);
+          largest = fmax(largest, fabs(v));
+        }
+      }
       sum = warp_sum(sum);
-      if (lane == 0) as[hw] = sum;
+      if (lane == 0) a[j] = sum;
     }
-  } else {
-    __shared__ acc_t partial[kWarps][32];
-    for (int64_t tile = int64_t(blockIdx.y) * 32; tile < l.hw; tile += int64_t(gridDim.y) * 32) {
-      const int64_t hw = tile + lane;
-      acc_t sum = 0;
-      if (hw < l.hw) {
-        const scalar_t* row = fs + hw * l.stride_hw;
-        for (int64_t c = warp; c < l.channels; c += kWarps) sum += abs_pow(acc_t(row[c * l.stride_c]), p, pow_kind);
+  } else {  // lane j takes position h0 + j; the warps interleave the channels, then add across warps
+    acc_t sum = 0;
+    if (h0 + lane < hw) {
+      const scalar_t* row = f + (h0 + lane) * l.stride_hw;
+      for (int64_t c = warp; c < l.channels; c += kWarps) {
+        const acc_t v = acc_t(row[c * l.stride_c]);
+        sum += abs_pow(v * scale, p, pow_kind);
+        largest = fmax(largest, fabs(v));
       }
-      partial[warp][lane] = sum;
-      __syncthreads();
-      if (warp == 0 && hw < l.hw) {
-        acc_t total = 0;
+    }
+    part[warp][lane] = sum;
+    __syncthreads();
+    if (warp == 0) {
+      acc_t total = 0;
 #pragma unroll
-        for (int w = 0; w < kWarps; ++w) total += partial[w][lane];
-        as[hw] = total;
-      }
-      __syncthreads();  // `partial` is reused by the next tile
+      for (int w = 0; w < kWarps; ++w) total += part[w][lane];
+      a[lane] = total;
     }
+  }
+  __syncthreads();
+  return largest;
+}
+
+// grad[c, h0 + j] = scale · g[j] · d|F'|^p/dF' at F' = scale · F[c, h0 + j], for the tile; grad has its own
+// strides (those of empty_like(F): the same walk writes it in order).
+template <typename scalar_t>
+__device__ void grad_tile(const scalar_t* f, const MapLayout& l, scalar_t* grad, int64_t g_stride_c,
+                          int64_t g_stride_hw, int64_t h0, int64_t hw, const acc_type<scalar_t>* g,
+                          acc_type<scalar_t> scale, acc_type<scalar_t> p, int pow_kind) {
+  using acc_t = acc_type<scalar_t>;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  auto write = [&](int64_t c, int j) {
+    const acc_t v = acc_t(f[c * l.stride_c + (h0 + j) * l.stride_hw]);
+    grad[c * g_stride_c + (h0 + j) * g_stride_hw] = static_cast<scalar_t>(g[j] * abs_pow_grad(v * scale, p, pow_kind) * scale);
+  };
+  if (l.channels_last()) {
+    for (int j = warp; j < kTile && h0 + j < hw; j += kWarps)
+      for (int64_t c = lane; c < l.channels; c += 32) write(c, j);
+  } else if (h0 + lane < hw) {
+    for (int64_t c = warp; c < l.channels; c += kWarps) write(c, lane);
   }
 }
 
-// The backward of mode 2 for one map (self_index 0: student, 1: teacher):
-//   grad[n, c, hw] = grad_losses[n] · dL/da[n, hw] · p |F|^(p−1) sign(F),
-// dL/da_s = c0 a_s + c1 a_t and dL/da_t = c2 a_s + c3 a_t. The gradient has its own strides (those of
-// empty_like(F), so the same walk writes it in order). Threads are laid out as in attention_map_kernel.
-template <bool kChannelsLast, typename scalar_t>
-__global__ void __launch_bounds__(kThreads) attention_grad_kernel(
-    const scalar_t* __restrict__ f, MapLayout l, scalar_t* __restrict__ grad, int64_t g_stride_n,
-    int64_t g_stride_c, int64_t g_stride_hw, const acc_type<scalar_t>* __restrict__ a_s,
-    const acc_type<scalar_t>* __restrict__ a_t, const acc_type<scalar_t>* __restrict__ coef,
-    const acc_type<scalar_t>* __restrict__ grad_losses, int self_index, acc_type<scalar_t> p, int pow_kind) {
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    attention_fused_kernel(const scalar_t* __restrict__ s, MapLayout ls, const scalar_t* __restrict__ t, MapLayout lt,
+                           scalar_t* __restrict__ grad_s, MapLayout gls, scalar_t* __restrict__ grad_t, MapLayout glt,
+                           acc_type<scalar_t>* __restrict__ maps, acc_type<scalar_t>* __restrict__ partials,
+                           int* __restrict__ counts, acc_type<scalar_t>* __restrict__ losses, int64_t hw,
+                           int n_chunks, acc_type<scalar_t> p, int pow_kind, double weight) {
   using acc_t = acc_type<scalar_t>;
+  __shared__ acc_t a_s[kTile], a_t[kTile];
   const int64_t n = blockIdx.x;
-  const acc_t g = grad_losses[n];
-  const acc_t k_s = coef[n * 4 + 2 * self_index] * g, k_t = coef[n * 4 + 2 * self_index + 1] * g;
-  const scalar_t* fs = f + n * l.stride_n;
-  scalar_t* gs = grad + n * g_stride_n;
+  const int c = blockIdx.y;
+  const scalar_t* ss = s + n * ls.stride_n;
+  const scalar_t* ts = t + n * lt.stride_n;
+  acc_t* map_s = maps + n * 2 * hw;  // the student's map of sample n, then the teacher's
+  acc_t* map_t = map_s + hw;
+  const int64_t h0 = int64_t(c) * kTile;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  auto grad_a = [&](int64_t hw) { return k_s * a_s[n * l.hw + hw] + k_t * a_t[n * l.hw + hw]; };
-  auto write = [&](int64_t c, int64_t hw, acc_t ga) {
-    const acc_t v = acc_t(fs[c * l.stride_c + hw * l.stride_hw]);
-    gs[c * g_stride_c + hw * g_stride_hw] = static_cast<scalar_t>(ga * abs_pow_grad(v, p, pow_kind));
-  };
-  if (kChannelsLast) {
-    for (int64_t hw = int64_t(blockIdx.y) * kWarps + warp; hw < l.hw; hw += int64_t(gridDim.y) * kWarps) {
-      const acc_t ga = grad_a(hw);
-      for (int64_t c = lane; c < l.channels; c += 32) write(c, hw, ga);
+
+  acc_t st[kPartials] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+  st[4] = map_tile(ss, ls, h0, hw, acc_t(1), p, pow_kind, a_s);
+  st[5] = map_tile(ts, lt, h0, hw, acc_t(1), p, pow_kind, a_t);
+  if (warp == 0) {
+    const acc_t x = a_s[lane], y = a_t[lane];
+    if (h0 + lane < hw) {
+      map_s[h0 + lane] = x;
+      map_t[h0 + lane] = y;
     }
-  } else {
-    for (int64_t tile = int64_t(blockIdx.y) * 32; tile < l.hw; tile += int64_t(gridDim.y) * 32) {
-      const int64_t hw = tile + lane;
-      if (hw >= l.hw) continue;
-      const acc_t ga = grad_a(hw);
-      for (int64_t c = warp; c < l.channels; c += kWarps) write(c, hw, ga);
+    st[0] = x * x;  // 0 past hw
+    st[1] = y * y;
+    st[2] = x * y;
+    st[3] = (x - y) * (x - y);
+  }
+  block_reduce<4>(st);
+  store_partials(partials, n, c, n_chunks, st);
+  if (!arrived_last(counts, n, n_chunks)) return;
+
+  // ---- the last block of sample n: its loss and its gradient ----
+  acc_t scale_s, scale_t;
+  if (sample_scales(partials + n * n_chunks * kPartials, n_chunks, st, scale_s, scale_t)) {  // maps of F/max|F|
+    acc_t r[kPartials] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+    for (int64_t h = 0; h < hw; h += kTile) {
+      map_tile(ss, ls, h, hw, scale_s, p, pow_kind, a_s);
+      map_tile(ts, lt, h, hw, scale_t, p, pow_kind, a_t);
+      if (warp == 0 && h + lane < hw) {
+        const acc_t x = a_s[lane], y = a_t[lane];
+        map_s[h + lane] = x;
+        map_t[h + lane] = y;
+        r[0] += x * x;
+        r[1] += y * y;
+        r[2] += x * y;
+        r[3] += (x - y) * (x - y);
+      }
+      __syncthreads();  // a_s, a_t are reused by the next tile
     }
+    block_reduce<4>(r);
+    for (int k = 0; k < 4; ++k) st[k] = r[k];
+  }
+  PairResult coef{};
+  if (threadIdx.x == 0) {  // the maps scale by scale^p, and so do their norm floors
+    const PairResult r = normalized_pair(st[0], st[1], st[2], st[3], kNormEps * pow(double(scale_s), double(p)),
+                                         kNormEps * pow(double(scale_t), double(p)));
+    losses[n] = static_cast<acc_t>(r.loss);
+    coef = r.scaled(weight);
+  }
+  if (grad_s == nullptr && grad_t == nullptr) return;
+  const acc_t ax = broadcast(acc_t(coef.ax)), bx = broadcast(acc_t(coef.bx));
+  const acc_t ay = broadcast(acc_t(coef.ay)), by = broadcast(acc_t(coef.by));
+  __shared__ acc_t g_s[kTile], g_t[kTile];
+  for (int64_t h = 0; h < hw; h += kTile) {
+    if (warp == 0) {  // dL/da over the tile, from the maps (written by other blocks: past L1)
+      const acc_t x = h + lane < hw ? __ldcg(map_s + h + lane) : acc_t(0);
+      const acc_t y = h + lane < hw ? __ldcg(map_t + h + lane) : acc_t(0);
+      g_s[lane] = ax * x + bx * y;
+      g_t[lane] = ay * y + by * x;
+    }
+    __syncthreads();
+    if (grad_s) grad_tile(ss, ls, grad_s + n * gls.stride_n, gls.stride_c, gls.stride_hw, h, hw, g_s, scale_s, p, pow_kind);
+    if (grad_t) grad_tile(ts, lt, grad_t + n * glt.stride_n, glt.stride_c, glt.stride_hw, h, hw, g_t, scale_t, p, pow_kind);
+    __syncthreads();  // g_s, g_t are reused by the next tile
   }
 }
 
@@ -355,11 +492,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // A size-1 dim may carry any stride: hw = h*W + w steps by W's stride unless W == 1.
 int64_t hw_stride(const at::Tensor& x) { return x.size(3) > 1 ? x.stride(3) : x.stride(2); }
 
-MapLayout map_layout(const at::Tensor& x) {
-  return {x.size(1), x.size(2) * x.size(3), x.stride(0), x.stride(1), hw_stride(x)};
-}
-
-bool channels_last_walk(const MapLayout& l) { return l.stride_hw != 1 && l.stride_c == 1; }
+MapLayout map_layout(const at::Tensor& x) { return {x.size(1), x.stride(0), x.stride(1), hw_stride(x)}; }
 
 struct Launch {
   int64_t chunk;
@@ -392,150 +525,74 @@ bool can_vectorize(int64_t size, const Launch& launch, std::initializer_list<con
   return true;
 }
 
-// Steps 1 and 2 for n samples of `size` elements at x, y (the modes 0/1 inputs, or the two attention maps).
-template <typename scalar_t>
-void pair_stats(const scalar_t* x, const scalar_t* y, int64_t n, int64_t size, int mode, int device,
-                const at::Tensor& losses, const at::Tensor& coeffs, cudaStream_t stream) {
-  using acc_t = acc_type<scalar_t>;
-  const Launch launch = chunking(size, n, device, vec_size<scalar_t>());
-  at::Tensor partials = at::empty({n, launch.n_chunks, 3}, losses.options());
-  const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(launch.n_chunks));
-  const auto partials_kernel = mode == kMse ? pair_partials_kernel<kMse, scalar_t>
-                                             : pair_partials_kernel<kNormalized, scalar_t>;
-  partials_kernel<<<grid, kThreads, 0, stream>>>(x, y, partials.mutable_data_ptr<acc_t>(), size, launch.chunk,
-                                                 launch.n_chunks, can_vectorize<scalar_t>(size, launch, {x, y}));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  finalize_kernel<acc_t><<<static_cast<unsigned>(ceil_div(n, kWarps)), kThreads, 0, stream>>>(
-      partials.const_data_ptr<acc_t>(), launch.n_chunks, size, n, mode == kMse, losses.mutable_data_ptr<acc_t>(),
-      coeffs.mutable_data_ptr<acc_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-dim3 attention_grid(const MapLayout& l, int64_t n) {
-  const int64_t per_block = channels_last_walk(l) ? kWarps : 32;  // hw positions per block
-  return dim3(static_cast<unsigned>(n), static_cast<unsigned>(std::clamp<int64_t>(ceil_div(l.hw, per_block), 1,
-                                                                                  kMaxGridY)));
-}
-
-template <typename scalar_t>
-void launch_attention_map(const at::Tensor& f, acc_type<scalar_t> p, int pow_kind, at::Tensor& a,
-                          cudaStream_t stream) {
-  const MapLayout l = map_layout(f);
-  const dim3 grid = attention_grid(l, f.size(0));
-  const scalar_t* base = f.const_data_ptr<scalar_t>();
-  acc_type<scalar_t>* out = a.mutable_data_ptr<acc_type<scalar_t>>();
-  if (channels_last_walk(l)) {
-    attention_map_kernel<true, scalar_t><<<grid, kThreads, 0, stream>>>(base, l, p, pow_kind, out);
-  } else {
-    attention_map_kernel<false, scalar_t><<<grid, kThreads, 0, stream>>>(base, l, p, pow_kind, out);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename scalar_t>
-void launch_attention_grad(const at::Tensor& f, at::Tensor& grad, const at::Tensor& map_s, const at::Tensor& map_t,
-                           const at::Tensor& coeffs, const at::Tensor& grad_losses, int self_index,
-                           acc_type<scalar_t> p, int pow_kind, cudaStream_t stream) {
-  using acc_t = acc_type<scalar_t>;
-  const MapLayout l = map_layout(f);
-  const dim3 grid = attention_grid(l, f.size(0));
-  const auto kernel = channels_last_walk(l) ? attention_grad_kernel<true, scalar_t>
-                                            : attention_grad_kernel<false, scalar_t>;
-  kernel<<<grid, kThreads, 0, stream>>>(f.const_data_ptr<scalar_t>(), l, grad.mutable_data_ptr<scalar_t>(),
-                                        grad.stride(0), grad.stride(1), hw_stride(grad),
-                                        map_s.const_data_ptr<acc_t>(), map_t.const_data_ptr<acc_t>(),
-                                        coeffs.const_data_ptr<acc_t>(), grad_losses.const_data_ptr<acc_t>(),
-                                        self_index, p, pow_kind);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 int pow_kind_of(double p) { return p == 2.0 ? kPowTwo : (p == 1.0 ? kPowOne : kPowAny); }
+
+// The per-sample losses reduced as `reduction` says (the mean of no samples is NaN, as torch.mean).
+at::Tensor reduce_losses(const at::Tensor& losses, int64_t reduction) {
+  if (reduction == kReduceNone) return losses;
+  return reduction == kReduceMean ? losses.mean() : losses.sum();
+}
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> feature_distance_fwd_cuda(const at::Tensor& student,
-                                                                                     const at::Tensor& teacher,
-                                                                                     int64_t mode, double p) {
-  check_feature_distance_inputs("feature_distance_fwd", student, teacher, mode, p, c10::DeviceType::CUDA);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_distance_fwd_cuda(const at::Tensor& student,
+                                                                        const at::Tensor& teacher, int64_t mode,
+                                                                        double p, int64_t reduction, bool grad_student,
+                                                                        bool grad_teacher) {
+  check_feature_distance_inputs("feature_distance_fwd", student, teacher, mode, p, reduction, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(student.device());
   const int64_t n = student.size(0);
   const auto acc_options = student.options().dtype(accumulate_dtype(student));
-  const int64_t hw = mode == kAttention ? student.size(2) * student.size(3) : 0;
   at::Tensor losses = at::empty({n}, acc_options);
-  at::Tensor coeffs = at::empty({n, 4}, acc_options);
-  at::Tensor map_s = mode == kAttention ? at::empty({n, hw}, acc_options) : at::empty({0}, acc_options);
-  at::Tensor map_t = mode == kAttention ? at::empty({n, hw}, acc_options) : at::empty({0}, acc_options);
-  if (n == 0) return {losses, coeffs, map_s, map_t};
-
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int device = student.get_device();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "feature_distance_fwd_cuda", [&] {
-    using acc_t = acc_type<scalar_t>;
-    if (mode != kAttention) {
-      // modes 0, 1: sample i is the flat block [i * D, (i + 1) * D) of both tensors, in the same order
-      pair_stats<scalar_t>(student.const_data_ptr<scalar_t>(), teacher.const_data_ptr<scalar_t>(), n,
-                           student.numel() / n, static_cast<int>(mode), device, losses, coeffs, stream);
-      return;
-    }
-    const acc_t p_acc = static_cast<acc_t>(p);
-    launch_attention_map<scalar_t>(student, p_acc, pow_kind_of(p), map_s, stream);
-    launch_attention_map<scalar_t>(teacher, p_acc, pow_kind_of(p), map_t, stream);
-    pair_stats<acc_t>(map_s.const_data_ptr<acc_t>(), map_t.const_data_ptr<acc_t>(), n, hw, kNormalized, device,
-                      losses, coeffs, stream);
-  });
-  return {losses, coeffs, map_s, map_t};
-}
-
-std::tuple<at::Tensor, at::Tensor> feature_distance_bwd_cuda(const at::Tensor& grad_losses, const at::Tensor& student,
-                                                             const at::Tensor& teacher, const at::Tensor& coeffs,
-                                                             const at::Tensor& map_s, const at::Tensor& map_t,
-                                                             int64_t mode, double p, bool grad_student,
-                                                             bool grad_teacher) {
-  check_feature_distance_inputs("feature_distance_bwd", student, teacher, mode, p, c10::DeviceType::CUDA);
-  check_feature_distance_saved(grad_losses, coeffs, map_s, map_t, student, mode);
-  const int64_t n = student.size(0);
-  const c10::cuda::CUDAGuard guard(student.device());
   // empty_like keeps the input's strides (contiguous or channels_last), as the Python fake does
   at::Tensor grad_s = grad_student ? at::empty_like(student) : at::empty({0}, student.options());
   at::Tensor grad_t = grad_teacher ? at::empty_like(teacher) : at::empty({0}, teacher.options());
-  if (n == 0 || !(grad_student || grad_teacher)) return {grad_s, grad_t};
+  if (n == 0) return {reduce_losses(losses, reduction), grad_s, grad_t};
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int device = student.get_device();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "feature_distance_bwd_cuda", [&] {
+  const double weight = sample_weight(reduction, n);
+  at::Tensor counts = at::zeros({n}, student.options().dtype(at::kInt));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "feature_distance_fwd_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
+    scalar_t* gs = grad_student ? grad_s.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gt = grad_teacher ? grad_t.mutable_data_ptr<scalar_t>() : nullptr;
     if (mode != kAttention) {
-      // one pass reads x and y once and writes both gradients
+      // modes 0, 1: sample i is the flat block [i * D, (i + 1) * D) of both tensors, in the same order
       const int64_t size = student.numel() / n;
       const Launch launch = chunking(size, n, device, vec_size<scalar_t>());
+      at::Tensor partials = at::empty({n, launch.n_chunks, kPartials}, acc_options);
       const scalar_t* x = student.const_data_ptr<scalar_t>();
       const scalar_t* y = teacher.const_data_ptr<scalar_t>();
-      scalar_t* gx = grad_student ? grad_s.mutable_data_ptr<scalar_t>() : nullptr;
-      scalar_t* gy = grad_teacher ? grad_t.mutable_data_ptr<scalar_t>() : nullptr;
       const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(launch.n_chunks));
-      const auto kernel = mode == kMse ? pair_grad_kernel<kMse, scalar_t> : pair_grad_kernel<kNormalized, scalar_t>;
-      kernel<<<grid, kThreads, 0, stream>>>(x, y, coeffs.const_data_ptr<acc_t>(), grad_losses.const_data_ptr<acc_t>(),
-                                            gx, gy, size, launch.chunk,
-                                            can_vectorize<scalar_t>(size, launch, {x, y, gx, gy}));
+      const auto kernel = mode == kMse ? flat_fused_kernel<kMse, scalar_t> : flat_fused_kernel<kNormalized, scalar_t>;
+      kernel<<<grid, kThreads, 0, stream>>>(x, y, gs, gt, partials.mutable_data_ptr<acc_t>(),
+                                            counts.mutable_data_ptr<int>(), losses.mutable_data_ptr<acc_t>(), size,
+                                            launch.chunk, launch.n_chunks, weight,
+                                            can_vectorize<scalar_t>(size, launch, {x, y, gs, gt}));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
-    const acc_t p_acc = static_cast<acc_t>(p);
-    if (grad_student) {
-      launch_attention_grad<scalar_t>(student, grad_s, map_s, map_t, coeffs, grad_losses, 0, p_acc, pow_kind_of(p),
-                                      stream);
-    }
-    if (grad_teacher) {
-      launch_attention_grad<scalar_t>(teacher, grad_t, map_s, map_t, coeffs, grad_losses, 1, p_acc, pow_kind_of(p),
-                                      stream);
-    }
+    const int64_t hw = student.size(2) * student.size(3);
+    const int n_chunks = static_cast<int>(std::max<int64_t>(1, ceil_div(hw, kTile)));
+    TORCH_CHECK(n_chunks <= kMaxGridY, "feature_distance_fwd: H·W = ", hw, " is more than this kernel's ",
+                int64_t(kMaxGridY) * kTile, " positions");
+    at::Tensor partials = at::empty({n, n_chunks, kPartials}, acc_options);
+    at::Tensor maps = at::empty({n, 2, hw}, acc_options);
+    const MapLayout no_grad{0, 0, 0, 1};
+    const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(n_chunks));
+    attention_fused_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+        student.const_data_ptr<scalar_t>(), map_layout(student), teacher.const_data_ptr<scalar_t>(),
+        map_layout(teacher), gs, gs ? map_layout(grad_s) : no_grad, gt, gt ? map_layout(grad_t) : no_grad,
+        maps.mutable_data_ptr<acc_t>(), partials.mutable_data_ptr<acc_t>(), counts.mutable_data_ptr<int>(),
+        losses.mutable_data_ptr<acc_t>(), hw, n_chunks, static_cast<acc_t>(p), pow_kind_of(p), weight);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {grad_s, grad_t};
+  return {reduce_losses(losses, reduction), grad_s, grad_t};
 }
 
 TORCH_LIBRARY_IMPL(rkd_fast, CUDA, m) {
   m.impl("feature_distance_fwd", &feature_distance_fwd_cuda);
-  m.impl("feature_distance_bwd", &feature_distance_bwd_cuda);
 }
 
 }  // namespace rkd_fast

@@ -1,5 +1,5 @@
 // C++ test of the CPU kernels, called directly (not through the dispatcher: the op schemas are defined in
-// Python). Each result (the forward's losses, the backward's gradients scaled by an upstream gradient) is
+// Python). Each result (the losses and the gradients the forward computes with them, for every reduction) is
 // compared with a naive scalar loop in double; exits non-zero on any mismatch.
 // Run by ctest (CMakeLists.txt).
 #include <ATen/ATen.h>
@@ -136,50 +136,40 @@ Naive naive_attention(const at::Tensor& student, const at::Tensor& teacher, doub
   return out;
 }
 
-// want's per-sample gradient times grad_losses[i], the backward's result.
-at::Tensor scaled(const at::Tensor& grad, const at::Tensor& grad_losses) {
-  std::vector<int64_t> shape(grad.dim(), 1);
-  shape[0] = -1;
-  return grad * grad_losses.to(at::kDouble).view(shape);
-}
-
 void check_case(const std::string& name, const at::Tensor& s, const at::Tensor& t, int64_t mode, double p) {
   const bool fp32 = s.scalar_type() == at::kFloat;
   const auto acc = fp32 ? at::kFloat : at::kDouble;
   const double rtol = fp32 ? 1e-4 : 1e-10, atol = fp32 ? 1e-6 : 1e-12;
   const Naive want = mode == 2 ? naive_attention(s, t, p) : naive_flat(s, t, mode);
-  const auto [losses, coeffs, map_s, map_t] = rkd_fast::feature_distance_fwd_cpu(s, t, mode, p);
-  expect(losses.scalar_type() == acc && coeffs.scalar_type() == acc, name + ": loss and coeffs dtype");
-  expect(coeffs.sizes() == at::IntArrayRef({s.size(0), 4}) && coeffs.is_contiguous(), name + ": coeffs shape");
-  const std::vector<int64_t> map_shape =
-      mode == 2 ? std::vector<int64_t>{s.size(0), s.size(2) * s.size(3)} : std::vector<int64_t>{0};
-  expect(map_s.sizes() == map_shape && map_t.sizes() == map_shape && map_s.scalar_type() == acc,
-         name + ": map shapes");
-  expect_close(losses, at::tensor(want.loss, at::kDouble), rtol, atol, name + ": losses");
-
-  // The backward scales by an upstream gradient that differs per sample (one negative, to catch a lost sign).
-  at::Tensor grad_losses = at::rand({s.size(0)}, at::TensorOptions().dtype(acc)) + 0.5;
-  if (s.size(0) > 1) grad_losses[1].fill_(-2.0);
-  const at::Tensor want_s = scaled(want.grad_s, grad_losses), want_t = scaled(want.grad_t, grad_losses);
+  const at::Tensor want_losses = at::tensor(want.loss, at::kDouble);
   // Gradient tolerance relative to the largest entry: the entries are differences of similar terms.
-  const double gs_scale = want_s.numel() ? want_s.abs().max().item<double>() : 0;
-  const double gt_scale = want_t.numel() ? want_t.abs().max().item<double>() : 0;
+  const double gs_scale = want.grad_s.numel() ? want.grad_s.abs().max().item<double>() : 0;
+  const double gt_scale = want.grad_t.numel() ? want.grad_t.abs().max().item<double>() : 0;
+  const int64_t n = s.size(0);
   for (const auto& [need_s, need_t] : {std::pair{true, true}, std::pair{true, false}, std::pair{false, true}}) {
-    const std::string which = std::string(need_s ? " grad_student" : "") + (need_t ? " grad_teacher" : "");
-    const auto [grad_s, grad_t] =
-        rkd_fast::feature_distance_bwd_cpu(grad_losses, s, t, coeffs, map_s, map_t, mode, p, need_s, need_t);
-    if (need_s) {
-      // The gradients keep the inputs' dtype and strides (channels_last stays channels_last).
-      expect(grad_s.scalar_type() == s.scalar_type() && grad_s.strides() == s.strides(), name + which + ": grad_s layout");
-      expect_close(grad_s, want_s, rtol, atol + rtol * gs_scale, name + which + ": grad_student");
-    } else {
-      expect(grad_s.numel() == 0 && grad_s.dim() == 1, name + which + ": grad_student empty");
-    }
-    if (need_t) {
-      expect(grad_t.scalar_type() == t.scalar_type() && grad_t.strides() == t.strides(), name + which + ": grad_t layout");
-      expect_close(grad_t, want_t, rtol, atol + rtol * gt_scale, name + which + ": grad_teacher");
-    } else {
-      expect(grad_t.numel() == 0 && grad_t.dim() == 1, name + which + ": grad_teacher empty");
+    for (int64_t reduction : {rkd_fast::kReduceNone, rkd_fast::kReduceMean, rkd_fast::kReduceSum}) {
+      const std::string which = std::string(need_s ? " grad_student" : "") + (need_t ? " grad_teacher" : "") +
+                                " reduction " + std::to_string(reduction);
+      const auto [loss, grad_s, grad_t] = rkd_fast::feature_distance_fwd_cpu(s, t, mode, p, reduction, need_s, need_t);
+      expect(loss.scalar_type() == acc, name + which + ": loss dtype");
+      const at::Tensor want_loss = reduction == rkd_fast::kReduceNone ? want_losses
+                                   : reduction == rkd_fast::kReduceSum ? want_losses.sum() : want_losses.mean();
+      expect_close(loss, want_loss, rtol, atol, name + which + ": loss");
+      // The gradients are those of the reduced loss: the per-sample ones over N for the mean.
+      const double w = reduction == rkd_fast::kReduceMean ? 1.0 / n : 1.0;
+      if (need_s) {
+        // The gradients keep the inputs' dtype and strides (channels_last stays channels_last).
+        expect(grad_s.scalar_type() == s.scalar_type() && grad_s.strides() == s.strides(), name + which + ": grad_s layout");
+        expect_close(grad_s, want.grad_s * w, rtol, atol + rtol * gs_scale * w, name + which + ": grad_student");
+      } else {
+        expect(grad_s.numel() == 0 && grad_s.dim() == 1, name + which + ": grad_student empty");
+      }
+      if (need_t) {
+        expect(grad_t.scalar_type() == t.scalar_type() && grad_t.strides() == t.strides(), name + which + ": grad_t layout");
+        expect_close(grad_t, want.grad_t * w, rtol, atol + rtol * gt_scale * w, name + which + ": grad_teacher");
+      } else {
+        expect(grad_t.numel() == 0 && grad_t.dim() == 1, name + which + ": grad_teacher empty");
+      }
     }
   }
 }
@@ -226,37 +216,32 @@ int main() {
   }
   // A sample below the norm floor: the clamp passes no gradient, as in x / x.norm().clamp_min(1e-12).
   check_case("normalized zero student", at::zeros({2, 50}), at::randn({2, 50}), 1, 2.0);
+  // Values whose squares overflow float (|x| ~ 1e18): the same answer as the naive double loop.
+  check_case("normalized 1e18", at::randn({2, 64, 16, 16}) * 1e18, at::randn({2, 64, 16, 16}) * 1e18, 1, 2.0);
+  check_case("mse 1e18", at::randn({2, 300}) * 1e18, at::randn({2, 300}) * 1e18, 0, 2.0);
+  check_case("attention p=4 3e4", at::randn({2, 16, 8, 8}) * 3e4, at::randn({2, 16, 8, 8}) * 3e4, 2, 4.0);
   // N = 0: empty outputs.
   {
     const at::Tensor s = at::randn({0, 3, 4, 4});
     for (int64_t mode = 0; mode < 3; ++mode) {
-      const auto [losses, coeffs, map_s, map_t] = rkd_fast::feature_distance_fwd_cpu(s, s, mode, 2.0);
-      const auto [grad_s, grad_t] = rkd_fast::feature_distance_bwd_cpu(at::empty({0}), s, s, coeffs, map_s, map_t,
-                                                                       mode, 2.0, true, false);
-      expect(losses.dim() == 1 && losses.numel() == 0 && coeffs.sizes() == at::IntArrayRef({0, 4}) &&
-                 grad_s.sizes() == s.sizes() && grad_t.numel() == 0,
+      const auto [loss, grad_s, grad_t] =
+          rkd_fast::feature_distance_fwd_cpu(s, s, mode, 2.0, rkd_fast::kReduceNone, true, false);
+      expect(loss.dim() == 1 && loss.numel() == 0 && grad_s.sizes() == s.sizes() && grad_t.numel() == 0,
              std::string(mode_names[mode]) + ": N = 0");
     }
   }
-  // Non-finite input reaches the loss and, in mode normalized, the coefficients and so the gradients; the
-  // other sample stays finite.
+  // Non-finite input reaches the loss and, in mode normalized, the gradients; the other sample stays finite.
   {
     at::Tensor s = at::randn({2, 30}), t = at::randn({2, 30});
     s[1][3].fill_(std::nan(""));
     for (int64_t mode = 0; mode < 2; ++mode) {
-      const auto [losses, coeffs, map_s, map_t] = rkd_fast::feature_distance_fwd_cpu(s, t, mode, 2.0);
-      const at::Tensor grad_s = std::get<0>(
-          rkd_fast::feature_distance_bwd_cpu(at::ones({2}), s, t, coeffs, map_s, map_t, mode, 2.0, true, false));
+      const auto [losses, grad_s, grad_t] =
+          rkd_fast::feature_distance_fwd_cpu(s, t, mode, 2.0, rkd_fast::kReduceNone, true, false);
       expect(std::isfinite(losses[0].item<double>()) && std::isnan(losses[1].item<double>()),
              std::string(mode_names[mode]) + ": NaN propagates to the loss");
       expect(grad_s[0].isfinite().all().item<bool>() && grad_s[1].isnan().any().item<bool>(),
              std::string(mode_names[mode]) + ": NaN propagates to the gradient");
     }
-    // NaN coefficients give NaN gradients everywhere in their sample.
-    const at::Tensor nan_coeffs = at::full({2, 4}, std::nan(""));
-    const at::Tensor grad_s = std::get<0>(rkd_fast::feature_distance_bwd_cpu(
-        at::ones({2}), t, t, nan_coeffs, at::empty({0}), at::empty({0}), 1, 2.0, true, false));
-    expect(grad_s.isnan().all().item<bool>(), "normalized: NaN coefficients give NaN gradients");
   }
   // Inputs the kernels do not take raise c10::Error.
   const auto throws = [](const auto& fn) {
@@ -267,14 +252,16 @@ int main() {
     }
     return false;
   };
-  expect(throws([] { rkd_fast::feature_distance_fwd_cpu(at::randn({2, 3}), at::randn({2, 3}, at::kDouble), 0, 2.0); }),
+  expect(throws([] {
+           rkd_fast::feature_distance_fwd_cpu(at::randn({2, 3}), at::randn({2, 3}, at::kDouble), 0, 2.0,
+                                              rkd_fast::kReduceMean, true, true);
+         }),
          "mixed dtypes are rejected");
   expect(throws([] {
            const at::Tensor x = at::randn({2, 3});
-           rkd_fast::feature_distance_bwd_cpu(at::ones({2}), x, x, at::ones({2, 3}), at::empty({0}), at::empty({0}),
-                                              1, 2.0, true, true);
+           rkd_fast::feature_distance_fwd_cpu(x, x, 1, 2.0, 3, true, true);
          }),
-         "coefficients of the wrong shape are rejected");
+         "a reduction out of range is rejected");
 
   if (failures) {
     std::printf("%d check(s) failed\n", failures);

@@ -1,13 +1,16 @@
-"""What every op shares: argument checks that raise clear Python errors, and the choice of backend."""
+"""What every op shares: argument checks that raise clear Python errors, the choice of backend, and the backward of
+a fused op (a gradient computed in the forward, scaled by the upstream gradient)."""
 
 import os
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import _extension
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 REDUCTIONS = ("mean", "sum", "none")
+REDUCTION_IDS = {name: i for i, name in enumerate(REDUCTIONS)}  # the kernels' `reduction` argument
 
 
 def check_choice(name, value, choices):
@@ -15,31 +18,41 @@ def check_choice(name, value, choices):
         raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(map(repr, choices))}")
 
 
+FLOAT_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16, torch.float64))
+
+
 def check_float_tensor(name, value):
+    if isinstance(value, torch.Tensor) and value.dtype in FLOAT_DTYPES:
+        return
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if not value.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16 or float64), "
                         f"got {value.dtype}")
-    if value.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise TypeError(f"{name} has unsupported dtype {value.dtype}")
+    raise TypeError(f"{name} has unsupported dtype {value.dtype}")
 
 
 def check_same_device(**tensors):
-    devices = {name: t.device for name, t in tensors.items() if t is not None}
-    if len(set(devices.values())) > 1:
-        listing = ", ".join(f"{name} on {device}" for name, device in devices.items())
+    devices = [t.device for t in tensors.values() if t is not None]
+    if any(device != devices[0] for device in devices):
+        listing = ", ".join(f"{name} on {t.device}" for name, t in tensors.items() if t is not None)
         raise ValueError(f"inputs must be on the same device, got {listing}")
+
+
+_REGISTERED = {}  # (op_name, dispatch_key) -> bool, asked once: the library is loaded before the first question
 
 
 @torch.compiler.assume_constant_result  # a fact about the loaded library: torch.compile reads it at trace time
 def _kernel_registered(op_name, dispatch_key):
     # An extension built before an op's kernels existed loads fine but has no kernel for it: the op would fail
     # with NotImplementedError, so the backend counts as unavailable.
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"rkd_fast::{op_name}_fwd", dispatch_key)
-    except RuntimeError:  # the op's schema is not defined
-        return False
+    key = (op_name, dispatch_key)
+    if key not in _REGISTERED:
+        try:
+            _REGISTERED[key] = torch._C._dispatch_has_kernel_for_dispatch_key(f"rkd_fast::{op_name}_fwd", dispatch_key)
+        except RuntimeError:  # the op's schema is not defined
+            _REGISTERED[key] = False
+    return _REGISTERED[key]
 
 
 def _gpu_verified(op_name, backend):
@@ -109,3 +122,21 @@ def choose_backend(op_name, backend, device):
     if reason is not None:
         raise RuntimeError(f"{op_name}: backend {backend!r} is unavailable: {reason}")
     return backend
+
+
+def scale_by_upstream(upstream, *grads):
+    """The gradients `grads` (None where not needed), computed in the forward for an upstream gradient of one,
+    times the actual upstream gradient (0-d, or one value per index of each gradient's dim 0). Nothing is done for
+    an upstream gradient of exactly one, an unweighted loss, where that can be read for free: a plain CPU tensor
+    outside any tracing. A GPU tensor would make the host wait for the device, and a traced one (torch.compile,
+    opcheck, a dispatch mode) has no value to read, so there the product is always taken."""
+    readable = (type(upstream) is torch.Tensor and upstream.is_cpu and not torch.compiler.is_compiling()
+                and _get_current_dispatch_mode() is None)
+    if readable and (upstream.item() == 1 if upstream.dim() == 0 else bool(upstream.eq(1).all())):
+        return grads
+
+    def scaled(grad):
+        factor = upstream.to(grad.dtype)
+        return grad * (factor if factor.dim() == 0 else factor.view(-1, *([1] * (grad.dim() - 1))))
+
+    return tuple(None if grad is None else scaled(grad) for grad in grads)

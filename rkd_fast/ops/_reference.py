@@ -22,14 +22,32 @@ def reduce(losses, reduction):
     return losses
 
 
-def _normalize_rows(x):
-    return x / x.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
+def _row_scale(x):
+    """Per row of x (N, K): its largest magnitude where that is finite and above 1, else 1. Rows are divided by it
+    before anything is squared: squares of values above ~1.8e19 overflow float32 (and torch.linalg.vector_norm
+    does not scale on CPU), while the distances below do not change when a row is scaled (its norm floor with it)."""
+    if x.shape[1] == 0:
+        return x.new_ones((x.shape[0], 1))
+    largest = x.detach().abs().amax(dim=1, keepdim=True)
+    return torch.where(torch.isfinite(largest) & (largest > 1), largest, 1.0)
+
+
+def _normalize_rows(x, floor=NORM_EPS):
+    """x / max(‖x‖, floor) per row, floor a number or one per row."""
+    scale = _row_scale(x)
+    x = x / scale
+    return x / x.norm(dim=1, keepdim=True).clamp_min(floor / scale)
 
 
 def attention_map(features, p):
-    """Σ_c |F[c]|^p over channels of (N, C, H, W) features, flattened to (N, H·W) and L2-normalised."""
-    a = features.abs().pow(p).sum(dim=1).flatten(1)
-    return _normalize_rows(a)
+    """Σ_c |F[c]|^p over channels of (N, C, H, W) features, flattened to (N, H·W) and L2-normalised. |F|^p gets
+    the subgradient 0 at F = 0 (for p < 1 it has no derivative there: ReLU features would give NaN). The features
+    are divided by their largest magnitude first (see _row_scale): the maps scale by its p-th power, their norm
+    floor with them."""
+    scale = _row_scale(features.flatten(1)).view(-1, 1, 1, 1)
+    f = (features / scale).abs()
+    a = torch.where(f == 0, 0.0, f).pow(p).sum(dim=1).flatten(1)  # where: no p·0^(p-1) = inf in the backward
+    return _normalize_rows(a, NORM_EPS / scale.view(-1, 1) ** p)
 
 
 def feature_distance(student, teacher, mode="normalized", p=2.0, reduction="mean"):
@@ -37,7 +55,9 @@ def feature_distance(student, teacher, mode="normalized", p=2.0, reduction="mean
     s, t = student.to(acc), teacher.to(acc)
     rows = (s.shape[0], math.prod(s.shape[1:]))  # (N, K), also for N = 0, where reshape(N, -1) is ambiguous
     if mode == "mse":
-        losses = (s - t).pow(2).reshape(rows).mean(dim=1)
+        diff = (s - t).reshape(rows)
+        scale = _row_scale(diff)  # mean(d²) as mean((d / c)·d)·c: neither it nor its backward squares a large d
+        losses = ((diff / scale) * diff).mean(dim=1) * scale[:, 0]
     elif mode == "normalized":
         diff = _normalize_rows(s.reshape(rows)) - _normalize_rows(t.reshape(rows))
         losses = diff.pow(2).sum(dim=1)

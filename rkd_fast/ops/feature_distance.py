@@ -1,14 +1,15 @@
 """rkd_fast.feature_distance: the feature-map term of robust distillation.
 
-The kernels come as two ops each, forward and backward, under one autograd formula:
-  rkd_fast::feature_distance_fwd / _bwd               kernels registered from C++ (csrc/cpu, csrc/cuda)
-  rkd_fast::feature_distance_fwd_triton / _bwd_triton  the Triton kernels (rkd_fast/ops/triton), custom_ops
-The forward reads each input once and returns the per-sample losses, four per-sample coefficients and, in
-mode "attention", the channel-summed maps. Every gradient is linear in the inputs given those:
-    d loss_i / d s_i = c0·s_i + c1·t_i,   d loss_i / d t_i = c2·s_i + c3·t_i
-(in "attention" this holds for the maps, chained through Σ_c |F|^p), so the backward reads the inputs once
-and writes each needed gradient once, already scaled by the upstream gradient: no gradient-sized tensor is
-kept between forward and backward, and one is allocated per input that needs it.
+One op per kernel family, a fused loss: the gradient is produced in the forward.
+  rkd_fast::feature_distance_fwd         kernels registered from C++ (csrc/cpu, csrc/cuda)
+  rkd_fast::feature_distance_fwd_triton  the Triton kernels (rkd_fast/ops/triton), a custom_op
+Each returns (loss, grad_student, grad_teacher): the loss reduced as asked and, for each input whose flag is set,
+the gradient of that loss for an upstream gradient of one. Per sample the kernels reduce the statistics, then
+write the gradient while the sample is still resident (in cache on a CPU), so each input is read once and each
+gradient written once. The backward scales the saved gradients by the upstream gradient, which for an
+unweighted loss is a no-op (see _dispatch.scale_by_upstream). Per sample, every gradient is linear in the
+inputs given a few per-sample numbers: d loss_i / d s_i = c0·s_i + c1·t_i, d loss_i / d t_i = c2·s_i + c3·t_i
+(in "attention", for the maps, chained through Σ_c |F|^p).
 """
 
 import math
@@ -16,83 +17,53 @@ import math
 import torch
 
 from . import _reference
-from ._dispatch import REDUCTIONS, check_choice, check_float_tensor, check_same_device, choose_backend
+from ._dispatch import (REDUCTION_IDS, REDUCTIONS, check_choice, check_float_tensor, check_same_device,
+                        choose_backend, scale_by_upstream)
 
 MODES = ("mse", "normalized", "attention")
 MODE_IDS = {name: i for i, name in enumerate(MODES)}  # the kernels' `mode` argument
 
-FWD_SCHEMA = "(Tensor student, Tensor teacher, int mode, float p) -> (Tensor, Tensor, Tensor, Tensor)"
-BWD_SCHEMA = ("(Tensor grad_losses, Tensor student, Tensor teacher, Tensor coeffs, Tensor map_s, Tensor map_t,"
-              " int mode, float p, bool grad_student, bool grad_teacher) -> (Tensor, Tensor)")
+SCHEMA = ("(Tensor student, Tensor teacher, int mode, float p, int reduction, bool grad_student,"
+          " bool grad_teacher) -> (Tensor, Tensor, Tensor)")
 
 _lib = torch.library.Library("rkd_fast", "FRAGMENT")
-_lib.define("feature_distance_fwd" + FWD_SCHEMA)
-_lib.define("feature_distance_bwd" + BWD_SCHEMA)
+_lib.define("feature_distance_fwd" + SCHEMA)
 
 
-def _accumulation_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _fake_fwd(student, teacher, mode, p):
-    acc = _accumulation_dtype(student)
-    n = student.shape[0]
-    losses = student.new_empty((n,), dtype=acc)
-    coeffs = student.new_empty((n, 4), dtype=acc)
-    if mode == MODE_IDS["attention"]:
-        map_shape = (n, student.shape[2] * student.shape[3])
-        return losses, coeffs, student.new_empty(map_shape, dtype=acc), student.new_empty(map_shape, dtype=acc)
-    return losses, coeffs, student.new_empty((0,), dtype=acc), student.new_empty((0,), dtype=acc)
-
-
-def _fake_bwd(grad_losses, student, teacher, coeffs, map_s, map_t, mode, p, grad_student, grad_teacher):
-    return (torch.empty_like(student) if grad_student else student.new_empty((0,)),
+def _fake(student, teacher, mode, p, reduction, grad_student, grad_teacher):
+    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    loss_shape = (student.shape[0],) if reduction == REDUCTION_IDS["none"] else ()
+    return (student.new_empty(loss_shape, dtype=acc),
+            torch.empty_like(student) if grad_student else student.new_empty((0,)),
             torch.empty_like(teacher) if grad_teacher else teacher.new_empty((0,)))
 
 
 @torch.library.custom_op("rkd_fast::feature_distance_fwd_triton", mutates_args=())
-def _triton_fwd(student: torch.Tensor, teacher: torch.Tensor, mode: int,
-                p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _triton_fwd(student: torch.Tensor, teacher: torch.Tensor, mode: int, p: float, reduction: int,
+                grad_student: bool, grad_teacher: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from .triton import feature_distance as kernel  # imports triton only when this backend runs
-    return kernel.forward(student, teacher, mode, p)
+    return kernel.forward(student, teacher, mode, p, reduction, grad_student, grad_teacher)
 
 
-@torch.library.custom_op("rkd_fast::feature_distance_bwd_triton", mutates_args=())
-def _triton_bwd(grad_losses: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, coeffs: torch.Tensor,
-                map_s: torch.Tensor, map_t: torch.Tensor, mode: int, p: float, grad_student: bool,
-                grad_teacher: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    from .triton import feature_distance as kernel
-    return kernel.backward(grad_losses, student, teacher, coeffs, map_s, map_t, mode, p, grad_student, grad_teacher)
+def _setup_context(ctx, inputs, output):
+    _, grad_s, grad_t = output
+    ctx.computed = inputs[5], inputs[6]  # the gradients the forward produced
+    ctx.mark_non_differentiable(grad_s, grad_t)
+    ctx.set_materialize_grads(False)  # no gradient-sized zeros for the two gradient outputs
+    ctx.save_for_backward(grad_s, grad_t)
 
 
-def _autograd_for(bwd_op):
-    def setup_context(ctx, inputs, output):
-        student, teacher, mode, p = inputs
-        _, coeffs, map_s, map_t = output
-        ctx.mode, ctx.p = mode, p
-        ctx.mark_non_differentiable(coeffs, map_s, map_t)
-        ctx.set_materialize_grads(False)  # no zero tensors for the outputs that get no gradient
-        ctx.save_for_backward(student, teacher, coeffs, map_s, map_t)
-
-    def backward(ctx, grad_losses, _coeffs, _map_s, _map_t):
-        if grad_losses is None:  # the loss was not used (grads are not materialised, see setup_context)
-            return None, None, None, None
-        student, teacher, coeffs, map_s, map_t = ctx.saved_tensors
-        need_s, need_t = ctx.needs_input_grad[:2]
-        grad_s, grad_t = bwd_op(grad_losses.to(coeffs.dtype).contiguous(), student, teacher, coeffs, map_s, map_t,
-                                ctx.mode, ctx.p, need_s, need_t)
-        return grad_s if need_s else None, grad_t if need_t else None, None, None
-
-    return backward, setup_context
+def _backward(ctx, grad_loss, _grad_s, _grad_t):
+    if grad_loss is None:  # the loss was not used (grads are not materialised, see _setup_context)
+        return (None,) * 7
+    grad_s, grad_t = ctx.saved_tensors
+    return scale_by_upstream(grad_loss, grad_s if ctx.computed[0] else None,
+                             grad_t if ctx.computed[1] else None) + (None,) * 5
 
 
-torch.library.register_fake("rkd_fast::feature_distance_fwd", _fake_fwd, lib=_lib)
-torch.library.register_fake("rkd_fast::feature_distance_bwd", _fake_bwd, lib=_lib)
-_backward, _setup_context = _autograd_for(torch.ops.rkd_fast.feature_distance_bwd)
+torch.library.register_fake("rkd_fast::feature_distance_fwd", _fake, lib=_lib)
 torch.library.register_autograd("rkd_fast::feature_distance_fwd", _backward, setup_context=_setup_context, lib=_lib)
-_triton_fwd.register_fake(_fake_fwd)
-_triton_bwd.register_fake(_fake_bwd)
-_backward, _setup_context = _autograd_for(_triton_bwd)
+_triton_fwd.register_fake(_fake)
 _triton_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
@@ -166,7 +137,9 @@ def feature_distance(student, teacher, *, mode="normalized", p=2, reduction="mea
     copied to contiguous first; in modes "mse" and "normalized" a teacher whose layout differs from the
     student's (one contiguous, the other channels_last) is copied to the student's layout.
 
-    For the backward the op keeps references to the inputs (no copy) and a few numbers per sample.
+    The gradient of each input that requires one is computed in the forward, in the same pass over the inputs as
+    the loss, and kept for the backward (one tensor the size of that input), which multiplies it by the upstream
+    gradient (nothing to do for an unweighted loss on CPU).
 
     Returns the loss in float32 (float64 for float64 inputs): a 0-d tensor, or ``(N,)`` for ``"none"``.
     Accumulation is in float32 (float64 for float64). Gradients come back in each input's dtype.
@@ -180,5 +153,6 @@ def feature_distance(student, teacher, *, mode="normalized", p=2, reduction="mea
         return _reference.feature_distance(student, teacher, mode=mode, p=float(p), reduction=reduction)
     student, teacher = _kernel_layouts(student, teacher, mode)
     op = torch.ops.rkd_fast.feature_distance_fwd_triton if chosen == "triton" else torch.ops.rkd_fast.feature_distance_fwd
-    losses = op(student, teacher, MODE_IDS[mode], float(p))[0]
-    return _reference.reduce(losses, reduction)
+    grad = torch.is_grad_enabled()
+    return op(student, teacher, MODE_IDS[mode], float(p), REDUCTION_IDS[reduction], grad and student.requires_grad,
+              grad and teacher.requires_grad)[0]

@@ -8,7 +8,7 @@ import torch
 
 import rkd_fast
 from rkd_fast.ops._reference import fd_jacobian as reference
-from rkd_fast.ops.fd_jacobian import ON_IDS
+from rkd_fast.ops.fd_jacobian import options
 
 ON = ("logits", "probs")
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -79,6 +79,31 @@ def test_odd_shapes(device, on, shape):
     check(*shape, torch.float32, device, on=on, teacher=True, h_tensor=True)
 
 
+def test_zero_dim_step_gets_its_gradient(device):
+    # A 0-d h that requires grad: one step for every row, its gradient summed over the rows' weighted parts.
+    s_clean, s_pert = make_pair(4, 9, torch.float32, device)
+    h = torch.tensor(0.04, device=device, requires_grad=True)
+    weight = torch.rand(4, device=device) + 0.5
+    loss = rkd_fast.fd_jacobian_loss(s_clean, s_pert, h, on="probs", reduction="none", backend="triton")
+    (grad,) = torch.autograd.grad(loss, h, weight)
+    h64 = h.detach().double().requires_grad_()
+    expected = reference(s_clean.detach().double(), s_pert.detach().double(), h64, on="probs", reduction="none")
+    (expected_grad,) = torch.autograd.grad(expected, h64, weight.double())
+    assert_close_scaled(grad, expected_grad, TOLERANCE[torch.float32][0], "h")
+
+
+def test_large_step(device):
+    # float64 holds h = 1e150 and the loss it gives (~1e-300 per element); float32 inputs are computed in float32,
+    # where h = 1e300 would be inf and the loss silently 0: refused.
+    s_clean, s_pert = make_pair(3, 6, torch.float64, device, requires_grad=False)
+    losses = rkd_fast.fd_jacobian_loss(s_clean, s_pert, 1e150, reduction="none", backend="triton")
+    expected = (((s_pert - s_clean) * 1e-75) ** 2).sum(dim=1) * 1e-150  # ‖d‖² / h², scaled to stay in range
+    assert (losses > 0).all()
+    torch.testing.assert_close(losses, expected, rtol=8 * torch.finfo(torch.float64).eps, atol=0)
+    with pytest.raises(ValueError, match="outside the range of torch.float32"):
+        rkd_fast.fd_jacobian_loss(s_clean.float(), s_pert.float(), 1e300, backend="triton")
+
+
 @pytest.mark.parametrize("on", ON)
 def test_large_logits(device, on):
     # The softmax subtracts the row max: logits of 1e4 would overflow exp() otherwise.
@@ -129,11 +154,15 @@ def test_opcheck(device, case):
     dtype = torch.bfloat16 if case.endswith("bf16") else torch.float32
     s_clean, s_pert = make_pair(3, 7, dtype, device)
     t_clean, t_pert = make_pair(3, 7, dtype, device, requires_grad=False) if "matching" in case else (None, None)
-    h = (0.03 + 0.04 * torch.rand(3, device=device)).requires_grad_()
+    h = (0.03 + 0.04 * torch.rand(3, device=device)).requires_grad_()  # its gradient: reduction "none" only
     on = case.split("-")[0]
     grad_clean = case != "probs-pert-only"
+    if not grad_clean:
+        s_clean = s_clean.detach()
     torch.library.opcheck(torch.ops.rkd_fast.fd_jacobian_fwd_triton,
-                          (s_clean, s_pert, h, t_clean, t_pert, ON_IDS[on], 2.0, grad_clean, True))
+                          (s_clean, s_pert, h, t_clean, t_pert, 2.0, options(on, "none", grad_clean, True)))
+    torch.library.opcheck(torch.ops.rkd_fast.fd_jacobian_fwd_triton,
+                          (s_clean, s_pert, h.detach(), t_clean, t_pert, 2.0, options(on, "mean", grad_clean, True)))
 
 
 @pytest.mark.parametrize("on", ON)

@@ -8,7 +8,7 @@ import torch
 
 import rkd_fast
 from rkd_fast.ops import _reference
-from rkd_fast.ops.feature_distance import MODE_IDS
+from rkd_fast.ops.feature_distance import MODE_IDS, REDUCTION_IDS
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # relative to the largest magnitude of the expected tensor: the kernels and the reference both accumulate in
@@ -48,16 +48,10 @@ def make(shape, dtype, device, kind="contiguous"):
     return layout(x, kind).to(device)
 
 
-def run_ops(student, teacher, mode, p=2.0, needs=(True, True), grad_losses=None):
-    """The two Triton ops as autograd chains them: (losses, grad_student, grad_teacher) with grad_losses ones
-    unless given."""
-    losses, coeffs, map_s, map_t = torch.ops.rkd_fast.feature_distance_fwd_triton(student, teacher, MODE_IDS[mode],
-                                                                                  p)
-    if grad_losses is None:
-        grad_losses = torch.ones_like(losses)
-    grad_s, grad_t = torch.ops.rkd_fast.feature_distance_bwd_triton(grad_losses, student, teacher, coeffs, map_s,
-                                                                    map_t, MODE_IDS[mode], p, *needs)
-    return losses, grad_s, grad_t
+def run_ops(student, teacher, mode, p=2.0, needs=(True, True)):
+    """The Triton op called directly: (per-sample losses, gradient of their sum for the student, for the teacher)."""
+    return torch.ops.rkd_fast.feature_distance_fwd_triton(student, teacher, MODE_IDS[mode], p, REDUCTION_IDS["none"],
+                                                          *needs)
 
 
 def compare(student, teacher, mode, p=2.0, reduction="none", check_grads=True):
@@ -157,14 +151,37 @@ def test_attention_relu_features(p, device):
     compare(student, teacher, "attention", p=p)
 
 
-def test_attention_gradient_at_zero_small_p(device):
-    """For p < 1, |F|^p has no derivative at F = 0: like autograd through abs().pow(p) (p |F|^(p-1) sign(F)
-    = inf * 0) the kernel gives NaN there, and matches the reference everywhere else."""
+@pytest.mark.parametrize("p", [0.25, 0.5])
+def test_attention_gradient_at_zero_small_p(p, device):
+    """For p < 1, |F|^p has no derivative at F = 0 (p·0^(p-1)·sign(0) = inf·0): the kernel uses the subgradient
+    0 there, as the reference does, and matches it everywhere else."""
     student = make((2, 3, 4, 4), torch.float32, device)
     student[0, 1, 2, 3] = 0.0
-    teacher = make((2, 2, 4, 4), torch.float32, device)
-    grad_s = compare(student, teacher, "attention", p=0.5)[1]
-    assert grad_s.isnan().sum() == 1 and grad_s[0, 1, 2, 3].isnan()
+    teacher = make((2, 2, 4, 4), torch.float32, device).relu()  # exact zeros in the teacher's maps too
+    grad_s, grad_t = compare(student, teacher, "attention", p=p)[1:]
+    assert grad_s.isfinite().all() and grad_t.isfinite().all()
+    assert grad_s[0, 1, 2, 3] == 0 and (grad_t[teacher == 0] == 0).all()
+
+
+@pytest.mark.parametrize("scale", [1e18, 1e20, 1e37])
+@pytest.mark.parametrize("mode", ["mse", "normalized", "attention"])
+def test_large_values(mode, scale, device):
+    """Squares of values above ~1.8e19 overflow float32: the kernel redoes such a sample on x/max|x|. Against the
+    float64 reference on the same values, where nothing overflows (mse from 1e20 on is inf in float32 itself)."""
+    p = 4.0 if mode == "attention" else 2.0
+    student = (make((2, 8, 4, 4), torch.float64, device) * scale).float().requires_grad_()
+    teacher = (make((2, 5 if mode == "attention" else 8, 4, 4), torch.float64, device) * scale).float()
+    losses = rkd_fast.feature_distance(student, teacher, mode=mode, p=p, reduction="none", backend="triton")
+    (grad,) = torch.autograd.grad(losses.sum(), student)
+    s64 = student.detach().double().requires_grad_()
+    expected = _reference.feature_distance(s64, teacher.double(), mode=mode, p=p, reduction="none")
+    (expected_grad,) = torch.autograd.grad(expected.sum(), s64)
+    tol = 4 * torch.finfo(torch.float32).eps * 128  # float32 sums of 128 terms, generously
+    torch.testing.assert_close(losses, expected.float(), rtol=tol, atol=0)
+    if losses.isfinite().all():
+        assert grad.isfinite().all()
+        torch.testing.assert_close(grad.double(), expected_grad, rtol=tol,
+                                   atol=tol * expected_grad.abs().max().item() + torch.finfo(torch.float32).tiny)
 
 
 @pytest.mark.parametrize("mode", ["mse", "normalized", "attention"])
@@ -268,51 +285,35 @@ def test_channels_last_gradient_keeps_strides(device):
     assert grad_s.stride() == student.stride() and grad_t.stride() == teacher.stride()
 
 
-def test_forward_outputs(device):
-    """The forward's coefficients and maps, as the contract defines them: mse's are 2/D·(1, -1, -1, 1);
-    attention returns the unnormalised maps Σ_c |F|^p; modes 0 and 1 return empty maps."""
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("mode", ["mse", "normalized", "attention"])
+def test_op_reduces_and_weights_the_gradient(mode, reduction, device):
+    """The op's loss is reduced as asked, and its gradients are those of that loss: the per-sample gradients of
+    reduction "none" (the gradient of their sum) divided by N for the mean."""
     fwd = torch.ops.rkd_fast.feature_distance_fwd_triton
-    student, teacher = make((3, 2, 3, 4), torch.float64, device), make((3, 5, 3, 4), torch.float64, device)
-    losses, coeffs, map_s, map_t = fwd(student, student.flip(0), MODE_IDS["mse"], 2.0)
-    assert coeffs.shape == (3, 4) and coeffs.dtype == torch.float64 and coeffs.is_contiguous()
-    expected = torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=torch.float64, device=device) * 2 / 24
-    torch.testing.assert_close(coeffs, expected.expand(3, 4), rtol=1e-15, atol=0)
-    assert map_s.shape == (0,) and map_t.shape == (0,) and map_s.dtype == torch.float64
-    for p in (2.0, 1.5):
-        _, coeffs, map_s, map_t = fwd(student.contiguous(memory_format=torch.channels_last), teacher,
-                                      MODE_IDS["attention"], p)
-        torch.testing.assert_close(map_s, student.abs().pow(p).sum(1).flatten(1), rtol=1e-13, atol=0)
-        torch.testing.assert_close(map_t, teacher.abs().pow(p).sum(1).flatten(1), rtol=1e-13, atol=0)
-        assert map_s.is_contiguous() and map_t.is_contiguous()
+    student = make((3, 4, 5, 5), torch.float64, device)
+    teacher = make((3, 2 if mode == "attention" else 4, 5, 5), torch.float64, device)
+    losses, unit_s, unit_t = fwd(student, teacher, MODE_IDS[mode], 2.0, REDUCTION_IDS["none"], True, True)
+    loss, grad_s, grad_t = fwd(student, teacher, MODE_IDS[mode], 2.0, REDUCTION_IDS[reduction], True, True)
+    expected = {"mean": losses.mean(), "sum": losses.sum(), "none": losses}[reduction]
+    eps = 8 * torch.finfo(torch.float64).eps  # the same float64 sums, 1/N applied before or after the products
+    torch.testing.assert_close(loss, expected, rtol=eps, atol=0)
+    factor = 1 / 3 if reduction == "mean" else 1.0
+    for grad, unit in ((grad_s, unit_s), (grad_t, unit_t)):
+        torch.testing.assert_close(grad, unit * factor, rtol=eps, atol=eps * unit.abs().max().item())
 
 
 @pytest.mark.parametrize("mode", ["mse", "normalized", "attention"])
-def test_normalized_coefficients(mode, device):
-    """Modes 1 and 2: the gradient c0·x + c1·y (x, y the flat samples or the maps) is that of the reference."""
-    student = make((2, 3, 4, 4), torch.float64, device)
-    teacher = make((2, 2 if mode == "attention" else 3, 4, 4), torch.float64, device)
-    _, coeffs, map_s, map_t = torch.ops.rkd_fast.feature_distance_fwd_triton(student, teacher, MODE_IDS[mode], 2.0)
-    if mode == "attention":
-        x, y = map_s.clone().requires_grad_(), map_t.clone().requires_grad_()
-        loss = _reference.feature_distance(x, y, mode="normalized", reduction="sum")
-    else:
-        x, y = student.flatten(1).requires_grad_(), teacher.flatten(1).requires_grad_()
-        loss = _reference.feature_distance(x, y, mode=mode, reduction="sum")
-    loss.backward()
-    c0, c1, c2, c3 = (coeffs[:, k, None] for k in range(4))
-    torch.testing.assert_close(c0 * x.detach() + c1 * y.detach(), x.grad, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(c2 * x.detach() + c3 * y.detach(), y.grad, rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.parametrize("mode", ["mse", "normalized", "attention"])
-def test_backward_scales_by_grad_losses(mode, device):
-    """Sample i's gradients are grad_losses[i] times those of grad_losses = 1; a NaN weight gives NaN
-    gradients for its sample only."""
+def test_backward_scales_by_the_upstream_gradient(mode, device):
+    """Sample i's gradients are weight[i] times those of weight 1; a NaN weight gives NaN gradients for its sample
+    only."""
     student = make((3, 3, 4, 5), torch.float32, device)
     teacher = make((3, 2 if mode == "attention" else 3, 4, 5), torch.float32, device)
     _, unit_s, unit_t = run_ops(student, teacher, mode)
     weight = torch.tensor([0.5, -3.0, float("nan")], device=device)
-    _, grad_s, grad_t = run_ops(student, teacher, mode, grad_losses=weight)
+    s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_()
+    losses = rkd_fast.feature_distance(s, t, mode=mode, reduction="none", backend="triton")
+    grad_s, grad_t = torch.autograd.grad(losses, (s, t), weight)
     for grad, unit in ((grad_s, unit_s), (grad_t, unit_t)):
         assert_close(grad[:2], unit[:2] * weight[:2, None, None, None], torch.float32, f"{mode} scaled grad")
         assert grad[2].isnan().all()
@@ -320,39 +321,25 @@ def test_backward_scales_by_grad_losses(mode, device):
 
 def test_contract_errors(device):
     # The contract the C++ kernels keep too (tests/_feature_distance_contract.py).
-    module = kernel_module()
-    a = make((2, 3, 4, 5), torch.float32, device)
-    forward, backward = module.forward, module.backward
-    for op, cases in ((forward, contract.forward_cases(a)), (backward, contract.backward_cases(a, forward))):
-        for args, error, message in cases:
-            with pytest.raises(error, match=message):
-                op(*args)
+    for args, error, message in contract.forward_cases(make((2, 3, 4, 5), torch.float32, device)):
+        with pytest.raises(error, match=message):
+            kernel_module().forward(*args)
 
 
 @pytest.mark.parametrize("mode", ["mse", "normalized", "attention"])
 def test_opcheck(mode, device):
-    student = make((2, 3, 4, 5), torch.float32, device, "channels_last")
+    student = make((2, 3, 4, 5), torch.float32, device, "channels_last").requires_grad_()
     teacher = make((2, 2 if mode == "attention" else 3, 4, 5), torch.float32, device, "channels_last")
-    torch.library.opcheck(torch.ops.rkd_fast.feature_distance_fwd_triton,
-                          (student.requires_grad_(), teacher, MODE_IDS[mode], 1.5))
-    _, coeffs, map_s, map_t = torch.ops.rkd_fast.feature_distance_fwd_triton(student.detach(), teacher,
-                                                                             MODE_IDS[mode], 1.5)
-    grad_losses = torch.rand(2, device=device)
-    torch.library.opcheck(torch.ops.rkd_fast.feature_distance_bwd_triton,
-                          (grad_losses, student.detach(), teacher, coeffs, map_s, map_t, MODE_IDS[mode], 1.5, True,
-                           False))
+    for reduction in ("mean", "none"):
+        torch.library.opcheck(torch.ops.rkd_fast.feature_distance_fwd_triton,
+                              (student, teacher, MODE_IDS[mode], 1.5, REDUCTION_IDS[reduction], True, False))
 
 
 def test_opcheck_both_gradients_half(device):
     student = make((3, 2, 3, 3), torch.bfloat16, device).requires_grad_()
     teacher = make((3, 2, 3, 3), torch.bfloat16, device).requires_grad_()
     torch.library.opcheck(torch.ops.rkd_fast.feature_distance_fwd_triton,
-                          (student, teacher, MODE_IDS["normalized"], 2.0))
-    _, coeffs, map_s, map_t = torch.ops.rkd_fast.feature_distance_fwd_triton(student.detach(), teacher.detach(),
-                                                                             MODE_IDS["normalized"], 2.0)
-    torch.library.opcheck(torch.ops.rkd_fast.feature_distance_bwd_triton,
-                          (torch.rand(3, device=device), student.detach(), teacher.detach(), coeffs, map_s, map_t,
-                           MODE_IDS["normalized"], 2.0, True, True))
+                          (student, teacher, MODE_IDS["normalized"], 2.0, REDUCTION_IDS["sum"], True, True))
 
 
 @pytest.mark.parametrize("mode", ["normalized", "attention"])

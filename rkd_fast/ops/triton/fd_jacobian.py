@@ -6,7 +6,8 @@ the loops below run once; larger K is walked in blocks. With on="probs" the prog
 max and softmax normaliser (the max subtracted, so exp never overflows), then:
 
   loop 1: u = ((g(s') - g(s)) - (g(t') - g(t))) / h, loss = Σ u². With on="logits" the gradients
-          (d loss / d s' = 2u/h = v, d loss / d s = -v) are written here too.
+          (d loss / d s' = 2u/h = v, d loss / d s = -v, times the row's weight in the reduced loss: 1/N for the
+          mean) are written here too.
   loop 2 (on="probs" with a gradient asked for): d loss / d s' = p' ⊙ (v - <p', v>) / T and
           d loss / d s = -p ⊙ (v - <p, v>) / T, the dot products having been summed in loop 1.
 
@@ -63,7 +64,7 @@ def _difference(gc, gp, tc_ptr, tp_ptr, idx, mask, m_tc, z_tc, m_tp, z_tp, inv_t
 
 
 @triton.jit
-def _fd_jacobian_rows(sc_ptr, sp_ptr, tc_ptr, tp_ptr, h_ptr, inv_t_ptr, loss_ptr, gc_ptr, gp_ptr, K,
+def _fd_jacobian_rows(sc_ptr, sp_ptr, tc_ptr, tp_ptr, h_ptr, h_stride, params_ptr, loss_ptr, gc_ptr, gp_ptr, K,
                       sc_rs, sp_rs, tc_rs, tp_rs, PROBS: tl.constexpr, TEACHER: tl.constexpr,
                       GRAD_C: tl.constexpr, GRAD_P: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
@@ -73,8 +74,9 @@ def _fd_jacobian_rows(sc_ptr, sp_ptr, tc_ptr, tp_ptr, h_ptr, inv_t_ptr, loss_ptr
     tp_ptr += n * tp_rs
     gc_ptr += n * K  # the gradients are contiguous (N, K)
     gp_ptr += n * K
-    inv_h = 1.0 / tl.load(h_ptr + n).to(ACC)
-    inv_t = tl.load(inv_t_ptr).to(ACC)
+    inv_h = 1.0 / tl.load(h_ptr + n * h_stride).to(ACC)  # h_stride 0: one step for every row
+    inv_t = tl.load(params_ptr).to(ACC)
+    weight = tl.load(params_ptr + 1).to(ACC)  # the row's weight in the reduced loss: 1/N for the mean
 
     # Softmax statistics of each row; unused (and not computed) with on="logits".
     m_sc, z_sc = 0.0, 1.0
@@ -100,7 +102,7 @@ def _fd_jacobian_rows(sc_ptr, sp_ptr, tc_ptr, tp_ptr, h_ptr, inv_t_ptr, loss_ptr
         diff = _difference(gc, gp, tc_ptr, tp_ptr, idx, mask, m_tc, z_tc, m_tp, z_tp, inv_t, PROBS, TEACHER, ACC)
         u = diff * inv_h
         loss += u * u
-        v = 2.0 * inv_h * u
+        v = 2.0 * weight * inv_h * u
         if PROBS:
             dot_c += gc * v
             dot_p += gp * v
@@ -120,7 +122,7 @@ def _fd_jacobian_rows(sc_ptr, sp_ptr, tc_ptr, tp_ptr, h_ptr, inv_t_ptr, loss_ptr
             gc = _g(sc_ptr, idx, mask, m_sc, z_sc, inv_t, PROBS, ACC)
             gp = _g(sp_ptr, idx, mask, m_sp, z_sp, inv_t, PROBS, ACC)
             diff = _difference(gc, gp, tc_ptr, tp_ptr, idx, mask, m_tc, z_tc, m_tp, z_tp, inv_t, PROBS, TEACHER, ACC)
-            v = 2.0 * inv_h * inv_h * diff
+            v = 2.0 * weight * inv_h * inv_h * diff
             if GRAD_P:
                 tl.store(gp_ptr + idx, (gp * (v - a_p) * inv_t).to(gp_ptr.dtype.element_ty), mask=mask)
             if GRAD_C:
@@ -140,7 +142,9 @@ def _check_rows(name, x, ref):
         raise ValueError(f"fd_jacobian_fwd_triton: {name} rows must be unit-stride")
 
 
-def forward(s_clean, s_pert, h, t_clean, t_pert, on, temperature, grad_clean, grad_pert):
+def forward(s_clean, s_pert, h, t_clean, t_pert, temperature, options):
+    """(loss, grad_clean, grad_pert) as rkd_fast::fd_jacobian_fwd defines them (options: on in bit 0, the
+    reduction in bits 1-2, grad_clean and grad_pert in bits 3 and 4)."""
     if s_clean.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"fd_jacobian_fwd_triton: unsupported dtype {s_clean.dtype}")
     if s_clean.dim() != 2:
@@ -153,27 +157,33 @@ def forward(s_clean, s_pert, h, t_clean, t_pert, on, temperature, grad_clean, gr
     if teacher:
         _check_rows("t_clean", t_clean, s_clean)
         _check_rows("t_pert", t_pert, s_clean)
+    if not 0 <= options < 32 or (options >> 1) & 3 == 3:
+        raise ValueError(f"fd_jacobian_fwd_triton: options must be an int of 5 bits with a reduction of 0-2, got "
+                         f"{options}")
+    probs, reduction, grad_clean, grad_pert = options & 1, (options >> 1) & 3, bool(options & 8), bool(options & 16)
     n, k = s_clean.shape
     acc = torch.float64 if s_clean.dtype == torch.float64 else torch.float32
-    if h.shape != (n,) or h.dtype != acc or not h.is_contiguous():
-        raise ValueError(f"fd_jacobian_fwd_triton: h must be a contiguous {acc} tensor of shape ({n},)")
+    if h.shape not in ((), (n,)) or h.dtype != acc or not h.is_contiguous():
+        raise ValueError(f"fd_jacobian_fwd_triton: h must be a contiguous {acc} tensor of shape () or ({n},)")
 
     losses = torch.empty((n,), dtype=acc, device=s_clean.device)
     grad_c = torch.empty_like(s_clean, memory_format=torch.contiguous_format) if grad_clean \
         else s_clean.new_empty((0,))
     grad_p = torch.empty_like(s_pert, memory_format=torch.contiguous_format) if grad_pert \
         else s_pert.new_empty((0,))
-    if n == 0:
+    if n > 0:
+        # 1/temperature and the row weight go in as a tensor of the accumulation dtype: Python floats would be fp32
+        weight = 1.0 / n if reduction == 0 else 1.0
+        params = torch.tensor([1.0 / temperature, weight], dtype=acc, device=s_clean.device)
+        block = min(triton.next_power_of_2(max(k, 1)), _max_block())
+        # Unused pointers (no teacher, a gradient not asked for) get a valid tensor; constexpr flags skip them.
+        tc, tp = (t_clean, t_pert) if teacher else (s_clean, s_clean)
+        _fd_jacobian_rows[(n,)](
+            s_clean, s_pert, tc, tp, h, 0 if h.dim() == 0 else 1, params, losses, grad_c if grad_clean else s_clean,
+            grad_p if grad_pert else s_clean, k, s_clean.stride(0), s_pert.stride(0), tc.stride(0), tp.stride(0),
+            PROBS=probs == 1, TEACHER=teacher, GRAD_C=grad_clean, GRAD_P=grad_pert,
+            ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=block,
+            num_warps=max(1, min(8, block // 256)))
+    if reduction == 2:
         return losses, grad_c, grad_p
-    # The temperature goes in as a tensor of the accumulation dtype: a Python float argument would be fp32.
-    inv_t = torch.full((1,), 1.0 / temperature, dtype=acc, device=s_clean.device)
-    block = min(triton.next_power_of_2(max(k, 1)), _max_block())
-    # Unused pointers (no teacher, a gradient not asked for) get a valid tensor; constexpr flags skip them.
-    tc, tp = (t_clean, t_pert) if teacher else (s_clean, s_clean)
-    _fd_jacobian_rows[(n,)](
-        s_clean, s_pert, tc, tp, h, inv_t, losses, grad_c if grad_clean else s_clean,
-        grad_p if grad_pert else s_clean, k, s_clean.stride(0), s_pert.stride(0), tc.stride(0), tp.stride(0),
-        PROBS=on == 1, TEACHER=teacher, GRAD_C=grad_clean, GRAD_P=grad_pert,
-        ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=block,
-        num_warps=max(1, min(8, block // 256)))
-    return losses, grad_c, grad_p
+    return (losses.mean() if reduction == 0 else losses.sum()), grad_c, grad_p

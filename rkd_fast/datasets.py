@@ -24,6 +24,7 @@ import torch
 
 from . import data as _digits
 from . import seeding
+from .models import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD  # one copy of each
 
 # --- data set constants ------------------------------------------------------------------------------------
 
@@ -40,13 +41,10 @@ class DatasetInfo:
     splits: tuple
 
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 DATASETS = {
     "digits": DatasetInfo("digits", _digits.NUM_CLASSES, 1, (8, 8), tuple(_digits.DIGITS_MEAN),
                           tuple(_digits.DIGITS_STD), 0.1, _digits.SPLITS),
-    "cifar10": DatasetInfo("cifar10", 10, 3, (32, 32), (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616),
+    "cifar10": DatasetInfo("cifar10", 10, 3, (32, 32), CIFAR10_MEAN, CIFAR10_STD,
                            8 / 255, ("train", "test")),
     "cifar100": DatasetInfo("cifar100", 100, 3, (32, 32), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
                             8 / 255, ("train", "test")),

@@ -175,7 +175,7 @@ def run_demo(out, *, eps=0.1, quick=False, all_baselines=False, autoattack_sampl
     from .checkpoint import atomic_write_json, save_model
     from .data import load_digits
     from .train import train_model
-    from .train.config import _git_commit, library_versions
+    from .info import provenance
 
     out = Path(out)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
@@ -220,7 +220,6 @@ def run_demo(out, *, eps=0.1, quick=False, all_baselines=False, autoattack_sampl
     finally:
         torch.set_num_threads(saved_threads)
 
-    commit, dirty = _git_commit()
     results = {
         "eps": float(eps),
         "norm": "linf",
@@ -239,10 +238,7 @@ def run_demo(out, *, eps=0.1, quick=False, all_baselines=False, autoattack_sampl
         "configs": configs,
         "command": list(command) if command else ["rkd-fast", "demo", "--out", str(out), "--eps", str(eps)]
         + (["--quick"] if quick else []) + (["--all"] if all_baselines else []),
-        "argv": [sys.executable] + sys.argv,
-        "git_commit": commit,
-        "git_dirty": dirty,
-        "versions": library_versions(),
+        **provenance(),
     }
     atomic_write_json(files.add("results.json"), results)
     plot(results, files.add("robustness_vs_cost.png"))

@@ -172,7 +172,7 @@ def run_frontier(out, *, variants=DEFAULT_VARIANTS, seeds=None, eps=0.1, jobs=2,
     from .plots import plot_frontier
     from .train import train_model
     from .bench.report import machine_info
-    from .train.config import _git_commit, library_versions
+    from .info import provenance
 
     out = Path(out)
     unknown = [v for v in variants if v not in VARIANTS]
@@ -261,7 +261,6 @@ def run_frontier(out, *, variants=DEFAULT_VARIANTS, seeds=None, eps=0.1, jobs=2,
         row["path"] = str(Path(row["path"]).relative_to(out))
 
     summary = summarize(rows, variants)
-    commit, dirty = _git_commit()
     results = {
         "eps": float(eps), "norm": "linf", "settings": settings, "seeds": seeds, "variants": list(variants),
         "options": {v: VARIANTS[v][1] for v in variants}, "threads": threads, "jobs": jobs,
@@ -272,8 +271,7 @@ def run_frontier(out, *, variants=DEFAULT_VARIANTS, seeds=None, eps=0.1, jobs=2,
         "total_seconds": round(time.perf_counter() - started, 1),
         "machine": {**machine, "load_average_at_end": machine_info()["load_average_1_5_15"]},
         "command": list(command) if command else ["rkd-fast", "frontier", "--out", str(out)],
-        "argv": [sys.executable] + sys.argv, "git_commit": commit, "git_dirty": dirty,
-        "versions": library_versions(), "quick": bool(quick),
+        "quick": bool(quick), **provenance(),
     }
     _write_csv(files.add(out / "seeds.csv"), rows, ["variant", "method", "seed", *FIGURES, "masking", "path"])
     _write_csv(files.add(out / "summary.csv"), [{"variant": v, **s} for v, s in summary.items()],

@@ -29,13 +29,12 @@ import torch.nn.functional as F
 
 from . import seeding
 from .clean_pass import CleanPassState, clean_rows, share_clean_statistics, shares_clean_statistics
-from .ops._dispatch import REDUCTIONS, check_choice
-from .ops.fd_jacobian import fd_jacobian_loss
+from .ops._dispatch import REDUCTIONS, check_choice, is_number
+from .ops.fd_jacobian import ON, fd_jacobian_loss
 
 DIRECTIONS = ("rademacher", "gaussian", "grad")
 NORMS = ("l2", "linf")
 METHODS = ("fd", "exact")
-ON = ("logits", "probs")
 
 # Default per-pixel step as a multiple of the input's RMS, per compute dtype (docs/jacobian_accuracy.md). For
 # norm="l2" (unit-norm d, so a per-pixel move of about h/sqrt(D)) the step is this times RMS·sqrt(D); for
@@ -99,10 +98,6 @@ def draw_direction(x, direction="rademacher", norm="l2", grad=None, generator=No
     return flat.view(x.shape).to(x.dtype)
 
 
-def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def check_options(**options):
     """ValueError for a bad value among jacobian_penalty's options (h, direction, norm, on, temperature, fraction,
     method); the options not given are not checked. RobustKDLoss and the trainer check theirs with this when they
@@ -112,13 +107,13 @@ def check_options(**options):
         if name in choices:
             check_choice(name, value, choices[name])
         elif name == "h":
-            if value is not None and (not _is_number(value) or not math.isfinite(value) or value <= 0):
+            if value is not None and (not is_number(value) or not math.isfinite(value) or value <= 0):
                 raise ValueError(f"h must be None or a finite number > 0, got {value!r}")
         elif name == "fraction":
-            if not _is_number(value) or not 0 < value <= 1:  # NaN fails both comparisons
+            if not is_number(value) or not 0 < value <= 1:  # NaN fails both comparisons
                 raise ValueError(f"fraction must be a number in (0, 1], got {value!r}")
         elif name == "temperature":
-            if not _is_number(value) or not math.isfinite(value) or value <= 0:
+            if not is_number(value) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"temperature must be a finite number > 0, got {value!r}")
         else:
             raise TypeError(f"unknown jacobian_penalty option {name!r}")

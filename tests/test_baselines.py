@@ -11,7 +11,8 @@ from rkd_fast.cli import main
 from rkd_fast.datasets import dataset_info
 from rkd_fast.models import build_model
 from rkd_fast.train import make_config, train_model
-from rkd_fast.train.methods import build_method, kl_attack
+from rkd_fast.attacks.attacks import kl_attack
+from rkd_fast.train.methods import build_method
 
 FAST = dict(epochs=1, width=4, batch_size=256, attack_steps=2, progress=False, deterministic=True)
 

@@ -9,14 +9,11 @@ import numbers
 import torch
 from torch import nn
 
+from ..ops._dispatch import check_choice  # noqa: F401  (one definition for the ops and the attacks)
+
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 NORMS = ("linf", "l2")
 LOSSES = ("ce", "cw")
-
-
-def check_choice(name, value, choices):
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(map(repr, choices))}")
 
 
 def check_model(model):

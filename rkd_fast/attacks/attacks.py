@@ -172,6 +172,38 @@ def pgd(model, x, y, eps, alpha, steps, *, norm="linf", loss="ce", random_start=
     return like_input(best, x)
 
 
+# TRADES and RSLAD start their inner maximisation at x + START_SIGMA · N(0, I) (both official codes).
+START_SIGMA = 0.001
+
+
+def kl_per_sample(logits, target_probs):
+    """KL(target ‖ softmax(logits)) of each sample, summed over classes, in fp32. Differentiable in both
+    (TRADES backpropagates through its target, the clean prediction)."""
+    return F.kl_div(F.log_softmax(logits.float(), dim=1), target_probs.float(), reduction="none").sum(dim=1)
+
+
+def kl_attack(model, x, target_probs, eps, alpha, steps, *, precision="fp32", seed=None):
+    """The inner maximisation of TRADES and RSLAD: L∞ PGD on Σ_i KL(target_i ‖ softmax(model(x'_i))) from
+    x + 0.001·N(0, I) (no random start in the ball), ``steps`` signed-gradient steps of size ``alpha``, each
+    projected onto the eps-ball around x and [0, 1] (the official codes' loop). ``target_probs`` is fixed
+    (detached): the model's own clean prediction for TRADES, the teacher's for RSLAD. The model runs in eval
+    mode with frozen parameters; the noise comes from a generator seeded with ``seed``."""
+    generator = make_generator(seed, x.device)
+    autocast = autocast_dtype(precision, x.device)
+    x0 = to_attack_layout(x)
+    target = target_probs.detach().float()
+    with attack_mode(model):
+        input_dtype = model_dtype(model)
+        x_adv = x0 + START_SIGMA * seeding.normal(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        for _ in range(steps):
+            x_adv = x_adv.detach().requires_grad_(True)
+            with torch.enable_grad():
+                objective = kl_per_sample(logits_fp32(model, x_adv, autocast, input_dtype), target).sum()
+                (grad,) = torch.autograd.grad(objective, x_adv)
+            x_adv = _project(x_adv.detach() + alpha * grad.sign(), x0, eps, "linf")
+    return like_input(x_adv.detach(), x)
+
+
 def cw_linf(model, x, y, eps, alpha, steps, **pgd_options):
     """CW-L∞: PGD in the L∞ ball on the Carlini–Wagner margin loss max_{j≠y} z_j − z_y.
 

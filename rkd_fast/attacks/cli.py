@@ -266,12 +266,11 @@ def _model_name(args):
 
 
 def build_report(args, plan, evaluation, elapsed):
-    from ..info import package_versions
-    from ..train.config import _git_commit, library_versions
+    from ..info import package_versions, provenance
 
     accuracy = evaluation.accuracy
     autoattacks = [name for name in plan["attacks"] if parse_attack(name, plan["norm"])[0] == "autoattack"]
-    commit, dirty = _git_commit()
+    record = provenance()
     return {
         "format": REPORT_FORMAT,
         "version": REPORT_VERSION,
@@ -296,10 +295,10 @@ def build_report(args, plan, evaluation, elapsed):
                    "attacks": plan["attacks"], "eps": plan["eps"], "norm": plan["norm"], "precision": args.precision,
                    "batch_size": args.batch_size, "seed": args.seed, "device": str(plan["device"])},
         "model": plan["model_description"],
-        "versions": {**library_versions(), **package_versions(("pyautoattack", "torchattacks", "torchvision",
+        "versions": {**record["versions"], **package_versions(("pyautoattack", "torchattacks", "torchvision",
                                                                 "robustbench"))},
-        "git_commit": commit,
-        "git_dirty": dirty,
+        "git_commit": record["git_commit"],
+        "git_dirty": record["git_dirty"],
     }
 
 

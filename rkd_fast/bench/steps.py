@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..jacobian import share_clean_statistics
-from ..models import build_model
+from ..models import CIFAR10_MEAN, CIFAR10_STD, build_model
 from ..train import methods as methods_module
-from ..train.config import TrainConfig, resolve_loss_defaults
+from ..train.config import DEFAULT_FEATURE_LAYER, TrainConfig, resolve_loss_defaults
 
 # What a step case asks for: (registered method, overrides of TrainConfig, overrides of the jacobian options).
 # robust-kd is its default (the terms at the student's single-step adversarial point, no Jacobian term), with
@@ -46,10 +46,6 @@ VARIANTS = {
     "rslad": ("rslad", {}, {}),
 }
 TEACHER_FREE = ("natural", "pgd-at", "fgsm-rs", "n-fgsm", "trades")
-# The last feature stage of each architecture: the default pair of robust-kd's feature term here.
-FEATURE_LAYER = {"resnet18": "layer4", "preact_resnet18": "layer4", "resnet34": "layer4", "resnet50": "layer4",
-                 "wide_resnet34_10": "layer3", "small_cnn": "block3"}
-CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
 def cost_units(variant, attack_steps):
@@ -146,7 +142,7 @@ def make_config(variant, scenario, attack_steps, precision):
     """A TrainConfig for the variant. Built directly (not through make_config's checks): the teacher is an
     in-memory model here, not the model file the training command needs."""
     method, overrides, _ = VARIANTS[variant]
-    pair = f"{FEATURE_LAYER[scenario.student.arch]}:{FEATURE_LAYER[scenario.teacher.arch]}"
+    pair = f"{DEFAULT_FEATURE_LAYER[scenario.student.arch]}:{DEFAULT_FEATURE_LAYER[scenario.teacher.arch]}"
     values = {"method": method, "arch": scenario.student.arch, "eps": 8 / 255, "attack_steps": attack_steps,
               "precision": precision, "feature_pairs": (pair,), **overrides}
     return TrainConfig(**resolve_loss_defaults(values))
@@ -161,7 +157,7 @@ class StepCase:
         cfg = make_config(variant, scenario, attack_steps, precision)
         # The attributes of rkd_fast.datasets.DatasetInfo the methods read (eps, class count, shapes).
         info = types.SimpleNamespace(name="bench", num_classes=scenario.num_classes, in_channels=3,
-                                     input_size=(scenario.image_size,) * 2, mean=CIFAR_MEAN, std=CIFAR_STD,
+                                     input_size=(scenario.image_size,) * 2, mean=CIFAR10_MEAN, std=CIFAR10_STD,
                                      eps=8 / 255, splits=())
         autocast = autocast_factory(x.device, precision)
         uses_teacher = variant not in TEACHER_FREE

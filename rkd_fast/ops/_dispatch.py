@@ -13,6 +13,11 @@ REDUCTIONS = ("mean", "sum", "none")
 REDUCTION_IDS = {name: i for i, name in enumerate(REDUCTIONS)}  # the kernels' `reduction` argument
 
 
+def is_number(value):
+    """A Python int or float, not a bool (True would pass as 1)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_choice(name, value, choices):
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(map(repr, choices))}")

@@ -19,7 +19,7 @@ import torch
 
 from . import _reference
 from ._dispatch import (REDUCTION_IDS, REDUCTIONS, check_choice, check_float_tensor, check_same_device,
-                        choose_backend, scale_by_upstream)
+                        choose_backend, is_number, scale_by_upstream)
 
 ON = ("logits", "probs")
 ON_IDS = {name: i for i, name in enumerate(ON)}
@@ -93,10 +93,6 @@ _triton_fwd.register_fake(_fake)
 _triton_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _is_number(x):
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 def _check(s_clean, s_pert, h, t_clean, t_pert, on, temperature, reduction):
     check_float_tensor("s_clean", s_clean)
     check_float_tensor("s_pert", s_pert)
@@ -109,7 +105,7 @@ def _check(s_clean, s_pert, h, t_clean, t_pert, on, temperature, reduction):
         check_float_tensor("t_pert", t_pert)
     check_choice("on", on, ON)
     check_choice("reduction", reduction, REDUCTIONS)
-    if not _is_number(temperature) or not math.isfinite(temperature) or temperature <= 0:
+    if not is_number(temperature) or not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
 
     shape = s_clean.shape
@@ -129,7 +125,7 @@ def _check(s_clean, s_pert, h, t_clean, t_pert, on, temperature, reduction):
             raise TypeError(f"h must be a number or a floating-point tensor, got a {h.dtype} tensor")
         if h.shape not in ((), (shape[0],)):
             raise ValueError(f"a tensor h must have shape () or (N,) = ({shape[0]},), got {tuple(h.shape)}")
-    elif not _is_number(h):
+    elif not is_number(h):
         raise TypeError(f"h must be a number or a tensor, got {type(h).__name__}")
     device = s_clean.device
     if s_pert.device != device or (teacher and (t_clean.device != device or t_pert.device != device)) or (

@@ -140,28 +140,6 @@ def config_from_args(args):
     return make_config({name: rerun.unwrap(getattr(args, name)) for name in _OPTIONS if hasattr(args, name)})
 
 
-def command_line(cfg):
-    """The `rkd-fast train` command that reproduces `cfg` (its options that differ from the defaults), whatever
-    way the run was started (console, `python -m rkd_fast`, or rkd_fast.cli.main from Python)."""
-    words = ["rkd-fast", "train"]
-    for f in dataclasses.fields(TrainConfig):
-        value, default = getattr(cfg, f.name), getattr(_D, f.name)
-        if f.name == "command" or value == default or (f.name == "feature_pairs" and not value):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if f.name == "progress":
-            words.append("--no-progress")
-        elif isinstance(value, bool):
-            words.append(flag)
-        elif f.name == "feature_pairs":
-            words += [w for pair in cfg.pairs() for w in ("--feature-pair", ":".join(pair))]
-        elif f.name == "milestones":
-            words += [flag, *map(str, value)]
-        else:
-            words += [flag, str(value)]
-    return words
-
-
 def run(args):
     from .trainer import NonFiniteError, Run
 

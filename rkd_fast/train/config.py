@@ -1,13 +1,9 @@
 """The training configuration, the data sets a run can use, and the metadata every JSON output records."""
 
 import dataclasses
-import importlib.metadata
 import math
 import numbers
 import os
-import platform
-import subprocess
-import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -359,44 +355,38 @@ def load_data(cfg, device):
 
 # --- metadata --------------------------------------------------------------------------------------------
 
-def _git_commit():
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-        if not commit:
-            return None, None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip() != ""
-        return commit, dirty
-    except (OSError, subprocess.SubprocessError):
-        return None, None
-
-
-def library_versions():
-    versions = {"python": platform.python_version(), "torch": torch.__version__,
-                "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None}
-    for package in ("rkd_fast", "numpy", "triton", "scikit-learn", "tqdm"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    return versions
+def command_line(cfg):
+    """The `rkd-fast train` command that reproduces `cfg` (its options that differ from the defaults), whatever
+    way the run was started (console, `python -m rkd_fast`, or rkd_fast.cli.main from Python)."""
+    defaults = TrainConfig()
+    words = ["rkd-fast", "train"]
+    for f in dataclasses.fields(TrainConfig):
+        value, default = getattr(cfg, f.name), getattr(defaults, f.name)
+        if f.name == "command" or value == default or (f.name == "feature_pairs" and not value):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "progress":
+            words.append("--no-progress")
+        elif isinstance(value, bool):
+            words.append(flag)
+        elif f.name == "feature_pairs":
+            words += [w for pair in cfg.pairs() for w in ("--feature-pair", ":".join(pair))]
+        elif f.name == "milestones":
+            words += [flag, *map(str, value)]
+        else:
+            words += [flag, str(value)]
+    return words
 
 
 def run_metadata(cfg, device):
     """What every JSON output of a run records: command, full config, seed, git commit, library versions."""
-    from .cli import command_line
+    from ..info import cpu_model, provenance
 
-    commit, dirty = _git_commit()
     return {
         "command": list(cfg.command) or command_line(cfg),
-        "argv": [sys.executable] + sys.argv,  # how this process was started
         "config": cfg.to_dict(),
         "seed": cfg.seed,
-        "git_commit": commit,
-        "git_dirty": dirty,
-        "versions": library_versions(),
+        **provenance(),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or None,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
     }

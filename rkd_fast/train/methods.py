@@ -14,47 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import seeding
-from ..attacks._common import attack_mode, autocast_dtype, like_input, logits_fp32, make_generator, model_dtype, \
-    to_attack_layout
-from ..attacks.attacks import _project
+from ..attacks._common import attack_mode
+from ..attacks.attacks import kl_attack, kl_per_sample
 from ..losses import RobustKDLoss
 from .config import ARD_ALPHA, ARD_TEMPERATURE, DEFAULT_FEATURE_LAYER, FGSM_RS_ALPHA, N_FGSM_NOISE, TRADES_BETA
 
-# TRADES and RSLAD start their inner maximisation at x + START_SIGMA · N(0, I) (both official codes).
-START_SIGMA = 0.001
 # RSLAD's official loss averages its KL terms over batch × classes on CIFAR-10 and multiplies by 10 on
 # CIFAR-100 (README) to keep that scale: per-sample KL (summed over classes), batch mean, divided by 10.
 RSLAD_KL_DIVISOR = 10.0
 RSLAD_ADV_WEIGHT = 5.0 / 6.0  # and 1 − this on the clean term (Zi et al. 2021, Eq. 5)
-
-
-def kl_per_sample(logits, target_probs):
-    """KL(target ‖ softmax(logits)) of each sample, summed over classes, in fp32. Differentiable in both
-    (TRADES backpropagates through its target, the clean prediction)."""
-    return F.kl_div(F.log_softmax(logits.float(), dim=1), target_probs.float(), reduction="none").sum(dim=1)
-
-
-def kl_attack(model, x, target_probs, eps, alpha, steps, *, precision="fp32", seed=None):
-    """The inner maximisation of TRADES and RSLAD: L∞ PGD on Σ_i KL(target_i ‖ softmax(model(x'_i))) from
-    x + 0.001·N(0, I) (no random start in the ball), ``steps`` signed-gradient steps of size ``alpha``, each
-    projected onto the eps-ball around x and [0, 1] (the official codes' loop). ``target_probs`` is fixed
-    (detached): the model's own clean prediction for TRADES, the teacher's for RSLAD. The model runs in eval
-    mode with frozen parameters; the noise comes from a generator seeded with ``seed``."""
-    generator = make_generator(seed, x.device)
-    autocast = autocast_dtype(precision, x.device)
-    x0 = to_attack_layout(x)
-    target = target_probs.detach().float()
-    with attack_mode(model):
-        input_dtype = model_dtype(model)
-        x_adv = x0 + START_SIGMA * seeding.normal(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        for _ in range(steps):
-            x_adv = x_adv.detach().requires_grad_(True)
-            with torch.enable_grad():
-                objective = kl_per_sample(logits_fp32(model, x_adv, autocast, input_dtype), target).sum()
-                (grad,) = torch.autograd.grad(objective, x_adv)
-            x_adv = _project(x_adv.detach() + alpha * grad.sign(), x0, eps, "linf")
-    return like_input(x_adv.detach(), x)
 
 
 class Method(nn.Module):

@@ -1,32 +1,47 @@
-"""Benchmark of rkd_fast.fd_jacobian_loss (forward + backward, Jacobian matching with a teacher) against the
-eager reference (rkd_fast.ops._reference.fd_jacobian, the tests' oracle), fp32.
+"""Benchmark of rkd_fast.fd_jacobian_loss (forward + backward) against the eager reference
+(rkd_fast.ops._reference.fd_jacobian, the tests' oracle): N 16-512, K 10-1000, on logits and probs, with and
+without a teacher, fp32.
 
     pytest benchmarks/test_fd_jacobian_bench.py --benchmark-only [--benchmark-group-by=param:shape]
-    python benchmarks/test_fd_jacobian_bench.py    # (PYTHONPATH=. without an install) the same cases with torch.utils.benchmark, as a table
+    python benchmarks/test_fd_jacobian_bench.py [--quick]   # (PYTHONPATH=. without an install) a table
+
+The table times the two implementations side by side (rkd_fast.bench.ops.side_by_side): each round calls one,
+then the other, and each call is timed by itself; a row reports the median over the rounds. Medians of single
+calls, rather than means of blocks, because on a shared machine a call now and then waits milliseconds for a
+descheduled thread (ATen's softmax enters a parallel region even for 16 x 10), which a mean would charge to
+whichever implementation it hit.
 
 On CPU "rkd_fast" is the C++ kernel (skipped with the reason when it is not built); on a GPU it is whatever
 backend="auto" picks there (see rkd_fast.backends())."""
+
+import functools
+import itertools
+import sys
 
 import pytest
 import torch
 
 import rkd_fast
+from rkd_fast.bench.ops import side_by_side
 from rkd_fast.ops._reference import fd_jacobian as reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-SHAPES = [(256, 10), (256, 100), (256, 1000), (1024, 1000)]
+BATCHES = (16, 64, 256, 512)
+CLASSES = (10, 100, 1000)
+SHAPES = list(itertools.product(BATCHES, CLASSES))
 ON = ("logits", "probs")
 IMPLS = ("rkd_fast", "eager")
 
 
-def make_inputs(shape, dtype=torch.float32, device=DEVICE, seed=0):
+def make_inputs(shape, dtype=torch.float32, device=DEVICE, seed=0, teacher=True):
     gen = torch.Generator().manual_seed(seed)
     s_clean = torch.randn(shape, generator=gen)
     s_pert = s_clean + 0.05 * torch.randn(shape, generator=gen)
     t_clean = torch.randn(shape, generator=gen)
     t_pert = t_clean + 0.05 * torch.randn(shape, generator=gen)
     students = [x.to(device=device, dtype=dtype).requires_grad_() for x in (s_clean, s_pert)]
-    return (*students, *(x.to(device=device, dtype=dtype) for x in (t_clean, t_pert)))
+    teachers = [x.to(device=device, dtype=dtype) for x in (t_clean, t_pert)] if teacher else [None, None]
+    return (*students, *teachers)
 
 
 def forward_backward(impl, on):
@@ -53,13 +68,14 @@ def _skip_reason(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("teacher", (True, False), ids=("matching", "penalty"))
 @pytest.mark.parametrize("on", ON)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_fd_jacobian_fwd_bwd(benchmark, shape, on, impl):
+def test_fd_jacobian_fwd_bwd(benchmark, shape, on, teacher, impl):
     reason = _skip_reason(impl)
     if reason:
         pytest.skip(reason)
-    inputs = make_inputs(shape)
+    inputs = make_inputs(shape, teacher=teacher)
     step = forward_backward(impl, on)
     step(*inputs)  # warm up outside the timing
 
@@ -70,28 +86,28 @@ def test_fd_jacobian_fwd_bwd(benchmark, shape, on, impl):
     benchmark(run)
 
 
-def main():
-    import torch.utils.benchmark as tbench
-
-    print(f"fd_jacobian_loss forward + backward, fp32, teacher given, {DEVICE}, {torch.get_num_threads()} threads")
-    print(f"{'N x K':>10} {'on':>7} {'eager us':>10} {'fused us':>10} {'speed-up':>9}")
-    for shape in SHAPES:
-        inputs = make_inputs(shape)
-        for on in ON:
-            times = {}
-            for impl in IMPLS:
-                if _skip_reason(impl):
-                    continue
-                step = forward_backward(impl, on)
-                step(*inputs)
-                timer = tbench.Timer(stmt="step(*inputs); sync()",
-                                     globals={"step": step, "inputs": inputs, "sync": _sync},
-                                     num_threads=torch.get_num_threads())
-                times[impl] = timer.blocked_autorange(min_run_time=1.0).median * 1e6
-            fused = times.get("rkd_fast", float("nan"))
-            print(f"{'x'.join(map(str, shape)):>10} {on:>7} {times['eager']:>10.1f} {fused:>10.1f} "
-                  f"{times['eager'] / fused:>8.1f}x")
+def main(argv=()):
+    quick = "--quick" in argv
+    reason = _skip_reason("rkd_fast")
+    if reason:
+        print(f"rkd_fast: {reason}")
+        return 1
+    print(f"fd_jacobian_loss forward + backward, fp32, {DEVICE}, {torch.get_num_threads()} threads, torch "
+          f"{torch.__version__}; median µs per call, the two timed in alternating rounds")
+    print("| N × K | on | teacher | eager µs | fused µs | fused × vs eager |")
+    print("|---|---|---|---|---|---|")
+    worst = float("inf")
+    for shape in ([(16, 10), (512, 1000)] if quick else SHAPES):
+        for on, teacher in itertools.product(ON, (True, False)):
+            inputs = make_inputs(shape, teacher=teacher)
+            steps = [functools.partial(forward_backward(impl, on), *inputs) for impl in IMPLS]
+            fused, eager = (spent[len(spent) // 2] for spent in side_by_side(steps, DEVICE, min_run_time=0.4))
+            worst = min(worst, eager / fused)
+            print(f"| {shape[0]} × {shape[1]} | {on} | {'yes' if teacher else 'no'} | {eager * 1e6:.1f} | "
+                  f"{fused * 1e6:.1f} | {eager / fused:.2f} |", flush=True)
+    print(f"smallest speed-up: {worst:.2f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(sys.argv[1:]))

@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 
+import rkd_fast
 from rkd_fast.bench import ops
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -20,6 +21,8 @@ SHAPES = ops.SUITES[os.environ.get("RKD_FAST_BENCH_SUITE", "cifar")]
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_feature_distance_fwd_bwd(benchmark, shape, dtype, impl):
+    if impl in ("cuda", "triton") and rkd_fast.backends()["feature_distance"][impl] != "available":
+        pytest.skip(f"backend {impl!r} {rkd_fast.backends()['feature_distance'][impl]}")
     student, teacher = ops.make_inputs(shape, ops.DTYPES[dtype], DEVICE)
     step = ops.forward_backward(impl)
     step(student, teacher)  # compile / warm up outside the timing

@@ -240,8 +240,8 @@ def run_demo(out, *, eps=0.1, quick=False, all_baselines=False, autoattack_sampl
         + (["--quick"] if quick else []) + (["--all"] if all_baselines else []),
         **provenance(),
     }
-    atomic_write_json(files.add("results.json"), results)
-    plot(results, files.add("robustness_vs_cost.png"))
+    atomic_write_json(files.add(out / "results.json"), results)
+    plot(results, files.add(out / "robustness_vs_cost.png"))
     return results
 
 

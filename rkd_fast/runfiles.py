@@ -22,6 +22,14 @@ class RunFiles:
         self.path = self.root / RECORD
         self._names = None
 
+    def _name(self, path):
+        """`path` (absolute, or relative to the current directory, like `root` itself) as its name in the record,
+        relative to root; a ValueError for a path outside root."""
+        full, root = Path(path).absolute(), self.root.absolute()
+        if not full.is_relative_to(root):
+            raise ValueError(f"{path} is not inside the run's folder {self.root}")
+        return full.relative_to(root).as_posix()
+
     def exists(self):
         return self.path.is_file()
 
@@ -43,12 +51,12 @@ class RunFiles:
         return names
 
     def add(self, path):
-        """Records `path` (absolute, under root, or relative to it) before it is written; returns it as a Path.
+        """Records `path` (a path under root: absolute, or relative to the current directory as `root` is) before
+        it is written; returns it as a Path.
         A recorded folder is one the run creates and fills itself: --overwrite removes it whole."""
         from .checkpoint import atomic_write_json
 
-        path = Path(path)
-        relative = (path.relative_to(self.root) if path.is_absolute() else path).as_posix()
+        relative = self._name(path)
         if relative not in self.names():
             self._names.append(relative)
             atomic_write_json(self.path, self._names)
@@ -56,7 +64,7 @@ class RunFiles:
 
     def discard(self, paths):
         """Forgets files the run has deleted itself (rolling checkpoints), so the record does not grow."""
-        names = {(Path(p).relative_to(self.root) if Path(p).is_absolute() else Path(p)).as_posix() for p in paths}
+        names = {self._name(p) for p in paths}
         if names & set(self.names()):
             from .checkpoint import atomic_write_json
 

@@ -5,6 +5,7 @@ folders and options are refused before anything is written; a model file is chec
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,13 +154,34 @@ def test_demo_overwrite_keeps_other_files(tmp_path):
     files = RunFiles(out)
     for name in ("results.json", "models/kd.pt"):
         (out / name).write_text("{}")
-        files.add(name)
+        files.add(out / name)
     (out / "models" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="holds another demo"):
         check_out(out, overwrite=False)
     check_out(out, overwrite=True)
     assert not (out / "results.json").exists() and not (out / "models" / "kd.pt").exists()
     assert (out / "models" / "notes.txt").read_text() == "mine"
+
+
+def test_run_files_take_paths_relative_to_the_current_directory(tmp_path, monkeypatch):
+    # `--out runs/x` is relative: the record must name runs/x/run.json as "run.json", not "runs/x/run.json"
+    # (which once made the demo save its teacher to runs/x/runs/x/models/ and then not find it).
+    monkeypatch.chdir(tmp_path)
+    files = RunFiles(Path("runs") / "x")
+    assert files.add(Path("runs") / "x" / "models" / "a.pt") == Path("runs") / "x" / "models" / "a.pt"
+    files.add(tmp_path / "runs" / "x" / "run.json")
+    assert files.names() == ["models/a.pt", "run.json"]
+    with pytest.raises(ValueError, match="not inside the run's folder"):
+        files.add(Path("elsewhere.pt"))
+
+
+def test_train_with_a_relative_out_records_its_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--method", "natural", "--epochs", "1", "--no-progress", "--out", "runs/a"]) == 0
+    names = RunFiles(Path("runs/a")).names()
+    assert "run.json" in names and "best.pt" in names and not any(n.startswith("runs/") for n in names)
+    assert all((tmp_path / "runs" / "a" / n).exists() for n in names if n != "tensorboard")
+    assert not (tmp_path / "runs" / "a" / "runs").exists()
 
 
 # --- bad output folders and options: refused before anything is written ---------------------------------------

@@ -531,7 +531,7 @@ class Run:
                 if path.is_file():
                     self.files.add(path)
         checkpoints.remove_temporary_files(self.out)
-        run_file = self.files.add("run.json")
+        run_file = self.files.add(self.out / "run.json")
         if cfg.resume and not restart and run_file.exists():
             record = json.loads(run_file.read_text())
             record.setdefault("resumes", []).append({"from": str(self.resume_from[1]), **{
@@ -541,7 +541,7 @@ class Run:
         atomic_write_json(run_file, record)
         if self.tensorboard:
             if not (self.out / tensorboard.TENSORBOARD_DIR).exists():
-                self.files.add(tensorboard.TENSORBOARD_DIR)  # the run's own folder, removed whole by --overwrite
+                self.files.add(self.out / tensorboard.TENSORBOARD_DIR)  # the run's own folder, removed whole by --overwrite
             self.tb_log = tensorboard.TensorBoardLog(self.out)
 
     def _restore(self, state, path):
@@ -604,8 +604,8 @@ class Run:
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
             writer.writerows(self.history)
-        atomic_write(self.files.add("metrics.csv"), write_csv, text=True)
-        atomic_write_json(self.files.add("metrics.json"), {**self.meta, "epochs": self.history, "best": self.best,
+        atomic_write(self.files.add(self.out / "metrics.csv"), write_csv, text=True)
+        atomic_write_json(self.files.add(self.out / "metrics.json"), {**self.meta, "epochs": self.history, "best": self.best,
                                                 "train_seconds": self.train_seconds})
 
     # --- the loop ------------------------------------------------------------------------------------------
@@ -742,7 +742,7 @@ class Run:
         if self.writes:
             state = self._state()
             if improved:
-                checkpoints.atomic_save(state, self.files.add("best.pt"))
+                checkpoints.atomic_save(state, self.files.add(self.out / "best.pt"))
             checkpoints.save_checkpoint(self.out, state, self.position["global_step"], cfg.keep, self.files)
             self._write_metrics()
             if self.tb_log is not None:

@@ -99,6 +99,21 @@ def test_step_case_trains_the_student():
     assert all(p.grad is None for p in teacher.parameters())
 
 
+@pytest.mark.parametrize("variant", ["fgsm-rs", "n-fgsm", "free-at"])
+def test_single_step_baselines_are_step_cases_with_a_cost_model(variant):
+    scenario = steps.Scenario("t", steps.ModelSpec("resnet18", {"width": 4}), steps.ModelSpec("resnet18", {"width": 4}),
+                              2, 8)
+    torch.manual_seed(0)
+    student, teacher = scenario.student.build("cpu", False), scenario.teacher.build("cpu", False)
+    x, y = steps.make_batch(scenario, "cpu", False)
+    before = [p.detach().clone() for p in student.parameters()]
+    case = steps.StepCase(variant, student, teacher, x, y, scenario, attack_steps=1)
+    case.step()
+    case.close()
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+    assert steps.cost_units(variant, 10) == {"S_fb": 1 if variant == "free-at" else 2, "O": 1}
+
+
 def test_cost_units_and_targets():
     assert steps.cost_units("pgd-at", 10) == {"S_fb": 11, "O": 1}
     assert steps.cost_units("unknown", 10) is None

@@ -41,11 +41,12 @@ VARIANTS = {
     "pgd-at": ("pgd-at", {}, {}),
     "fgsm-rs": ("fgsm-rs", {}, {}),
     "n-fgsm": ("n-fgsm", {}, {}),
+    "free-at": ("free-at", {}, {}),
     "trades": ("trades", {}, {}),
     "ard": ("ard", {}, {}),
     "rslad": ("rslad", {}, {}),
 }
-TEACHER_FREE = ("natural", "pgd-at", "fgsm-rs", "n-fgsm", "trades")
+TEACHER_FREE = ("natural", "pgd-at", "fgsm-rs", "n-fgsm", "free-at", "trades")
 
 
 def cost_units(variant, attack_steps):
@@ -70,6 +71,9 @@ def cost_units(variant, attack_steps):
         # one attack step and the training pass
         "fgsm-rs": {"S_fb": 2},
         "n-fgsm": {"S_fb": 2},
+        # one training pass whose backward also moves the carried perturbation (m replays of a minibatch are m
+        # such optimizer steps)
+        "free-at": {"S_fb": 1},
         # k attack steps (forward + input backward), then the training forward + backward
         "pgd-at": {"S_fb": k + 1},
         # clean target (no graph), k attack steps, training passes on clean and adversarial inputs

@@ -20,6 +20,12 @@ COMMANDS = {
 }
 
 
+def invoked_command(name):
+    """The words `rkd-fast NAME ...` this process was started with when it was started as that command (console
+    script or `python -m rkd_fast`), else None: called from Python, the command describes its own arguments."""
+    return ["rkd-fast", name, *sys.argv[2:]] if sys.argv[1:2] == [name] else None
+
+
 def _available():
     return {name: spec for name, spec in COMMANDS.items() if importlib.util.find_spec(spec[0]) is not None}
 

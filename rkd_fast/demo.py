@@ -257,8 +257,9 @@ def _plain(value):
 
 
 def run(args):
-    # The words given after `demo` when started from the command line (else run_demo describes its arguments).
-    command = ["rkd-fast", "demo", *sys.argv[2:]] if sys.argv[1:2] == ["demo"] else None
+    from .cli import invoked_command
+
+    command = invoked_command("demo")
     try:
         results = run_demo(args.out, eps=args.eps, quick=args.quick, all_baselines=args.all,
                            autoattack_samples=args.autoattack_samples, threads=args.threads, seed=args.seed,

@@ -322,7 +322,9 @@ def format_table(results):
 
 
 def run(args):
-    command = ["rkd-fast", "frontier", *sys.argv[2:]] if sys.argv[1:2] == ["frontier"] else None
+    from .cli import invoked_command
+
+    command = invoked_command("frontier")
     variants = tuple(v.strip() for v in args.methods.split(",") if v.strip())
     try:
         results = run_frontier(args.out, variants=variants, seeds=args.seeds, eps=args.eps, jobs=args.jobs,

@@ -146,14 +146,18 @@ def check_out_dir(cfg):
     return None
 
 
+def _legacy_run_files(out):
+    """The files a run written before runs kept a record may hold: its fixed names and its checkpoints."""
+    return [out / name for name in RUN_FILES] + [p for _, p in checkpoints.list_checkpoints(out)]
+
+
 def remove_run_files(out):
     """What --overwrite removes: the files the run in `out` recorded (rkd_fast.runfiles), or, for a run written
     before runs kept a record, its fixed file names and checkpoint files. Nothing else in `out` is touched."""
     files = RunFiles(out)
     if files.exists():
         return files.remove_all()
-    legacy = [out / name for name in RUN_FILES] + [p for _, p in checkpoints.list_checkpoints(out)]
-    removed = [p for p in legacy if p.is_file()]
+    removed = [p for p in _legacy_run_files(out) if p.is_file()]
     for p in removed:
         p.unlink()
     for folder in (out / checkpoints.CHECKPOINT_DIR, out / tensorboard.TENSORBOARD_DIR):
@@ -527,7 +531,7 @@ class Run:
         self.out.mkdir(parents=True, exist_ok=True)
         self.files = RunFiles(self.out)
         if cfg.resume and not self.files.exists():  # a run written before runs kept a record: adopt its files
-            for path in [self.out / n for n in RUN_FILES] + [p for _, p in checkpoints.list_checkpoints(self.out)]:
+            for path in _legacy_run_files(self.out):
                 if path.is_file():
                     self.files.add(path)
         checkpoints.remove_temporary_files(self.out)

@@ -28,7 +28,7 @@ TEACHERS = {"same": STUDENT, "wrn": steps.ModelSpec("wide_resnet34_10", {"widen_
 @pytest.mark.parametrize("variant", list(steps.VARIANTS))
 @pytest.mark.parametrize("teacher", list(TEACHERS))
 def test_training_step(benchmark, teacher, variant):
-    if variant in steps.TEACHER_FREE and teacher != "same":
+    if not steps.uses_teacher(variant) and teacher != "same":
         pytest.skip("the method does not use the teacher: measured with teacher=same")
     available, _ = steps.split_available([variant])
     if not available:

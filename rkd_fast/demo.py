@@ -69,14 +69,14 @@ def training_config(name, settings, common, teacher_path):
     """The trainer config of model `name`: the teacher is PGD-AT at the teacher's width; a student is trained with
     the method of its name at the student width, given the teacher file when its method distils one. free-at
     replays each batch FREE_AT_DEMO_REPLAYS times over the epochs divided by that: the same optimizer steps."""
-    from .train.config import TEACHER_METHODS
+    from .train.methods import METHODS
 
     if name == "teacher":
         cfg = {**common, "method": "pgd-at", "width": settings["teacher_width"],
                "epochs": settings["teacher_epochs"]}
     else:
         cfg = {**common, "method": name, "width": settings["student_width"], "epochs": settings["student_epochs"]}
-        if name in TEACHER_METHODS:
+        if METHODS[name].needs_teacher:
             cfg["teacher"] = str(teacher_path)
         if name == "free-at":
             cfg.update(free_replays=FREE_AT_DEMO_REPLAYS, epochs=max(1, cfg["epochs"] // FREE_AT_DEMO_REPLAYS))

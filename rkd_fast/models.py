@@ -11,6 +11,11 @@ from .data import DIGITS_MEAN, DIGITS_STD
 
 MODELS = {}
 
+# The feature map a method distils by default, per architecture (the last stage before the classifier head).
+DEFAULT_FEATURE_LAYER = {"small_cnn": "block3", "preact_resnet18": "layer4", "resnet18": "layer4",
+                         "resnet34": "layer4", "resnet50": "layer4", "wide_resnet34_10": "layer3",
+                         "mobilenet_v2": "features"}
+
 
 def register_model(name):
     def add(cls):

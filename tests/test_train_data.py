@@ -12,7 +12,8 @@ from rkd_fast.cli import main
 from rkd_fast.datasets import GPULoader
 from rkd_fast.models import build_model
 from rkd_fast.train import checkpoints, distributed, make_config
-from rkd_fast.train.config import DEFAULT_FEATURE_LAYER, load_data, stratified_split
+from rkd_fast.models import DEFAULT_FEATURE_LAYER
+from rkd_fast.train.config import load_data, stratified_split
 from rkd_fast.train.trainer import TensorBatches, training_batches
 from test_datasets import _make_cifar10  # the colleague's generator of torchvision-format CIFAR files
 

@@ -197,7 +197,7 @@ def test_precision_checks(monkeypatch):
 @pytest.mark.parametrize("arch", ["preact_resnet18", "resnet18"])
 def test_cifar_stem_resnets(arch):
     from rkd_fast.models import MODELS
-    from rkd_fast.train.config import DEFAULT_FEATURE_LAYER
+    from rkd_fast.models import DEFAULT_FEATURE_LAYER
 
     full = build_model(arch)  # CIFAR-10 defaults: 3 channels, width 64
     assert full(torch.rand(2, 3, 32, 32)).shape == (2, 10)

@@ -152,7 +152,7 @@ def build_scenarios(cfg):
         "cifar-same": steps.Scenario("cifar-same", resnet18, resnet18, bs, size, variants=variants),
         # teacher-free methods cost the same as in cifar-same: only natural (the reference) is measured again
         "cifar-10x": steps.Scenario("cifar-10x", resnet18, wrn, bs, size, variants=tuple(
-            v for v in variants if v not in steps.TEACHER_FREE or v == "natural")),
+            v for v in variants if steps.uses_teacher(v) or v == "natural")),
         "imagenet": steps.Scenario("imagenet", steps.ModelSpec("resnet50", {"stem": "imagenet", "num_classes": 1000}),
                                    steps.ModelSpec("resnet50", {"stem": "imagenet", "num_classes": 1000}),
                                    min(bs, 64), 224, num_classes=1000, variants=variants),

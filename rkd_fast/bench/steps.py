@@ -3,8 +3,8 @@ same student, teacher and batch, timed per step, with peak memory and a cost mod
 
 The cases live here so that `rkd-fast bench` and benchmarks/test_step_bench.py time the same code.
 
-Methods come from rkd_fast.train.methods.METHODS at run time: a method asked for but not registered (trades,
-ard and rslad while they are being written) is reported as missing, not an error. robust-kd is measured in
+Methods come from rkd_fast.train.methods.METHODS at run time, each with its own cost model (its cost_units): a
+method asked for but not registered is reported as missing, not an error. robust-kd is measured in
 variants that switch its terms on and off (``robust-kd:-jac``, ``robust-kd:-feat``) and with the exact
 (double-backprop) Jacobian matching instead of the finite difference (``robust-kd:exact``).
 """
@@ -13,76 +13,54 @@ import contextlib
 import dataclasses
 import statistics
 import time
-import types
 
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..jacobian import share_clean_statistics
-from ..models import CIFAR10_MEAN, CIFAR10_STD, build_model
+from ..models import DEFAULT_FEATURE_LAYER, build_model
 from ..train import methods as methods_module
-from ..train.config import DEFAULT_FEATURE_LAYER, TrainConfig, resolve_loss_defaults
 
-# What a step case asks for: (registered method, overrides of TrainConfig, overrides of the jacobian options).
-# robust-kd is its default (the terms at the student's single-step adversarial point, no Jacobian term), with
-# its finite-difference Jacobian term (+jac), without its feature term (-feat), and Zhang & Yi's recipe at the
-# clean input (clean: feature weight 3, Jacobian weight 1, T 4, the trainer's defaults before the frontier study)
-# with the finite difference or the exact (double-backprop) Jacobian.
+# What a step case asks for: (registered method, its options). robust-kd is its default (the terms at the
+# student's single-step adversarial point, no Jacobian term), with its finite-difference Jacobian term (+jac),
+# without its feature term (-feat), and Zhang & Yi's recipe at the clean input (clean: feature weight 3, Jacobian
+# weight 1, T 4, the trainer's defaults before the frontier study) with the finite difference or the exact
+# (double-backprop) Jacobian.
 CLEAN_RECIPE = {"distill_at": "clean", "feat_weight": 3.0, "jac_weight": 1.0, "kd_temperature": 4.0}
 VARIANTS = {
-    "natural": ("natural", {}, {}),
-    "kd": ("kd", {}, {}),
-    "robust-kd": ("robust-kd", {}, {}),
-    "robust-kd:+jac": ("robust-kd", {"jac_weight": 1.0}, {}),
-    "robust-kd:-feat": ("robust-kd", {"feat_weight": 0.0}, {}),
-    "robust-kd:clean": ("robust-kd", CLEAN_RECIPE, {}),
-    "robust-kd:exact": ("robust-kd", CLEAN_RECIPE, {"method": "exact"}),
-    "pgd-at": ("pgd-at", {}, {}),
-    "fgsm-rs": ("fgsm-rs", {}, {}),
-    "n-fgsm": ("n-fgsm", {}, {}),
-    "free-at": ("free-at", {}, {}),
-    "trades": ("trades", {}, {}),
-    "ard": ("ard", {}, {}),
-    "rslad": ("rslad", {}, {}),
+    "natural": ("natural", {}),
+    "kd": ("kd", {}),
+    "robust-kd": ("robust-kd", {}),
+    "robust-kd:+jac": ("robust-kd", {"jac_weight": 1.0}),
+    "robust-kd:-feat": ("robust-kd", {"feat_weight": 0.0}),
+    "robust-kd:clean": ("robust-kd", CLEAN_RECIPE),
+    "robust-kd:exact": ("robust-kd", {**CLEAN_RECIPE, "jac_estimator": "exact"}),
+    "pgd-at": ("pgd-at", {}),
+    "fgsm-rs": ("fgsm-rs", {}),
+    "n-fgsm": ("n-fgsm", {}),
+    "free-at": ("free-at", {}),
+    "trades": ("trades", {}),
+    "ard": ("ard", {}),
+    "rslad": ("rslad", {}),
 }
-TEACHER_FREE = ("natural", "pgd-at", "fgsm-rs", "n-fgsm", "free-at", "trades")
+
+
+def uses_teacher(variant):
+    method = methods_module.METHODS.get(VARIANTS[variant][0])
+    return method is not None and method.needs_teacher
 
 
 def cost_units(variant, attack_steps):
     """A step in units: S_f (student forward, no graph), S_fb (student forward + backward), T_f (teacher
     forward, no graph), T_fb (teacher forward + input backward, estimated as T_f · S_fb / S_f) and O (the
-    optimiser update). The formulas say what each method is expected to run; predicted vs measured in the
-    report shows where that expectation (or the implementation) is off. None for an unknown variant."""
-    k = attack_steps
-    table = {
-        "natural": {"S_fb": 1},
-        "kd": {"S_fb": 1, "T_f": 1},
-        # one attack pass (forward + input backward), the training pass at the adversarial point, its teacher forward
-        "robust-kd": {"S_fb": 2, "T_f": 1},
-        "robust-kd:-feat": {"S_fb": 2, "T_f": 1},
-        # ... and the start's student pass (backpropagated) and teacher forward of the finite difference
-        "robust-kd:+jac": {"S_fb": 3, "T_f": 2},
-        # clean + perturbed student passes, both backpropagated; clean + perturbed teacher passes
-        "robust-kd:clean": {"S_fb": 2, "T_f": 2},
-        # double backprop: forward, backward with create_graph, then backward through both (~3 fwd+bwd), and
-        # the teacher's J·d by an input backward
-        "robust-kd:exact": {"S_fb": 3, "T_fb": 1},
-        # one attack step and the training pass
-        "fgsm-rs": {"S_fb": 2},
-        "n-fgsm": {"S_fb": 2},
-        # one training pass whose backward also moves the carried perturbation (m replays of a minibatch are m
-        # such optimizer steps)
-        "free-at": {"S_fb": 1},
-        # k attack steps (forward + input backward), then the training forward + backward
-        "pgd-at": {"S_fb": k + 1},
-        # clean target (no graph), k attack steps, training passes on clean and adversarial inputs
-        "trades": {"S_f": 1, "S_fb": k + 2},
-        # teacher on clean inputs, k attack steps against it, training passes on adversarial and clean inputs
-        "ard": {"T_f": 1, "S_fb": k + 2},
-        "rslad": {"T_f": 1, "S_fb": k + 2},
-    }
-    units = table.get(variant)
+    optimiser update), from the method's own cost model (its cost_units). The formulas say what each method is
+    expected to run; predicted vs measured in the report shows where that expectation (or the implementation) is
+    off. None for an unknown variant or a method without a cost model."""
+    if variant not in VARIANTS or VARIANTS[variant][0] not in methods_module.METHODS:
+        return None
+    name, options = VARIANTS[variant]
+    units = methods_module.METHODS[name].cost_units(methods_module.resolve_options(name, options), attack_steps)
     return None if units is None else {**units, "O": 1}
 
 
@@ -142,33 +120,21 @@ def make_batch(scenario, device, channels_last, seed=0):
     return (x.contiguous(memory_format=torch.channels_last) if channels_last else x), y
 
 
-def make_config(variant, scenario, attack_steps, precision):
-    """A TrainConfig for the variant. Built directly (not through make_config's checks): the teacher is an
-    in-memory model here, not the model file the training command needs."""
-    method, overrides, _ = VARIANTS[variant]
-    pair = f"{DEFAULT_FEATURE_LAYER[scenario.student.arch]}:{DEFAULT_FEATURE_LAYER[scenario.teacher.arch]}"
-    values = {"method": method, "arch": scenario.student.arch, "eps": 8 / 255, "attack_steps": attack_steps,
-              "precision": precision, "feature_pairs": (pair,), **overrides}
-    return TrainConfig(**resolve_loss_defaults(values))
-
-
 class StepCase:
     """One method's optimiser step on a fixed batch: ``case.step()`` runs zero_grad, loss, backward, update."""
 
     def __init__(self, variant, student, teacher, x, y, scenario, *, attack_steps=10, precision="fp32"):
-        method_name, _, jacobian = VARIANTS[variant]
+        method, options = VARIANTS[variant]
         self.variant, self.x, self.y = variant, x, y
-        cfg = make_config(variant, scenario, attack_steps, precision)
-        # The attributes of rkd_fast.datasets.DatasetInfo the methods read (eps, class count, shapes).
-        info = types.SimpleNamespace(name="bench", num_classes=scenario.num_classes, in_channels=3,
-                                     input_size=(scenario.image_size,) * 2, mean=CIFAR10_MEAN, std=CIFAR10_STD,
-                                     eps=8 / 255, splits=())
-        autocast = autocast_factory(x.device, precision)
-        uses_teacher = variant not in TEACHER_FREE
-        self.method = methods_module.build_method(cfg, student, teacher if uses_teacher else None, info,
-                                                  x[: min(8, x.shape[0])], autocast).to(x.device)
-        if jacobian:
-            self.method.loss_fn.jacobian.update(jacobian)
+        run = methods_module.RunSettings(eps=8 / 255, alpha=None, attack_steps=attack_steps, precision=precision,
+                                         label_smoothing=0.0, batch_size=x.shape[0], arch=scenario.student.arch,
+                                         teacher_arch=scenario.teacher.arch)
+        if "feature_pairs" in methods_module.METHODS[method].options():  # the scenario's own models' layers
+            pair = f"{DEFAULT_FEATURE_LAYER[scenario.student.arch]}:{DEFAULT_FEATURE_LAYER[scenario.teacher.arch]}"
+            options = {"feature_pairs": (pair,), **options}
+        self.method = methods_module.create(method, student, teacher if uses_teacher(variant) else None, run,
+                                            x[: min(8, x.shape[0])], autocast_factory(x.device, precision),
+                                            **options).to(x.device)
         params = list(student.parameters()) + list(self.method.parameters())
         self.optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
         self.student = student.train()

@@ -4,9 +4,9 @@ import dataclasses
 import sys
 
 from . import rerun
-from .config import (ARD_ALPHA, ARD_TEMPERATURE, CIFAR_VAL_SIZE, DATASETS, DEFAULT_FEATURE_LAYER, DISTILL_AT,
-                     FEATURE_MODES, IMAGENET_WORKERS, LOADERS, LOSS_DEFAULTS, METHODS, PRECISIONS, SCHEDULES,
-                     STREAMING_VAL_SIZE, SYNTHETIC_BATCHES, TRADES_BETA, TrainConfig)
+from .config import (CIFAR_VAL_SIZE, DATASETS, IMAGENET_WORKERS, LOADERS, PRECISIONS, SCHEDULES, STREAMING_VAL_SIZE,
+                     SYNTHETIC_BATCHES, TrainConfig)
+from .methods import METHODS, all_options
 
 _D = TrainConfig()
 _OPTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "command")  # args.command: the subcommand
@@ -14,7 +14,7 @@ _OPTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "c
 
 def add_arguments(parser):
     run = parser.add_argument_group("run")
-    run.add_argument("--method", choices=METHODS, default=_D.method, help="training method (default: %(default)s)")
+    run.add_argument("--method", choices=sorted(METHODS), default=_D.method, help="training method (default: %(default)s)")
     run.add_argument("--dataset", choices=DATASETS, default=_D.dataset, help="data set (default: %(default)s)")
     run.add_argument("--data-dir", metavar="DIR", default=_D.data_dir,
                      help="directory holding the data set's files (cifar10: DIR/cifar-10-batches-py/; imagenet: "
@@ -69,45 +69,7 @@ def add_arguments(parser):
     attack.add_argument("--alpha", type=float, default=_D.alpha, help="PGD step (default: eps/4)")
     attack.add_argument("--attack-steps", type=int, default=_D.attack_steps, help="PGD steps (default: %(default)s)")
 
-    loss = parser.add_argument_group("distillation loss (kd, robust-kd; defaults: docs/frontier.md)")
-    defaults = {m: ", ".join(f"{k} {v:g}" for k, v in d.items()) for m, d in LOSS_DEFAULTS.items()}
-    loss.add_argument("--ce-weight", type=float, default=_D.ce_weight,
-                      help=f"weights default per method: kd: {defaults['kd']}; robust-kd: {defaults['robust-kd']}")
-    loss.add_argument("--kd-weight", type=float, default=_D.kd_weight)
-    loss.add_argument("--kd-temperature", type=float, default=_D.kd_temperature)
-    loss.add_argument("--feat-weight", type=float, default=_D.feat_weight)
-    loss.add_argument("--jac-weight", type=float, default=_D.jac_weight)
-    loss.add_argument("--feature-pair", dest="feature_pairs", action="append", default=[], metavar="S:T",
-                      help="student and teacher module names whose outputs are matched; repeatable (default: "
-                           + ", ".join(f"{a}: {m}" for a, m in DEFAULT_FEATURE_LAYER.items()) + ")")
-    loss.add_argument("--feature-mode", choices=FEATURE_MODES, default=_D.feature_mode)
-    loss.add_argument("--distill-at", choices=DISTILL_AT, default=_D.distill_at,
-                      help="robust-kd: evaluate the terms at the student's single-step adversarial point (default) "
-                           "or at the clean input, with the Jacobian term along a random direction (Zhang & Yi)")
-    loss.add_argument("--adv-noise", type=float, default=_D.adv_noise,
-                      help="the adversarial point's start noise, in units of --eps (default: %(default)s)")
-    loss.add_argument("--jac-step", type=float, default=_D.jac_step,
-                      help="finite-difference step in units of the threat model: jac_step·eps (L∞, and the "
-                           "adversarial point) or jac_step·eps·sqrt(D) (L2 directions) (default: %(default)s)")
-    loss.add_argument("--jac-h", type=float, default=_D.jac_h,
-                      help="an absolute finite-difference step on the [0, 1] pixel scale instead of --jac-step")
-    loss.add_argument("--jac-direction", choices=("rademacher", "gaussian", "grad"), default=_D.jac_direction,
-                      help="--distill-at clean: the direction of the finite difference")
-    loss.add_argument("--jac-norm", choices=("l2", "linf"), default=_D.jac_norm)
-    loss.add_argument("--jac-on", choices=("logits", "probs"), default=_D.jac_on)
-    loss.add_argument("--jac-temperature", type=float, default=_D.jac_temperature)
-    loss.add_argument("--jac-fraction", type=float, default=_D.jac_fraction)
-
-    base = parser.add_argument_group("baselines (docs/baselines.md)")
-    base.add_argument("--free-replays", type=int, default=_D.free_replays, metavar="M",
-                      help="free-at: optimizer steps per minibatch (default: %(default)s, Shafahi et al.'s CIFAR "
-                           "value); divide --epochs by M to match the other methods' cost")
-    base.add_argument("--trades-beta", type=float, default=_D.trades_beta,
-                      help=f"trades: weight of the KL robustness term (default: {TRADES_BETA})")
-    base.add_argument("--ard-temperature", type=float, default=_D.ard_temperature,
-                      help=f"ard: distillation temperature (default: {ARD_TEMPERATURE})")
-    base.add_argument("--ard-alpha", type=float, default=_D.ard_alpha,
-                      help=f"ard: weight of the distillation term, 1 - alpha on clean CE (default: {ARD_ALPHA})")
+    add_method_arguments(parser)
 
     out = parser.add_argument_group("output")
     out.add_argument("--out", metavar="DIR", default=_D.out, required=True,
@@ -130,6 +92,21 @@ def add_arguments(parser):
                              "options, overridden by the flags given here; --out names the new run's directory")
     # Defaults wrapped, so that a flag given with the default's value still overrides the --config record.
     rerun.mark_defaults(parser, _OPTIONS)
+
+
+def add_method_arguments(parser):
+    """The methods' own options (rkd_fast.train.methods), one argument group per set of methods sharing them,
+    with the defaults each method gives them."""
+    by_owners = {}
+    for option, owners in all_options().values():
+        by_owners.setdefault(owners, []).append(option)
+    for owners, options in by_owners.items():
+        names = {option.name for option in options}
+        defaults = "; ".join(f"{m}: " + ", ".join(f"{k} {v:g}" for k, v in METHODS[m].DEFAULTS.items() if k in names)
+                             for m in owners if names & set(METHODS[m].DEFAULTS))
+        group = parser.add_argument_group(f"{', '.join(owners)} options", f"defaults: {defaults}" if defaults else None)
+        for option in options:
+            option.add_argument(group)
 
 
 def config_from_args(args):

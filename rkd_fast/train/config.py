@@ -1,18 +1,18 @@
 """The training configuration, the data sets a run can use, and the metadata every JSON output records."""
 
 import dataclasses
-import math
-import numbers
 import os
 from dataclasses import dataclass, field
 
 import torch
 
-METHODS = ("natural", "kd", "robust-kd", "pgd-at", "fgsm-rs", "n-fgsm", "free-at", "trades", "ard", "rslad")
-TEACHER_METHODS = ("kd", "robust-kd", "ard", "rslad")  # the methods that distil a teacher (need --teacher)
+from ..ops._dispatch import check_choice as _choice
+from .methods import METHODS, all_options, resolve_options
+from .methods.distill import parse_feature_pairs
+from .options import check_number as _number
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "multistep", "constant")
-FEATURE_MODES = ("normalized", "mse", "attention")
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet", "synthetic-imagenet")  # see rkd_fast.datasets
 IN_MEMORY_DATASETS = ("digits", "cifar10", "cifar100")  # held as tensors (load_data)
 STREAMING_DATASETS = ("imagenet", "synthetic-imagenet")  # served by loaders (rkd_fast.train.streaming)
@@ -25,38 +25,15 @@ SYNTHETIC_BATCHES = 100  # synthetic-imagenet: training steps per epoch unless -
 IMAGENET_WORKERS = 8  # imagenet: DataLoader worker processes per process unless --num-workers
 VAL_SPLIT_SEED = 0  # fixed, not --seed: every run of a data set sees the same val split
 
-# The feature map a method distils by default, per architecture (the last stage before the classifier head).
-DEFAULT_FEATURE_LAYER = {"small_cnn": "block3", "preact_resnet18": "layer4", "resnet18": "layer4",
-                         "resnet34": "layer4", "resnet50": "layer4", "wide_resnet34_10": "layer3",
-                         "mobilenet_v2": "features"}
-
-# The loss weights of the distilling methods when not given (None). robust-kd's: the best of the frontier study's
-# search (docs/frontier.md): CE and the teacher's soft labels at T = 1 at the student's adversarial point, the
-# feature maps there too; its finite-difference Jacobian term lowered AutoAttack accuracy there, so it is off.
-LOSS_DEFAULTS = {
-    "kd": {"ce_weight": 1.0, "kd_weight": 1.0, "kd_temperature": 4.0, "feat_weight": 0.0, "jac_weight": 0.0},
-    "robust-kd": {"ce_weight": 1.0, "kd_weight": 1.0, "kd_temperature": 1.0, "feat_weight": 1.0, "jac_weight": 0.0},
-}
-DISTILL_AT = ("adversarial", "clean")
-
-# Published values of the baselines' own options (docs/baselines.md gives the sources).
-TRADES_BETA = 6.0  # Zhang et al. 2019, CIFAR-10 (1/λ)
-ARD_TEMPERATURE = 30.0  # Goldblum et al. 2020, official main.py --temp
-ARD_ALPHA = 1.0  # official main.py --alpha: weight of the distillation term, (1 − α) on clean CE
-FGSM_RS_ALPHA = 1.25  # Wong et al. 2020: step 1.25·eps from a uniform start in the eps-ball
-N_FGSM_NOISE = 2.0  # de Jorge et al. 2022: noise uniform in [−2·eps, 2·eps], step eps, no projection
-FREE_AT_REPLAYS = 8  # Shafahi et al. 2019: m = 8 replays of each minibatch on CIFAR (4 on ImageNet)
-
 # Options that may differ between a run and its --resume (they do not change what is computed).
 RESUME_MAY_CHANGE = ("resume", "overwrite", "progress", "out", "ckpt_every", "keep", "device", "command",
                      "data_dir", "download", "num_workers", "loader", "max_bad_steps")
 
 
 @dataclass
-class TrainConfig:
-    """Every option of `rkd-fast train` (the same names, dashes as underscores).
-
-    The robust-kd defaults (feat_weight, jac_h) were tuned on digits: docs/demo_tuning.md."""
+class RunOptions:
+    """The options of `rkd-fast train` every method shares (the same names, dashes as underscores); TrainConfig
+    adds the methods' own (rkd_fast.train.methods)."""
 
     method: str = "robust-kd"
     dataset: str = "digits"
@@ -94,34 +71,6 @@ class TrainConfig:
     eps: float | None = None
     alpha: float | None = None  # None: eps / 4
     attack_steps: int = 10
-    # kd / robust-kd loss. None: the method's default (LOSS_DEFAULTS; robust-kd's measured in docs/frontier.md).
-    ce_weight: float | None = None
-    kd_weight: float | None = None
-    kd_temperature: float | None = None
-    feat_weight: float | None = None
-    jac_weight: float | None = None
-    feature_pairs: tuple = ()  # ("student_layer:teacher_layer", ...); empty: DEFAULT_FEATURE_LAYER of each
-    feature_mode: str = "normalized"
-    # Where robust-kd evaluates its terms (rkd_fast.losses): "adversarial", the student's single-step adversarial
-    # point (start noise adv_noise·eps, one step of h along the sign of its input gradient); or "clean", the input,
-    # with the Jacobian term along a random direction (Zhang & Yi's recipe).
-    distill_at: str = "adversarial"
-    adv_noise: float = 2.0  # units of eps (N-FGSM's)
-    # The finite-difference step in units of the threat model: h = jac_step·eps (L∞ directions, and the
-    # adversarial point) or jac_step·eps·sqrt(D) (L2 directions, D values per sample), so that one default means
-    # the same on digits, CIFAR and ImageNet. jac_h: an absolute step instead.
-    jac_step: float = 1.0
-    jac_h: float | None = None
-    jac_direction: str = "gaussian"  # distill_at="clean" only, as jac_norm and jac_fraction
-    jac_norm: str = "l2"
-    jac_on: str = "logits"
-    jac_temperature: float = 1.0
-    jac_fraction: float = 1.0
-    free_replays: int = FREE_AT_REPLAYS  # free-at: optimizer steps per minibatch (m)
-    # Baselines' own options; None: the published value (TRADES_BETA, ARD_TEMPERATURE, ARD_ALPHA)
-    trades_beta: float | None = None
-    ard_temperature: float | None = None
-    ard_alpha: float | None = None
     # Evaluation and output
     eval_every: int = 1  # robust validation (PGD with attack_steps steps) every N epochs and after the last
     out: str | None = None  # run directory; None: nothing is written (Python API)
@@ -142,17 +91,15 @@ class TrainConfig:
 
     def pairs(self):
         """feature_pairs as (student_name, teacher_name) tuples; "a:b" strings and 2-sequences accepted."""
-        pairs = []
-        for item in self.feature_pairs:
-            if isinstance(item, str):
-                if item.count(":") != 1 or not all(item.split(":")):
-                    raise ValueError(f"feature pair {item!r} must be 'student_layer:teacher_layer'")
-                pairs.append(tuple(item.split(":")))
-            elif isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(n, str) for n in item):
-                pairs.append(tuple(item))
-            else:
-                raise ValueError(f"feature pair {item!r} must be 'student_layer:teacher_layer' or a (str, str) pair")
-        return pairs
+        return parse_feature_pairs(self.feature_pairs)
+
+
+# Every option of `rkd-fast train`: the shared ones, then each method's own (one field per option name).
+TrainConfig = dataclasses.make_dataclass(
+    "TrainConfig", [(name, option.type, field(default=option.default)) for name, (option, _) in all_options().items()],
+    bases=(RunOptions,))
+TrainConfig.__module__ = __name__  # where pickle finds it (make_dataclass's own module= needs Python 3.12)
+TrainConfig.__doc__ = """Every option of `rkd-fast train`: RunOptions' and the training methods' own Options."""
 
 
 def make_config(config=None, **overrides):
@@ -175,102 +122,66 @@ def make_config(config=None, **overrides):
             values[key] = tuple(values[key])
     if isinstance(values.get("command"), (list, tuple)):
         values["command"] = list(values["command"])
-    cfg = TrainConfig(**resolve_loss_defaults(values))
+    cfg = TrainConfig(**resolve_method_defaults(values))
     if not all(isinstance(word, str) for word in cfg.command):
         raise TypeError(f"command must be a list of strings, got {cfg.command!r}")
     check_config(cfg)
     return cfg
 
 
-def resolve_loss_defaults(values):
-    """`values` (TrainConfig fields) with the method's LOSS_DEFAULTS for the loss weights left None: resolved when
-    the config is made, so run.json records the values the run used."""
+def resolve_method_defaults(values):
+    """`values` (TrainConfig fields) with the method's DEFAULTS for its options left None: resolved when the config
+    is made, so run.json records the values the run used."""
     values = dict(values)
-    for name, value in LOSS_DEFAULTS.get(values.get("method", TrainConfig.method), {}).items():
+    method = METHODS.get(values.get("method", TrainConfig.method))
+    for name, value in (method.DEFAULTS if method else {}).items():
         if values.get(name) is None:
             values[name] = value
     return values
 
 
-def _choice(name, value, choices):
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(choices)}")
-
-
-def _number(name, value, *, minimum=0.0, strict=False, integer=False, allow_none=False):
-    if value is None and allow_none:
-        return
-    kind = numbers.Integral if integer else numbers.Real
-    if isinstance(value, bool) or not isinstance(value, kind):
-        raise TypeError(f"{name} must be {'an int' if integer else 'a number'}, got {value!r}")
-    if not math.isfinite(value) or value < minimum or (strict and value == minimum):
-        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}, got {value!r}")
+def check_method_options(cfg):
+    """Each option of cfg's method checked, then the method's own rules; an option of another method given a value
+    other than its default is refused (it would be silently ignored)."""
+    for name, (option, owners) in all_options().items():
+        value = getattr(cfg, name)
+        if cfg.method in owners:
+            option.check(value)
+        elif value != option.default and not (option.type is tuple and not value):
+            raise ValueError(f"{option.cli_flag} applies to --method {'/'.join(owners)}, not {cfg.method!r}")
+    method = METHODS[cfg.method]
+    method.check(resolve_options(cfg.method, {name: getattr(cfg, name) for name in method.options()}))
+    if method.needs_teacher and not cfg.teacher:
+        raise ValueError(f"method {cfg.method!r} needs a teacher model file (--teacher PATH)")
+    if not method.needs_teacher and cfg.teacher:
+        raise ValueError(f"method {cfg.method!r} does not use a teacher; drop --teacher")
 
 
 def check_config(cfg):
-    _choice("method", cfg.method, METHODS)
+    _choice("method", cfg.method, tuple(METHODS))
     _choice("dataset", cfg.dataset, DATASETS)
     _choice("precision", cfg.precision, PRECISIONS)
     _choice("schedule", cfg.schedule, SCHEDULES)
-    _choice("feature_mode", cfg.feature_mode, FEATURE_MODES)
     from ..models import MODELS
     _choice("arch", cfg.arch, tuple(sorted(MODELS)))
     for name in ("epochs", "batch_size", "attack_steps", "eval_every", "keep"):
         _number(name, getattr(cfg, name), minimum=1, integer=True)
     _number("ckpt_every", cfg.ckpt_every, integer=True)
     _number("max_bad_steps", cfg.max_bad_steps, integer=True)
-    _number("free_replays", cfg.free_replays, minimum=1, integer=True)
-    if cfg.free_replays != FREE_AT_REPLAYS and cfg.method != "free-at":
-        raise ValueError(f"--free-replays applies to --method free-at, not {cfg.method!r}")
     _number("seed", cfg.seed, integer=True)
     _number("width", cfg.width, minimum=1, integer=True, allow_none=True)
     _number("lr", cfg.lr, strict=True)
     for name in ("momentum", "weight_decay", "gamma"):
         _number(name, getattr(cfg, name))
-    _choice("distill_at", cfg.distill_at, DISTILL_AT)
-    for name in ("adv_noise", "jac_step"):
-        _number(name, getattr(cfg, name), strict=name == "jac_step")
-    if cfg.method in LOSS_DEFAULTS:
-        for name in ("ce_weight", "kd_weight", "feat_weight", "jac_weight"):
-            _number(name, getattr(cfg, name))
-        _number("kd_temperature", cfg.kd_temperature, strict=True)
-        if cfg.method == "kd" and (cfg.feat_weight or cfg.jac_weight):
-            raise ValueError("--feat-weight and --jac-weight apply to --method robust-kd, not 'kd' (its loss is "
-                             "CE + KD)")
-    else:
-        given = [name for name in LOSS_DEFAULTS["robust-kd"] if getattr(cfg, name) is not None]
-        if given:  # silently ignored otherwise
-            raise ValueError(f"--{given[0].replace('_', '-')} applies to --method kd or robust-kd, not "
-                             f"{cfg.method!r}")
     _number("eps", cfg.eps, allow_none=True)
     _number("alpha", cfg.alpha, strict=True, allow_none=True)
-    _number("jac_h", cfg.jac_h, strict=True, allow_none=True)
-    from ..jacobian import check_options
-    try:
-        check_options(direction=cfg.jac_direction, norm=cfg.jac_norm, on=cfg.jac_on, temperature=cfg.jac_temperature,
-                      fraction=cfg.jac_fraction)
-    except ValueError as error:  # in the trainer's words: the option's flag
-        raise ValueError(f"--jac-{error}") from error
     if not 0.0 <= cfg.label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {cfg.label_smoothing!r}")
     if cfg.nesterov and cfg.momentum == 0:
         raise ValueError("nesterov needs momentum > 0")
     for m in cfg.milestones:
         _number("milestone", m, minimum=1, integer=True)
-    cfg.pairs()
-    if cfg.method in TEACHER_METHODS and not cfg.teacher:
-        raise ValueError(f"method {cfg.method!r} needs a teacher model file (--teacher PATH)")
-    if cfg.method not in TEACHER_METHODS and cfg.teacher:
-        raise ValueError(f"method {cfg.method!r} does not use a teacher; drop --teacher")
-    # A baseline's option given to another method would be silently ignored: refuse it instead.
-    for name, method in (("trades_beta", "trades"), ("ard_temperature", "ard"), ("ard_alpha", "ard")):
-        if getattr(cfg, name) is not None and cfg.method != method:
-            raise ValueError(f"--{name.replace('_', '-')} applies to --method {method}, not {cfg.method!r}")
-    _number("trades_beta", cfg.trades_beta, allow_none=True)
-    _number("ard_temperature", cfg.ard_temperature, strict=True, allow_none=True)
-    _number("ard_alpha", cfg.ard_alpha, allow_none=True)
-    if cfg.ard_alpha is not None and cfg.ard_alpha > 1:
-        raise ValueError(f"ard_alpha must be in [0, 1], got {cfg.ard_alpha!r}")
+    check_method_options(cfg)
     # Data selection
     if cfg.data_dir is not None and not isinstance(cfg.data_dir, (str, os.PathLike)):
         raise TypeError(f"data_dir must be a path, got {cfg.data_dir!r}")

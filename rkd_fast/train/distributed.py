@@ -103,17 +103,13 @@ def setup(device):
     return Distributed(rank, world_size, local_rank, owns), device
 
 
-def check_sync_bn(sync_bn, device, method, jac_weight, world_size):
-    """ValueError when --sync-bn cannot work here."""
+def check_sync_bn(sync_bn, device):
+    """ValueError when --sync-bn cannot work on `device` (a method may refuse it too: its prepare_student)."""
     if not sync_bn:
         return
     if device.type != "cuda":
         raise ValueError(f"--sync-bn needs CUDA devices: torch.nn.SyncBatchNorm synchronises GPU tensors only "
                          f"(this run is on {device.type}); drop --sync-bn")
-    if method == "robust-kd" and jac_weight > 0 and world_size > 1:
-        raise ValueError("--sync-bn with the robust-kd Jacobian term is not supported: jacobian_penalty's perturbed "
-                         "pass reuses the clean pass's BatchNorm statistics, which SyncBatchNorm does not expose; "
-                         "drop --sync-bn (per-process BatchNorm) or set --jac-weight 0")
 
 
 class StepModule(nn.Module):

@@ -46,12 +46,11 @@ import torch
 from torch import nn
 
 from ..checkpoint import atomic_write, atomic_write_json, describe_names, nonfinite_tensors
-from ..jacobian import share_clean_statistics
 from ..models import MODELS, build_model
 from .. import seeding
 from ..runfiles import RunFiles
 from . import checkpoints, distributed, rerun, streaming, tensorboard
-from .config import RESUME_MAY_CHANGE, TrainConfig, load_data, make_config, run_metadata
+from .config import RESUME_MAY_CHANGE, TrainConfig, load_data, make_config, resolve_method_defaults, run_metadata
 from .methods import build_method
 
 # What marks a directory as holding a run (and what --overwrite removes; nothing else is touched).
@@ -184,7 +183,8 @@ def load_teacher(cfg, info, device):
 
 
 def _check_resume_config(state, cfg, path, world_size):
-    saved, current = state["config"], cfg.to_dict()
+    # A record written before a method resolved its defaults holds None where the run used them.
+    saved, current = resolve_method_defaults(state["config"]), cfg.to_dict()
     # --batch-size is per process: a run may resume under another world size with the same global batch.
     saved_world = state.get("world_size", 1)
     differ = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in current.items()
@@ -392,7 +392,7 @@ class Run:
         self.dist, self.device = distributed.setup(resolve_device(cfg.device))
         world = self.dist.world_size
         self.dtype = resolve_precision(cfg.precision, self.device)
-        distributed.check_sync_bn(cfg.sync_bn, self.device, cfg.method, cfg.jac_weight, world)
+        distributed.check_sync_bn(cfg.sync_bn, self.device)
         self.resume_from = check_out_dir(cfg)
         if self.resume_from is not None:
             _check_resume_config(self.resume_from[0], cfg, self.resume_from[1], world)
@@ -447,7 +447,7 @@ class Run:
         # A step takes the next global batch (batch_size per process) of the epoch order.
         self.global_batch = cfg.batch_size * world
         self.num_train = n
-        self.replays = getattr(self.method, "replays", 1)  # optimizer steps per batch (free-at's m)
+        self.replays = self.method.replays  # optimizer steps per batch (free-at's m)
         self.steps_per_epoch = math.ceil(n / self.global_batch) * self.replays
         if 0 < n % self.global_batch < world:
             raise ValueError(f"the epoch's last global batch has {n % self.global_batch} sample(s), fewer than the "
@@ -464,11 +464,8 @@ class Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.steps_per_epoch))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.health = LossHealth(cfg.max_bad_steps, self.device, self.dist)
+        self.method.prepare_student(student, compile=cfg.compile, sync_bn=cfg.sync_bn, world_size=world)
         if cfg.compile:
-            if cfg.method == "robust-kd" and cfg.jac_weight > 0:
-                # The Jacobian term's clean and perturbed passes share batch statistics inside each BatchNorm, in
-                # one call a compiled graph can hold (hooks added per call would be skipped by it).
-                share_clean_statistics(student)
             student.compile()  # in place: module names and state_dict keys stay as they are
 
     def _layout(self, x):

@@ -1,0 +1,15 @@
+"""The training methods: one module each in this package, each registering its class (rkd_fast.train.methods.base
+says what a method declares). Every module here is imported, so a new method's module is all there is to add."""
+
+import importlib
+import pkgutil
+
+from .base import (METHODS, Method, RunSettings, all_options, build_method, create, register, resolve_options,
+                   teacher_methods)
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "base" and not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["METHODS", "Method", "RunSettings", "all_options", "build_method", "create", "register",
+           "resolve_options", "teacher_methods"]

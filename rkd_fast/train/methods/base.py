@@ -1,0 +1,144 @@
+"""What a training method is, and the registry of them.
+
+A method is one class, registered with ``@register``: its ``name`` (the --method value), whether it distils a
+teacher (``needs_teacher``), its own settings (``OPTIONS``: TrainConfig fields and `rkd-fast train` flags, see
+rkd_fast.train.options), the defaults it gives shared settings (``DEFAULTS``), the cross-option rules (``check``),
+what one step costs (``cost_units``) and what it needs done to the student before training (``prepare_student``).
+Adding a method is adding a module with its class to this package, and its test.
+
+A method is built once per run with ``Method(student, teacher, run, opt, example_input, autocast)`` and called as
+``total, terms = method(x, y, step_seed)``: ``total`` a 0-d float32 tensor to backpropagate, ``terms`` a dict of
+detached 0-d tensors (no host sync). ``run`` holds the run's shared settings (RunSettings), ``opt`` the method's
+own, resolved (a namespace of its OPTIONS); it never sees the whole config. ``autocast()`` returns the context the
+forward passes run in (the run's mixed precision). ``step_seed`` seeds any randomness of the step (the attacks'
+random starts), so a resumed run replays it. A method's own trainable parameters (the feature adapters) are
+``method.parameters()`` and its state is ``method.state_dict()``.
+"""
+
+import types
+from dataclasses import dataclass
+
+from torch import nn
+
+METHODS = {}  # name → Method subclass, in registration order
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The settings of a run every method may read. eps is resolved (the data set's when not given); alpha, the
+    attack step, is None when not given (each method has its own default)."""
+
+    eps: float
+    alpha: float | None
+    attack_steps: int
+    precision: str
+    label_smoothing: float
+    batch_size: int  # per process
+    arch: str  # the student's architecture
+    teacher_arch: str | None  # the teacher's, when there is one
+
+
+class Method(nn.Module):
+    """Base: holds the student and teacher by reference (not as submodules), like RobustKDLoss."""
+
+    name = None
+    needs_teacher = False
+    OPTIONS = ()  # this class's own Options; a subclass has its bases' too
+    DEFAULTS = {}  # name → value for the options whose default (None) this method resolves
+    replays = 1  # optimizer steps the trainer takes on each batch
+
+    def __init__(self, student, teacher, run, opt, example_input, autocast):
+        super().__init__()
+        self._models = (student, teacher)
+        self.run, self.opt, self.autocast = run, opt, autocast
+        if teacher is not None:
+            teacher.eval()
+
+    @property
+    def student(self):
+        return self._models[0]
+
+    @property
+    def teacher(self):
+        return self._models[1]
+
+    @classmethod
+    def options(cls):
+        """name → Option of every setting this method reads, its bases' first."""
+        found = {}
+        for klass in reversed(cls.__mro__):
+            for option in vars(klass).get("OPTIONS", ()):
+                found[option.name] = option
+        return found
+
+    @classmethod
+    def check(cls, opt):
+        """ValueError for a combination of this method's settings (`opt`, resolved) that cannot train."""
+
+    @classmethod
+    def cost_units(cls, opt, attack_steps):
+        """One optimizer step with settings `opt` in forward/backward units (rkd_fast.bench.steps.cost_units
+        explains them); None when this method has no cost model."""
+        return None
+
+    def prepare_student(self, student, *, compile, sync_bn, world_size):
+        """Called once the student is built (SyncBatchNorm converted when sync_bn) and before it is compiled:
+        ValueError when this method cannot train it so, or the conversion the method needs."""
+
+
+def register(cls):
+    """Class decorator: adds a Method subclass to METHODS. An option another method declares too must be the same
+    declaration (one TrainConfig field, one flag)."""
+    if not cls.name or cls.name in METHODS:
+        raise ValueError(f"a method needs a unique name, got {cls.name!r}")
+    declared = all_options()
+    for name, option in cls.options().items():
+        if name in declared and declared[name][0] != option:
+            raise ValueError(f"method {cls.name!r} declares option {name!r} unlike {declared[name][1]}")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def all_options():
+    """name → (Option, names of the methods that read it), over every registered method."""
+    found = {}
+    for method, cls in METHODS.items():
+        for name, option in cls.options().items():
+            owners = found.get(name, (option, ()))[1]
+            found[name] = (option, (*owners, method))
+    return found
+
+
+def teacher_methods():
+    return tuple(name for name, cls in METHODS.items() if cls.needs_teacher)
+
+
+def resolve_options(method, values):
+    """`values` (option name → value; missing or None: the default) as the namespace a method reads."""
+    cls = METHODS[method]
+    unknown = sorted(set(values) - set(cls.options()))
+    if unknown:
+        raise TypeError(f"method {method!r} has no option(s) {', '.join(unknown)}")
+    resolved = {}
+    for name, option in cls.options().items():
+        value = values.get(name, option.default)
+        resolved[name] = cls.DEFAULTS.get(name) if value is None else value
+    return types.SimpleNamespace(**resolved)
+
+
+def create(method, student, teacher, run, example_input, autocast, **options):
+    """The method `method` for a run: `run` a RunSettings, `options` its own settings (the rest take defaults)."""
+    opt = resolve_options(method, options)
+    METHODS[method].check(opt)
+    return METHODS[method](student, teacher, run, opt, example_input, autocast)
+
+
+def build_method(cfg, student, teacher, info, example_input, autocast):
+    """The method of a TrainConfig: its shared settings and its own options read from `cfg` (eps: the data set's,
+    `info.eps`, when cfg.eps is None)."""
+    teacher_arch = (getattr(teacher, "rkd_arch", None) or cfg.teacher_arch or cfg.arch) if teacher is not None else None
+    run = RunSettings(eps=cfg.eps if cfg.eps is not None else info.eps, alpha=cfg.alpha,
+                      attack_steps=cfg.attack_steps, precision=cfg.precision, label_smoothing=cfg.label_smoothing,
+                      batch_size=cfg.batch_size, arch=cfg.arch, teacher_arch=teacher_arch)
+    options = {name: getattr(cfg, name) for name in METHODS[cfg.method].options()}
+    return create(cfg.method, student, teacher, run, example_input, autocast, **options)

@@ -1,0 +1,186 @@
+"""Distilling a teacher through RobustKDLoss: kd (Hinton et al.) and robust-kd (rkd_fast.losses)."""
+
+import math
+
+from ...clean_pass import share_clean_statistics
+from ...jacobian import METHODS as JACOBIAN_ESTIMATORS
+from ...jacobian import check_options
+from ...losses import RobustKDLoss
+from ...models import DEFAULT_FEATURE_LAYER
+from ...ops.feature_distance import MODES as FEATURE_MODES
+from ..options import Option
+from .base import Method, register
+
+DISTILL_AT = ("adversarial", "clean")
+
+
+class Distill(Method):
+    """kd and robust-kd: a RobustKDLoss with the method's weights (None: the method's DEFAULTS)."""
+
+    needs_teacher = True
+    OPTIONS = (
+        Option("ce_weight", None, "weight of the cross-entropy term (each method's default: above)"),
+        Option("kd_weight", None, "weight of the soft-label (KL) term"),
+        Option("kd_temperature", None, "temperature of the soft labels", strict=True),
+        Option("feat_weight", None, "robust-kd: weight of the feature-map term"),
+        Option("jac_weight", None, "robust-kd: weight of the finite-difference Jacobian term"),
+    )
+
+    def loss_options(self):
+        raise NotImplementedError
+
+    def __init__(self, student, teacher, run, opt, example_input, autocast):
+        super().__init__(student, teacher, run, opt, example_input, autocast)
+        self.example_shape = tuple(example_input.shape)
+        self.loss_fn = RobustKDLoss(student, teacher, example_input=example_input,
+                                    label_smoothing=run.label_smoothing, kd_temperature=opt.kd_temperature,
+                                    ce_weight=opt.ce_weight, kd_weight=opt.kd_weight, **self.loss_options())
+
+    def forward(self, x, y, step_seed):
+        with self.autocast():
+            return self.loss_fn(x, y, seed=step_seed)
+
+
+@register
+class KD(Distill):
+    """Hinton et al.'s knowledge distillation: ce_weight · CE + kd_weight · T² · KL at temperature T."""
+
+    name = "kd"
+    DEFAULTS = {"ce_weight": 1.0, "kd_weight": 1.0, "kd_temperature": 4.0, "feat_weight": 0.0, "jac_weight": 0.0}
+
+    @classmethod
+    def check(cls, opt):
+        if opt.feat_weight or opt.jac_weight:
+            raise ValueError("--feat-weight and --jac-weight apply to --method robust-kd, not 'kd' (its loss is "
+                             "CE + KD)")
+
+    def loss_options(self):
+        return {"feat_weight": 0.0, "jac_weight": 0.0}
+
+    @classmethod
+    def cost_units(cls, opt, attack_steps):
+        return {"S_fb": 1, "T_f": 1}
+
+
+def parse_feature_pairs(items):
+    """(student_name, teacher_name) tuples from "a:b" strings and (str, str) pairs."""
+    pairs = []
+    for item in items:
+        if isinstance(item, str):
+            if item.count(":") != 1 or not all(item.split(":")):
+                raise ValueError(f"feature pair {item!r} must be 'student_layer:teacher_layer'")
+            pairs.append(tuple(item.split(":")))
+        elif isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(n, str) for n in item):
+            pairs.append(tuple(item))
+        else:
+            raise ValueError(f"feature pair {item!r} must be 'student_layer:teacher_layer' or a (str, str) pair")
+    return pairs
+
+
+def step_in_threat_units(kappa, eps, norm, input_shape):
+    """The finite-difference step h = κ·eps for an L∞ (sign) direction, κ·eps·sqrt(D) for a unit L2 direction (D
+    values per sample): the same fraction of the threat model's radius whatever the input size (8×8 digits: D = 64;
+    CIFAR: 3,072; ImageNet: 150,528)."""
+    d = math.prod(input_shape[1:])
+    return kappa * eps * (math.sqrt(d) if norm == "l2" else 1.0)
+
+
+@register
+class RobustKD(Distill):
+    """Robust knowledge distillation: CE + KD + feature-map matching + finite-difference Jacobian matching, at the
+    student's single-step adversarial point (distill_at="adversarial", the default) or at the clean input
+    (distill_at="clean"); see rkd_fast.losses.
+
+    Its defaults: the best of the frontier study's search (docs/frontier.md): CE and the teacher's soft labels at
+    T = 1 at the student's adversarial point, the feature maps there too; its finite-difference Jacobian term
+    lowered AutoAttack accuracy there, so it is off."""
+
+    name = "robust-kd"
+    DEFAULTS = {"ce_weight": 1.0, "kd_weight": 1.0, "kd_temperature": 1.0, "feat_weight": 1.0, "jac_weight": 0.0}
+    OPTIONS = (
+        Option("feature_pairs", (), type=tuple, flag="--feature-pair", metavar="S:T",
+               help="student and teacher module names whose outputs are matched; repeatable (default: "
+                    + ", ".join(f"{a}: {m}" for a, m in DEFAULT_FEATURE_LAYER.items()) + ")"),
+        Option("feature_mode", "normalized", "how feature maps are compared", type=str, choices=FEATURE_MODES),
+        Option("distill_at", "adversarial", type=str, choices=DISTILL_AT,
+               help="evaluate the terms at the student's single-step adversarial point (default) or at the clean "
+                    "input, with the Jacobian term along a random direction (Zhang & Yi)"),
+        Option("adv_noise", 2.0, "the adversarial point's start noise, in units of --eps (default: %(default)s)"),
+        Option("jac_step", 1.0, strict=True,
+               help="finite-difference step in units of the threat model: jac_step·eps (L∞, and the adversarial "
+                    "point) or jac_step·eps·sqrt(D) (L2 directions) (default: %(default)s)"),
+        Option("jac_h", None, strict=True,
+               help="an absolute finite-difference step on the [0, 1] pixel scale instead of --jac-step"),
+        Option("jac_direction", "gaussian", "--distill-at clean: the direction of the finite difference", type=str,
+               choices=("rademacher", "gaussian", "grad")),
+        Option("jac_norm", "l2", "--distill-at clean: the norm of the direction", type=str, choices=("l2", "linf")),
+        Option("jac_on", "logits", "what the Jacobian term differentiates", type=str, choices=("logits", "probs")),
+        Option("jac_temperature", 1.0, "temperature of --jac-on probs", minimum=None),
+        Option("jac_fraction", 1.0, "--distill-at clean: the fraction of the batch the term is evaluated on",
+               minimum=None),
+        Option("jac_estimator", "fd", type=str, choices=JACOBIAN_ESTIMATORS,
+               help="how J·d is computed: fd, the finite difference (default), or exact, double backprop (the "
+                    "accuracy reference; about three training passes)"),
+    )
+
+    @classmethod
+    def check(cls, opt):
+        parse_feature_pairs(opt.feature_pairs)
+        try:  # in the trainer's words: the option's flag
+            check_options(direction=opt.jac_direction, norm=opt.jac_norm, on=opt.jac_on,
+                          temperature=opt.jac_temperature, fraction=opt.jac_fraction)
+        except ValueError as error:
+            raise ValueError(f"--jac-{error}") from error
+        if opt.distill_at == "adversarial" and opt.jac_estimator != "fd":
+            raise ValueError(f"--jac-estimator {opt.jac_estimator} applies to --distill-at clean: at the adversarial "
+                             "point the Jacobian term is the finite difference along the attack's step")
+
+    def feature_pairs(self):
+        pairs = parse_feature_pairs(self.opt.feature_pairs)
+        if not pairs and self.opt.feat_weight > 0:
+            s_layer = DEFAULT_FEATURE_LAYER.get(self.run.arch)
+            t_layer = DEFAULT_FEATURE_LAYER.get(self.run.teacher_arch or self.run.arch)
+            if s_layer is None or t_layer is None:
+                raise ValueError(f"no default feature layer for {self.run.arch!r}: give --feature-pair "
+                                 "STUDENT_LAYER:TEACHER_LAYER (or --feat-weight 0)")
+            pairs = [(s_layer, t_layer)]
+        return pairs
+
+    def loss_options(self):
+        opt, eps = self.opt, self.run.eps
+        options = {"feat_weight": opt.feat_weight, "jac_weight": opt.jac_weight,
+                   "feature_pairs": self.feature_pairs(), "feature_mode": opt.feature_mode}
+        jacobian = {"on": opt.jac_on, "temperature": opt.jac_temperature}
+        if opt.distill_at == "adversarial":
+            h = opt.jac_h if opt.jac_h is not None else opt.jac_step * eps
+            return {**options, "eps": eps, "noise": opt.adv_noise, "jacobian": {**jacobian, "h": h}}
+        h = opt.jac_h if opt.jac_h is not None else step_in_threat_units(opt.jac_step, eps, opt.jac_norm,
+                                                                          self.example_shape)
+        return {**options, "jacobian": {**jacobian, "h": h, "direction": opt.jac_direction, "norm": opt.jac_norm,
+                                        "fraction": opt.jac_fraction, "method": opt.jac_estimator}}
+
+    def prepare_student(self, student, *, compile, sync_bn, world_size):
+        if self.opt.jac_weight <= 0:
+            return
+        if sync_bn and world_size > 1:
+            raise ValueError("--sync-bn with the robust-kd Jacobian term is not supported: jacobian_penalty's "
+                             "perturbed pass reuses the clean pass's BatchNorm statistics, which SyncBatchNorm does "
+                             "not expose; drop --sync-bn (per-process BatchNorm) or set --jac-weight 0")
+        if compile:
+            # The Jacobian term's clean and perturbed passes share batch statistics inside each BatchNorm, in one
+            # call a compiled graph can hold (hooks added per call would be skipped by it).
+            share_clean_statistics(student)
+
+    @classmethod
+    def cost_units(cls, opt, attack_steps):
+        jacobian = opt.jac_weight > 0
+        if opt.distill_at == "adversarial":
+            # the attack pass (forward + input backward), the training pass at the adversarial point and its
+            # teacher forward; with the Jacobian term, the start's student pass (backpropagated) and teacher forward
+            return {"S_fb": 3, "T_f": 2} if jacobian else {"S_fb": 2, "T_f": 1}
+        if jacobian and opt.jac_estimator == "exact":
+            # double backprop: forward, backward with create_graph, then backward through both (~3 fwd+bwd), and
+            # the teacher's J·d by an input backward
+            return {"S_fb": 3, "T_fb": 1}
+        # clean (+ perturbed, with the Jacobian term) student passes, backpropagated; and their teacher passes
+        return {"S_fb": 2, "T_f": 2} if jacobian else {"S_fb": 1, "T_f": 1}

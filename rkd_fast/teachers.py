@@ -65,7 +65,7 @@ def load_robustbench(spec, model_dir=None, num_classes=None):
     return model, ROBUSTBENCH_CLASSES[dataset]
 
 
-def _load_file(spec, num_classes, device, arch):
+def _load_file(spec, num_classes, device, arch, in_channels):
     from .checkpoint import load_model, read_model_file
 
     path = Path(spec)
@@ -76,15 +76,19 @@ def _load_file(spec, num_classes, device, arch):
     if arch is not None and payload["arch"] != arch:
         raise ValueError(f"teacher {path} is a {payload['arch']!r}, but {arch!r} was asked")
     _check_classes(spec, payload["num_classes"], num_classes)
+    norm = payload["normalization"]
+    if in_channels is not None and norm is not None and len(norm["mean"]) != in_channels:
+        raise ValueError(f"teacher {path} takes {len(norm['mean'])}-channel inputs, but {in_channels} were asked "
+                         "(the data set's)")
     return load_model(path, device=device), payload["num_classes"]
 
 
-def load_teacher(spec, *, teacher_dir=None, num_classes=None, device=None, arch=None):
+def load_teacher(spec, *, teacher_dir=None, num_classes=None, device=None, arch=None, in_channels=None):
     """The teacher named by `spec` (see the module docstring), on `device`, frozen and in eval mode.
 
     teacher_dir: where RobustBench checkpoints live (default ``./models``, RobustBench's). num_classes: when
-    given, a teacher with another class count is a ValueError. arch: for model files, the architecture the
-    file must hold."""
+    given, a teacher with another class count is a ValueError. arch, in_channels: for model files, the architecture
+    the file must hold and the input channels it must take."""
     if not isinstance(spec, (str, Path)):
         raise TypeError(f"teacher spec must be a str or path, got {type(spec).__name__}")
     spec = str(spec)
@@ -92,7 +96,7 @@ def load_teacher(spec, *, teacher_dir=None, num_classes=None, device=None, arch=
         model, classes = load_robustbench(spec, teacher_dir, num_classes)
         source = "robustbench"
     else:
-        model, classes = _load_file(spec, num_classes, device, arch)
+        model, classes = _load_file(spec, num_classes, device, arch, in_channels)
         source = "file"
     if device is not None:
         model.to(device)

@@ -21,7 +21,7 @@ from rkd_fast.models import build_model
 from rkd_fast.train import checkpoints
 from rkd_fast.train.config import make_config
 from rkd_fast import seeding
-from rkd_fast.train.trainer import _check_resume_config
+from rkd_fast.train.run_dir import check_resume_config
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -180,8 +180,8 @@ def test_two_process_checkpoint_resumes_in_one_process(tmp_path, stopped_run, tw
     state = _final(out)
     cfg = make_config(state["config"], batch_size=64, resume=True)
     with pytest.raises(ValueError, match="global batch: checkpoint 128 .* pass --batch-size 128"):
-        _check_resume_config(state, cfg, "ckpt", world_size=1)
-    _check_resume_config(state, make_config(state["config"], batch_size=128, resume=True), "ckpt", world_size=1)
+        check_resume_config(state, cfg, "ckpt", world_size=1)
+    check_resume_config(state, make_config(state["config"], batch_size=128, resume=True), "ckpt", world_size=1)
     _train(out, 1, robust_kd + ["--resume"])
     resumed = _final(out)
     assert resumed["world_size"] == 1

@@ -16,7 +16,8 @@ from rkd_fast.demo import check_out
 from rkd_fast.models import build_model
 from rkd_fast.runfiles import RunFiles
 from rkd_fast.train import checkpoints, make_config, train_model
-from rkd_fast.train.trainer import NonFiniteError, Run
+from rkd_fast.train.health import NonFiniteError
+from rkd_fast.train.trainer import Run
 
 FAST = ["--width", "4", "--batch-size", "256", "--attack-steps", "1", "--no-progress"]
 

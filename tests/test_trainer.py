@@ -15,7 +15,8 @@ from rkd_fast.checkpoint import save_model
 from rkd_fast.cli import main
 from rkd_fast.models import build_model
 from rkd_fast.train import TrainConfig, train_model
-from rkd_fast.train.trainer import lr_lambda, resolve_precision
+from rkd_fast.train.runtime import resolve_precision
+from rkd_fast.train.trainer import lr_lambda
 
 FAST = dict(epochs=1, width=4, batch_size=256, attack_steps=1, progress=False, deterministic=True)
 FAST_ARGS = ["--epochs", "1", "--width", "4", "--batch-size", "256", "--attack-steps", "1", "--no-progress",
@@ -150,8 +151,8 @@ def _bad_teachers(tmp_path):
 
 @pytest.mark.parametrize("case,extra,message", [
     ("other_arch", ["--method", "kd", "--teacher", "{teacher}", "--teacher-arch", "resnet18"],
-     "is a 'small_cnn', but --teacher-arch 'resnet18'"),
-    ("class_count", ["--method", "kd", "--teacher", "{five_classes}"], "has 5 classes; digits has 10"),
+     "is a 'small_cnn', but 'resnet18' was asked"),
+    ("class_count", ["--method", "kd", "--teacher", "{five_classes}"], "has 5 classes, but 10 were asked"),
     ("garbage_teacher", ["--method", "kd", "--teacher", "{garbage}"], "not an rkd_fast model file"),
     ("missing_teacher", ["--method", "kd", "--teacher", "{missing}"], "does not exist"),
     ("no_teacher", ["--method", "robust-kd"], "needs a teacher"),

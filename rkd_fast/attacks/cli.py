@@ -193,7 +193,7 @@ def prepare(args):
     """Everything `run` needs, checked: raises ValueError (or ImportError, OSError) naming the option or file at
     fault. Reads the data and the model; runs no attack and writes nothing."""
     from ..datasets import dataset_info
-    from ..train.trainer import resolve_device
+    from ..train.runtime import resolve_device
 
     info = dataset_info(args.dataset)
     plan = {"norm": args.norm, "dataset": args.dataset, "split": args.split or EVAL_SPLITS[args.dataset]}

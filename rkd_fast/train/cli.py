@@ -118,7 +118,8 @@ def config_from_args(args):
 
 
 def run(args):
-    from .trainer import NonFiniteError, Run
+    from .health import NonFiniteError
+    from .trainer import Run
 
     run_ = None
     try:

@@ -34,29 +34,25 @@ import csv
 import inspect
 import json
 import math
-import os
-import random
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import atomic_write, atomic_write_json, describe_names, nonfinite_tensors
+from .. import seeding, teachers
+from ..checkpoint import atomic_write, atomic_write_json
 from ..models import MODELS, build_model
-from .. import seeding
 from ..runfiles import RunFiles
 from . import checkpoints, distributed, rerun, streaming, tensorboard
-from .config import RESUME_MAY_CHANGE, TrainConfig, load_data, make_config, resolve_method_defaults, run_metadata
+from .config import TrainConfig, load_data, make_config, run_metadata
+from .health import LossHealth, finite_or_raise
 from .methods import build_method
+from .run_dir import check_out_dir, check_resume_config, legacy_run_files, remove_run_files
+from .runtime import resolve_device, resolve_precision, restore_determinism, seed_everything, set_determinism
 
-# What marks a directory as holding a run (and what --overwrite removes; nothing else is touched).
-# The fixed file names of a run (--overwrite of a run written before runs kept a record removes these and its
-# checkpoint files; a run now records every file it writes, rkd_fast.runfiles).
-RUN_FILES = ("run.json", "metrics.json", "metrics.csv", "best.pt")
 LOG_EVERY = 10  # steps between progress-bar updates (each reads the running losses back to the host)
 
 
@@ -80,123 +76,14 @@ def train_model(config=None, *, tensorboard=False, **overrides):
     return Run(make_config(config, **overrides), tensorboard=tensorboard).run()
 
 
-# --- checks that run before anything is written -----------------------------------------------------------
-
-def resolve_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise ValueError(f"unknown device {name!r}: {error}") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked, but no CUDA device is available")
-    return device
-
-
-def resolve_precision(precision, device):
-    """The autocast dtype of `precision` on `device` (None for fp32), or a ValueError when the device cannot."""
-    if precision == "fp32":
-        return None
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise ValueError(f"precision 'fp16' needs a CUDA device (loss-scaled float16 training); on {device.type} "
-                             "use 'bf16' or 'fp32'")
-        return torch.float16
-    if device.type == "cuda":
-        if not torch.cuda.is_bf16_supported(including_emulation=False):
-            raise ValueError(f"precision 'bf16': {torch.cuda.get_device_name(device)} has no native bfloat16; "
-                             "use 'fp16' or 'fp32'")
-    elif device.type != "cpu":
-        raise ValueError(f"precision 'bf16' is not supported on {device.type}; use 'fp32'")
-    return torch.bfloat16
-
-
-def check_out_dir(cfg):
-    """Refuses an --out holding another run (its record of files, `rkd_fast.runfiles`, or a run.json) unless
-    --resume or --overwrite; other files there are not a run and are never touched. With --resume: the newest
-    readable checkpoint, or None for a run that stopped before writing its first one (it starts over from
-    scratch); an error when there is no run to resume."""
-    if cfg.out is None:
-        return None
-    out = Path(cfg.out)
-    for parent in (out, *out.parents):
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"--out {out}: {parent} exists and is not a directory")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise ValueError(f"--out {out}: cannot write in {parent} (permission denied or a read-only file "
-                                 "system)")
-            break
-    holds_run = out.is_dir() and (RunFiles(out).exists() or (out / "run.json").is_file())
-    no_checkpoint = not checkpoints.list_checkpoints(out) and not (out / "best.pt").exists()
-    if cfg.resume:
-        state, path = checkpoints.load_latest(out)
-        if state is not None:
-            return state, path
-        if holds_run and no_checkpoint:
-            return None  # stopped before its first checkpoint: nothing to continue, it starts over
-        raise ValueError(f"--resume: no readable checkpoint in {out / checkpoints.CHECKPOINT_DIR}")
-    if holds_run and not cfg.overwrite:
-        if no_checkpoint:
-            raise ValueError(f"--out {out} holds a run that stopped before its first checkpoint; pass --resume to "
-                             "start it over from scratch, or --overwrite to replace it")
-        raise ValueError(f"--out {out} holds another run; pass --resume to continue it or --overwrite to replace it")
-    return None
-
-
-def _legacy_run_files(out):
-    """The files a run written before runs kept a record may hold: its fixed names and its checkpoints."""
-    return [out / name for name in RUN_FILES] + [p for _, p in checkpoints.list_checkpoints(out)]
-
-
-def remove_run_files(out):
-    """What --overwrite removes: the files the run in `out` recorded (rkd_fast.runfiles), or, for a run written
-    before runs kept a record, its fixed file names and checkpoint files. Nothing else in `out` is touched."""
-    files = RunFiles(out)
-    if files.exists():
-        return files.remove_all()
-    removed = [p for p in _legacy_run_files(out) if p.is_file()]
-    for p in removed:
-        p.unlink()
-    for folder in (out / checkpoints.CHECKPOINT_DIR, out / tensorboard.TENSORBOARD_DIR):
-        if folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
-    return removed
-
-
 def load_teacher(cfg, info, device):
-    from ..checkpoint import load_model, read_model_file
-
-    if not Path(cfg.teacher).is_file():
-        raise ValueError(f"teacher model file {cfg.teacher} does not exist")
-    payload = read_model_file(cfg.teacher)
-    if cfg.teacher_arch is not None and payload["arch"] != cfg.teacher_arch:
-        raise ValueError(f"teacher {cfg.teacher} is a {payload['arch']!r}, but --teacher-arch {cfg.teacher_arch!r} was asked")
-    if payload["num_classes"] != info.num_classes:
-        raise ValueError(f"teacher {cfg.teacher} has {payload['num_classes']} classes; {info.name} has {info.num_classes}")
-    norm = payload["normalization"]
-    if norm is not None and len(norm["mean"]) != info.in_channels:
-        raise ValueError(f"teacher {cfg.teacher} takes {len(norm['mean'])}-channel inputs; {info.name} has "
-                         f"{info.in_channels} channel(s)")
-    return load_model(cfg.teacher, device=device)
-
-
-def _check_resume_config(state, cfg, path, world_size):
-    # A record written before a method resolved its defaults holds None where the run used them.
-    saved, current = resolve_method_defaults(state["config"]), cfg.to_dict()
-    # --batch-size is per process: a run may resume under another world size with the same global batch.
-    saved_world = state.get("world_size", 1)
-    differ = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in current.items()
-              if k not in RESUME_MAY_CHANGE and k != "batch_size" and saved.get(k) != v]
-    if saved["batch_size"] * saved_world != cfg.batch_size * world_size:
-        differ.append(f"global batch: checkpoint {saved['batch_size'] * saved_world} ({saved['batch_size']} per "
-                      f"process x {saved_world}), now {cfg.batch_size * world_size} ({cfg.batch_size} x "
-                      f"{world_size}); with {world_size} process(es) pass --batch-size "
-                      f"{saved['batch_size'] * saved_world / world_size:g}")
-    if differ:
-        raise ValueError(f"--resume from {path}: the run's options differ from the checkpoint's (resume with the "
-                         f"same options, or start a new run): " + "; ".join(differ))
+    """The run's teacher (rkd_fast.teachers.load_teacher), checked against the data set; a missing file is bad
+    input like any other option (ValueError)."""
+    try:
+        return teachers.load_teacher(cfg.teacher, num_classes=info.num_classes, in_channels=info.in_channels,
+                                     device=device, arch=cfg.teacher_arch)
+    except FileNotFoundError as error:
+        raise ValueError(str(error)) from error
 
 
 # --- the run -----------------------------------------------------------------------------------------------
@@ -305,69 +192,6 @@ def chunked_robust_accuracy(model, chunks, num_samples, *, eps, alpha, steps, pr
     return clean.item() / n, robust.item() / n
 
 
-class NonFiniteError(RuntimeError):
-    """A training step's loss was NaN or infinite (more often than --max-bad-steps allows), or the weights about
-    to be written are: the run stops without writing them."""
-
-
-class LossHealth:
-    """Watches each step's loss for NaN and Inf without a host synchronisation per step: the first bad step and
-    which terms were bad are recorded on the device, and `check()` (called every few steps, before every
-    checkpoint and at each epoch end, on every rank at once) raises NonFiniteError naming them. With
-    ``max_bad_steps`` K > 0 each step is looked at on the host (one sync per step) so that a bad step's update
-    can be skipped; the run stops at the (K+1)-th bad step. Under fp16 the loss scaler skips a step whose
-    gradients overflowed on its own; that is not a bad step (the loss itself was finite)."""
-
-    def __init__(self, max_bad_steps, device, dist):
-        self.max_bad_steps, self.dist = max_bad_steps, dist
-        self.bad_steps = torch.zeros((), dtype=torch.long, device=device)
-        self.first_step = torch.full((), -1, dtype=torch.long, device=device)
-        self.first_terms = None  # the terms' values at the first bad step, in the order of `names`
-        self.names = ()
-        self.skipped_last = False
-
-    def record(self, global_step, total, terms):
-        """Records this step's loss; True when its update should be applied. A handful of device ops: the
-        terms (detached already) are looked at only when a check finds a bad step."""
-        values = torch.stack([v.float() for v in terms.values()])
-        if self.first_terms is None:
-            self.names, self.first_terms = tuple(terms), torch.zeros_like(values)
-        bad = torch.isfinite(total.detach()).logical_not_()
-        first = bad & (self.first_step < 0)
-        self.first_step = torch.where(first, global_step, self.first_step)
-        self.first_terms = torch.where(first, values, self.first_terms)
-        self.bad_steps += bad
-        self.skipped_last = False
-        if self.max_bad_steps > 0 and bool(bad):  # the opted-in per-step sync
-            self.skipped_last = True
-            self.check()
-        return not self.skipped_last
-
-    def check(self):
-        counts = self.dist.all_reduce_sum(self.bad_steps.clone().view(1))
-        total_bad = int(counts.item())
-        if total_bad <= self.max_bad_steps:
-            return
-        step = int(self.first_step)
-        if step < 0:
-            where = "on another process"
-        else:
-            flags = torch.isfinite(self.first_terms).logical_not_().tolist()
-            names = [n for n, f in zip(self.names, flags) if f] or ["total"]
-            where = f"first at global step {step + 1} (term{'s' if len(names) > 1 else ''} {', '.join(names)})"
-        allowed = f" (--max-bad-steps {self.max_bad_steps})" if self.max_bad_steps else ""
-        raise NonFiniteError(
-            f"the training loss was NaN or infinite in {total_bad} step(s){allowed}, {where}; the run stops and "
-            f"no checkpoint is written after it (try a lower --lr, or --max-bad-steps K for fp16 overflows)")
-
-
-def finite_or_raise(state_dict, what, action):
-    """NonFiniteError naming the tensors of `state_dict` that hold NaN or Inf."""
-    bad = nonfinite_tensors(state_dict)
-    if bad:
-        raise NonFiniteError(f"{what} has non-finite values in {describe_names(bad)}: {action}")
-
-
 def _plain(value):
     if isinstance(value, torch.Tensor):
         return value.item()
@@ -395,9 +219,9 @@ class Run:
         distributed.check_sync_bn(cfg.sync_bn, self.device)
         self.resume_from = check_out_dir(cfg)
         if self.resume_from is not None:
-            _check_resume_config(self.resume_from[0], cfg, self.resume_from[1], world)
+            check_resume_config(self.resume_from[0], cfg, self.resume_from[1], world)
 
-        _seed_everything(cfg.seed)
+        seed_everything(cfg.seed)
         # In-memory data sets come as tensors (x_train goes to training_batches below); the streaming ones as
         # loaders (streaming.load_streaming), which draw nothing from the global RNG seeded above.
         streamed = None
@@ -481,7 +305,7 @@ class Run:
     def prepare(self):
         """Checks the inputs and builds everything (raising ValueError/TypeError before any file is written),
         then creates the run's files. Sets the process's determinism flags until close()."""
-        self._saved_flags = _set_determinism(self.cfg.deterministic, resolve_device(self.cfg.device))
+        self._saved_flags = set_determinism(self.cfg.deterministic, resolve_device(self.cfg.device))
         self._setup()
         self._start_files()
         # Called once per step; under torchrun a DDP module (it broadcasts rank 0's weights on creation).
@@ -495,7 +319,7 @@ class Run:
         # Drops the loaders: the DataLoader workers of a streaming data set end with them.
         self.train_batches = self.val_set = None
         if getattr(self, "_saved_flags", None) is not None:
-            _restore_determinism(self._saved_flags)
+            restore_determinism(self._saved_flags)
             self._saved_flags = None
         if getattr(self, "dist", None) is not None:
             self.dist.close()
@@ -528,7 +352,7 @@ class Run:
         self.out.mkdir(parents=True, exist_ok=True)
         self.files = RunFiles(self.out)
         if cfg.resume and not self.files.exists():  # a run written before runs kept a record: adopt its files
-            for path in _legacy_run_files(self.out):
+            for path in legacy_run_files(self.out):
                 if path.is_file():
                     self.files.add(path)
         checkpoints.remove_temporary_files(self.out)
@@ -777,29 +601,4 @@ class Run:
                            train_seconds=self.train_seconds, out=self.out, config=self.cfg, rank=self.dist.rank,
                            world_size=self.dist.world_size)
 
-
-def _seed_everything(seed):
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-
-
-def _set_determinism(deterministic, device):
-    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
-             torch.backends.cudnn.benchmark)
-    if deterministic:
-        # cuBLAS needs this workspace setting for deterministic GEMMs (read when CUDA initialises).
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    return saved
-
-
-def _restore_determinism(saved):
-    torch.use_deterministic_algorithms(saved[0])
-    torch.backends.cudnn.deterministic = saved[1]
-    torch.backends.cudnn.benchmark = saved[2]
 

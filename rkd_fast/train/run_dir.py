@@ -1,0 +1,85 @@
+"""The run directory: what --out may already hold, what --resume continues and --overwrite removes. Checked
+before anything is written; a run records every file it writes (rkd_fast.runfiles)."""
+
+import os
+from pathlib import Path
+
+from ..runfiles import RunFiles
+from . import checkpoints, tensorboard
+from .config import RESUME_MAY_CHANGE, resolve_method_defaults
+
+
+# What marks a directory as holding a run (and what --overwrite removes; nothing else is touched).
+# The fixed file names of a run (--overwrite of a run written before runs kept a record removes these and its
+# checkpoint files; a run now records every file it writes, rkd_fast.runfiles).
+RUN_FILES = ("run.json", "metrics.json", "metrics.csv", "best.pt")
+
+
+def check_out_dir(cfg):
+    """Refuses an --out holding another run (its record of files, `rkd_fast.runfiles`, or a run.json) unless
+    --resume or --overwrite; other files there are not a run and are never touched. With --resume: the newest
+    readable checkpoint, or None for a run that stopped before writing its first one (it starts over from
+    scratch); an error when there is no run to resume."""
+    if cfg.out is None:
+        return None
+    out = Path(cfg.out)
+    for parent in (out, *out.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--out {out}: {parent} exists and is not a directory")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ValueError(f"--out {out}: cannot write in {parent} (permission denied or a read-only file "
+                                 "system)")
+            break
+    holds_run = out.is_dir() and (RunFiles(out).exists() or (out / "run.json").is_file())
+    no_checkpoint = not checkpoints.list_checkpoints(out) and not (out / "best.pt").exists()
+    if cfg.resume:
+        state, path = checkpoints.load_latest(out)
+        if state is not None:
+            return state, path
+        if holds_run and no_checkpoint:
+            return None  # stopped before its first checkpoint: nothing to continue, it starts over
+        raise ValueError(f"--resume: no readable checkpoint in {out / checkpoints.CHECKPOINT_DIR}")
+    if holds_run and not cfg.overwrite:
+        if no_checkpoint:
+            raise ValueError(f"--out {out} holds a run that stopped before its first checkpoint; pass --resume to "
+                             "start it over from scratch, or --overwrite to replace it")
+        raise ValueError(f"--out {out} holds another run; pass --resume to continue it or --overwrite to replace it")
+    return None
+
+
+def legacy_run_files(out):
+    """The files a run written before runs kept a record may hold: its fixed names and its checkpoints."""
+    return [out / name for name in RUN_FILES] + [p for _, p in checkpoints.list_checkpoints(out)]
+
+
+def remove_run_files(out):
+    """What --overwrite removes: the files the run in `out` recorded (rkd_fast.runfiles), or, for a run written
+    before runs kept a record, its fixed file names and checkpoint files. Nothing else in `out` is touched."""
+    files = RunFiles(out)
+    if files.exists():
+        return files.remove_all()
+    removed = [p for p in legacy_run_files(out) if p.is_file()]
+    for p in removed:
+        p.unlink()
+    for folder in (out / checkpoints.CHECKPOINT_DIR, out / tensorboard.TENSORBOARD_DIR):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    return removed
+
+
+def check_resume_config(state, cfg, path, world_size):
+    # A record written before a method resolved its defaults holds None where the run used them.
+    saved, current = resolve_method_defaults(state["config"]), cfg.to_dict()
+    # --batch-size is per process: a run may resume under another world size with the same global batch.
+    saved_world = state.get("world_size", 1)
+    differ = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in current.items()
+              if k not in RESUME_MAY_CHANGE and k != "batch_size" and saved.get(k) != v]
+    if saved["batch_size"] * saved_world != cfg.batch_size * world_size:
+        differ.append(f"global batch: checkpoint {saved['batch_size'] * saved_world} ({saved['batch_size']} per "
+                      f"process x {saved_world}), now {cfg.batch_size * world_size} ({cfg.batch_size} x "
+                      f"{world_size}); with {world_size} process(es) pass --batch-size "
+                      f"{saved['batch_size'] * saved_world / world_size:g}")
+    if differ:
+        raise ValueError(f"--resume from {path}: the run's options differ from the checkpoint's (resume with the "
+                         f"same options, or start a new run): " + "; ".join(differ))

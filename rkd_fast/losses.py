@@ -31,6 +31,7 @@ from torch import nn
 from . import seeding
 from .clean_pass import CleanPassState, clean_rows, shares_clean_statistics
 from .jacobian import check_options, jacobian_penalty
+from .models import HoldsStudentTeacher
 from .ops.fd_jacobian import fd_jacobian_loss
 from .ops.feature_distance import MODES as FEATURE_MODES
 from .ops.feature_distance import feature_distance
@@ -129,7 +130,7 @@ def _check_weight(name, value):
     return float(value)
 
 
-class RobustKDLoss(nn.Module):
+class RobustKDLoss(HoldsStudentTeacher, nn.Module):
     """The distillation loss of a student against a frozen teacher; ``total, terms = loss_fn(x, y)``.
 
     Args:
@@ -200,7 +201,7 @@ class RobustKDLoss(nn.Module):
 
         # Held by reference (a tuple is not registered as a submodule): the loss's state_dict and train()
         # never touch the models.
-        self._models = (student, teacher)
+        self.hold(student, teacher)
         teacher.requires_grad_(False)
         teacher.eval()
         # The teacher only runs forward: a convolutional one runs in channels_last, its fastest layout for the
@@ -234,14 +235,6 @@ class RobustKDLoss(nn.Module):
             self._inspect(example_input)
         elif feature_pairs:
             raise ValueError("example_input is needed to read the feature shapes and build the adapters")
-
-    @property
-    def student(self):
-        return self._models[0]
-
-    @property
-    def teacher(self):
-        return self._models[1]
 
     @property
     def uses_teacher(self):

@@ -39,6 +39,22 @@ def _global_average(x):
     F.adaptive_avg_pool2d(x, 1) to this mean too, so it is deterministic on CUDA; tests/test_cuda_determinism.py)."""
     return x.mean(dim=(2, 3))
 
+class HoldsStudentTeacher:
+    """A mixin for the modules that use a student and a teacher without owning them: both are held by reference,
+    not as submodules, so the holder's parameters(), state_dict(), .to() and .train() leave them alone."""
+
+    def hold(self, student, teacher):
+        self._models = (student, teacher)
+
+    @property
+    def student(self):
+        return self._models[0]
+
+    @property
+    def teacher(self):
+        return self._models[1]
+
+
 class InputNormalization(nn.Module):
     """(x - mean) / std per channel, as buffers so they follow the model's device and are saved with it."""
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ...models import HoldsStudentTeacher
+
 METHODS = {}  # name → Method subclass, in registration order
 
 
@@ -38,7 +40,7 @@ class RunSettings:
     teacher_arch: str | None  # the teacher's, when there is one
 
 
-class Method(nn.Module):
+class Method(HoldsStudentTeacher, nn.Module):
     """Base: holds the student and teacher by reference (not as submodules), like RobustKDLoss."""
 
     name = None
@@ -49,18 +51,10 @@ class Method(nn.Module):
 
     def __init__(self, student, teacher, run, opt, example_input, autocast):
         super().__init__()
-        self._models = (student, teacher)
+        self.hold(student, teacher)
         self.run, self.opt, self.autocast = run, opt, autocast
         if teacher is not None:
             teacher.eval()
-
-    @property
-    def student(self):
-        return self._models[0]
-
-    @property
-    def teacher(self):
-        return self._models[1]
 
     @classmethod
     def options(cls):

@@ -50,7 +50,7 @@ def _same_weights(a, b):
 
 
 def test_python_api_returns_metrics_model_and_seconds():
-    result = rkd_fast.train(method="natural", **FAST)
+    result = rkd_fast.train_model(method="natural", **FAST)
     assert len(result.metrics) == 1
     row = result.metrics[0]
     assert {"epoch", "lr", "train_ce", "train_total", "images_per_s", "val_clean_acc", "val_robust_acc"} <= set(row)

@@ -2,7 +2,7 @@
 
 from . import attacks
 from .attacks import evaluate
-from .checkpoint import load_model, save_model
+from .model_file import load_model, save_model
 from .jacobian import jacobian_penalty
 from .ops import backends, fd_jacobian_loss, feature_distance
 from .losses import RobustKDLoss

@@ -172,7 +172,8 @@ def plot(results, path):
 def run_demo(out, *, eps=0.1, quick=False, all_baselines=False, autoattack_samples=None, threads=1, seed=0,
              overwrite=False, progress=True, command=None):
     """The demo as a function; returns the results dict (also written to out/results.json)."""
-    from .checkpoint import atomic_write_json, save_model
+    from .model_file import save_model
+    from .atomic import atomic_write_json
     from .data import load_digits
     from .train import train_model
     from .info import provenance

@@ -139,7 +139,7 @@ def _evaluate_job(job):
     """One model's evaluation, in a worker process: clean and PGD-20 on the test split, AutoAttack standard on
     it (or the subset), the transfer examples' accuracy; writes the transfer examples when asked."""
     from .attacks import evaluate, pgd
-    from .checkpoint import load_model
+    from .model_file import load_model
 
     torch.set_num_threads(job["threads"])
     model = load_model(job["path"])
@@ -156,7 +156,7 @@ def _evaluate_job(job):
 
 
 def _transfer_accuracy(path, x_adv, y):
-    from .checkpoint import load_model
+    from .model_file import load_model
 
     model = load_model(path)
     with torch.no_grad():
@@ -166,7 +166,8 @@ def _transfer_accuracy(path, x_adv, y):
 def run_frontier(out, *, variants=DEFAULT_VARIANTS, seeds=None, eps=0.1, jobs=2, threads=1, quick=False,
                  autoattack_samples=None, teacher=None, device="cpu", overwrite=False, progress=True, command=None):
     """The study as a function; returns the results dict (also written to out/results.json)."""
-    from .checkpoint import atomic_write, atomic_write_json, save_model
+    from .model_file import save_model
+    from .atomic import atomic_write, atomic_write_json
     from .data import load_digits
     from .demo import COMMON, Stages, stratified_subset, training_config
     from .plots import plot_frontier
@@ -285,7 +286,7 @@ def run_frontier(out, *, variants=DEFAULT_VARIANTS, seeds=None, eps=0.1, jobs=2,
 
 
 def _write_csv(path, rows, columns):
-    from .checkpoint import atomic_write
+    from .atomic import atomic_write
 
     def write(f):
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")

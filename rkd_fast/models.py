@@ -2,7 +2,7 @@
 part of the model (an `InputNormalization` first layer), so attacks and the Jacobian term see raw pixels.
 
 `build_model(arch, **kwargs)` builds a registered architecture by name; checkpoints store that name and the
-keyword arguments (see `rkd_fast.checkpoint`)."""
+keyword arguments (see `rkd_fast.model_file`)."""
 
 import torch
 from torch import nn

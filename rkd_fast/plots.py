@@ -11,7 +11,7 @@ import math
 import sys
 from pathlib import Path
 
-from .checkpoint import atomic_write
+from .atomic import atomic_write
 
 SECONDS_LABEL = "training seconds (log scale)"
 

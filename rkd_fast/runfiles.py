@@ -54,7 +54,7 @@ class RunFiles:
         """Records `path` (a path under root: absolute, or relative to the current directory as `root` is) before
         it is written; returns it as a Path.
         A recorded folder is one the run creates and fills itself: --overwrite removes it whole."""
-        from .checkpoint import atomic_write_json
+        from .atomic import atomic_write_json
 
         relative = self._name(path)
         if relative not in self.names():
@@ -66,7 +66,7 @@ class RunFiles:
         """Forgets files the run has deleted itself (rolling checkpoints), so the record does not grow."""
         names = {self._name(p) for p in paths}
         if names & set(self.names()):
-            from .checkpoint import atomic_write_json
+            from .atomic import atomic_write_json
 
             self._names = [n for n in self._names if n not in names]
             atomic_write_json(self.path, self._names)

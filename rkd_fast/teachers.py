@@ -1,7 +1,7 @@
 """Teacher loading for distillation: an rkd_fast model file, or a RobustBench model already on disk.
 
 Specs:
-- a path to a model file written by `rkd_fast.checkpoint.save_model` (`rkd-fast export`);
+- a path to a model file written by `rkd_fast.model_file.save_model` (`rkd-fast export`);
 - ``robustbench:DATASET/THREAT/NAME``, e.g. ``robustbench:cifar10/Linf/Addepalli2022Efficient_RN18``: loaded
   with RobustBench's ``load_model`` from ``teacher_dir/DATASET/THREAT/NAME.pt`` (RobustBench's own layout).
   The checkpoint must already be there: this never downloads (the training machines are offline).
@@ -66,7 +66,7 @@ def load_robustbench(spec, model_dir=None, num_classes=None):
 
 
 def _load_file(spec, num_classes, device, arch, in_channels):
-    from .checkpoint import load_model, read_model_file
+    from .model_file import load_model, read_model_file
 
     path = Path(spec)
     if not path.is_file():

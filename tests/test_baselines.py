@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from rkd_fast.checkpoint import save_model
+from rkd_fast.model_file import save_model
 from rkd_fast.cli import main
 from rkd_fast.datasets import dataset_info
 from rkd_fast.models import build_model

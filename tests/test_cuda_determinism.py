@@ -14,7 +14,7 @@ from test_trainer import FAST, _teacher
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from rkd_fast import attacks, jacobian_penalty
-from rkd_fast.checkpoint import save_model
+from rkd_fast.model_file import save_model
 from rkd_fast.losses import FeatureAdapter
 from rkd_fast.models import MODELS, build_model
 from rkd_fast.train import train_model

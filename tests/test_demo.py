@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from rkd_fast.checkpoint import load_model
+from rkd_fast.model_file import load_model
 from rkd_fast.cli import main
 from rkd_fast.data import load_digits
 from rkd_fast.demo import (

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 import _ddp_worker  # noqa: F401  (registers small_cnn_nobn in this process too, for make_config)
-from rkd_fast.checkpoint import save_model
+from rkd_fast.model_file import save_model
 from rkd_fast.models import build_model
 from rkd_fast.train import checkpoints
 from rkd_fast.train.config import make_config

@@ -17,7 +17,7 @@ import rkd_fast
 from rkd_fast import datasets
 from rkd_fast.attacks import cli as eval_cli
 from rkd_fast.attacks.sources import with_normalization
-from rkd_fast.checkpoint import save_model
+from rkd_fast.model_file import save_model
 from rkd_fast.cli import main
 from rkd_fast.data import load_digits
 from rkd_fast.models import build_model

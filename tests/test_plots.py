@@ -17,7 +17,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     train_model(RUN, method="natural", eval_every=2, out=str(root / "natural"))
     teacher = root / "teacher.pt"
-    from rkd_fast.checkpoint import save_model
+    from rkd_fast.model_file import save_model
     from rkd_fast.models import build_model
     save_model(build_model("small_cnn", width=4), teacher)
     train_model(RUN, method="kd", teacher=str(teacher), out=str(root / "kd"))

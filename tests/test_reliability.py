@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rkd_fast import checkpoint
+from rkd_fast import model_file
 from rkd_fast.cli import main
 from rkd_fast.demo import check_out
 from rkd_fast.models import build_model
@@ -26,7 +26,7 @@ def _nan_model_file(path):
     model = build_model("small_cnn", width=4)
     with torch.no_grad():
         model.head[1].weight[0, 0] = float("nan")
-    return checkpoint.save_model(model, path)
+    return model_file.save_model(model, path)
 
 
 # --- a run that goes non-finite ------------------------------------------------------------------------------
@@ -59,7 +59,7 @@ def test_a_state_with_nan_weights_is_never_written(tmp_path):
 def test_non_finite_model_files_are_refused_by_name(tmp_path, capsys):
     path = _nan_model_file(tmp_path / "diverged.pt")
     with pytest.raises(ValueError, match="diverged.pt: non-finite weights"):
-        checkpoint.load_model(path)
+        model_file.load_model(path)
     # as a teacher: refused before the run writes anything
     out = tmp_path / "run"
     assert main(["train", "--method", "kd", "--teacher", str(path), "--out", str(out), *FAST]) == 2
@@ -81,12 +81,12 @@ def test_export_refuses_a_diverged_checkpoint(tmp_path, capsys):
 
 @pytest.mark.parametrize("fraction", [0.0, 0.3, 0.9])
 def test_truncated_files_are_named_everywhere(tmp_path, capsys, fraction):
-    model_file = checkpoint.save_model(build_model("small_cnn", width=4), tmp_path / "model.pt")
-    data = model_file.read_bytes()
-    model_file.write_bytes(data[: int(len(data) * fraction)])
+    saved = model_file.save_model(build_model("small_cnn", width=4), tmp_path / "model.pt")
+    data = saved.read_bytes()
+    saved.write_bytes(data[: int(len(data) * fraction)])
     with pytest.raises(ValueError, match="model.pt"):
-        checkpoint.load_model(model_file)
-    assert main(["train", "--method", "kd", "--teacher", str(model_file), "--out", str(tmp_path / "r"), *FAST]) == 2
+        model_file.load_model(saved)
+    assert main(["train", "--method", "kd", "--teacher", str(saved), "--out", str(tmp_path / "r"), *FAST]) == 2
     assert "model.pt" in capsys.readouterr().err
     run = tmp_path / "run"
     assert main(["train", "--method", "natural", "--epochs", "1", "--out", str(run), *FAST]) == 0
@@ -110,22 +110,22 @@ def _edit_model_file(path, **changes):
 
 
 def test_absurd_constructor_arguments_are_refused_before_building(tmp_path):
-    path = checkpoint.save_model(build_model("small_cnn", width=4), tmp_path / "model.pt")
+    path = model_file.save_model(build_model("small_cnn", width=4), tmp_path / "model.pt")
     _edit_model_file(path, kwargs={"width": 10 ** 7})  # 7.2 PB of weights if it were built
     with pytest.raises(ValueError, match=r"model.pt: the weights do not fit small_cnn\(\{'width': 10000000\}\)"):
-        checkpoint.load_model(path)
+        model_file.load_model(path)
     _edit_model_file(path, kwargs={"width": 4}, num_classes=5)
     with pytest.raises(ValueError, match="records num_classes 5"):
-        checkpoint.load_model(path)
+        model_file.load_model(path)
     _edit_model_file(path, num_classes=10, normalization={"mean": [0.9], "std": [0.1]})
     with pytest.raises(ValueError, match="recorded input normalisation mean"):
-        checkpoint.load_model(path)
+        model_file.load_model(path)
 
 
 def test_output_files_honour_the_umask(tmp_path):
     old = os.umask(0o027)
     try:
-        path = checkpoint.save_model(build_model("small_cnn", width=4), tmp_path / "model.pt")
+        path = model_file.save_model(build_model("small_cnn", width=4), tmp_path / "model.pt")
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
@@ -205,7 +205,7 @@ def test_out_under_a_file_or_unwritable(tmp_path, capsys, monkeypatch):
 ])
 def test_jacobian_options_are_refused_when_read(tmp_path, capsys, option, message):
     out = tmp_path / "run"
-    teacher = checkpoint.save_model(build_model("small_cnn", width=4), tmp_path / "t.pt")
+    teacher = model_file.save_model(build_model("small_cnn", width=4), tmp_path / "t.pt")
     assert main(["train", "--method", "robust-kd", "--teacher", str(teacher), "--out", str(out), *option,
                  *FAST]) == 2
     assert message in capsys.readouterr().err and not out.exists()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from rkd_fast.checkpoint import save_model
+from rkd_fast.model_file import save_model
 from rkd_fast.cli import main
 from rkd_fast.models import build_model
 from rkd_fast.train import checkpoints

@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 
-from rkd_fast.checkpoint import save_model
+from rkd_fast.model_file import save_model
 from rkd_fast.models import build_model
 from rkd_fast.teachers import load_teacher
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from rkd_fast.checkpoint import read_model_file, save_model
+from rkd_fast.model_file import read_model_file, save_model
 from rkd_fast.cli import main
 from rkd_fast import datasets
 from rkd_fast.models import build_model

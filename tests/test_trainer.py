@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import rkd_fast
-from rkd_fast.checkpoint import save_model
+from rkd_fast.model_file import save_model
 from rkd_fast.cli import main
 from rkd_fast.models import build_model
 from rkd_fast.train import TrainConfig, train_model

@@ -152,7 +152,7 @@ def _check_model_options(args):
 
 def _load_model(args, source, info, num_classes):
     """(model, its description for the report)."""
-    from ..checkpoint import load_model
+    from ..model_file import load_model
     from ..teachers import load_robustbench
 
     if source == "file":
@@ -308,7 +308,7 @@ def _fail(error):
 
 
 def run(args):
-    from ..checkpoint import atomic_write_json
+    from ..atomic import atomic_write_json
 
     try:
         plan = prepare(args)

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import FORMAT, load_weights_only
-from ..checkpoint import _normalization as normalization  # {"mean", "std"} of a model's InputNormalization
+from ..model_file import FORMAT, load_weights_only
+from ..model_file import _normalization as normalization  # {"mean", "std"} of a model's InputNormalization
 from ..models import MODELS, InputNormalization, build_model
 
 TORCHVISION_PREFIX = "torchvision:"

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import atomic_save as _atomic_save
-from ..checkpoint import load_weights_only
+from ..model_file import atomic_save as _atomic_save
+from ..model_file import load_weights_only
 
 FORMAT = "rkd_fast.train_checkpoint"
 VERSION = 1

@@ -27,7 +27,7 @@ def resolve_checkpoint(source, which="best"):
 def export_checkpoint(source, out, *, which="best", overwrite=False):
     """Writes the student of checkpoint `source` (a file or a run directory) to the model file `out`; returns
     its path. The file's meta records the method, data set, eps, epoch and validation accuracies."""
-    from ..checkpoint import describe_names, nonfinite_tensors, save_model
+    from ..model_file import describe_names, nonfinite_tensors, save_model
     from ..models import build_model
 
     out = Path(out)

@@ -2,7 +2,7 @@
 
 import torch
 
-from ..checkpoint import describe_names, nonfinite_tensors
+from ..model_file import describe_names, nonfinite_tensors
 
 
 class NonFiniteError(RuntimeError):

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from .. import seeding, teachers
-from ..checkpoint import atomic_write, atomic_write_json
+from ..atomic import atomic_write, atomic_write_json
 from ..models import MODELS, build_model
 from ..runfiles import RunFiles
 from . import checkpoints, distributed, rerun, streaming, tensorboard

@@ -15,14 +15,12 @@ tensors only, so loading a file never runs code)::
 """
 
 import inspect
-import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .atomic import atomic_save
 from .models import MODELS, InputNormalization, build_model
 
 FORMAT = "rkd_fast.model"
@@ -94,56 +92,6 @@ def save_model(model, path, **meta):
         "torch_version": str(torch.__version__),
     }
     return atomic_save(payload, path)
-
-
-def atomic_write(path, write, *, text=False, tmp_prefix=None):
-    """Calls write(f) on a temporary file beside `path` (named `tmp_prefix`…`.tmp`; opened for text when `text`),
-    then fsync, rename over `path`, fsync the directory: a crash leaves either the old file or the new one,
-    never a partial one under `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=tmp_prefix or f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp makes the file 0600; give it the mode open() would (0666 less the umask), as users expect
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "w", newline="") if text else os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _umask():
-    # Linux reports it without changing it (os.umask can only be read by setting it, which races other threads).
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_save(obj, path, *, tmp_prefix=None):
-    """torch.save(obj) to `path` through `atomic_write`."""
-    return atomic_write(path, lambda f: torch.save(obj, f), tmp_prefix=tmp_prefix)
-
-
-def atomic_write_json(path, obj):
-    """`obj` as indented JSON to `path` through `atomic_write`. Tensors become lists; anything else that JSON
-    has no type for, its str()."""
-    def write(f):
-        json.dump(obj, f, indent=2, default=lambda o: o.tolist() if isinstance(o, torch.Tensor) else str(o))
-        f.write("\n")
-    return atomic_write(path, write, text=True)
 
 
 def _reason(error):
@@ -255,15 +203,3 @@ def describe_names(names, shown=3):
     return f"{len(names)} tensor{'s' if len(names) != 1 else ''} ({', '.join(names[:shown])}{more})"
 
 
-def _fsync_dir(directory):
-    # Makes the rename itself durable; not every platform lets a directory be opened for this.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

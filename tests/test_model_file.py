@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import rkd_fast
-from rkd_fast import checkpoint
+from rkd_fast import atomic, model_file
 from rkd_fast.models import build_model
 
 
@@ -66,7 +66,7 @@ def test_save_replaces_atomically_and_cleans_up_on_failure(model, tmp_path, monk
         f.write(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint.torch, "save", broken_save)
+    monkeypatch.setattr(atomic.torch, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
         rkd_fast.save_model(model, path, version_tag="new")
     assert path.read_bytes() == before  # the old file is intact

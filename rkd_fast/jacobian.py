@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import seeding
-from .clean_pass import CleanPassState, clean_rows, share_clean_statistics, shares_clean_statistics
+from .clean_pass import CleanPassState, clean_rows, shares_clean_statistics
 from .ops._dispatch import REDUCTIONS, check_choice, is_number
 from .ops.fd_jacobian import ON, fd_jacobian_loss
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_save
-from .models import MODELS, InputNormalization, build_model
+from .models import MODELS, InputNormalization, build_model, model_info
 
 FORMAT = "rkd_fast.model"
 VERSION = 1
@@ -72,7 +72,7 @@ def save_model(model, path, **meta):
     renamed over `path`. ``meta``: extra plain metadata stored beside the weights (epoch, method, eps...)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    arch, kwargs = getattr(model, "rkd_arch", None), getattr(model, "rkd_kwargs", None)
+    arch, kwargs = model_info(model).get("arch"), model_info(model).get("kwargs")
     if arch is None or kwargs is None:
         raise ValueError("save_model needs a model built with rkd_fast.models.build_model(arch, **kwargs) "
                          "(it records the architecture name and arguments the file must hold)")
@@ -139,13 +139,13 @@ def read_model_file(path):
 def load_model(path, device=None):
     """The model stored in `path` by `save_model`, on `device` (default CPU), in eval mode.
 
-    The file's metadata is on the model as ``model.rkd_meta`` (meta, num_classes, normalization)."""
+    The file's metadata joins the model's `rkd_fast.models.model_info`: meta, num_classes, normalization."""
     payload = read_model_file(path)
     check_weights(payload, path)
     model = build_model(payload["arch"], **payload["kwargs"])
     model.load_state_dict(payload["state_dict"])  # check_weights has matched every name and shape
-    model.rkd_meta = {"meta": payload["meta"], "num_classes": payload["num_classes"],
-                      "normalization": payload["normalization"]}
+    model.rkd_info.update(meta=payload["meta"], num_classes=payload["num_classes"],
+                          normalization=payload["normalization"])
     if device is not None:
         model.to(device)
     return model.eval()

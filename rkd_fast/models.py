@@ -28,9 +28,16 @@ def build_model(arch, **kwargs):
     if arch not in MODELS:
         raise ValueError(f"unknown architecture {arch!r}; available: {', '.join(sorted(MODELS))}")
     model = MODELS[arch](**kwargs)
-    # What rkd_fast.save_model stores to rebuild the model (plain attributes, not part of the state_dict).
-    model.rkd_arch, model.rkd_kwargs = arch, dict(kwargs)
+    # What rkd_fast.save_model stores to rebuild the model (a plain attribute, not part of the state_dict).
+    model.rkd_info = {"arch": arch, "kwargs": dict(kwargs)}
     return model
+
+
+def model_info(model):
+    """What rkd_fast knows of `model`, in its one ``rkd_info`` dict: ``arch`` and ``kwargs`` (build_model); with
+    ``num_classes``, ``normalization`` and ``meta`` when read from a model file (load_model); with ``spec`` and
+    ``source`` when loaded as a teacher (rkd_fast.teachers.load_teacher). Empty for another model."""
+    return getattr(model, "rkd_info", {})
 
 
 

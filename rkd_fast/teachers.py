@@ -7,12 +7,14 @@ Specs:
   The checkpoint must already be there: this never downloads (the training machines are offline).
 
 Teachers come back in eval mode with ``requires_grad`` off (they are never trained; input gradients still flow
-through them), and with ``model.rkd_teacher`` = {"spec", "source", "num_classes"}.
+through them), and with "spec", "source" and "num_classes" in their `rkd_fast.models.model_info`.
 """
 
 from pathlib import Path
 
 from torch import nn
+
+from .models import model_info
 
 ROBUSTBENCH_PREFIX = "robustbench:"
 ROBUSTBENCH_PIP = "pip install git+https://github.com/RobustBench/robustbench"
@@ -101,5 +103,5 @@ def load_teacher(spec, *, teacher_dir=None, num_classes=None, device=None, arch=
     if device is not None:
         model.to(device)
     model.eval().requires_grad_(False)
-    model.rkd_teacher = {"spec": spec, "source": source, "num_classes": classes}
+    model.rkd_info = {**model_info(model), "spec": spec, "source": source, "num_classes": classes}
     return model

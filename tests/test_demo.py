@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from rkd_fast.model_file import load_model
+from rkd_fast.models import model_info
 from rkd_fast.cli import main
 from rkd_fast.data import load_digits
 from rkd_fast.demo import (
@@ -72,7 +73,7 @@ def test_models_load_and_match_results(demo_run):
     x, y = x[keep], y[keep]
     for name in MODEL_NAMES + BASELINE_NAMES:
         model = load_model(out / "models" / f"{name}.pt")
-        assert model.rkd_meta["meta"]["name"] == name
+        assert model_info(model)["meta"]["name"] == name
         with torch.no_grad():
             clean = (model(x).argmax(1) == y).float().mean().item()
         # The saved weights are the ones evaluated.

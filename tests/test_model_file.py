@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import rkd_fast
-from rkd_fast import atomic, model_file
-from rkd_fast.models import build_model
+from rkd_fast import atomic
+from rkd_fast.models import build_model, model_info
 
 
 @pytest.fixture
@@ -25,9 +25,9 @@ def test_round_trip(model, tmp_path):
     path = rkd_fast.save_model(model, tmp_path / "model.pt", epoch=3, method="pgd-at", eps=0.1)
     loaded = rkd_fast.load_model(path)
     assert type(loaded) is type(model) and not loaded.training
-    assert loaded.rkd_arch == "small_cnn" and loaded.rkd_kwargs == {"width": 8, "num_classes": 7}
-    assert loaded.rkd_meta["meta"] == {"epoch": 3, "method": "pgd-at", "eps": 0.1}
-    assert loaded.rkd_meta["num_classes"] == 7
+    assert model_info(loaded)["arch"] == "small_cnn" and model_info(loaded)["kwargs"] == {"width": 8, "num_classes": 7}
+    assert model_info(loaded)["meta"] == {"epoch": 3, "method": "pgd-at", "eps": 0.1}
+    assert model_info(loaded)["num_classes"] == 7
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
     x = torch.rand(5, 1, 8, 8)
@@ -75,7 +75,7 @@ def test_save_replaces_atomically_and_cleans_up_on_failure(model, tmp_path, monk
 
 def test_save_creates_the_directory(model, tmp_path):
     path = rkd_fast.save_model(model, tmp_path / "a" / "b" / "model.pt")
-    assert rkd_fast.load_model(path).rkd_arch == "small_cnn"
+    assert model_info(rkd_fast.load_model(path))["arch"] == "small_cnn"
 
 
 def test_save_needs_a_registered_model(tmp_path):

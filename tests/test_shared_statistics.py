@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from rkd_fast import RobustKDLoss
-from rkd_fast.jacobian import jacobian_penalty, share_clean_statistics
+from rkd_fast.clean_pass import share_clean_statistics
+from rkd_fast.jacobian import jacobian_penalty
 from rkd_fast.models import build_model
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rkd_fast.model_file import save_model
-from rkd_fast.models import build_model
+from rkd_fast.models import build_model, model_info
 from rkd_fast.teachers import load_teacher
 
 
@@ -20,7 +20,8 @@ def test_local_file_round_trip(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(teacher(x), model.eval()(x))
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
-    assert teacher.rkd_teacher == {"spec": str(path), "source": "file", "num_classes": 10}
+    assert {k: model_info(teacher)[k] for k in ("spec", "source", "num_classes")} == \
+        {"spec": str(path), "source": "file", "num_classes": 10}
     with pytest.raises(ValueError, match="has 10 classes, but 100"):
         load_teacher(path, num_classes=100)
     with pytest.raises(ValueError, match="'small_cnn', but 'resnet18'"):
@@ -67,7 +68,7 @@ def test_robustbench_spec_loads_from_teacher_dir(tmp_path, fake_robustbench):
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(teacher(x), reference(x))
-    assert teacher.rkd_teacher["source"] == "robustbench" and not any(p.requires_grad for p in teacher.parameters())
+    assert model_info(teacher)["source"] == "robustbench" and not any(p.requires_grad for p in teacher.parameters())
     with pytest.raises(ValueError, match="has 10 classes, but 100"):
         load_teacher(spec, teacher_dir=tmp_path, num_classes=100)
 

@@ -13,7 +13,7 @@ import torch
 import rkd_fast
 from rkd_fast.model_file import save_model
 from rkd_fast.cli import main
-from rkd_fast.models import build_model
+from rkd_fast.models import build_model, model_info
 from rkd_fast.train import TrainConfig, train_model
 from rkd_fast.train.runtime import resolve_precision
 from rkd_fast.train.trainer import lr_lambda
@@ -109,9 +109,9 @@ def test_cli_robust_kd_run_files_and_export(tmp_path, teacher_file):
     model_file = tmp_path / "student.pt"
     assert main(["export", str(out), str(model_file)]) == 0
     model = rkd_fast.load_model(model_file)
-    assert model.rkd_arch == "small_cnn" and model.rkd_meta["num_classes"] == 10
-    assert model.rkd_meta["meta"]["method"] == "robust-kd"
-    assert model.rkd_meta["meta"]["val_robust_acc"] == metrics["best"]["val_robust_acc"]
+    assert model_info(model)["arch"] == "small_cnn" and model_info(model)["num_classes"] == 10
+    assert model_info(model)["meta"]["method"] == "robust-kd"
+    assert model_info(model)["meta"]["val_robust_acc"] == metrics["best"]["val_robust_acc"]
     assert all(torch.equal(v, state["student"][k]) for k, v in model.state_dict().items())
     assert main(["export", str(out), str(model_file)]) == 2  # refuses to replace OUT without --overwrite
     assert main(["export", str(out), str(model_file), "--which", "last", "--overwrite"]) == 0

@@ -153,12 +153,12 @@ def _check_model_options(args):
 def _load_model(args, source, info, num_classes):
     """(model, its description for the report)."""
     from ..model_file import load_model
+    from ..models import model_info
     from ..teachers import load_robustbench
 
     if source == "file":
         model = load_model(args.checkpoint)
-        return model, {"source": "file", "path": str(args.checkpoint), "arch": model.rkd_arch,
-                       "kwargs": model.rkd_kwargs, **model.rkd_meta}
+        return model, {"source": "file", "path": str(args.checkpoint), **model_info(model)}
     if source == "robustbench":
         model, _ = load_robustbench(args.checkpoint, args.model_dir, num_classes)
         return model.eval(), {"source": "robustbench", "spec": args.checkpoint,

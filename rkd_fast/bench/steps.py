@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..jacobian import share_clean_statistics
+from ..clean_pass import share_clean_statistics
 from ..models import DEFAULT_FEATURE_LAYER, build_model
 from ..train import methods as methods_module
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ...models import HoldsStudentTeacher
+from ...models import HoldsStudentTeacher, model_info
 
 METHODS = {}  # name → Method subclass, in registration order
 
@@ -130,7 +130,7 @@ def create(method, student, teacher, run, example_input, autocast, **options):
 def build_method(cfg, student, teacher, info, example_input, autocast):
     """The method of a TrainConfig: its shared settings and its own options read from `cfg` (eps: the data set's,
     `info.eps`, when cfg.eps is None)."""
-    teacher_arch = (getattr(teacher, "rkd_arch", None) or cfg.teacher_arch or cfg.arch) if teacher is not None else None
+    teacher_arch = (model_info(teacher).get("arch") or cfg.teacher_arch or cfg.arch) if teacher is not None else None
     run = RunSettings(eps=cfg.eps if cfg.eps is not None else info.eps, alpha=cfg.alpha,
                       attack_steps=cfg.attack_steps, precision=cfg.precision, label_smoothing=cfg.label_smoothing,
                       batch_size=cfg.batch_size, arch=cfg.arch, teacher_arch=teacher_arch)

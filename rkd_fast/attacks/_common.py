@@ -112,6 +112,15 @@ def autocast_dtype(precision, device):
     return dtype
 
 
+def autocast_factory(device, dtype):
+    """A zero-argument factory of the context the forward passes run in: autocast to `dtype` on `device`'s type,
+    or no autocast when dtype is None (fp32). The one way the trainer, the methods and the bench build it."""
+    if dtype is None:
+        return contextlib.nullcontext
+    device_type = torch.device(device).type
+    return lambda: torch.autocast(device_type, dtype=dtype)
+
+
 def model_dtype(model):
     """The dtype the model's first floating parameter has: inputs are fed to the model in it."""
     for p in model.parameters():

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..attacks._common import PRECISIONS, autocast_factory
 from ..clean_pass import share_clean_statistics
 from ..models import DEFAULT_FEATURE_LAYER, build_model
 from ..train import methods as methods_module
@@ -105,11 +106,8 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def autocast_factory(device, precision):
-    if precision == "fp32":
-        return contextlib.nullcontext
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return lambda: torch.autocast(torch.device(device).type, dtype=dtype)
+def precision_autocast(device, precision):
+    return autocast_factory(device, PRECISIONS[precision])
 
 
 def make_batch(scenario, device, channels_last, seed=0):
@@ -133,7 +131,7 @@ class StepCase:
             pair = f"{DEFAULT_FEATURE_LAYER[scenario.student.arch]}:{DEFAULT_FEATURE_LAYER[scenario.teacher.arch]}"
             options = {"feature_pairs": (pair,), **options}
         self.method = methods_module.create(method, student, teacher if uses_teacher(variant) else None, run,
-                                            x[: min(8, x.shape[0])], autocast_factory(x.device, precision),
+                                            x[: min(8, x.shape[0])], precision_autocast(x.device, precision),
                                             **options).to(x.device)
         params = list(student.parameters()) + list(self.method.parameters())
         self.optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -296,7 +294,7 @@ def run_scenario(scenario, device, *, precision="fp32", channels_last=False, com
         student_init.compile()  # in place, once: module names (feature hooks) and state_dict keys unchanged
     teacher = scenario.teacher.build(device, channels_last).eval().requires_grad_(False)
     x, y = make_batch(scenario, device, channels_last)
-    autocast = autocast_factory(device, precision)
+    autocast = precision_autocast(device, precision)
     timing = {"warmup": warmup, "repeats": repeats, "min_time": min_time}
     record = {
         "name": scenario.name, "student": scenario.student.label(), "teacher": scenario.teacher.label(),

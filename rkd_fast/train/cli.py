@@ -45,7 +45,7 @@ def add_arguments(parser):
     run.add_argument("--deterministic", action="store_true",
                      help="deterministic algorithms (bit-identical reruns and resumes on the same machine)")
     run.add_argument("--device", default=_D.device, help="cpu, cuda, cuda:N or auto (default)")
-    run.add_argument("--precision", choices=PRECISIONS, default=_D.precision,
+    run.add_argument("--precision", choices=tuple(PRECISIONS), default=_D.precision,
                      help="fp32, bf16 autocast, or fp16 autocast with loss scaling (CUDA)")
     run.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     run.add_argument("--compile", action="store_true", help="torch.compile the student")

@@ -6,12 +6,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..attacks._common import PRECISIONS
 from ..ops._dispatch import check_choice as _choice
 from .methods import METHODS, all_options, resolve_options
 from .methods.distill import parse_feature_pairs
 from .options import check_number as _number
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "multistep", "constant")
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet", "synthetic-imagenet")  # see rkd_fast.datasets
 IN_MEMORY_DATASETS = ("digits", "cifar10", "cifar100")  # held as tensors (load_data)
@@ -160,7 +160,7 @@ def check_method_options(cfg):
 def check_config(cfg):
     _choice("method", cfg.method, tuple(METHODS))
     _choice("dataset", cfg.dataset, DATASETS)
-    _choice("precision", cfg.precision, PRECISIONS)
+    _choice("precision", cfg.precision, tuple(PRECISIONS))
     _choice("schedule", cfg.schedule, SCHEDULES)
     from ..models import MODELS
     _choice("arch", cfg.arch, tuple(sorted(MODELS)))

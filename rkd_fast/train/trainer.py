@@ -29,7 +29,6 @@ checkpoints/ckpt-<step>.pt (the last ``keep``), best.pt (the checkpoint of the b
 accuracy). `rkd-fast export` turns best.pt (or any checkpoint) into a model file.
 """
 
-import contextlib
 import csv
 import inspect
 import json
@@ -43,6 +42,7 @@ import torch
 from torch import nn
 
 from .. import seeding, teachers
+from ..attacks._common import autocast_factory
 from ..atomic import atomic_write, atomic_write_json
 from ..models import MODELS, build_model
 from ..runfiles import RunFiles
@@ -253,11 +253,7 @@ class Run:
                 teacher = teacher.to(memory_format=torch.channels_last)
         self.student, self.teacher = student, teacher
 
-        if self.dtype is None:
-            self.autocast = contextlib.nullcontext
-        else:
-            device_type, dtype = self.device.type, self.dtype
-            self.autocast = lambda: torch.autocast(device_type, dtype=dtype)
+        self.autocast = autocast_factory(self.device, self.dtype)
         if streamed is None:
             example = self._layout(x_train[:8])
         else:  # the method reads the feature shapes from it (eval mode, no_grad): only its shape matters

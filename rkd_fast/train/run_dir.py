@@ -1,11 +1,15 @@
 """The run directory: what --out may already hold, what --resume continues and --overwrite removes. Checked
 before anything is written; a run records every file it writes (rkd_fast.runfiles)."""
 
+import csv
+import json
 import os
+import warnings
 from pathlib import Path
 
+from ..atomic import atomic_write, atomic_write_json
 from ..runfiles import RunFiles
-from . import checkpoints, tensorboard
+from . import checkpoints, rerun, tensorboard
 from .config import RESUME_MAY_CHANGE, resolve_method_defaults
 
 
@@ -83,3 +87,47 @@ def check_resume_config(state, cfg, path, world_size):
     if differ:
         raise ValueError(f"--resume from {path}: the run's options differ from the checkpoint's (resume with the "
                          f"same options, or start a new run): " + "; ".join(differ))
+
+
+def start_run_files(cfg, out, meta, resume_from):
+    """Makes `out` a run's folder and writes its run.json (rank 0 only): replaces the old run for --overwrite
+    (and for a --resume of a run that stopped before its first checkpoint, with a warning), adopts the files of
+    a run written before runs kept a record, and on a resume appends the resume to run.json. Returns the run's
+    RunFiles."""
+    restart = cfg.resume and resume_from is None  # a run that stopped before its first checkpoint
+    if cfg.overwrite or restart:
+        if restart:
+            warnings.warn(f"--resume: {out} has no checkpoint yet; the run starts over from scratch",
+                          RuntimeWarning, stacklevel=3)
+        remove_run_files(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = RunFiles(out)
+    if cfg.resume and not files.exists():  # a run written before runs kept a record: adopt its files
+        for path in legacy_run_files(out):
+            if path.is_file():
+                files.add(path)
+    checkpoints.remove_temporary_files(out)
+    run_file = files.add(out / "run.json")
+    if cfg.resume and not restart and run_file.exists():
+        record = json.loads(run_file.read_text())
+        record.setdefault("resumes", []).append({"from": str(resume_from[1]), **{
+            k: meta[k] for k in ("command", "git_commit", "git_dirty", "versions", "device")}})
+    else:
+        record = {**rerun.record_header(), **meta}  # the format `--config` checks
+    atomic_write_json(run_file, record)
+    return files
+
+
+def write_metrics(files, meta, history, best, train_seconds):
+    """metrics.csv (one row per epoch, the union of the epochs' columns) and metrics.json in the run's folder."""
+    columns = []
+    for row in history:
+        columns += [k for k in row if k not in columns]
+
+    def write_csv(f):
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(history)
+    atomic_write(files.add(files.root / "metrics.csv"), write_csv, text=True)
+    atomic_write_json(files.add(files.root / "metrics.json"),
+                      {**meta, "epochs": history, "best": best, "train_seconds": train_seconds})

@@ -29,9 +29,7 @@ checkpoints/ckpt-<step>.pt (the last ``keep``), best.pt (the checkpoint of the b
 accuracy). `rkd-fast export` turns best.pt (or any checkpoint) into a model file.
 """
 
-import csv
 import inspect
-import json
 import math
 import time
 import warnings
@@ -43,14 +41,12 @@ from torch import nn
 
 from .. import seeding, teachers
 from ..attacks._common import autocast_factory
-from ..atomic import atomic_write, atomic_write_json
 from ..models import MODELS, build_model
-from ..runfiles import RunFiles
-from . import checkpoints, distributed, rerun, streaming, tensorboard
+from . import checkpoints, distributed, streaming, tensorboard
 from .config import TrainConfig, load_data, make_config, run_metadata
 from .health import LossHealth, finite_or_raise
 from .methods import build_method
-from .run_dir import check_out_dir, check_resume_config, legacy_run_files, remove_run_files
+from .run_dir import check_out_dir, check_resume_config, start_run_files, write_metrics
 from .runtime import resolve_device, resolve_precision, restore_determinism, seed_everything, set_determinism
 
 LOG_EVERY = 10  # steps between progress-bar updates (each reads the running losses back to the host)
@@ -339,27 +335,7 @@ class Run:
             self._restore(*self.resume_from)
         if not self.writes:
             return
-        restart = cfg.resume and self.resume_from is None  # a run that stopped before its first checkpoint
-        if cfg.overwrite or restart:
-            if restart:
-                warnings.warn(f"--resume: {self.out} has no checkpoint yet; the run starts over from scratch",
-                              RuntimeWarning, stacklevel=2)
-            remove_run_files(self.out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.files = RunFiles(self.out)
-        if cfg.resume and not self.files.exists():  # a run written before runs kept a record: adopt its files
-            for path in legacy_run_files(self.out):
-                if path.is_file():
-                    self.files.add(path)
-        checkpoints.remove_temporary_files(self.out)
-        run_file = self.files.add(self.out / "run.json")
-        if cfg.resume and not restart and run_file.exists():
-            record = json.loads(run_file.read_text())
-            record.setdefault("resumes", []).append({"from": str(self.resume_from[1]), **{
-                k: self.meta[k] for k in ("command", "git_commit", "git_dirty", "versions", "device")}})
-        else:
-            record = {**rerun.record_header(), **self.meta}  # the format `--config` checks
-        atomic_write_json(run_file, record)
+        self.files = start_run_files(cfg, self.out, self.meta, self.resume_from)
         if self.tensorboard:
             if not (self.out / tensorboard.TENSORBOARD_DIR).exists():
                 self.files.add(self.out / tensorboard.TENSORBOARD_DIR)  # the run's own folder, removed whole by --overwrite
@@ -416,18 +392,6 @@ class Run:
             "best": dict(self.best),
             "train_seconds": self.train_seconds,
         }
-
-    def _write_metrics(self):
-        columns = []
-        for row in self.history:
-            columns += [k for k in row if k not in columns]
-        def write_csv(f):
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(self.history)
-        atomic_write(self.files.add(self.out / "metrics.csv"), write_csv, text=True)
-        atomic_write_json(self.files.add(self.out / "metrics.json"), {**self.meta, "epochs": self.history, "best": self.best,
-                                                "train_seconds": self.train_seconds})
 
     # --- the loop ------------------------------------------------------------------------------------------
 
@@ -565,7 +529,7 @@ class Run:
             if improved:
                 checkpoints.atomic_save(state, self.files.add(self.out / "best.pt"))
             checkpoints.save_checkpoint(self.out, state, self.position["global_step"], cfg.keep, self.files)
-            self._write_metrics()
+            write_metrics(self.files, self.meta, self.history, self.best, self.train_seconds)
             if self.tb_log is not None:
                 self.tb_log.log_epoch(self.history[-1])
         self.dist.barrier()

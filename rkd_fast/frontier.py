@@ -167,8 +167,8 @@ def run_frontier(out, *, variants=DEFAULT_VARIANTS, seeds=None, eps=0.1, jobs=2,
                  autoattack_samples=None, teacher=None, device="cpu", overwrite=False, progress=True, command=None):
     """The study as a function; returns the results dict (also written to out/results.json)."""
     from .checkpoint import atomic_write, atomic_write_json, save_model
-    from .data import load_digits
-    from .demo import COMMON, Stages, stratified_subset, training_config
+    from .datasets import load_digits, stratified_subset
+    from .demo import COMMON, Stages, training_config
     from .plots import plot_frontier
     from .train import train_model
     from .bench.report import machine_info

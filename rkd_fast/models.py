@@ -7,7 +7,7 @@ keyword arguments (see `rkd_fast.checkpoint`)."""
 import torch
 from torch import nn
 
-from .data import DIGITS_MEAN, DIGITS_STD
+from .datasets.info import CIFAR10_MEAN, CIFAR10_STD, DIGITS_MEAN, DIGITS_STD, IMAGENET_MEAN, IMAGENET_STD
 
 MODELS = {}
 
@@ -74,10 +74,6 @@ class SmallCNN(nn.Module):
 
     def forward(self, x):
         return self.head(self.block3(self.block2(self.block1(self.normalize(x)))))
-
-
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2471, 0.2435, 0.2616)
 
 
 class PreActBlock(nn.Module):
@@ -165,8 +161,6 @@ class ResNet18(_CifarResNet):
 
 # --- larger architectures: ResNet-34/50, WRN-34-10, MobileNetV2 ---------------------------------------------
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 STEMS = ("cifar", "imagenet")
 
 

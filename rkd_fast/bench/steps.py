@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..datasets import CIFAR10_MEAN, CIFAR10_STD
 from ..jacobian import share_clean_statistics
-from ..models import CIFAR10_MEAN, CIFAR10_STD, build_model
+from ..models import build_model
 from ..train import methods as methods_module
 from ..train.config import DEFAULT_FEATURE_LAYER, TrainConfig, resolve_loss_defaults
 

@@ -3,10 +3,10 @@
 import dataclasses
 import sys
 
+from ..datasets import CIFAR_VAL_SIZE, DATASETS, IMAGENET_WORKERS, LOADERS, STREAMING_VAL_SIZE, SYNTHETIC_BATCHES
 from . import rerun
-from .config import (ARD_ALPHA, ARD_TEMPERATURE, CIFAR_VAL_SIZE, DATASETS, DEFAULT_FEATURE_LAYER, DISTILL_AT,
-                     FEATURE_MODES, IMAGENET_WORKERS, LOADERS, LOSS_DEFAULTS, METHODS, PRECISIONS, SCHEDULES,
-                     STREAMING_VAL_SIZE, SYNTHETIC_BATCHES, TRADES_BETA, TrainConfig)
+from .config import (ARD_ALPHA, ARD_TEMPERATURE, DEFAULT_FEATURE_LAYER, DISTILL_AT, FEATURE_MODES, LOSS_DEFAULTS,
+                     METHODS, PRECISIONS, SCHEDULES, TRADES_BETA, TrainConfig)
 
 _D = TrainConfig()
 _OPTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "command")  # args.command: the subcommand

@@ -13,7 +13,7 @@ from torch import nn
 
 import rkd_fast
 from rkd_fast.attacks import pgd
-from rkd_fast.data import load_digits
+from rkd_fast.datasets import load_digits
 
 EPS = 0.1  # L∞ radius on the [0, 1] pixel scale
 

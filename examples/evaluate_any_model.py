@@ -19,8 +19,7 @@ from torch import nn
 
 import rkd_fast
 from rkd_fast.attacks.sources import with_normalization
-from rkd_fast.data import DIGITS_MEAN, DIGITS_STD, load_digits
-from rkd_fast.train.config import stratified_split
+from rkd_fast.datasets import DIGITS_MEAN, DIGITS_STD, load_digits, stratified_split
 
 EPS = 0.1  # L∞ radius on the [0, 1] pixel scale
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import rkd_fast
-from rkd_fast.data import load_digits
+from rkd_fast.datasets import load_digits
 
 H = 0.3  # the finite-difference step, L2 on the [0, 1] pixel scale (a robustness-scale step, as the trainer's)
 

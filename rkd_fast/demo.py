@@ -84,19 +84,6 @@ def training_config(name, settings, common, teacher_path):
     return cfg
 
 
-def stratified_subset(y, n):
-    """Indices of n samples of `y`, classes taken in turn (the first of each class, then the second, ...), sorted:
-    a fixed subset that keeps the class balance."""
-    if n <= 0 or n >= len(y):
-        return torch.arange(len(y))
-    rank = torch.empty_like(y)
-    for c in y.unique():
-        where = (y == c).nonzero().squeeze(1)
-        rank[where] = torch.arange(len(where))
-    order = sorted(range(len(y)), key=lambda i: (int(rank[i]), int(y[i])))
-    return torch.tensor(sorted(order[:n]))
-
-
 def check_out(out, overwrite):
     """Refuses an --out holding another demo's results unless --overwrite, and then removes exactly the files that
     demo wrote (its record, rkd_fast.runfiles; for a demo written before demos kept one, its results, plot and
@@ -172,9 +159,9 @@ def plot(results, path):
 def run_demo(out, *, eps=0.1, quick=False, all_baselines=False, autoattack_samples=None, threads=1, seed=0,
              overwrite=False, progress=True, command=None):
     """The demo as a function; returns the results dict (also written to out/results.json)."""
-    from .model_file import save_model
     from .atomic import atomic_write_json
-    from .data import load_digits
+    from .datasets import load_digits, stratified_subset
+    from .model_file import save_model
     from .train import train_model
     from .info import provenance
 
@@ -228,7 +215,7 @@ def run_demo(out, *, eps=0.1, quick=False, all_baselines=False, autoattack_sampl
         "test_samples": len(test[1]),
         "autoattack_samples": len(aa[1]),
         "autoattack_subset": "all test samples" if len(aa[1]) == len(test[1]) else
-        "class-stratified: the first samples of each class in turn (rkd_fast.demo.stratified_subset)",
+        "class-stratified: the first samples of each class in turn (rkd_fast.datasets.stratified_subset)",
         "autoattack_version": "standard",
         "quick": bool(quick),
         "settings": settings,

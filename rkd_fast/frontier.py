@@ -166,10 +166,10 @@ def _transfer_accuracy(path, x_adv, y):
 def run_frontier(out, *, variants=DEFAULT_VARIANTS, seeds=None, eps=0.1, jobs=2, threads=1, quick=False,
                  autoattack_samples=None, teacher=None, device="cpu", overwrite=False, progress=True, command=None):
     """The study as a function; returns the results dict (also written to out/results.json)."""
-    from .model_file import save_model
     from .atomic import atomic_write, atomic_write_json
-    from .data import load_digits
-    from .demo import COMMON, Stages, stratified_subset, training_config
+    from .datasets import load_digits, stratified_subset
+    from .demo import COMMON, Stages, training_config
+    from .model_file import save_model
     from .plots import plot_frontier
     from .train import train_model
     from .bench.report import machine_info

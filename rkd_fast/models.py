@@ -7,7 +7,7 @@ keyword arguments (see `rkd_fast.model_file`)."""
 import torch
 from torch import nn
 
-from .data import DIGITS_MEAN, DIGITS_STD
+from .datasets.info import CIFAR10_MEAN, CIFAR10_STD, DIGITS_MEAN, DIGITS_STD, IMAGENET_MEAN, IMAGENET_STD
 
 MODELS = {}
 
@@ -104,10 +104,6 @@ class SmallCNN(nn.Module):
         return self.head(self.block3(self.block2(self.block1(self.normalize(x)))))
 
 
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2471, 0.2435, 0.2616)
-
-
 class PreActBlock(nn.Module):
     """Pre-activation basic block (He et al., 2016): BN-ReLU-conv, BN-ReLU-conv, identity or 1×1 shortcut."""
 
@@ -193,8 +189,6 @@ class ResNet18(_CifarResNet):
 
 # --- larger architectures: ResNet-34/50, WRN-34-10, MobileNetV2 ---------------------------------------------
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 STEMS = ("cifar", "imagenet")
 
 

@@ -9,7 +9,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from rkd_fast.data import load_digits
+from rkd_fast.datasets import load_digits
 from rkd_fast.models import build_model
 
 EPS = 0.1  # L∞ radius used throughout the cross-checks (digits pixels in [0, 1])

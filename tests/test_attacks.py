@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from _digits_model import EPS, one_thread, robust_digits_model
 from rkd_fast.attacks import _common, autoattack, cw_linf, fgsm, pgd
-from rkd_fast.data import load_digits
+from rkd_fast.datasets import load_digits
 from rkd_fast.models import build_model
 
 torchattacks = pytest.importorskip("torchattacks")

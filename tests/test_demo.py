@@ -11,13 +11,12 @@ import torch
 from rkd_fast.model_file import load_model
 from rkd_fast.models import model_info
 from rkd_fast.cli import main
-from rkd_fast.data import load_digits
+from rkd_fast.datasets import load_digits, stratified_subset
 from rkd_fast.demo import (
     BASELINE_NAMES,
     MODEL_NAMES,
     SETTINGS,
     model_names,
-    stratified_subset,
     training_config,
 )
 
@@ -114,12 +113,3 @@ def test_training_configs_of_the_baselines(tmp_path):
         assert {k: v for k, v in cfg.items() if k not in ("method", "teacher")} == student
     assert training_config("teacher", settings, common, teacher)["width"] == settings["teacher_width"]
     assert "teacher" not in training_config("teacher", settings, common, teacher)
-
-
-def test_stratified_subset_is_balanced_and_fixed():
-    _, y = load_digits("test")
-    index = stratified_subset(y, 200)
-    assert len(index) == 200 and len(set(index.tolist())) == 200
-    assert torch.bincount(y[index], minlength=10).tolist() == [20] * 10
-    assert torch.equal(index, stratified_subset(y, 200))
-    assert torch.equal(stratified_subset(y, 0), torch.arange(len(y)))

@@ -19,9 +19,8 @@ from rkd_fast.attacks import cli as eval_cli
 from rkd_fast.attacks.sources import with_normalization
 from rkd_fast.model_file import save_model
 from rkd_fast.cli import main
-from rkd_fast.data import load_digits
+from rkd_fast.datasets import load_digits, stratified_split
 from rkd_fast.models import build_model
-from rkd_fast.train.config import stratified_split
 from test_datasets import _make_cifar10, _make_cifar100, _make_image_folder
 from test_teachers import fake_robustbench  # noqa: F401  (a fixture: the stand-in robustbench module)
 

@@ -17,9 +17,8 @@ from rkd_fast.attacks import (EvaluationWarning, GradientMaskingWarning, Probabi
                               RandomizedModelWarning, parse_attack, sanity_check)
 from rkd_fast.attacks.evaluate import run_evaluation
 from rkd_fast.cli import main
-from rkd_fast.data import load_digits
+from rkd_fast.datasets import load_digits, stratified_split
 from rkd_fast.models import build_model
-from rkd_fast.train.config import stratified_split
 
 pyautoattack = pytest.importorskip("pyautoattack")
 torchattacks = pytest.importorskip("torchattacks")

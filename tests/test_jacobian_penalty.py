@@ -11,7 +11,7 @@ from torch import nn
 
 import rkd_fast
 from rkd_fast.bench.jacobian_accuracy import penalty_rows, relative_error, train_small_cnn
-from rkd_fast.data import load_digits
+from rkd_fast.datasets import load_digits
 from rkd_fast.jacobian import STEP_PER_PIXEL, default_step, draw_direction, jacobian_penalty
 from rkd_fast.models import build_model
 

@@ -41,8 +41,8 @@ def test_file_is_plain_and_loads_with_weights_only(model, tmp_path):
     assert payload["format"] == "rkd_fast.model" and payload["version"] == 1
     assert payload["arch"] == "small_cnn" and payload["kwargs"] == {"width": 8, "num_classes": 7}
     assert payload["num_classes"] == 7
-    assert payload["normalization"]["mean"] == pytest.approx(list(rkd_fast.data.DIGITS_MEAN))
-    assert payload["normalization"]["std"] == pytest.approx(list(rkd_fast.data.DIGITS_STD))
+    assert payload["normalization"]["mean"] == pytest.approx(list(rkd_fast.datasets.DIGITS_MEAN))
+    assert payload["normalization"]["std"] == pytest.approx(list(rkd_fast.datasets.DIGITS_STD))
     assert all(t.device.type == "cpu" for t in payload["state_dict"].values())
 
 

@@ -1,5 +1,5 @@
-"""Data selection of `rkd-fast train` through rkd_fast.datasets: CIFAR's held-out val split, a 1-epoch run on
-tiny generated CIFAR-10 files, the errors of a missing data directory, and the default feature layers."""
+"""Data selection of `rkd-fast train` through rkd_fast.datasets.run_data: CIFAR's held-out val split, a 1-epoch
+run on tiny generated CIFAR-10 files, the errors of a missing data directory, and the default feature layers."""
 
 import json
 import shutil
@@ -9,45 +9,38 @@ import pytest
 import torch
 
 from rkd_fast.cli import main
-from rkd_fast.datasets import GPULoader
+from rkd_fast.datasets import GPULoader, TensorValSet, ValSet, run_data
 from rkd_fast.models import build_model
 from rkd_fast.train import checkpoints, distributed, make_config
 from rkd_fast.models import DEFAULT_FEATURE_LAYER
-from rkd_fast.train.config import load_data, stratified_split
-from rkd_fast.train.trainer import TensorBatches, training_batches
 from test_datasets import _make_cifar10  # the colleague's generator of torchvision-format CIFAR files
 
 
-def test_stratified_split_is_fixed_and_proportional():
-    y = torch.arange(10).repeat_interleave(torch.tensor([50, 30, 20, 100, 10, 40, 60, 70, 80, 40]))
-    train, val = stratified_split(y, 100)
-    assert len(val) == 100 and len(train) == len(y) - 100
-    assert not set(train.tolist()) & set(val.tolist())
-    counts = torch.bincount(y[val], minlength=10)
-    assert torch.equal(counts, torch.tensor([10, 6, 4, 20, 2, 8, 12, 14, 16, 8]))  # 1/5 of each class
-    again_train, again_val = stratified_split(y, 100)
-    assert torch.equal(val, again_val) and torch.equal(train, again_train)
-    assert not torch.equal(stratified_split(y, 100, seed=1)[1], val)
-    # Quotas that do not divide evenly still add up to val_size exactly (largest remainders).
-    assert len(stratified_split(y, 33)[1]) == 33
-    with pytest.raises(ValueError, match="val_size must be in"):
-        stratified_split(y, len(y))
+def _run_data(cfg):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # generated files are not the published ones (md5 warning)
+        return run_data(cfg, torch.device("cpu"), distributed.Distributed())
+
+
+def _served(loader, epoch, start_batch=0):
+    loader.set_epoch(epoch, start_batch)
+    batches = list(loader)
+    return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
 
 
 def test_load_cifar10_holds_out_val(tmp_path):
     _make_cifar10(tmp_path, per_batch=20)  # 100 train images
     cfg = make_config(method="natural", dataset="cifar10", data_dir=str(tmp_path), val_size=10, arch="resnet18")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # generated files are not the published ones (md5 warning)
-        info, (x, y), (xv, yv) = load_data(cfg, torch.device("cpu"))
+    info, train, val = _run_data(cfg)
+    x, y = _served(train, 0)
+    xv, yv = val.x, val.y
     assert info.name == "cifar10" and info.num_classes == 10 and info.in_channels == 3
     assert x.shape == (90, 3, 32, 32) and xv.shape == (10, 3, 32, 32) and len(y) == 90 and len(yv) == 10
-    assert x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    assert train.num_samples == 90 and len(val) == 10
+    assert x.dtype == xv.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1 and 0 <= xv.min() and xv.max() <= 1
     # Same split whatever the run's seed.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        _, _, (xv2, _) = load_data(make_config(cfg, seed=7), torch.device("cpu"))
-    assert torch.equal(xv, xv2)
+    _, _, val2 = _run_data(make_config(cfg, seed=7))
+    assert torch.equal(xv, val2.x)
 
 
 def test_natural_one_epoch_on_cifar10_files(tmp_path):
@@ -65,21 +58,13 @@ def test_natural_one_epoch_on_cifar10_files(tmp_path):
     assert row["val_clean_acc"] is not None and torch.isfinite(torch.tensor(row["train_ce"]))
 
 
-def _served(loader, epoch, start_batch=0):
-    loader.set_epoch(epoch, start_batch)
-    batches = list(loader)
-    return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
-
-
 def test_cifar_training_batches_are_augmented_and_digits_are_not(tmp_path):
     _make_cifar10(tmp_path, per_batch=8)  # 40 random images, 8 held out as val
     cfg = make_config(method="natural", dataset="cifar10", data_dir=str(tmp_path), val_size=8, batch_size=8, seed=3)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        _, (x, _), _ = load_data(cfg, torch.device("cpu"))
-    # Labels name the images, so a served image can be traced back to its source.
-    loader = training_batches(cfg, x, torch.arange(len(x)), distributed.Distributed())
+    _, loader, _ = _run_data(cfg)
     assert isinstance(loader, GPULoader) and loader.augment and len(loader) == 4
+    x = loader.x.float() / 255  # the train split as the loader holds it (uint8)
+    loader.y = torch.arange(len(x))  # labels that name the images, so a served image can be traced back to its source
     # Every crop (pad 4, reflect) and flip of an image: the only images the loader may serve for it.
     padded = torch.nn.functional.pad(x, (4, 4, 4, 4), mode="reflect")
     crops = torch.stack([padded[:, :, i:i + 32, j:j + 32] for i in range(9) for j in range(9)], 1)
@@ -97,9 +82,10 @@ def test_cifar_training_batches_are_augmented_and_digits_are_not(tmp_path):
     assert torch.equal(tail[0], xb[16:]) and torch.equal(tail[1], yb[16:])
 
     digits = make_config(method="natural", dataset="digits", batch_size=64)
-    _, (xd, yd), _ = load_data(digits, torch.device("cpu"))
-    plain = training_batches(digits, xd, torch.arange(len(xd)), distributed.Distributed())
-    assert isinstance(plain, TensorBatches)
+    _, plain, _ = _run_data(digits)
+    assert isinstance(plain, GPULoader) and not plain.augment
+    xd = plain.x
+    plain.y = torch.arange(len(xd))
     xb, yb = _served(plain, 0)
     assert torch.equal(xb, xd[yb]) and sorted(yb.tolist()) == list(range(len(xd)))
 
@@ -150,10 +136,19 @@ def test_data_options_are_validated(options, message):
         make_config(method="natural", **options)
 
 
-def test_streaming_datasets_are_not_loaded_in_memory():
-    # imagenet and synthetic-imagenet go through rkd_fast.train.streaming (tests/test_train_imagenet.py).
-    with pytest.raises(ValueError, match="synthetic-imagenet is not held in memory"):
-        load_data(make_config(method="natural", dataset="synthetic-imagenet"), torch.device("cpu"))
+def test_streaming_datasets_are_not_loaded_in_memory(tmp_path):
+    # Every data set comes as (info, train loader, val split); only digits' and CIFAR's val splits are held as
+    # tensors, imagenet's and synthetic-imagenet's are read or generated chunk by chunk
+    # (tests/test_train_imagenet.py).
+    _make_cifar10(tmp_path, per_batch=8)
+    configs = {"digits": {}, "cifar10": {"data_dir": str(tmp_path), "val_size": 8},
+               "synthetic-imagenet": {"synthetic_batches": 2, "val_size": 4, "image_size": 8}}
+    for name, options in configs.items():
+        info, train, val = _run_data(make_config(method="natural", dataset=name, batch_size=4, **options))
+        assert info.name == name and len(train) * 4 >= train.num_samples > 0
+        assert isinstance(val, ValSet if name == "synthetic-imagenet" else TensorValSet)
+        start, x, y = next(val.chunks())
+        assert start == 0 and x.shape[1:] == (info.in_channels, *info.input_size) and len(x) == len(y)
 
 
 @pytest.mark.parametrize("arch", sorted(DEFAULT_FEATURE_LAYER))

@@ -1,4 +1,4 @@
-"""`rkd-fast train` on the streaming data sets (rkd_fast.train.streaming): a tiny generated ImageFolder tree
+"""`rkd-fast train` on the streaming data sets (rkd_fast.datasets.run_data): a tiny generated ImageFolder tree
 (test_datasets._make_image_folder: 2 classes, JPEGs of about 30×40) trained at --image-size 16 on CPU, its
 mid-epoch resume (bit-identical, whatever the number of DataLoader workers), the sharding contract of its
 loader, the capped val split, the errors of a bad --data-dir, synthetic-imagenet with a robust-kd teacher, and
@@ -19,8 +19,7 @@ from rkd_fast.cli import main
 from rkd_fast import datasets
 from rkd_fast.models import build_model
 from rkd_fast.train import checkpoints, distributed, make_config
-from rkd_fast.train.streaming import ValSet, load_streaming
-from rkd_fast.train.trainer import chunked_robust_accuracy, robust_accuracy
+from rkd_fast.train.trainer import robust_accuracy
 from test_datasets import _epoch, _make_image_folder
 
 TINY = ["--arch", "resnet18", "--width", "4", "--image-size", "16", "--attack-steps", "1", "--no-progress",
@@ -97,24 +96,23 @@ def test_imagenet_loader_shards_the_global_batch(folder):
 def test_val_split_is_capped_stratified_and_shared_by_the_ranks(folder):
     cfg = make_config(method="natural", dataset="imagenet", data_dir=str(folder), val_size=4, image_size=16,
                       num_workers=0, batch_size=2)
-    data = load_streaming(cfg, torch.device("cpu"), distributed.Distributed())
-    assert data.info.num_classes == 2 and data.info.input_size == (16, 16) and data.num_train == 8
-    assert len(data.val) == 4 and sorted(torch.as_tensor(data.val.dataset.targets)[data.val.indices].tolist()) == \
-        [0, 0, 1, 1]
+    info, train, val = datasets.run_data(cfg, torch.device("cpu"), distributed.Distributed())
+    assert info.num_classes == 2 and info.input_size == (16, 16) and train.num_samples == 8
+    assert len(val) == 4 and sorted(torch.as_tensor(val.dataset.targets)[val.indices].tolist()) == [0, 0, 1, 1]
+    assert val.chunk_size == 2  # the trainer validates in chunks of the per-process batch size
     # Rank r of 2 gets chunks r, r + 2, ...: together the chunks of one process, with the same starts.
-    one = [(s, x, y) for s, x, y in data.val.chunks(1)]
-    two = sorted((c for r in range(2) for c in data.val.chunks(1, r, 2)), key=lambda c: c[0])
+    one = [(s, x, y) for s, x, y in val.chunks(1)]
+    two = sorted((c for r in range(2) for c in val.chunks(1, r, 2)), key=lambda c: c[0])
     assert [c[0] for c in one] == [c[0] for c in two] == [0, 1, 2, 3]
     assert all(torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) for a, b in zip(one, two))
     # Streamed and in-memory validation agree on the same images.
     model = build_model("resnet18", num_classes=2, width=4, mean=datasets.IMAGENET_MEAN, std=datasets.IMAGENET_STD)
     x, y = torch.cat([c[1] for c in one]), torch.cat([c[2] for c in one])
     options = {"eps": 4 / 255, "alpha": 1 / 255, "steps": 2, "precision": "fp32", "seed": 3,
-               "autocast": contextlib.nullcontext}
-    expected = robust_accuracy(model, x, y, batch_size=3, **options)
-    streamed = chunked_robust_accuracy(model, ValSet(torch.utils.data.TensorDataset(x, y)).chunks(3), 4,
-                                       device=torch.device("cpu"), **options)
-    assert streamed == expected
+               "autocast": contextlib.nullcontext, "device": torch.device("cpu")}
+    in_memory = robust_accuracy(model, datasets.TensorValSet(x, y, chunk_size=3), **options)
+    streamed = robust_accuracy(model, datasets.ValSet(torch.utils.data.TensorDataset(x, y), chunk_size=3), **options)
+    assert streamed == in_memory
 
 
 @pytest.mark.parametrize("extra,message", [

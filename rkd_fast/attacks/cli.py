@@ -170,7 +170,7 @@ def _load_model(args, source, info, num_classes):
     mean, std = [*mean] * (info.in_channels // len(mean)), [*std] * (info.in_channels // len(std))
     model = model_from_weights(args.arch, args.weights, num_classes=args.num_classes or num_classes,
                                in_channels=info.in_channels, mean=mean, std=std, width=args.width,
-                               stem="imagenet" if info.name == "imagenet" else None,
+                               stem=info.stem,
                                explicit_normalization=args.mean is not None)
     return model.eval(), {"source": "weights", "arch": args.arch, "weights": str(args.weights),
                           "num_classes": args.num_classes or num_classes, "normalization": normalization(model)}
@@ -290,7 +290,7 @@ def build_report(args, plan, evaluation, elapsed):
         "command": _command(args, plan),
         "config": {"dataset": plan["dataset"], "data_dir": args.data_dir, "split": plan["split"],
                    "n_examples": evaluation.n_examples,
-                   "subset": "all" if args.n_examples is None else "class-stratified (rkd_fast.train.config."
+                   "subset": "all" if args.n_examples is None else "class-stratified (rkd_fast.datasets."
                                                                    "stratified_split, seed 0)",
                    "attacks": plan["attacks"], "eps": plan["eps"], "norm": plan["norm"], "precision": args.precision,
                    "batch_size": args.batch_size, "seed": args.seed, "device": str(plan["device"])},

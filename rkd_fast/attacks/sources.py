@@ -96,7 +96,7 @@ EVAL_SPLITS = {"digits": "test", "cifar10": "test", "cifar100": "test", "imagene
 
 
 class _Chunks:
-    """The batches of a trainer `ValSet` as (x, y), with a length."""
+    """The batches of a `rkd_fast.datasets.ValSet` as (x, y), with a length."""
 
     def __init__(self, val_set, batch_size):
         self.val_set, self.batch_size = val_set, batch_size
@@ -112,7 +112,7 @@ class _Chunks:
 def _subset(y, n_examples, where):
     """Indices of the fixed class-stratified subset of `n_examples` samples (the trainer's stratified_split), or
     None for all of them."""
-    from ..train.config import stratified_split
+    from ..datasets import stratified_split
 
     if n_examples is None or n_examples == len(y):
         return None
@@ -127,9 +127,8 @@ def eval_batches(dataset, split=None, *, data_dir=None, n_examples=None, batch_s
     cifar100 as a `rkd_fast.datasets.GPULoader` (unshuffled, unaugmented, on `device`); imagenet (an ImageFolder
     tree ``data_dir/{train,val}/<class>/``) as the trainer's validation does it (resize, center crop to
     ``image_size``, default 224; `num_workers` DataLoader workers). ``n_examples``: a fixed class-stratified subset
-    (`rkd_fast.train.config.stratified_split`, seed 0); None: the whole split."""
+    (`rkd_fast.datasets.stratified_split`, seed 0); None: the whole split."""
     from .. import datasets
-    from ..data import load_digits
 
     info = datasets.dataset_info(dataset)
     split = EVAL_SPLITS.get(dataset) if split is None else split
@@ -141,25 +140,20 @@ def eval_batches(dataset, split=None, *, data_dir=None, n_examples=None, batch_s
         raise ValueError(f"--image-size applies to imagenet, not {dataset}")
     where = f"{dataset} {split}"
     if dataset == "imagenet":
-        if data_dir is None:
-            raise ValueError("imagenet needs --data-dir DIR: the directory holding train/ and val/, each with one "
-                             "sub-directory of images per class (torchvision ImageFolder layout)")
+        datasets.require_data_dir(dataset, data_dir)
         try:
             folder = datasets.image_folder(data_dir, split, datasets.imagenet_transform("val", image_size or 224))
         except ImportError as error:
             raise ImportError("imagenet is read with torchvision, which is not installed: pip install torchvision") \
                 from error
-        from ..train.streaming import ValSet
-
         index = _subset(folder.targets, n_examples, where)
-        val_set = ValSet(folder, index, num_workers=num_workers, pin_memory=torch.device(device or "cpu").type == "cuda")
+        val_set = datasets.ValSet(folder, index, num_workers=num_workers,
+                                  pin_memory=torch.device(device or "cpu").type == "cuda")
         return _Chunks(val_set, batch_size), len(val_set), len(folder.classes)
     if dataset == "digits":
-        x, y = load_digits(split)
+        x, y = datasets.load_digits(split)
     else:
-        if data_dir is None:
-            raise ValueError(f"{dataset} needs --data-dir DIR (the directory holding "
-                             f"{datasets.CIFAR_FILES[dataset]['folder']}/)")
+        datasets.require_data_dir(dataset, data_dir)
         x, y = datasets.load_cifar(data_dir, dataset, split)
     index = _subset(y, n_examples, where)
     if index is not None:

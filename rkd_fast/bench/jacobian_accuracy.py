@@ -26,7 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..data import load_digits
+from ..datasets import load_digits
 from ..jacobian import STEP_PER_PIXEL, default_step, jacobian_penalty
 from ..models import build_model
 

@@ -3,9 +3,9 @@
 import dataclasses
 import sys
 
+from ..datasets import CIFAR_VAL_SIZE, DATASETS, IMAGENET_WORKERS, LOADERS, STREAMING_VAL_SIZE, SYNTHETIC_BATCHES
 from . import rerun
-from .config import (CIFAR_VAL_SIZE, DATASETS, IMAGENET_WORKERS, LOADERS, PRECISIONS, SCHEDULES, STREAMING_VAL_SIZE,
-                     SYNTHETIC_BATCHES, TrainConfig)
+from .config import PRECISIONS, SCHEDULES, TrainConfig
 from .methods import METHODS, all_options
 
 _D = TrainConfig()

@@ -1,4 +1,5 @@
-"""The training configuration, the data sets a run can use, and the metadata every JSON output records."""
+"""The training configuration and the metadata every JSON output records (the data sets a run can use:
+rkd_fast.datasets)."""
 
 import dataclasses
 import os
@@ -7,23 +8,13 @@ from dataclasses import dataclass, field
 import torch
 
 from ..attacks._common import PRECISIONS
+from ..datasets import DATASETS, LOADERS, STREAMING_DATASETS
 from ..ops._dispatch import check_choice as _choice
 from .methods import METHODS, all_options, resolve_options
 from .methods.distill import parse_feature_pairs
 from .options import check_number as _number
 
 SCHEDULES = ("cosine", "multistep", "constant")
-DATASETS = ("digits", "cifar10", "cifar100", "imagenet", "synthetic-imagenet")  # see rkd_fast.datasets
-IN_MEMORY_DATASETS = ("digits", "cifar10", "cifar100")  # held as tensors (load_data)
-STREAMING_DATASETS = ("imagenet", "synthetic-imagenet")  # served by loaders (rkd_fast.train.streaming)
-LOADERS = ("pytorch", "dali")  # imagenet training batches: DataLoader workers, or NVIDIA DALI
-CIFAR_VAL_SIZE = 1000  # images of CIFAR train held out as the val split (CIFAR has no val split of its own)
-# imagenet, synthetic-imagenet: images of the val split the robust validation evaluates unless --val-size (a
-# fixed stratified subset of ImageNet's 50,000: PGD over all of them at every evaluation is slow).
-STREAMING_VAL_SIZE = 1000
-SYNTHETIC_BATCHES = 100  # synthetic-imagenet: training steps per epoch unless --synthetic-batches
-IMAGENET_WORKERS = 8  # imagenet: DataLoader worker processes per process unless --num-workers
-VAL_SPLIT_SEED = 0  # fixed, not --seed: every run of a data set sees the same val split
 
 # Options that may differ between a run and its --resume (they do not change what is computed).
 RESUME_MAY_CHANGE = ("resume", "overwrite", "progress", "out", "ckpt_every", "keep", "device", "command",
@@ -206,62 +197,6 @@ def check_config(cfg):
         raise ValueError("--resume and --overwrite contradict each other: pick one")
     if (cfg.resume or cfg.overwrite) and not cfg.out:
         raise ValueError("--resume and --overwrite need --out DIR")
-
-
-# --- data ------------------------------------------------------------------------------------------------
-
-def stratified_split(y, val_size, seed=VAL_SPLIT_SEED):
-    """(train indices, val indices) of labels `y`: `val_size` samples held out with each class in proportion
-    to its count (largest remainders round the quotas to exactly `val_size`), chosen by a generator seeded
-    with `seed`; both index tensors sorted."""
-    n = y.shape[0]
-    if not 0 < val_size < n:
-        raise ValueError(f"val_size must be in [1, {n - 1}] for a split of {n} images, got {val_size}")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    classes, counts = torch.unique(y, return_counts=True)
-    exact = counts.double() * val_size / n
-    quota = exact.floor().long()
-    short = val_size - int(quota.sum())
-    if short:
-        quota[torch.argsort(exact - quota, descending=True, stable=True)[:short]] += 1
-    shuffled = y[perm]
-    val = torch.cat([perm[shuffled == c][:q] for c, q in zip(classes.tolist(), quota.tolist())]).sort().values
-    keep = torch.ones(n, dtype=torch.bool)
-    keep[val] = False
-    return keep.nonzero().squeeze(1), val
-
-
-def load_data(cfg, device):
-    """The data of a run on an in-memory data set (IN_MEMORY_DATASETS), chosen through rkd_fast.datasets:
-    ``(info, (x_train, y_train), (x_val, y_val))``, tensors on `device`, inputs float in [0, 1] (`info` a
-    rkd_fast.datasets.DatasetInfo). Model selection uses the val split, never test: digits' own val split;
-    for CIFAR, which has none, a fixed stratified ``val_size`` (default CIFAR_VAL_SIZE) images of train (seed
-    VAL_SPLIT_SEED), the rest is train. Both splits are returned unaugmented; the trainer serves CIFAR's train
-    split through a GPULoader that crops and flips it (trainer.training_batches). Missing files raise
-    ValueError with the datasets module's message. The streaming data sets (STREAMING_DATASETS) are not held
-    in memory: rkd_fast.train.streaming.load_streaming serves them."""
-    from .. import datasets
-
-    info = datasets.dataset_info(cfg.dataset)
-    if cfg.dataset not in IN_MEMORY_DATASETS:
-        raise ValueError(f"{cfg.dataset} is not held in memory: the trainer streams it through "
-                         "rkd_fast.train.streaming.load_streaming, not load_data")
-    if cfg.dataset == "digits":
-        train, val = (datasets.build_dataset("digits", split=s, device=device) for s in ("train", "val"))
-        return info, (train.x.float().contiguous(), train.y), (val.x.float().contiguous(), val.y)
-    if cfg.data_dir is None:
-        raise ValueError(f"{cfg.dataset} needs --data-dir DIR (the directory holding "
-                         f"{datasets.CIFAR_FILES[cfg.dataset]['folder']}/)")
-    try:
-        x, y = datasets.load_cifar(cfg.data_dir, cfg.dataset, "train", download=cfg.download)
-    except FileNotFoundError as error:  # a bad --data-dir is bad input, like any other option
-        raise ValueError(str(error).replace("Pass download=True", "Pass --download")) from error
-    train, val = stratified_split(y, cfg.val_size or CIFAR_VAL_SIZE)
-
-    def to_device(index):  # uint8 on the host → float [0, 1] on the device
-        return x[index].to(device).float().div_(255), y[index].to(device)
-
-    return info, to_device(train), to_device(val)
 
 
 # --- metadata --------------------------------------------------------------------------------------------

@@ -1,15 +1,14 @@
 """The training loop: `train_model(config)` trains a student with one of the methods and returns a TrainResult.
 
-Training data: CIFAR batches come from `rkd_fast.datasets.GPULoader`, which holds the split on the device and
-augments it there (random crop of the image padded by 4 pixels, horizontal flip); digits batches come unaugmented
-from `TensorBatches` (crops and flips would change the digits). imagenet and synthetic-imagenet are not held in
-memory (`streaming`): ImageNet batches are read from ``data_dir/train`` by DataLoader workers
+Data: `rkd_fast.datasets.run_data` gives every data set the same way, a training loader and a val split. Digits
+and CIFAR batches come from `rkd_fast.datasets.GPULoader`, which holds the split on the device (CIFAR: cropped and
+flipped there; digits unaugmented); ImageNet batches are read from ``data_dir/train`` by DataLoader workers
 (`rkd_fast.datasets.ImageFolderLoader`: random resized crop to ``image_size``, flip; pinned host memory) and
 moved to the device (non_blocking) in the loop; synthetic-imagenet serves ``synthetic_batches`` steps of one
 seeded random batch (`rkd_fast.datasets.SyntheticLoader`), to measure throughput. All have the same small
-interface (``set_epoch(epoch, start_batch)``, iteration, ``len``), so the loop has one code path. Validation is
-never augmented: digits' val split, CIFAR's held-out ``val_size`` train images, or a fixed stratified
-``val_size`` images (default 1000) of the streamed val split, loaded chunk by chunk.
+interface (``set_epoch(epoch, start_batch)``, iteration, ``len``, ``num_samples``), so the loop has one code
+path. Validation is never augmented: digits' val split, CIFAR's held-out ``val_size`` train images, or a fixed
+stratified ``val_size`` images (default 1000) of the ImageNet-shaped val split, attacked chunk by chunk.
 
 Reproducibility and resumption: the batch order of an epoch and each sample's crop and flip are functions of
 (seed, epoch, sample) alone (ImageNet's too, whatever the number of workers), the PGD
@@ -41,9 +40,10 @@ from torch import nn
 
 from .. import seeding, teachers
 from ..attacks._common import autocast_factory
+from ..datasets import run_data
 from ..models import MODELS, build_model
-from . import checkpoints, distributed, streaming, tensorboard
-from .config import TrainConfig, load_data, make_config, run_metadata
+from . import checkpoints, distributed, tensorboard
+from .config import TrainConfig, make_config, run_metadata
 from .health import LossHealth, finite_or_raise
 from .methods import build_method
 from .run_dir import check_out_dir, check_resume_config, start_run_files, write_metrics
@@ -84,60 +84,6 @@ def load_teacher(cfg, info, device):
 
 # --- the run -----------------------------------------------------------------------------------------------
 
-def epoch_order(seed, epoch, n):
-    """The sample order of an epoch: a function of (seed, epoch) only, so a resumed run replays it."""
-    return torch.randperm(n, generator=seeding.generator(seeding.derive_seed(seed, "epoch", epoch)))
-
-
-class TensorBatches:
-    """The batches of a split held as tensors, unaugmented, in the order of `epoch_order`: batch k of rank r is
-    its ``[r::world_size]`` share of global batch k (``batch_size · world_size`` samples). The interface of
-    `rkd_fast.datasets.GPULoader`: ``len`` (batches per epoch), ``set_epoch(epoch, start_batch)``, iteration."""
-
-    def __init__(self, x, y, batch_size, *, seed, rank=0, world_size=1):
-        self.x, self.y = x, y
-        self.global_batch, self.seed = batch_size * world_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.epoch, self.start_batch = 0, 0
-
-    @property
-    def num_samples(self):
-        return len(self.y)
-
-    def __len__(self):
-        return math.ceil(self.num_samples / self.global_batch)
-
-    def set_epoch(self, epoch, start_batch=0):
-        """The next iteration serves epoch `epoch`, from its batch `start_batch` (a resumed run's position)."""
-        if not 0 <= start_batch <= len(self):
-            raise ValueError(f"start_batch must be in [0, {len(self)}], got {start_batch}")
-        self.epoch, self.start_batch = int(epoch), int(start_batch)
-
-    def __iter__(self):
-        order = epoch_order(self.seed, self.epoch, self.num_samples).to(self.x.device)
-        start, self.start_batch = self.start_batch, 0  # a resume offset applies to one pass only
-        size = self.global_batch
-        for b in range(start, len(self)):
-            index = order[b * size:(b + 1) * size][self.rank::self.world_size]
-            yield self.x[index], self.y[index]
-
-
-def training_batches(cfg, x, y, ctx):
-    """The training batches of this rank (`ctx` a distributed.Distributed) of the train split (x, y): CIFAR
-    through a GPULoader (crop + flip on the device), digits through TensorBatches (no augmentation).
-
-    Both shard as the loop expects: batch k of rank r is the ``[r::world_size]`` share of the epoch order's
-    global batch k, every sample once per epoch (the last global batch may be short), so ``ceil(n / global
-    batch)`` steps per epoch whatever the world size."""
-    if cfg.dataset in ("cifar10", "cifar100"):
-        from ..datasets import GPULoader
-
-        # drop_last=False: the step count and the short last batch's weighting assume every sample is served.
-        return GPULoader(x, y, cfg.batch_size, augment=True, shuffle=True, drop_last=False, seed=cfg.seed,
-                         rank=ctx.rank, world_size=ctx.world_size, channels_last=cfg.channels_last)
-    return TensorBatches(x, y, cfg.batch_size, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size)
-
-
 def step_seed(seed, global_step):
     """Seed of a step's random draws (attack starts, directions, masks), handed to the method."""
     return seeding.derive_seed(seed, "step", global_step)
@@ -155,36 +101,29 @@ def lr_lambda(cfg, steps_per_epoch):
     return lambda step: 1.0
 
 
-def robust_accuracy(model, x, y, *, eps, alpha, steps, batch_size, precision, autocast, seed, ctx=None):
-    """(clean accuracy, PGD accuracy) of `model` on (x, y); the model is left in eval mode. Under torchrun
-    (`ctx` a distributed.Distributed) rank r attacks chunks r, r + N, ... (each exactly as one process would,
-    same samples, same seed) and the counts are summed: every rank gets the single-process result."""
-    ctx = ctx or distributed.Distributed()
-    starts = range(ctx.rank * batch_size, x.shape[0], batch_size * ctx.world_size)
-    chunks = ((start, x[start:start + batch_size], y[start:start + batch_size]) for start in starts)
-    return chunked_robust_accuracy(model, chunks, x.shape[0], eps=eps, alpha=alpha, steps=steps, precision=precision,
-                                   autocast=autocast, seed=seed, device=x.device, ctx=ctx)
-
-
-def chunked_robust_accuracy(model, chunks, num_samples, *, eps, alpha, steps, precision, autocast, seed, device,
-                            ctx=None):
-    """`robust_accuracy` of a split of `num_samples` samples given as this rank's chunks: ``(start, x, y)`` on
-    `device`, start the position of the chunk's first sample in the split (its PGD random start is seeded with
-    ``seed + start``). The ranks' counts are summed: every rank gets the accuracies of the whole split."""
+def robust_accuracy(model, val, *, eps, alpha, steps, precision, autocast, seed, device, channels_last=False,
+                    ctx=None):
+    """(clean accuracy, PGD accuracy) of `model` on the val split `val` (a rkd_fast.datasets.TensorValSet or
+    ValSet), its chunks moved to `device` (in channels_last if asked); the model is left in eval mode. A chunk's
+    PGD random start is seeded with ``seed + start``, start the position of its first sample in the split. Under
+    torchrun (`ctx` a distributed.Distributed) rank r attacks chunks r, r + N, ... (each exactly as one process
+    would, same samples, same seed) and the counts are summed: every rank gets the single-process result."""
     from ..attacks import pgd
 
     ctx = ctx or distributed.Distributed()
+    layout = torch.channels_last if channels_last else torch.preserve_format
     model.eval()
     counts = torch.zeros(2, dtype=torch.long, device=device)
     clean, robust = counts[0], counts[1]
-    for start, xb, yb in chunks:
+    for start, xb, yb in val.chunks(rank=ctx.rank, world_size=ctx.world_size):
+        xb, yb = xb.to(device, non_blocking=True, memory_format=layout), yb.to(device, non_blocking=True)
         x_adv = pgd(model, xb, yb, eps, alpha, steps, norm="linf", random_start=True, precision=precision,
                     seed=seed + start)
         with torch.no_grad(), autocast():
             clean += (model(xb).argmax(1) == yb).sum()
             robust += (model(x_adv).argmax(1) == yb).sum()
     ctx.all_reduce_sum(counts)
-    n = max(num_samples, 1)
+    n = max(len(val), 1)
     return clean.item() / n, robust.item() / n
 
 
@@ -218,16 +157,9 @@ class Run:
             check_resume_config(self.resume_from[0], cfg, self.resume_from[1], world)
 
         seed_everything(cfg.seed)
-        # In-memory data sets come as tensors (x_train goes to training_batches below); the streaming ones as
-        # loaders (streaming.load_streaming), which draw nothing from the global RNG seeded above.
-        streamed = None
-        if cfg.dataset in streaming.DATASETS:
-            streamed = streaming.load_streaming(cfg, self.device, self.dist)
-            self.info, self.val_set, n = streamed.info, streamed.val, streamed.num_train
-            self.x_val = self.y_val = None
-        else:
-            self.info, (x_train, y_train), (self.x_val, self.y_val) = load_data(cfg, self.device)
-            self.val_set, n = None, x_train.shape[0]
+        # The loaders draw nothing from the global RNG seeded above.
+        self.info, self.train_batches, self.val = run_data(cfg, self.device, self.dist)
+        n = self.train_batches.num_samples
         if n == 0:
             raise ValueError(f"{cfg.dataset}: empty training split")
         info = self.info
@@ -235,8 +167,8 @@ class Run:
                              "mean": list(info.mean), "std": list(info.std)}
         if cfg.width is not None:
             self.model_kwargs["width"] = cfg.width
-        if streamed is not None and "stem" in inspect.signature(MODELS[cfg.arch]).parameters:
-            self.model_kwargs["stem"] = "imagenet"  # ResNet-34/50, MobileNetV2: the stem for 224×224 inputs
+        if info.stem is not None and "stem" in inspect.signature(MODELS[cfg.arch]).parameters:
+            self.model_kwargs["stem"] = info.stem  # ResNet-34/50, MobileNetV2: the stem for 224×224 inputs
         # The student is initialised right after seeding: its initial weights depend on the seed alone (building
         # the teacher draws random numbers too, before its weights are loaded).
         student = build_model(cfg.arch, **self.model_kwargs).to(self.device)
@@ -250,10 +182,8 @@ class Run:
         self.student, self.teacher = student, teacher
 
         self.autocast = autocast_factory(self.device, self.dtype)
-        if streamed is None:
-            example = self._layout(x_train[:8])
-        else:  # the method reads the feature shapes from it (eval mode, no_grad): only its shape matters
-            example = self._layout(torch.zeros(2, info.in_channels, *info.input_size, device=self.device))
+        # The method reads the feature shapes from it (eval mode, no_grad): only its shape matters.
+        example = self._layout(torch.zeros(2, info.in_channels, *info.input_size, device=self.device))
         self.method = build_method(cfg, student, teacher, info, example, self.autocast).to(self.device)
         self.eps = cfg.eps if cfg.eps is not None else info.eps
         self.alpha = cfg.alpha if cfg.alpha is not None else self.eps / 4
@@ -268,11 +198,6 @@ class Run:
         if 0 < n % self.global_batch < world:
             raise ValueError(f"the epoch's last global batch has {n % self.global_batch} sample(s), fewer than the "
                              f"{world} processes: pick a --batch-size that leaves at least one sample per process")
-        if streamed is None:
-            # The loader keeps its own copy of the split (GPULoader: channels_last); x_train is not kept.
-            self.train_batches = training_batches(cfg, x_train, y_train, self.dist)
-        else:
-            self.train_batches = streamed.train
         assert len(self.train_batches) * self.replays == self.steps_per_epoch  # every rank takes part in every step
         params = list(student.parameters()) + list(self.method.parameters())
         self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
@@ -308,8 +233,8 @@ class Run:
         return self._loop()
 
     def close(self):
-        # Drops the loaders: the DataLoader workers of a streaming data set end with them.
-        self.train_batches = self.val_set = None
+        # Drops the loaders: the DataLoader workers of imagenet end with them.
+        self.train_batches = self.val = None
         if getattr(self, "_saved_flags", None) is not None:
             restore_determinism(self._saved_flags)
             self._saved_flags = None
@@ -446,7 +371,7 @@ class Run:
         step = first
         for index, (x, y) in enumerate(self.train_batches, start=first // m):
             size = min(batch, self.num_train - index * batch)  # the global batch; (x, y) is this rank's share
-            # Streamed batches come from the host (pinned); the in-memory ones are on the device already.
+            # imagenet's batches come from the host (pinned); the others are on the device already.
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             x = self._layout(x)
             while step < (index + 1) * m:
@@ -542,13 +467,7 @@ class Run:
         cfg = self.cfg
         options = {"eps": self.eps, "alpha": self.alpha, "steps": cfg.attack_steps, "precision": cfg.precision,
                    "autocast": self.autocast, "seed": cfg.seed, "ctx": self.dist}
-        if self.val_set is None:
-            return robust_accuracy(self.student, self.x_val, self.y_val, batch_size=max(cfg.batch_size, 256),
-                                   **options)
-        # A streamed val split: chunks of the per-process batch size (which the device already fits).
-        chunks = ((start, self._layout(x.to(self.device, non_blocking=True)), y.to(self.device, non_blocking=True))
-                  for start, x, y in self.val_set.chunks(cfg.batch_size, self.dist.rank, self.dist.world_size))
-        return chunked_robust_accuracy(self.student, chunks, len(self.val_set), device=self.device, **options)
+        return robust_accuracy(self.student, self.val, device=self.device, channels_last=cfg.channels_last, **options)
 
     def _result(self):
         self.student.eval()

@@ -19,7 +19,7 @@ from rkd_fast.cli import main
 from rkd_fast import datasets
 from rkd_fast.models import build_model
 from rkd_fast.train import checkpoints, distributed, make_config
-from rkd_fast.train.trainer import robust_accuracy
+from rkd_fast.train.validation import robust_accuracy
 from test_datasets import _epoch, _make_image_folder
 
 TINY = ["--arch", "resnet18", "--width", "4", "--image-size", "16", "--attack-steps", "1", "--no-progress",

@@ -48,6 +48,8 @@ from .health import LossHealth, finite_or_raise
 from .methods import build_method
 from .run_dir import check_out_dir, check_resume_config, start_run_files, write_metrics
 from .runtime import resolve_device, resolve_precision, restore_determinism, seed_everything, set_determinism
+from .schedule import lr_lambda
+from .validation import robust_accuracy
 
 LOG_EVERY = 10  # steps between progress-bar updates (each reads the running losses back to the host)
 
@@ -87,44 +89,6 @@ def load_teacher(cfg, info, device):
 def step_seed(seed, global_step):
     """Seed of a step's random draws (attack starts, directions, masks), handed to the method."""
     return seeding.derive_seed(seed, "step", global_step)
-
-
-def lr_lambda(cfg, steps_per_epoch):
-    """The learning-rate factor as a function of the optimizer step (schedules advance every step)."""
-    total = cfg.epochs * steps_per_epoch
-    if cfg.schedule == "cosine":
-        return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
-    if cfg.schedule == "multistep":
-        epochs = cfg.milestones or tuple(e for e in (cfg.epochs // 2, cfg.epochs * 3 // 4) if e > 0)
-        bounds = sorted(e * steps_per_epoch for e in epochs)
-        return lambda step: cfg.gamma ** sum(step >= b for b in bounds)
-    return lambda step: 1.0
-
-
-def robust_accuracy(model, val, *, eps, alpha, steps, precision, autocast, seed, device, channels_last=False,
-                    ctx=None):
-    """(clean accuracy, PGD accuracy) of `model` on the val split `val` (a rkd_fast.datasets.TensorValSet or
-    ValSet), its chunks moved to `device` (in channels_last if asked); the model is left in eval mode. A chunk's
-    PGD random start is seeded with ``seed + start``, start the position of its first sample in the split. Under
-    torchrun (`ctx` a distributed.Distributed) rank r attacks chunks r, r + N, ... (each exactly as one process
-    would, same samples, same seed) and the counts are summed: every rank gets the single-process result."""
-    from ..attacks import pgd
-
-    ctx = ctx or distributed.Distributed()
-    layout = torch.channels_last if channels_last else torch.preserve_format
-    model.eval()
-    counts = torch.zeros(2, dtype=torch.long, device=device)
-    clean, robust = counts[0], counts[1]
-    for start, xb, yb in val.chunks(rank=ctx.rank, world_size=ctx.world_size):
-        xb, yb = xb.to(device, non_blocking=True, memory_format=layout), yb.to(device, non_blocking=True)
-        x_adv = pgd(model, xb, yb, eps, alpha, steps, norm="linf", random_start=True, precision=precision,
-                    seed=seed + start)
-        with torch.no_grad(), autocast():
-            clean += (model(xb).argmax(1) == yb).sum()
-            robust += (model(x_adv).argmax(1) == yb).sum()
-    ctx.all_reduce_sum(counts)
-    n = max(len(val), 1)
-    return clean.item() / n, robust.item() / n
 
 
 def _plain(value):

@@ -395,7 +395,7 @@ def test_dropout_perturbed_pass_reuses_the_clean_mask(batched, method, fraction)
         pytest.skip("the exact method always makes its own passes")
     student = _LinearDropout().train()
     if batched:
-        rkd_fast.jacobian.share_clean_statistics(student)
+        rkd_fast.clean_pass.share_clean_statistics(student)
     teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, 10, dtype=torch.float64)).eval()
     generator = torch.Generator().manual_seed(1)
     x = torch.rand(8, 1, 8, 8, generator=generator, dtype=torch.float64)

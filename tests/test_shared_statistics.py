@@ -1,4 +1,4 @@
-"""rkd_fast.jacobian.share_clean_statistics: the student's clean and perturbed passes as one batched call, each
+"""rkd_fast.clean_pass.share_clean_statistics: the student's clean and perturbed passes as one batched call, each
 BatchNorm normalising the perturbed rows with the clean rows' batch statistics. It must compute what the
 two-call scheme computes (losses, logits, gradients, running statistics), inside RobustKDLoss too (features
 recorded from the batched call), and work under torch.compile, where the two-call scheme is refused."""

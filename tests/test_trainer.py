@@ -220,7 +220,7 @@ def test_cifar_stem_resnets(arch):
 @pytest.mark.parametrize("distill_at", ["adversarial", "clean"])
 def test_compiled_robust_kd_with_batchnorm_student(tmp_path, teacher_file, distill_at):
     # --compile converts the student's BatchNorms to share the clean statistics in one batched Jacobian call
-    # (rkd_fast.jacobian.share_clean_statistics): the two-call scheme's hooks would be skipped by the graph.
+    # (rkd_fast.clean_pass.share_clean_statistics): the two-call scheme's hooks would be skipped by the graph.
     out = tmp_path / "run"
     args = ["train", "--method", "robust-kd", "--teacher", str(teacher_file), "--compile", "--out", str(out),
             "--jac-weight", "1", "--distill-at", distill_at, *FAST_ARGS]

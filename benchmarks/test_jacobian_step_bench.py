@@ -7,11 +7,11 @@ Steps compared (same student, teacher, batch and optimizer):
   kd              CE + KD only: the step the Jacobian term is added to
   fd              + rkd_fast.jacobian_penalty (finite differences, fused op)
   fd_fraction0.25 + the same term on a random quarter of the batch
-  exact           + jacobian_penalty(method="exact"): double backprop, the same quantity (in train mode its
+  exact           + jacobian_penalty(estimator="exact"): double backprop, the same quantity (in train mode its
                   differentiated pass normalises with the clean batch statistics, one extra student forward)
 The classic one-pass double backprop (differentiate the clean train-mode pass itself) does not run on this
 student: the loss's backward needs a third derivative of batch_norm ("batch_norm does not support 3rd+ order
-derivatives"); method="exact" differentiates a pass normalised with the recorded statistics instead.
+derivatives"); estimator="exact" differentiates a pass normalised with the recorded statistics instead.
 N=64 ResNet-18 on a 2-core CPU takes seconds per step: rounds are few (RKD_FAST_BENCH_ROUNDS to change).
 """
 
@@ -44,9 +44,9 @@ def make_step(name, student, teacher, optimizer):
                 t = teacher(x)
             term = 0.0
         else:
-            method = "exact" if name == "exact" else "fd"
+            estimator = "exact" if name == "exact" else "fd"
             fraction = 0.25 if name == "fd_fraction0.25" else 1.0
-            term, s, t = jacobian_penalty(student, x, teacher=teacher, method=method, fraction=fraction,
+            term, s, t = jacobian_penalty(student, x, teacher=teacher, estimator=estimator, fraction=fraction,
                                           return_outputs=True)
         loss = F.cross_entropy(s, y) + _kd(s, t) + JACOBIAN_WEIGHT * term
         optimizer.zero_grad(set_to_none=True)

@@ -70,7 +70,7 @@ def _apply_mask(module, mask, x):
 
 def _normalize_with(module, stats, fused, x):
     """Batch norm of x with given (mean, biased var), no running-statistics update: x·scale + shift, by the
-    batch-norm kernel (fused=True) or by elementwise ops (differentiable twice, for method="exact")."""
+    batch-norm kernel (fused=True) or by elementwise ops (differentiable twice, for estimator="exact")."""
     if not stats:
         raise RuntimeError("jacobian_penalty: the perturbed pass called a BatchNorm more times than the clean pass; "
                            "the model's control flow must not depend on its input")

@@ -4,7 +4,7 @@ One random (or gradient) direction ``d`` per sample, two forward passes of the s
 ``x + h·d``) and, with a teacher, two of the teacher under ``torch.no_grad()``; the fused op
 ``rkd_fast.fd_jacobian_loss`` turns the four outputs into ``‖(S(x+hd) - S(x))/h - (T(x+hd) - T(x))/h‖²`` per
 sample, a finite-difference estimate of ``‖J_S·d - J_T·d‖²`` (``‖J_S·d‖²`` without a teacher).
-``method="exact"`` computes ``J·d`` by double backprop instead: the accuracy reference and the speed baseline.
+``estimator="exact"`` computes ``J·d`` by double backprop instead: the accuracy reference and the speed baseline.
 
 BatchNorm and dropout in train mode: the perturbed pass reuses the clean pass's batch statistics and dropout
 masks (`rkd_fast.clean_pass`), in two calls, or in one batched call ``model(cat([x, x + h·d]))`` after
@@ -34,7 +34,7 @@ from .ops.fd_jacobian import ON, fd_jacobian_loss
 
 DIRECTIONS = ("rademacher", "gaussian", "grad")
 NORMS = ("l2", "linf")
-METHODS = ("fd", "exact")
+ESTIMATORS = ("fd", "exact")  # how J·d is computed: finite difference, or double backprop
 
 # Default per-pixel step as a multiple of the input's RMS, per compute dtype (docs/jacobian_accuracy.md). For
 # norm="l2" (unit-norm d, so a per-pixel move of about h/sqrt(D)) the step is this times RMS·sqrt(D); for
@@ -100,9 +100,9 @@ def draw_direction(x, direction="rademacher", norm="l2", grad=None, generator=No
 
 def check_options(**options):
     """ValueError for a bad value among jacobian_penalty's options (h, direction, norm, on, temperature, fraction,
-    method); the options not given are not checked. RobustKDLoss and the trainer check theirs with this when they
+    estimator); the options not given are not checked. RobustKDLoss and the trainer check theirs with this when they
     are read, before any step runs."""
-    choices = {"direction": DIRECTIONS, "norm": NORMS, "on": ON, "method": METHODS}
+    choices = {"direction": DIRECTIONS, "norm": NORMS, "on": ON, "estimator": ESTIMATORS}
     for name, value in options.items():
         if name in choices:
             check_choice(name, value, choices[name])
@@ -119,7 +119,7 @@ def check_options(**options):
             raise TypeError(f"unknown jacobian_penalty option {name!r}")
 
 
-def _check(student, x, y, teacher, h, direction, norm, on, temperature, fraction, reduction, method):
+def _check(student, x, y, teacher, h, direction, norm, on, temperature, fraction, reduction, estimator):
     if not callable(student):
         raise TypeError(f"student must be a module or callable, got {type(student).__name__}")
     if teacher is not None and not callable(teacher):
@@ -132,7 +132,7 @@ def _check(student, x, y, teacher, h, direction, norm, on, temperature, fraction
         raise ValueError(f"x must be a non-empty batch (N, ...) with N >= 1, got shape {tuple(x.shape)}")
     check_choice("reduction", reduction, REDUCTIONS)
     check_options(h=h, direction=direction, norm=norm, on=on, temperature=temperature, fraction=fraction,
-                  method=method)
+                  estimator=estimator)
     if direction == "grad":
         if y is None:
             raise ValueError("direction='grad' needs the labels y (the direction is the input gradient of the "
@@ -173,15 +173,15 @@ def _jvp(out, x_in, d, on, temperature, create_graph):
 
 
 def jacobian_penalty(student, x, y=None, *, teacher=None, h=None, direction="rademacher", norm="l2", on="logits",
-                     temperature=1.0, fraction=1.0, reduction="mean", method="fd", return_outputs=False,
+                     temperature=1.0, fraction=1.0, reduction="mean", estimator="fd", return_outputs=False,
                      generator=None):
     """Input-Jacobian penalty (no teacher) or Jacobian matching (with a teacher) along one direction per sample.
 
     Per selected sample ``i``, with ``g`` the identity (``on="logits"``) or ``softmax(· / temperature)``
     (``on="probs"``) and ``d_i`` its direction:
     ``‖J_{g∘S}(x_i)·d_i - J_{g∘T}(x_i)·d_i‖²`` (without a teacher ``‖J_{g∘S}(x_i)·d_i‖²``),
-    estimated by ``method="fd"`` as ``‖(g(S(x_i+h·d_i)) - g(S(x_i)))/h - (g(T(x_i+h·d_i)) - g(T(x_i)))/h‖²`` through
-    ``rkd_fast.fd_jacobian_loss``, and computed by ``method="exact"`` with double backprop in float32 (autocast
+    estimated by ``estimator="fd"`` as ``‖(g(S(x_i+h·d_i)) - g(S(x_i)))/h - (g(T(x_i+h·d_i)) - g(T(x_i)))/h‖²`` through
+    ``rkd_fast.fd_jacobian_loss``, and computed by ``estimator="exact"`` with double backprop in float32 (autocast
     off), differentiable w.r.t. the student's parameters.
 
     Args:
@@ -189,7 +189,7 @@ def jacobian_penalty(student, x, y=None, *, teacher=None, h=None, direction="rad
         x: floating input batch ``(N, ...)``. ``x + h·d`` is not clamped to the data range.
         y: int64 labels ``(N,)``; needed by ``direction="grad"`` only.
         teacher: a frozen model returning ``(N, K)`` logits, or None. It runs under ``torch.no_grad()``, except
-            for the input-gradient passes of ``direction="grad"`` and ``method="exact"``, which differentiate
+            for the input-gradient passes of ``direction="grad"`` and ``estimator="exact"``, which differentiate
             w.r.t. the input only: its parameters never receive gradients.
         h: the step, a number > 0; for ``norm="linf"`` it is the per-pixel step. None: the default for the
             compute dtype (float32, or the autocast dtype) and the input's RMS (``default_step``). Under
@@ -203,7 +203,7 @@ def jacobian_penalty(student, x, y=None, *, teacher=None, h=None, direction="rad
             returns N values: the selected samples' losses times ``N/k`` and 0 elsewhere, so that its
             ``.mean()`` and ``.sum()`` equal the other two reductions.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        method: ``"fd"`` (finite difference, fused op) or ``"exact"`` (double backprop).
+        estimator: ``"fd"`` (finite difference, fused op) or ``"exact"`` (double backprop).
         return_outputs: also return the clean logits of the whole batch, so a caller's CE and KD terms need
             no further forward pass.
 
@@ -216,31 +216,31 @@ def jacobian_penalty(student, x, y=None, *, teacher=None, h=None, direction="rad
     (the subset and the directions) comes from `generator` (a torch.Generator on x's device; None: torch's global
     generator).
     """
-    _check(student, x, y, teacher, h, direction, norm, on, temperature, fraction, reduction, method)
+    _check(student, x, y, teacher, h, direction, norm, on, temperature, fraction, reduction, estimator)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     n = x.shape[0]
     k = max(1, min(n, round(fraction * n)))
     dtype = compute_dtype(x)
     precision = contextlib.nullcontext()
-    if method == "exact" or (h is None and dtype in HIGHER_PRECISION):
+    if estimator == "exact" or (h is None and dtype in HIGHER_PRECISION):
         # The exact reference runs in float32; a dtype with no accurate step runs the difference in float32.
         precision = torch.autocast(x.device.type, enabled=False)
         dtype = x.dtype
     with precision:
         loss_rows, s_clean, t_clean = _penalty(student, teacher, x, y, h, k, dtype, direction, norm, on,
-                                               temperature, method, generator)
+                                               temperature, estimator, generator)
     loss = _reduce(loss_rows, n, reduction)
     return (loss, s_clean, t_clean) if return_outputs else loss
 
 
-def _penalty(student, teacher, x, y, h, k, dtype, direction, norm, on, temperature, method, generator):
+def _penalty(student, teacher, x, y, h, k, dtype, direction, norm, on, temperature, estimator, generator):
     """(per-sample losses of the k selected samples with their indices, clean student logits, clean teacher
     logits)."""
     n = x.shape[0]
     idx = None if k == n else torch.randperm(n, device=x.device, generator=generator)[:k]
     pick = (lambda t: t) if idx is None else (lambda t: t[idx])
-    exact = method == "exact"
+    exact = estimator == "exact"
     grad_mode = torch.is_grad_enabled()
     student_grad_dir = direction == "grad" and teacher is None
     # A student whose BatchNorms share clean statistics makes its clean and perturbed passes in one call, after
@@ -250,7 +250,7 @@ def _penalty(student, teacher, x, y, h, k, dtype, direction, norm, on, temperatu
     t_stats = CleanPassState(teacher) if teacher is not None else None
 
     # Clean passes over the whole batch. The input needs a gradient for the grad direction, and for the exact
-    # method when the clean pass can serve as the differentiated one (whole batch, no batch statistics).
+    # estimator when the clean pass can serve as the differentiated one (whole batch, no batch statistics).
     reuse_s = exact and idx is None and not s_stats.modules
     reuse_t = exact and teacher is not None and idx is None and not t_stats.modules
     x_s = x.detach().requires_grad_() if (reuse_s or student_grad_dir) and not x.requires_grad else x

@@ -37,7 +37,7 @@ from .ops.feature_distance import MODES as FEATURE_MODES
 from .ops.feature_distance import feature_distance
 
 # jacobian_penalty keyword arguments a caller may set through `jacobian={...}`; the loss supplies the others.
-JACOBIAN_OPTIONS = ("h", "direction", "norm", "on", "temperature", "fraction", "method")
+JACOBIAN_OPTIONS = ("h", "direction", "norm", "on", "temperature", "fraction", "estimator")
 JACOBIAN_DEFAULTS = {"direction": "gaussian"}
 # N-FGSM's start noise, in units of eps (de Jorge et al. 2022: uniform in [−2·eps, 2·eps])
 ADVERSARIAL_NOISE = 2.0
@@ -149,7 +149,7 @@ class RobustKDLoss(HoldsStudentTeacher, nn.Module):
         kd_temperature: T of the KD term (the term is multiplied by T²).
         label_smoothing: of the cross-entropy term.
         jacobian: keyword arguments of :func:`rkd_fast.jacobian.jacobian_penalty` (h, direction, norm, on,
-            temperature, fraction, method); ``direction`` defaults to ``"gaussian"``. With ``eps``, only ``h``
+            temperature, fraction, estimator); ``direction`` defaults to ``"gaussian"``. With ``eps``, only ``h``
             (the step, default eps), ``on`` and ``temperature`` apply: the direction is the adversarial one.
         eps: None, or the L∞ radius of the threat model (on the [0, 1] pixel scale): evaluate every term at the
             student's single-step adversarial point (module docstring).

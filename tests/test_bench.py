@@ -101,7 +101,7 @@ def _one_step(variant):
 
 def test_step_case_trains_the_student():
     case, trained, teacher = _one_step("robust-kd:exact")
-    assert case.method.loss_fn.jacobian["method"] == "exact"
+    assert case.method.loss_fn.jacobian["estimator"] == "exact"
     assert trained
     assert all(p.grad is None for p in teacher.parameters())
 

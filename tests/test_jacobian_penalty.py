@@ -138,12 +138,12 @@ def test_fraction_rounds_to_at_least_one_sample():
     assert int((rows != 0).sum()) == 1
 
 
-@pytest.mark.parametrize("method", ["fd", "exact"])
+@pytest.mark.parametrize("estimator", ["fd", "exact"])
 @pytest.mark.parametrize("fraction", [1.0, 0.5])
-def test_return_outputs_cover_the_whole_batch(batch, method, fraction):
+def test_return_outputs_cover_the_whole_batch(batch, estimator, fraction):
     x, y = batch
     student, teacher = tiny_cnn(seed=1).eval(), tiny_cnn(seed=2).eval()
-    loss, s, t = jacobian_penalty(student, x, y, teacher=teacher, method=method, fraction=fraction,
+    loss, s, t = jacobian_penalty(student, x, y, teacher=teacher, estimator=estimator, fraction=fraction,
                                   return_outputs=True)
     assert loss.dim() == 0 and s.shape == t.shape == (6, 10)
     with torch.no_grad():
@@ -154,20 +154,20 @@ def test_return_outputs_cover_the_whole_batch(batch, method, fraction):
     total = loss + F.cross_entropy(s, y) + F.kl_div(F.log_softmax(s, 1), F.softmax(t, 1), reduction="batchmean")
     total.backward()
     assert all(p.grad is not None for p in student.parameters())
-    loss, s, t = jacobian_penalty(student, x, method=method, return_outputs=True)
+    loss, s, t = jacobian_penalty(student, x, estimator=estimator, return_outputs=True)
     assert t is None and s.shape == (6, 10)
 
 
 # --- teacher ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", ["fd", "exact"])
+@pytest.mark.parametrize("estimator", ["fd", "exact"])
 @pytest.mark.parametrize("direction", ["rademacher", "grad"])
-def test_teacher_gets_no_gradients(batch, method, direction):
+def test_teacher_gets_no_gradients(batch, estimator, direction):
     x, y = batch
     student, teacher = tiny_cnn(seed=1), tiny_cnn(seed=2).eval()
     state = copy.deepcopy(teacher.state_dict())
     assert all(p.requires_grad for p in teacher.parameters())
-    loss = jacobian_penalty(student, x, y, teacher=teacher, method=method, direction=direction)
+    loss = jacobian_penalty(student, x, y, teacher=teacher, estimator=estimator, direction=direction)
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
     # every student weight gets a gradient (the last layer's bias does not reach J·d)
@@ -179,16 +179,16 @@ def test_teacher_gets_no_gradients(batch, method, direction):
 
 # --- BatchNorm ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", ["fd", "exact"])
+@pytest.mark.parametrize("estimator", ["fd", "exact"])
 @pytest.mark.parametrize("fraction", [1.0, 0.5])
-def test_running_stats_are_those_of_a_clean_forward(batch, method, fraction):
+def test_running_stats_are_those_of_a_clean_forward(batch, estimator, fraction):
     x, y = batch
     student, teacher = tiny_cnn(seed=1).train(), tiny_cnn(seed=2).train()
     clean_s, clean_t = copy.deepcopy(student), copy.deepcopy(teacher)
     clean_s(x)
     with torch.no_grad():
         clean_t(x)
-    loss = jacobian_penalty(student, x, y, teacher=teacher, method=method, fraction=fraction)
+    loss = jacobian_penalty(student, x, y, teacher=teacher, estimator=estimator, fraction=fraction)
     loss.backward()
     for model, clean in ((student, clean_s), (teacher, clean_t)):
         for (name, value), (_, want) in zip(model.named_buffers(), clean.named_buffers()):
@@ -204,7 +204,7 @@ def test_perturbed_pass_uses_the_clean_batch_statistics():
     torch.manual_seed(4)
     fd = jacobian_penalty(student, x, h=1e-6, fraction=0.5, reduction="none")
     torch.manual_seed(4)
-    exact = jacobian_penalty(student, x, method="exact", fraction=0.5, reduction="none")
+    exact = jacobian_penalty(student, x, estimator="exact", fraction=0.5, reduction="none")
     assert int((exact != 0).sum()) == 4
     torch.testing.assert_close(fd, exact, rtol=1e-4, atol=1e-10)
 
@@ -217,7 +217,7 @@ def test_exact_matches_torch_func_jvp_float64(batch, on):
     x = x.double()
     student, teacher = tiny_cnn(seed=1).double().eval(), tiny_cnn(seed=2).double().eval()
     torch.manual_seed(7)
-    got = jacobian_penalty(student, x, teacher=teacher, method="exact", on=on, temperature=2.0, reduction="none")
+    got = jacobian_penalty(student, x, teacher=teacher, estimator="exact", on=on, temperature=2.0, reduction="none")
     torch.manual_seed(7)
     d = draw_direction(x, "rademacher", "l2")
     g = (lambda m: lambda z: m(z)) if on == "logits" else (lambda m: lambda z: torch.softmax(m(z) / 2.0, dim=1))
@@ -232,14 +232,14 @@ def test_fd_matches_exact_float64_with_gradients(on, train):
     x = torch.rand(6, 1, 8, 8, dtype=torch.float64)
     teacher = tiny_cnn(seed=2).double().eval()
     grads, values = {}, {}
-    for method, h in (("fd", 1e-6), ("exact", None)):
+    for estimator, h in (("fd", 1e-6), ("exact", None)):
         student = tiny_cnn(seed=1).double().train(train)
         torch.manual_seed(9)
-        loss = jacobian_penalty(student, x, teacher=teacher, h=h, method=method, on=on, temperature=2.0)
+        loss = jacobian_penalty(student, x, teacher=teacher, h=h, estimator=estimator, on=on, temperature=2.0)
         loss.backward()
-        values[method] = loss.detach()
+        values[estimator] = loss.detach()
         # a parameter that does not reach J·d (the last bias) has no gradient under "exact", 0 under "fd"
-        grads[method] = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten()
+        grads[estimator] = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten()
                                    for p in student.parameters()])
     torch.testing.assert_close(values["fd"], values["exact"], rtol=1e-5, atol=1e-12)
     torch.testing.assert_close(grads["fd"], grads["exact"], rtol=1e-3, atol=1e-6 * grads["exact"].abs().max())
@@ -248,7 +248,7 @@ def test_fd_matches_exact_float64_with_gradients(on, train):
 def test_fd_matches_exact_float32(batch):
     x, _ = batch
     student = tiny_cnn(seed=1).eval()
-    fd, exact = (penalty_rows(student, x, torch.float32, method=m) for m in ("fd", "exact"))
+    fd, exact = (penalty_rows(student, x, torch.float32, estimator=m) for m in ("fd", "exact"))
     assert relative_error(fd, exact)[0] < 0.02
 
 
@@ -256,7 +256,7 @@ def test_exact_runs_without_grad_mode(batch):
     x, _ = batch
     student = tiny_cnn(seed=1).eval()
     with torch.no_grad():
-        loss = jacobian_penalty(student, x, method="exact")
+        loss = jacobian_penalty(student, x, estimator="exact")
     assert loss > 0 and not loss.requires_grad
 
 
@@ -283,7 +283,7 @@ def test_float16_autocast_keeps_float16(batch):
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"direction": "uniform"}, ValueError, "direction"),
     ({"norm": "l1"}, ValueError, "norm"),
-    ({"method": "jvp"}, ValueError, "method"),
+    ({"estimator": "jvp"}, ValueError, "estimator"),
     ({"on": "features"}, ValueError, "on"),
     ({"reduction": "max"}, ValueError, "reduction"),
     ({"fraction": 0.0}, ValueError, "fraction"),
@@ -335,7 +335,7 @@ def trained_cnn():
 def test_float32_default_step_within_5_percent_of_exact(trained_cnn):
     model, x = trained_cnn
     fd = penalty_rows(model, x, torch.float32)
-    exact = penalty_rows(model, x, torch.float32, method="exact")
+    exact = penalty_rows(model, x, torch.float32, estimator="exact")
     assert relative_error(fd, exact)[0] <= 0.05
 
 
@@ -348,7 +348,7 @@ def test_low_precision_default_step_within_10_percent_of_float32_fd(trained_cnn,
     ref = penalty_rows(model, x, torch.float32, h=h)
     assert relative_error(low, ref)[0] <= 0.10
     # and the term stays close to the exact value (within the same 10%)
-    exact = penalty_rows(model, x, torch.float32, method="exact")
+    exact = penalty_rows(model, x, torch.float32, estimator="exact")
     assert relative_error(low, exact)[0] <= 0.10
 
 
@@ -386,13 +386,13 @@ class _LinearDropout(nn.Module):
 
 
 @pytest.mark.parametrize("batched", [False, True])
-@pytest.mark.parametrize("method", ["fd", "exact"])
+@pytest.mark.parametrize("estimator", ["fd", "exact"])
 @pytest.mark.parametrize("fraction", [1.0, 0.5])
-def test_dropout_perturbed_pass_reuses_the_clean_mask(batched, method, fraction):
+def test_dropout_perturbed_pass_reuses_the_clean_mask(batched, estimator, fraction):
     """The issue's case: a Linear + Dropout(0.5) student in train mode measured mask noise / h (1e6 against 0.05 in
     eval mode). Now the term equals the same computation with the clean pass's mask fixed by hand."""
-    if batched and method == "exact":
-        pytest.skip("the exact method always makes its own passes")
+    if batched and estimator == "exact":
+        pytest.skip("the exact estimator always makes its own passes")
     student = _LinearDropout().train()
     if batched:
         rkd_fast.clean_pass.share_clean_statistics(student)
@@ -401,7 +401,7 @@ def test_dropout_perturbed_pass_reuses_the_clean_mask(batched, method, fraction)
     x = torch.rand(8, 1, 8, 8, generator=generator, dtype=torch.float64)
     y = torch.randint(0, 10, (8,), generator=generator)
     h = 1e-4
-    rows, s_clean, _ = jacobian_penalty(student, x, y, teacher=teacher, h=h, direction="grad", method=method,
+    rows, s_clean, _ = jacobian_penalty(student, x, y, teacher=teacher, h=h, direction="grad", estimator=estimator,
                                         fraction=fraction, reduction="none", return_outputs=True)
     with torch.no_grad():
         mask = s_clean / student.linear(x.flatten(1))

@@ -8,7 +8,7 @@ in eval mode, and on the test split measures per sample the penalty without a te
 step is given as ``c``, the per-pixel move as a fraction of the input's RMS: ``h = c · RMS(x) · sqrt(D)``
 for the unit-L2 directions used here (``rkd_fast.jacobian.default_step``). Two comparisons per dtype and c:
 
-- ``vs exact``: against ``method="exact"`` (double backprop, float32; float64 for the float64 rows);
+- ``vs exact``: against ``estimator="exact"`` (double backprop, float32; float64 for the float64 rows);
 - ``vs fp32 FD``: against float32 FD at the same h and d (float16 and bfloat16 run under CPU autocast).
 
 Cells are the median (and 90th percentile) over samples of ``|FD - ref| / ref``. The rows marked ``default``
@@ -59,15 +59,15 @@ def _autocast(dtype):
     return contextlib.nullcontext()
 
 
-def penalty_rows(model, x, dtype, h=None, method="fd", seed=DIRECTION_SEED, **kwargs):
-    """Per-sample ‖J·d‖² with the direction drawn from `seed` (the same d for every dtype, h and method).
+def penalty_rows(model, x, dtype, h=None, estimator="fd", seed=DIRECTION_SEED, **kwargs):
+    """Per-sample ‖J·d‖² with the direction drawn from `seed` (the same d for every dtype, h and estimator).
     float64 runs a float64 copy of the model; float16 and bfloat16 run under CPU autocast."""
     if dtype == torch.float64:
         model, x = copy.deepcopy(model).double(), x.double()
-    with torch.random.fork_rng(devices=[]), _autocast(dtype), torch.no_grad() if method == "fd" else \
+    with torch.random.fork_rng(devices=[]), _autocast(dtype), torch.no_grad() if estimator == "fd" else \
             contextlib.nullcontext():
         torch.manual_seed(seed)
-        return jacobian_penalty(model, x, h=h, method=method, reduction="none", **kwargs).detach().double()
+        return jacobian_penalty(model, x, h=h, estimator=estimator, reduction="none", **kwargs).detach().double()
 
 
 def relative_error(value, ref):
@@ -77,8 +77,8 @@ def relative_error(value, ref):
 
 def measure(model, x, c_grid=C_GRID, dtypes=("fp64", "fp32", "fp16", "bf16")):
     """Rows {dtype, c, h, vs_exact (median, p90), vs_fp32 (median, p90) or None}."""
-    exact = {"fp64": penalty_rows(model, x, torch.float64, method="exact"),
-             "fp32": penalty_rows(model, x, torch.float32, method="exact")}
+    exact = {"fp64": penalty_rows(model, x, torch.float64, estimator="exact"),
+             "fp32": penalty_rows(model, x, torch.float32, estimator="exact")}
     scale = default_step(x, "l2", torch.float32).item() / STEP_PER_PIXEL[torch.float32]  # RMS·sqrt(D)
     rows = []
     for c in list(c_grid) + ["default"]:
@@ -104,7 +104,7 @@ def measure(model, x, c_grid=C_GRID, dtypes=("fp64", "fp32", "fp16", "bf16")):
 
 
 def measure_variants(model, x):
-    """Defaults in other settings, against method="exact": directions, linf, and train-mode BatchNorm (the
+    """Defaults in other settings, against estimator="exact": directions, linf, and train-mode BatchNorm (the
     perturbed pass reusing the clean batch statistics)."""
     out = []
     settings = [("gaussian, l2, eval", {"direction": "gaussian"}, False),
@@ -116,7 +116,7 @@ def measure_variants(model, x):
             m = copy.deepcopy(model).train(train)
             fd = penalty_rows(m, x, DTYPES[name], **kwargs)
             m = copy.deepcopy(model).train(train)
-            ref = penalty_rows(m, x, torch.float32, method="exact", **kwargs)
+            ref = penalty_rows(m, x, torch.float32, estimator="exact", **kwargs)
             keep = ref > 0  # fraction < 1: the unselected samples are 0 on both sides
             out.append({"setting": label, "dtype": name, "vs_exact": relative_error(fd[keep], ref[keep])})
     return out

@@ -3,7 +3,7 @@
 import math
 
 from ...clean_pass import share_clean_statistics
-from ...jacobian import METHODS as JACOBIAN_ESTIMATORS
+from ...jacobian import ESTIMATORS as JACOBIAN_ESTIMATORS
 from ...jacobian import check_options
 from ...losses import RobustKDLoss
 from ...models import DEFAULT_FEATURE_LAYER
@@ -157,7 +157,7 @@ class RobustKD(Distill):
         h = opt.jac_h if opt.jac_h is not None else step_in_threat_units(opt.jac_step, eps, opt.jac_norm,
                                                                           self.example_shape)
         return {**options, "jacobian": {**jacobian, "h": h, "direction": opt.jac_direction, "norm": opt.jac_norm,
-                                        "fraction": opt.jac_fraction, "method": opt.jac_estimator}}
+                                        "fraction": opt.jac_fraction, "estimator": opt.jac_estimator}}
 
     def prepare_student(self, student, *, compile, sync_bn, world_size):
         if self.opt.jac_weight <= 0:

@@ -1,5 +1,6 @@
-"""The training configuration and the metadata every JSON output records (the data sets a run can use:
-rkd_fast.datasets)."""
+"""The training configuration: TrainConfig (the run's shared options, then every registered method's own,
+rkd_fast.train.methods), its checks, and the metadata every JSON output records. The data sets a run can use
+and their options' meaning: rkd_fast.datasets."""
 
 import dataclasses
 import os

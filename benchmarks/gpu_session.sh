@@ -5,9 +5,10 @@
 #                                                   # the whole verification inside 10 minutes on one H200
 #   bash benchmarks/gpu_session.sh build gputests suite opsbench bench
 # Phases: build (the extension for sm_90 against that machine's torch; reused from .gpubuild/ when a previous
-# call's library was fetched there and carried), gputests (tests/*_gpu.py and tests/triton on the GPU), suite
-# (the rest of the test suite against that machine's torch), opsbench (python -m rkd_fast.bench.ops, every
-# shape), bench (rkd-fast bench: training steps, teacher inference, kernels; tarred to $OUT/bench.tgz).
+# call's library was fetched there and carried), gputests (the tests marked gpu: the ops' cuda and triton-cuda
+# cases, tests/test_train_gpu.py), suite (the rest of the test suite against that machine's torch), opsbench
+# (python -m rkd_fast.bench.ops, every shape), bench (rkd-fast bench: training steps, teacher inference,
+# kernels; tarred to $OUT/bench.tgz).
 # Carry .whl/ (expecttest, which opcheck needs and the image lacks) and .gpubuild/ when present.
 # Environment: PYTEST_ARGS (extra pytest arguments of gputests), BENCH_ARGS, BENCH_LIMIT, SUITE_LIMIT.
 set -u
@@ -60,15 +61,12 @@ for p in "$@"; do
         cp rkd_fast/_build_info.py rkd_fast/_C*.so "$OUT/" 2>/dev/null;;
     gputests)
         phase gputests $([ -n "${QUICK_LIMITS:-}" ] && echo 140 || echo 270) $PY -m pytest -q -p no:cacheprovider -rfE --tb=short ${PYTEST_ARGS:-} \
-            tests/test_feature_distance_gpu.py tests/test_fd_jacobian_gpu.py tests/test_train_gpu.py tests/triton \
-            tests/test_feature_distance.py::test_kernels_refuse_bad_arguments \
-            tests/test_fd_jacobian.py::test_kernel_refuses_bad_arguments
+            -m gpu tests/test_feature_distance.py tests/test_fd_jacobian.py tests/test_train_gpu.py
         grep -E "^(FAILED|ERROR)" "$OUT/gputests.log" | head -n 40;;
     suite)
         # One thread per worker: 12 workers of 16 threads each on 16 cores ran ~10x slower.
         phase suite ${SUITE_LIMIT:-420} env OMP_NUM_THREADS=1 $PY -m pytest -q -p no:cacheprovider -rfE --tb=short -n 12 tests \
-            --ignore=tests/test_feature_distance_gpu.py --ignore=tests/test_fd_jacobian_gpu.py \
-            --ignore=tests/test_train_gpu.py --ignore=tests/triton
+            -m "not gpu" --ignore=tests/triton
         grep -E "^(FAILED|ERROR)" "$OUT/suite.log" | head -n 40;;
     opsbench)
         phase opsbench $([ -n "${QUICK_LIMITS:-}" ] && echo 60 || echo 240) $PY -m rkd_fast.bench.ops --device cuda --suite all --min-run-time 0.3 --json "$OUT/opsbench.json"

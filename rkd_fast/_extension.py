@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-# Backends whose GPU kernels have passed tests/test_*_gpu.py on a real GPU, per op. `auto` on a GPU picks a
+# Backends whose GPU kernels have passed the GPU tests (`pytest -m gpu`) on a real GPU, per op. `auto` on a GPU picks a
 # kernel only once its op is listed here; until then it uses the reference and `backends()` says so.
 # Both ops' CUDA and Triton kernels passed on an H100 with torch 2.11 on 2026-11-25 (docs/gpu/README.md); both
 # were rewritten since (single-pass feature_distance, fd_jacobian with the reduction inside) and have only been

@@ -163,7 +163,7 @@ class CleanPassState:
             # Dynamo does not guard on forward hooks by default (skip_nnmodule_hook_guards): a graph compiled
             # without the recording hooks would silently skip them, so the replay would normalise wrongly.
             raise NotImplementedError("jacobian_penalty: a torch.compile'd model with BatchNorm in train mode (or "
-                                      "dropout) needs rkd_fast.jacobian.share_clean_statistics(model) before "
+                                      "dropout) needs rkd_fast.clean_pass.share_clean_statistics(model) before "
                                       "compiling (the clean and perturbed passes then share statistics and masks in "
                                       "one call)")
         self.stats = {m: [] for m in self.norms}

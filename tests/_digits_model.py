@@ -1,7 +1,9 @@
-"""A small robust digits model for the attack cross-checks, trained once per test process (a few seconds).
+"""Small digits (8×8) models and batches for the tests: an untrained small_cnn, a random batch, a saved teacher
+file, and a robust model for the attack cross-checks.
 
-PGD adversarial training (Madry et al.) with its own few-line PGD, independent of rkd_fast.attacks, so that
-the model under test does not depend on the code under test."""
+The robust model is trained once per test process (a few seconds) by PGD adversarial training (Madry et al.)
+with its own few-line PGD, independent of rkd_fast.attacks, so that the model under test does not depend on the
+code under test."""
 
 import contextlib
 import functools
@@ -10,9 +12,32 @@ import torch
 import torch.nn.functional as F
 
 from rkd_fast.datasets import load_digits
+from rkd_fast.model_file import save_model
 from rkd_fast.models import build_model
 
 EPS = 0.1  # L∞ radius used throughout the cross-checks (digits pixels in [0, 1])
+
+
+def tiny_cnn(seed=None, *, width=4, **kwargs):
+    """small_cnn for 8×8 digits, width 4 unless asked, its weights drawn after torch.manual_seed(seed) when `seed`
+    is given, from the global RNG as it stands otherwise."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return build_model("small_cnn", width=width, **kwargs)
+
+
+def digits_batch(n, *, seed=None, dtype=torch.float32):
+    """n random 1×8×8 images in [0, 1] and labels of 10 classes, from a generator seeded with `seed`, or from the
+    global RNG when it is None."""
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    return (torch.rand(n, 1, 8, 8, generator=generator, dtype=dtype),
+            torch.randint(0, 10, (n,), generator=generator))
+
+
+def save_teacher(path, **kwargs):
+    """A model file at `path` of small_cnn (width 4 unless `kwargs` say otherwise, seed 1): the untrained teacher
+    of the training tests. Returns the path."""
+    return save_model(tiny_cnn(1, **kwargs), path)
 
 
 def _train_pgd(model, x, y, eps, alpha, steps, generator):

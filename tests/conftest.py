@@ -22,8 +22,22 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
 if os.environ.get("TRITON_INTERPRET", "") != "1" and not torch.cuda.is_available():
     collect_ignore.append("triton")
 
+from _digits_model import digits_batch, save_teacher  # noqa: E402  (imports rkd_fast: after the cache is chosen)
+
 
 @pytest.fixture(autouse=True)
 def _seed():
     # Each test draws its inputs from a fixed seed, so a failure reproduces when the test runs alone.
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory):
+    """The training tests' teacher: an untrained small_cnn of width 4 (seed 1) in a model file."""
+    return save_teacher(tmp_path_factory.mktemp("teacher") / "teacher.pt")
+
+
+@pytest.fixture
+def tiny_batch():
+    """6 random digits-sized images in [0, 1] and their labels, from the seeded global RNG."""
+    return digits_batch(6)

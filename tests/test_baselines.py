@@ -5,22 +5,15 @@ import math
 
 import pytest
 import torch
+from _digits_model import digits_batch, tiny_cnn
 
-from rkd_fast.model_file import save_model
 from rkd_fast.cli import main
 from rkd_fast.datasets import dataset_info
-from rkd_fast.models import build_model
 from rkd_fast.train import make_config, train_model
 from rkd_fast.attacks.attacks import kl_attack
 from rkd_fast.train.methods import build_method
 
 FAST = dict(epochs=1, width=4, batch_size=256, attack_steps=2, progress=False, deterministic=True)
-
-
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory):
-    torch.manual_seed(1)
-    return str(save_model(build_model("small_cnn", width=4), tmp_path_factory.mktemp("teacher") / "teacher.pt"))
 
 
 def _kl(p, log_q):
@@ -39,14 +32,9 @@ def _kl_rounding(p, log_q):
     return 2 * FP32_EPS * (p * (p.log().abs() + log_q.abs())).sum(dim=1)
 
 
-def _batch(n=16):
-    gen = torch.Generator().manual_seed(3)
-    return torch.rand(n, 1, 8, 8, generator=gen), torch.randint(0, 10, (n,), generator=gen)
-
-
 @pytest.mark.parametrize("method", ["trades", "ard", "rslad"])
 def test_one_epoch_on_digits(method, teacher_file):
-    teacher = {"teacher": teacher_file} if method != "trades" else {}
+    teacher = {"teacher": str(teacher_file)} if method != "trades" else {}
     result = train_model(method=method, **teacher, **FAST)
     row = result.metrics[0]
     assert math.isfinite(row["train_total"]) and row["train_total"] > 0
@@ -54,27 +42,21 @@ def test_one_epoch_on_digits(method, teacher_file):
 
 
 def _method(name, teacher=None, **options):
-    torch.manual_seed(0)
-    student = build_model("small_cnn", width=4)
+    student = tiny_cnn(0)
     cfg = make_config(method=name, teacher="unused.pt" if teacher is not None else None, eps=0.1, alpha=0.03,
                       attack_steps=3, **options)
     info = dataset_info("digits")
-    x, _ = _batch()
+    x, _ = digits_batch(16, seed=3)
     import contextlib
     return build_method(cfg, student, teacher, info, x[:4], contextlib.nullcontext), student
-
-
-def _teacher_model():
-    torch.manual_seed(5)
-    return build_model("small_cnn", width=4).eval()
 
 
 @pytest.mark.parametrize("name,options", [("trades", {}), ("trades", {"trades_beta": 2.5}), ("ard", {}),
                                           ("ard", {"ard_alpha": 0.7, "ard_temperature": 4.0}), ("rslad", {})])
 def test_loss_matches_direct_computation(name, options):
-    teacher = _teacher_model() if name != "trades" else None
+    teacher = tiny_cnn(5).eval() if name != "trades" else None
     method, student = _method(name, teacher, **options)
-    x, y = _batch()
+    x, y = digits_batch(16, seed=3)
     student.train()
     state = {k: v.clone() for k, v in student.state_dict().items()}
     total, terms = method(x, y, 123)
@@ -122,13 +104,12 @@ def test_loss_matches_direct_computation(name, options):
 
 @pytest.mark.parametrize("own_prediction", [True, False])
 def test_kl_attack_increases_its_objective(own_prediction):
-    torch.manual_seed(0)
-    model = build_model("small_cnn", width=8)
+    model = tiny_cnn(0, width=8)
     model.train()
-    x, _ = _batch(32)
+    x, _ = digits_batch(32, seed=3)
     model.eval()
     with torch.no_grad():  # TRADES: the model's own clean prediction; RSLAD: another model's (a teacher's)
-        target = (model(x) if own_prediction else _teacher_model()(x)).softmax(1)
+        target = (model(x) if own_prediction else tiny_cnn(5).eval()(x)).softmax(1)
     model.train()
 
     def objective(z):
@@ -183,12 +164,11 @@ def test_single_step_baselines_match_their_papers(name):
     """fgsm-rs (Wong et al. 2020): uniform start in the eps-ball, step 1.25·eps, projected onto the ball and [0, 1].
     n-fgsm (de Jorge et al. 2022): noise uniform in [−2·eps, 2·eps], step eps, no projection onto the ball. Both:
     cross-entropy of the student (train mode) on the result; the noise comes from the step seed."""
-    torch.manual_seed(0)
-    student = build_model("small_cnn", width=4)
+    student = tiny_cnn(0)
     eps = 0.1
     method = build_method(make_config(method=name, eps=eps), student, None, dataset_info("digits"), None,
                           __import__("contextlib").nullcontext)
-    x, y = _batch()
+    x, y = digits_batch(16, seed=3)
     student.train()
     state = {k: v.clone() for k, v in student.state_dict().items()}
     total, terms = method(x, y, 123)

@@ -10,7 +10,8 @@ through `F.adaptive_avg_pool2d`'s backward in the feature adapter, since replace
 import pytest
 import torch
 import torch.nn.functional as F
-from test_trainer import FAST, _teacher
+from _digits_model import save_teacher
+from test_trainer import FAST
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from rkd_fast import attacks, jacobian_penalty
@@ -85,7 +86,7 @@ def test_the_recorder_sees_what_cuda_refuses():
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_trains_with_deterministic_cuda_ops(tmp_path, method):
-    teacher = {"teacher": str(_teacher(tmp_path / "t.pt"))} if method in teacher_methods() else {}
+    teacher = {"teacher": str(save_teacher(tmp_path / "t.pt"))} if method in teacher_methods() else {}
     pairs = {"feature_pairs": ("block2:block3",)} if method == "robust-kd" else {}  # an adapter that resizes
     assert _refused_ops(lambda: train_model(method=method, **teacher, **pairs, **FAST)) == set()
 

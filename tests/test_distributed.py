@@ -16,8 +16,7 @@ import torch
 import torch.distributed as dist
 
 import _ddp_worker  # noqa: F401  (registers small_cnn_nobn in this process too, for make_config)
-from rkd_fast.model_file import save_model
-from rkd_fast.models import build_model
+from _digits_model import save_teacher
 from rkd_fast.train import checkpoints
 from rkd_fast.train.config import make_config
 from rkd_fast import seeding
@@ -77,8 +76,8 @@ def _assert_same_training(a, b, atol):
 
 @pytest.fixture(scope="module")
 def teacher_file(tmp_path_factory):
-    torch.manual_seed(1)
-    return save_model(build_model("small_cnn", width=8).eval(), tmp_path_factory.mktemp("teacher") / "teacher.pt")
+    # conftest's teacher, wider: its block3 (32 channels at 2×2) is the target of the student's block2 adapter
+    return save_teacher(tmp_path_factory.mktemp("teacher") / "teacher.pt", width=8)
 
 
 @pytest.fixture(scope="module")

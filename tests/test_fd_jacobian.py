@@ -1,141 +1,85 @@
-"""rkd_fast.fd_jacobian_loss on CPU, every backend that can run here, against the oracle: backend="reference"
-evaluated in float64 on the same input values. The "cpu" cases skip (with the reason) while the C++ kernel is
-not built; the reference cases always run. Triton cases live in tests/triton, CUDA cases in
-test_fd_jacobian_gpu.py."""
+"""rkd_fast.fd_jacobian_loss on every backend, each on its device (the targets of tests/_op_backends.py: reference
+and cpu on CPU tensors, cuda and triton on a GPU), against the oracle: the reference evaluated in float64 on the
+same input values (tests/_fd_jacobian_checks.py). A target that cannot run here skips with the reason: the cpu one
+while the C++ kernel is not built, the GPU ones without a GPU (those are marked `gpu`). The Triton kernel on CPU
+tensors runs these same tests under the interpreter, in tests/triton.
+
+The shapes cover one warp / one block per row with K below and above the warp width and the Triton block (4096
+on a GPU, 64 under the interpreter), several rows per CUDA block with a partial last block, and empty batches and
+rows. The GPU targets have not run since the kernel took the reduction inside (no GPU was available)."""
 
 import math
 
 import pytest
 import torch
+from _fd_jacobian_checks import (DTYPES, LOSS_TOL, ON, REDUCTIONS, check_op, kernel, make_h, make_pair, oracle,
+                                 reference)
+from _op_backends import (COPY_OPS, assert_close_scaled, needs_cpu_kernel, ops_run, skip_large_under_interpreter,
+                          target_fixtures)
 
 import rkd_fast
-from _op_backends import backend_params, kernel_device_params
-from rkd_fast.ops._reference import fd_jacobian as reference
 from rkd_fast.ops.fd_jacobian import options
 
-STATUS, BACKENDS, needs_cpu = backend_params("fd_jacobian")
-CPU_OK = STATUS["cpu"] == "available"
-
-ON = ("logits", "probs")
-REDUCTIONS = ("mean", "sum", "none")
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-# (rtol, atol as a fraction of the largest expected magnitude), by input dtype. The differences are taken in
-# float32 from the input values, so losses are nearly as exact as float32 whatever the input dtype; gradients
-# are rounded to the input dtype (twice: the per-sample unit gradient, then its scale).
-LOSS_TOL = {torch.float64: (1e-9, 1e-12), torch.float32: (5e-5, 1e-6), torch.float16: (5e-5, 1e-6),
-            torch.bfloat16: (5e-5, 1e-6)}
-GRAD_TOL = {torch.float64: (1e-9, 1e-12), torch.float32: (1e-4, 1e-5), torch.float16: (2e-3, 1e-3),
-            torch.bfloat16: (1.6e-2, 8e-3)}
+target, kernel_target, cxx_kernel_target, gpu_target = target_fixtures(
+    "fd_jacobian", "target", "kernel_target", "cxx_kernel_target", "gpu_target")
+needs_cpu = needs_cpu_kernel("fd_jacobian")
 
 
-def make_pair(n, k, dtype=torch.float32, step=0.05, requires_grad=True):
-    """Outputs at x and at x + h·d: the second is the first plus a change of about the size of the step, as a
-    smooth model gives, so (s_pert - s_clean)/h is O(1)."""
-    clean = 2 * torch.randn(n, k)
-    pert = clean + step * torch.randn(n, k)
-    return (clean.to(dtype).requires_grad_(requires_grad), pert.to(dtype).requires_grad_(requires_grad))
+def _student_and_teacher(target, shape, dtype, with_teacher):
+    """s_clean, s_pert (requiring grad) of `shape` on the target's device, and a teacher pair or None."""
+    skip_large_under_interpreter("fd_jacobian", target, shape, shape)
+    n, k = shape
+    device = target[1]
+    s_clean, s_pert = make_pair(n, k, dtype, device)
+    return s_clean, s_pert, make_pair(n, k, dtype, device, requires_grad=False) if with_teacher else None
 
 
-def make_h(kind, n, requires_grad=False):
-    if kind == "float":
-        return 0.05
-    if kind == "0-d tensor":
-        return torch.tensor(0.04).requires_grad_(requires_grad)
-    return (0.03 + 0.04 * torch.rand(n)).requires_grad_(requires_grad)
-
-
-def assert_close_scaled(actual, expected, tol):
-    rtol, atol = tol
-    scale = expected.abs().max().item() if expected.numel() else 0.0
-    floor = 1e-12 if actual.dtype == torch.float64 else 1e-6
-    torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=atol * scale + floor,
-                               check_dtype=False, equal_nan=True)
-
-
-def _f64(x):
-    return None if x is None else x.detach().double().requires_grad_(x.requires_grad)
-
-
-def check_op(s_clean, s_pert, h, *, teacher=None, on="logits", temperature=1.0, reduction="mean", backend):
-    """Runs the op, then checks the loss and the gradient of every input that requires one (s_clean, s_pert,
-    a tensor h) against the float64 reference on the same values."""
-    t_clean, t_pert = teacher if teacher is not None else (None, None)
-    loss = rkd_fast.fd_jacobian_loss(s_clean, s_pert, h, t_clean=t_clean, t_pert=t_pert, on=on,
-                                     temperature=temperature, reduction=reduction, backend=backend)
-    h64 = _f64(h) if isinstance(h, torch.Tensor) else h
-    args64 = (_f64(s_clean), _f64(s_pert), h64, _f64(t_clean), _f64(t_pert))
-    expected = reference(*args64, on=on, temperature=temperature, reduction=reduction)
-
-    acc = torch.float64 if s_clean.dtype == torch.float64 else torch.float32
-    assert loss.dtype == acc
-    assert loss.shape == expected.shape == ((s_clean.shape[0],) if reduction == "none" else ())
-    assert_close_scaled(loss, expected, LOSS_TOL[s_clean.dtype])
-
-    inputs = [x for x in (s_clean, s_pert, h) if isinstance(x, torch.Tensor) and x.requires_grad]
-    assert loss.requires_grad == bool(inputs)
-    if not inputs:
-        return loss
-    # A different weight per sample checks that the backward scales each sample by its own upstream gradient.
-    weight = torch.rand(expected.shape, dtype=torch.float64) + 0.5
-    grads = torch.autograd.grad(loss, inputs, weight.to(loss.dtype))
-    expected_grads = torch.autograd.grad(
-        expected, [x for x in args64[:3] if isinstance(x, torch.Tensor) and x.requires_grad], weight)
-    for x, g, g64 in zip(inputs, grads, expected_grads):
-        assert g.dtype == x.dtype and g.shape == x.shape
-        tol = GRAD_TOL[s_clean.dtype] if x is not h else LOSS_TOL[torch.float32]
-        assert_close_scaled(g, g64, tol)
-    return loss
-
-
+@pytest.mark.parametrize("shape", [(6, 10), (37, 100)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("h_kind", ("float", "tensor", "0-d tensor"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("with_teacher", (False, True), ids=("penalty", "matching"))
 @pytest.mark.parametrize("on", ON)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_matches_reference(backend, on, with_teacher, reduction, dtype, h_kind):
-    n, k = 6, 10
-    s_clean, s_pert = make_pair(n, k, dtype)
-    teacher = make_pair(n, k, dtype, requires_grad=False) if with_teacher else None
-    check_op(s_clean, s_pert, make_h(h_kind, n, requires_grad=True), teacher=teacher, on=on, temperature=2.0,
-             reduction=reduction, backend=backend)
+def test_matches_reference(target, on, with_teacher, reduction, dtype, h_kind, shape):
+    backend, device = target
+    s_clean, s_pert, teacher = _student_and_teacher(target, shape, dtype, with_teacher)
+    check_op(s_clean, s_pert, make_h(h_kind, shape[0], device, requires_grad=True), teacher=teacher, on=on,
+             temperature=2.0, reduction=reduction, backend=backend)
 
 
-ODD_SHAPES = [(1, 1), (1, 7), (5, 1), (3, 1000), (33, 17), (0, 10), (4, 0)]
+ODD_SHAPES = [(1, 1), (1, 7), (5, 1), (3, 31), (3, 33), (9, 65), (33, 17), (2, 1000), (3, 1000), (7, 1000),
+              (2, 4097), (1029, 10), (0, 10), (4, 0)]
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("with_teacher", (False, True), ids=("penalty", "matching"))
 @pytest.mark.parametrize("on", ON)
 @pytest.mark.parametrize("shape", ODD_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_odd_shapes(backend, shape, on, with_teacher, dtype):
-    n, k = shape
-    s_clean, s_pert = make_pair(n, k, dtype)
-    teacher = make_pair(n, k, dtype, requires_grad=False) if with_teacher else None
+def test_odd_shapes(target, shape, on, with_teacher, dtype):
+    backend, device = target
+    s_clean, s_pert, teacher = _student_and_teacher(target, shape, dtype, with_teacher)
     for reduction in ("none", "sum"):
-        check_op(s_clean, s_pert, make_h("tensor", n), teacher=teacher, on=on, reduction=reduction,
+        check_op(s_clean, s_pert, make_h("tensor", shape[0], device), teacher=teacher, on=on, reduction=reduction,
                  backend=backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_mean_of_empty_batch_is_nan(backend):
-    s_clean, s_pert = make_pair(0, 10)
+def test_mean_of_empty_batch_is_nan(target):
+    backend, device = target
+    s_clean, s_pert = make_pair(0, 10, device=device)
     loss = rkd_fast.fd_jacobian_loss(s_clean, s_pert, 0.1, backend=backend)
     assert torch.isnan(loss)
 
 
 @pytest.mark.parametrize("on", ON)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_linear_model_gives_exact_directional_derivative(backend, on):
+def test_linear_model_gives_exact_directional_derivative(target, on):
     # An independent check of the definition (not of one implementation against another): for a linear model
     # s = x W the finite difference is exact, (s(x + h·d) - s(x))/h = d W, so on="logits" gives ‖d W‖²
     # and, with a teacher V, ‖d W - d V‖²; on="probs" gives ‖J_softmax(d W)‖² only as h → 0, so it is
     # compared with torch.func.jvp at a small step.
+    backend, device = target
     torch.manual_seed(1)
-    x, d = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
-    w, v = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
+    x, d = torch.randn(4, 6, dtype=torch.float64).to(device), torch.randn(4, 6, dtype=torch.float64).to(device)
+    w, v = torch.randn(6, 5, dtype=torch.float64).to(device), torch.randn(6, 5, dtype=torch.float64).to(device)
     h = 1e-6 if on == "probs" else 0.25
     losses = rkd_fast.fd_jacobian_loss(x @ w, (x + h * d) @ w, h, t_clean=x @ v, t_pert=(x + h * d) @ v, on=on,
                                        reduction="none", backend=backend)
@@ -148,65 +92,67 @@ def test_linear_model_gives_exact_directional_derivative(backend, on):
     torch.testing.assert_close(losses, expected, rtol=1e-5 if on == "probs" else 1e-12, atol=1e-9)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_temperature_only_changes_probs(backend):
-    s_clean, s_pert = make_pair(3, 8, requires_grad=False)
+def test_temperature_only_changes_probs(target):
+    backend, device = target
+    s_clean, s_pert = make_pair(3, 8, device=device, requires_grad=False)
     logits = [rkd_fast.fd_jacobian_loss(s_clean, s_pert, 0.1, on="logits", temperature=t, backend=backend)
               for t in (1.0, 4.0)]
     probs = [rkd_fast.fd_jacobian_loss(s_clean, s_pert, 0.1, on="probs", temperature=t, backend=backend)
              for t in (1.0, 4.0)]
     torch.testing.assert_close(logits[0], logits[1])
     assert not torch.allclose(probs[0], probs[1])
-    expected = reference(s_clean.double(), s_pert.double(), 0.1, on="probs", temperature=4.0)
-    assert_close_scaled(probs[1], expected, LOSS_TOL[torch.float32])
+    assert_close_scaled(probs[1], oracle(s_clean, s_pert, 0.1, on="probs", temperature=4.0), LOSS_TOL[torch.float32])
 
 
 @pytest.mark.parametrize("on", ON)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_large_logits_softmax_stays_finite(backend, on):
+def test_large_logits_softmax_stays_finite(target, on):
     # Max-subtraction in the softmax: logits of 1e4 would overflow exp() without it.
-    s_clean, s_pert = make_pair(3, 20, requires_grad=True)
+    backend, device = target
+    s_clean, s_pert = make_pair(3, 20, device=device, requires_grad=True)
     with torch.no_grad():
         s_clean.add_(1e4)
         s_pert.add_(1e4)
-    check_op(s_clean, s_pert, 0.05, on=on, temperature=0.5, reduction="none", backend=backend)
+    loss = check_op(s_clean, s_pert, 0.05, on=on, temperature=0.5, reduction="none", backend=backend)
+    assert torch.isfinite(loss).all()
 
 
 @pytest.mark.parametrize("layout", ("row_slice", "transposed", "column_slice"))
 @pytest.mark.parametrize("on", ON)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_strided_inputs(backend, on, layout):
+def test_strided_inputs(target, on, layout):
     # row_slice (rows of a wider tensor, unit-stride) is read in place; the others are copied to contiguous.
+    backend, device = target
+
     def view(x):
         if layout == "row_slice":
-            return torch.cat([x, torch.randn(x.shape[0], 3)], dim=1)[:, :x.shape[1]]
+            return torch.cat([x, torch.randn(x.shape[0], 3).to(device)], dim=1)[:, :x.shape[1]]
         if layout == "transposed":
             return x.t().contiguous().t()
         return torch.stack([x, torch.randn_like(x)], dim=2)[:, :, 0]
 
-    s_clean, s_pert = (view(x).requires_grad_() for x in make_pair(5, 9, requires_grad=False))
-    t_clean, t_pert = (view(x) for x in make_pair(5, 9, requires_grad=False))
+    s_clean, s_pert = (view(x).requires_grad_() for x in make_pair(5, 9, device=device, requires_grad=False))
+    t_clean, t_pert = (view(x) for x in make_pair(5, 9, device=device, requires_grad=False))
     assert not s_clean.is_contiguous()
-    check_op(s_clean, s_pert, make_h("tensor", 5), teacher=(t_clean, t_pert), on=on, reduction="none",
+    check_op(s_clean, s_pert, make_h("tensor", 5, device), teacher=(t_clean, t_pert), on=on, reduction="none",
              backend=backend)
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("needs", ("clean", "pert", "neither"))
 @pytest.mark.parametrize("on", ON)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_only_one_input_requires_grad(backend, on, needs):
-    s_clean, s_pert = make_pair(4, 7, requires_grad=False)
+def test_only_one_input_requires_grad(target, on, needs, dtype):
+    backend, device = target
+    s_clean, s_pert = make_pair(4, 7, dtype, device, requires_grad=False)
     s_clean.requires_grad_(needs == "clean")
     s_pert.requires_grad_(needs == "pert")
-    check_op(s_clean, s_pert, 0.05, teacher=make_pair(4, 7, requires_grad=False), on=on, reduction="sum",
-             backend=backend)
+    check_op(s_clean, s_pert, 0.05, teacher=make_pair(4, 7, dtype, device, requires_grad=False), on=on,
+             reduction="sum", backend=backend)
 
 
 @pytest.mark.parametrize("on", ON)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_teacher_gets_no_gradient(backend, on):
-    s_clean, s_pert = make_pair(4, 7)
-    t_clean, t_pert = make_pair(4, 7, requires_grad=True)  # requires grad, yet is a constant target
+def test_teacher_gets_no_gradient(target, on):
+    backend, device = target
+    s_clean, s_pert = make_pair(4, 7, device=device)
+    t_clean, t_pert = make_pair(4, 7, device=device, requires_grad=True)  # requires grad, yet is a constant target
     loss = rkd_fast.fd_jacobian_loss(s_clean, s_pert, 0.05, t_clean=t_clean, t_pert=t_pert, on=on,
                                      backend=backend)
     loss.backward()
@@ -214,20 +160,20 @@ def test_teacher_gets_no_gradient(backend, on):
     assert s_clean.grad is not None and s_pert.grad is not None
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_logits_gradients_are_opposite(backend):
-    s_clean, s_pert = make_pair(4, 7)
+def test_logits_gradients_are_opposite(target):
+    backend, device = target
+    s_clean, s_pert = make_pair(4, 7, device=device)
     grads = torch.autograd.grad(rkd_fast.fd_jacobian_loss(s_clean, s_pert, 0.05, backend=backend),
                                 (s_clean, s_pert))
     torch.testing.assert_close(grads[0], -grads[1])
 
 
 @pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.float32), (torch.float32, torch.float64)], ids=str)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_mixed_dtypes_are_promoted(backend, dtypes):
+def test_mixed_dtypes_are_promoted(target, dtypes):
+    backend, device = target
     student_dtype, teacher_dtype = dtypes
-    s_clean, s_pert = make_pair(3, 6, student_dtype)
-    t_clean, t_pert = make_pair(3, 6, teacher_dtype, requires_grad=False)
+    s_clean, s_pert = make_pair(3, 6, student_dtype, device)
+    t_clean, t_pert = make_pair(3, 6, teacher_dtype, device, requires_grad=False)
     loss = rkd_fast.fd_jacobian_loss(s_clean, s_pert, 0.05, t_clean=t_clean, t_pert=t_pert, on="probs",
                                      backend=backend)
     common = torch.promote_types(student_dtype, teacher_dtype)
@@ -238,21 +184,30 @@ def test_mixed_dtypes_are_promoted(backend, dtypes):
     assert all(g.dtype == student_dtype for g in grads)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_no_grad_mode(backend):
-    s_clean, s_pert = make_pair(3, 6)
+def test_no_grad_mode(target):
+    backend, device = target
+    s_clean, s_pert = make_pair(3, 6, device=device)
     with torch.no_grad():
         loss = rkd_fast.fd_jacobian_loss(s_clean, s_pert, 0.05, on="probs", backend=backend)
     assert not loss.requires_grad
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_nan_input_propagates(backend):
-    s_clean, s_pert = make_pair(3, 6, requires_grad=False)
+def test_nan_input_propagates(target):
+    backend, device = target
+    s_clean, s_pert = make_pair(3, 6, device=device, requires_grad=False)
     s_pert[1, 2] = math.nan
     for on in ON:
         losses = rkd_fast.fd_jacobian_loss(s_clean, s_pert, 0.05, on=on, reduction="none", backend=backend)
         assert torch.isnan(losses[1]) and torch.isfinite(losses[[0, 2]]).all()
+
+
+def test_cuda_h_is_not_checked(gpu_target):
+    # Documented: reading a CUDA h back would synchronise, so a zero step is not refused; it gives inf/nan.
+    backend, device = gpu_target
+    s_clean, s_pert = make_pair(3, 5, device=device, requires_grad=False)
+    h = torch.tensor([0.1, 0.0, 0.1], device=device)
+    losses = rkd_fast.fd_jacobian_loss(s_clean, s_pert, h, reduction="none", backend=backend)
+    assert torch.isfinite(losses[[0, 2]]).all() and not torch.isfinite(losses[1])
 
 
 # --- the fused backward: the gradients come from the forward ---------------------------------------------------
@@ -262,18 +217,18 @@ def test_backward_of_an_unweighted_loss_costs_nothing():
     # For an upstream gradient of one the backward hands on the gradients the forward wrote: no op runs.
     s_clean, s_pert = make_pair(4, 7)
     loss = rkd_fast.fd_jacobian_loss(s_clean, s_pert, 0.05, backend="cpu")
-    names = _ops_run(lambda: torch.autograd.grad(loss, (s_clean, s_pert), retain_graph=True))
+    names = ops_run(lambda: torch.autograd.grad(loss, (s_clean, s_pert), retain_graph=True))
     assert not names & ({"aten::mul"} | COPY_OPS), sorted(names)
-    assert "aten::mul" in _ops_run(lambda: torch.autograd.grad(loss * 0.5, (s_clean, s_pert)))
+    assert "aten::mul" in ops_run(lambda: torch.autograd.grad(loss * 0.5, (s_clean, s_pert)))
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_backward_twice(backend, reduction):
+def test_backward_twice(target, reduction):
     # retain_graph: each backward scales the forward's gradients afresh, and a change to .grad in between (which
     # may share memory with what the first backward returned) does not reach the second.
-    s_clean, s_pert = make_pair(4, 7)
-    h = make_h("tensor", 4, requires_grad=True)
+    backend, device = target
+    s_clean, s_pert = make_pair(4, 7, device=device)
+    h = make_h("tensor", 4, device, requires_grad=True)
     loss = rkd_fast.fd_jacobian_loss(s_clean, s_pert, h, on="probs", reduction=reduction, backend=backend).sum()
     loss.backward(retain_graph=True)
     first = [x.grad.clone() for x in (s_clean, s_pert, h)]
@@ -288,10 +243,10 @@ def test_backward_twice(backend, reduction):
 
 # --- large values (issue 13 §7) ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_large_step_in_float64(backend):
+def test_large_step_in_float64(target):
     # float64 holds h = 1e150 and the loss it gives, ~1e-300 per element: no silent 0.
-    s_clean, s_pert = make_pair(3, 6, torch.float64, requires_grad=False)
+    backend, device = target
+    s_clean, s_pert = make_pair(3, 6, torch.float64, device, requires_grad=False)
     losses = rkd_fast.fd_jacobian_loss(s_clean, s_pert, 1e150, reduction="none", backend=backend)
     expected = (((s_pert - s_clean) * 1e-75) ** 2).sum(dim=1) * 1e-150  # ‖d‖² / h², scaled to stay in range
     assert (losses > 0).all()
@@ -300,10 +255,12 @@ def test_large_step_in_float64(backend):
 
 @pytest.mark.parametrize("h", (1e300, 1e-40, torch.tensor([0.1, 1e300], dtype=torch.float64)),
                          ids=("1e300", "1e-40", "float64 tensor"))
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_step_outside_the_accumulation_range_is_refused(backend, h):
+def test_step_outside_the_accumulation_range_is_refused(target, h):
     # float32 inputs are computed in float32, where h = 1e300 is inf (the loss silently 0) and 1/1e-40 is inf.
-    s_clean, s_pert = make_pair(2, 5)
+    backend, device = target
+    if isinstance(h, torch.Tensor) and device == "cuda":
+        pytest.skip("a CUDA h is not read back (test_cuda_h_is_not_checked)")
+    s_clean, s_pert = make_pair(2, 5, device=device)
     with pytest.raises(ValueError, match="outside the range of torch.float32"):
         rkd_fast.fd_jacobian_loss(s_clean, s_pert, h, backend=backend)
 
@@ -312,11 +269,13 @@ def test_step_outside_the_accumulation_range_is_refused(backend, h):
 
 @pytest.mark.parametrize("with_teacher", (False, True), ids=("penalty", "matching"))
 @pytest.mark.parametrize("on", ON)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_gradcheck(backend, on, with_teacher):
-    s_clean, s_pert = make_pair(3, 5, torch.float64, step=0.2)
-    teacher = make_pair(3, 5, torch.float64, step=0.2, requires_grad=False) if with_teacher else (None, None)
-    h = make_h("tensor", 3, requires_grad=True).double().detach().requires_grad_()
+def test_gradcheck(target, on, with_teacher):
+    backend, device = target
+    k = 40 if device == "cuda" else 5  # on a GPU above the warp width; small where each evaluation costs more
+    s_clean, s_pert = make_pair(3, k, torch.float64, device, step=0.2)
+    teacher = make_pair(3, k, torch.float64, device, step=0.2, requires_grad=False) if with_teacher \
+        else (None, None)
+    h = make_h("tensor", 3, device).double().requires_grad_()
     for reduction in ("none", "mean"):
         assert torch.autograd.gradcheck(
             lambda a, b, step: rkd_fast.fd_jacobian_loss(a, b, step, t_clean=teacher[0], t_pert=teacher[1], on=on,
@@ -324,46 +283,56 @@ def test_gradcheck(backend, on, with_teacher):
             (s_clean, s_pert, h))
 
 
-def _opcheck_samples():
-    def h(n, dtype=torch.float32):
-        return (0.03 + 0.04 * torch.rand(n, dtype=dtype)).requires_grad_()
-
-    return [  # h gets a gradient from reduction "none" only (fd_jacobian_loss reduces those itself)
-        (*make_pair(4, 10), h(4).detach(), None, None, "logits", 1.0, "mean"),
-        (*make_pair(4, 10), h(4), *make_pair(4, 10, requires_grad=False), "probs", 2.0, "none"),
-        (*make_pair(3, 7, torch.bfloat16), h(3).detach(), *make_pair(3, 7, torch.bfloat16, requires_grad=False),
-         "probs", 1.0, "sum"),
-        (*make_pair(3, 7, torch.float16), torch.tensor(0.05), None, None, "logits", 1.0, "mean"),
-        (*make_pair(2, 5, torch.float64), h(2, torch.float64), *make_pair(2, 5, torch.float64,
-                                                                          requires_grad=False),
-         "logits", 1.0, "none"),
-    ]
-
-
-@needs_cpu
-@pytest.mark.parametrize("index", range(5))
-def test_opcheck(index):
-    s_clean, s_pert, h, t_clean, t_pert, on, temperature, reduction = _opcheck_samples()[index]
-    torch.library.opcheck(torch.ops.rkd_fast.fd_jacobian_fwd,
-                          (s_clean, s_pert, h, t_clean, t_pert, temperature,
-                           options(on, reduction, s_clean.requires_grad, s_pert.requires_grad)))
+# (s_clean and s_pert, t_clean and t_pert as (n, k, dtype, requires_grad, teacher?), h, on, temperature,
+# reduction); h gets a gradient from reduction "none" only (fd_jacobian_loss reduces those itself)
+OPCHECK_SAMPLES = [
+    ((4, 10, torch.float32, True, False), "tensor", "logits", 1.0, "mean"),
+    ((4, 10, torch.float32, True, True), "tensor with grad", "probs", 2.0, "none"),
+    ((3, 7, torch.bfloat16, True, True), "tensor", "probs", 1.0, "sum"),
+    ((3, 7, torch.float16, True, False), "0-d tensor", "logits", 1.0, "mean"),
+    ((2, 5, torch.float64, True, True), "float64 tensor with grad", "logits", 1.0, "none"),
+    # K = 33: a partial warp after a full one
+    *[((6, 33, dtype, True, True), h, on, 2.0, reduction) for on in ON for dtype in (torch.float32, torch.bfloat16)
+      for h, reduction in (("tensor with grad", "none"), ("tensor", "mean"))],
+    # a penalty, a bfloat16 matching, and one with the gradient of s_pert only
+    *[((3, 7, dtype, grads, teacher), h, on, 2.0, reduction)
+      for dtype, grads, on, teacher in ((torch.float32, True, "logits", False), (torch.bfloat16, True, "probs", True),
+                                        (torch.float32, "pert", "probs", False))
+      for h, reduction in (("tensor with grad", "none"), ("tensor", "mean"))],
+]
 
 
-@pytest.mark.parametrize("h_kind", ("float", "tensor"))
-@pytest.mark.parametrize("on", ON)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_compile_fullgraph(backend, on, h_kind):
+def _opcheck_h(kind, n, device):
+    if kind == "0-d tensor":
+        return torch.tensor(0.05, device=device)
+    dtype = torch.float64 if kind.startswith("float64") else torch.float32
+    return (0.03 + 0.04 * torch.rand(n, dtype=dtype, device=device)).requires_grad_(kind.endswith("with grad"))
+
+
+@pytest.mark.parametrize("index", range(len(OPCHECK_SAMPLES)))
+def test_opcheck(kernel_target, index):
+    backend, device = kernel_target
+    (n, k, dtype, grads, with_teacher), h_kind, on, temperature, reduction = OPCHECK_SAMPLES[index]
+    s_clean, s_pert = make_pair(n, k, dtype, device)
+    if grads == "pert":
+        s_clean = s_clean.detach()
+    t_clean, t_pert = make_pair(n, k, dtype, device, requires_grad=False) if with_teacher else (None, None)
+    torch.library.opcheck(kernel(backend), (s_clean, s_pert, _opcheck_h(h_kind, n, device), t_clean, t_pert,
+                                            temperature,
+                                            options(on, reduction, s_clean.requires_grad, s_pert.requires_grad)))
+
+
+def check_compiled(backend, device, on, h_kind, with_teacher, compiler):
+    """The op under torch.compile(fullgraph=True): the same loss and gradients as eager."""
     def step(s_clean, s_pert, h, t_clean, t_pert):
         return rkd_fast.fd_jacobian_loss(s_clean, s_pert, h, t_clean=t_clean, t_pert=t_pert, on=on,
                                          reduction="sum", backend=backend) * 0.5
 
     torch._dynamo.reset()
-    s_clean, s_pert = make_pair(4, 9)
-    t_clean, t_pert = make_pair(4, 9, requires_grad=False)
-    h = make_h(h_kind, 4)
-    # aot_eager runs the same graph capture (Dynamo + AOTAutograd, the fake kernel, the autograd formula) as
-    # inductor without its C++ code generation, which takes minutes on 2 cores.
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    s_clean, s_pert = make_pair(4, 9, device=device)
+    t_clean, t_pert = make_pair(4, 9, device=device, requires_grad=False) if with_teacher else (None, None)
+    h = make_h(h_kind, 4, device)
+    compiled = torch.compile(step, fullgraph=True, backend=compiler)
     loss = compiled(s_clean, s_pert, h, t_clean, t_pert)
     grads = torch.autograd.grad(loss, (s_clean, s_pert))
     eager_loss = step(s_clean, s_pert, h, t_clean, t_pert)
@@ -374,16 +343,21 @@ def test_compile_fullgraph(backend, on, h_kind):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("h_kind", ("float", "tensor"))
+@pytest.mark.parametrize("on", ON)
+def test_compile_fullgraph(target, on, h_kind):
+    # aot_eager runs the same graph capture (Dynamo + AOTAutograd, the fake kernel, the autograd formula) as
+    # inductor without its C++ code generation, which takes minutes on 2 cores.
+    backend, device = target
+    check_compiled(backend, device, on, h_kind, True, "aot_eager")
+
+
+def test_compile_inductor_on_gpu(gpu_target):
+    backend, device = gpu_target
+    check_compiled(backend, device, "probs", "tensor", False, "inductor")
+
+
 # --- the kernel path --------------------------------------------------------------------------------------------
-
-COPY_OPS = {"aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy"}
-
-
-def _ops_run(fn):
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    return {event.name for event in prof.events()}
-
 
 @needs_cpu
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
@@ -391,9 +365,8 @@ def test_kernel_reads_in_place(dtype):
     s_clean, s_pert = make_pair(4, 12, dtype)
     wide = torch.randn(4, 20).to(dtype)
     t_clean, t_pert = wide[:, :12], wide[:, 8:]  # unit-stride rows of a wider tensor
-    names = _ops_run(lambda: rkd_fast.fd_jacobian_loss(s_clean, s_pert, 0.1, t_clean=t_clean, t_pert=t_pert,
-                                                       on="probs", reduction="none", backend="cpu"))
-    # reduction="none": the mean's own scalar cast would show up as a copy.
+    names = ops_run(lambda: rkd_fast.fd_jacobian_loss(s_clean, s_pert, 0.1, t_clean=t_clean, t_pert=t_pert,
+                                                      on="probs", reduction="none", backend="cpu"))
     assert "rkd_fast::fd_jacobian_fwd" in names  # the kernel did run under the profiler
     assert not names & COPY_OPS, f"copies before or inside the kernel: {sorted(names & COPY_OPS)}"
 
@@ -402,25 +375,25 @@ def test_kernel_reads_in_place(dtype):
 def test_copy_probe_sees_copies():
     # The probe above must be able to fail: column-major inputs are documented to be copied to contiguous.
     s_clean, s_pert = (x.t().contiguous().t() for x in make_pair(4, 12, requires_grad=False))
-    names = _ops_run(lambda: rkd_fast.fd_jacobian_loss(s_clean, s_pert, 0.1, reduction="none", backend="cpu"))
+    names = ops_run(lambda: rkd_fast.fd_jacobian_loss(s_clean, s_pert, 0.1, reduction="none", backend="cpu"))
     assert "rkd_fast::fd_jacobian_fwd" in names and names & COPY_OPS
 
 
 @needs_cpu
 def test_auto_uses_the_cpu_kernel():
     s_clean, s_pert = make_pair(2, 5)
-    names = _ops_run(lambda: rkd_fast.fd_jacobian_loss(s_clean, s_pert, 0.1))
+    names = ops_run(lambda: rkd_fast.fd_jacobian_loss(s_clean, s_pert, 0.1))
     assert "rkd_fast::fd_jacobian_fwd" in names
 
 
 # --- bad input -----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("device", kernel_device_params("fd_jacobian"))
-def test_kernel_refuses_bad_arguments(device):
+def test_kernel_refuses_bad_arguments(cxx_kernel_target):
     # The op called directly, past the Python checks: the C++ checks (csrc/input_checks.cpp, one definition for
     # the CPU and CUDA kernels) name the problem, with the Python API's exception types.
-    op = torch.ops.rkd_fast.fd_jacobian_fwd
-    s, p = (x.to(device) for x in make_pair(3, 5, requires_grad=False))
+    backend, device = cxx_kernel_target
+    op = kernel(backend)
+    s, p = make_pair(3, 5, device=device, requires_grad=False)
     h = torch.full((3,), 0.1, device=device)
     logits, probs = options("logits", "mean", False, False), options("probs", "mean", False, False)
     cases = [

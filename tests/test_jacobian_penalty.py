@@ -8,24 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from _digits_model import one_thread, tiny_cnn
 
 import rkd_fast
 from rkd_fast.bench.jacobian_accuracy import penalty_rows, relative_error, train_small_cnn
 from rkd_fast.datasets import load_digits
 from rkd_fast.jacobian import STEP_PER_PIXEL, default_step, draw_direction, jacobian_penalty
-from rkd_fast.models import build_model
-
-
-def tiny_cnn(num_classes=10, seed=0):
-    torch.manual_seed(seed)
-    return build_model("small_cnn", num_classes=num_classes, width=4)
-
-
-@pytest.fixture
-def batch():
-    x = torch.rand(6, 1, 8, 8)
-    y = torch.randint(0, 10, (6,))
-    return x, y
 
 
 def _fd_by_hand(student, teacher, x, d, h):
@@ -54,8 +42,8 @@ def test_linf_directions_are_signs(direction):
     assert set(d.unique().tolist()) == {-1.0, 1.0}
 
 
-def test_grad_direction_is_the_normalised_teacher_input_gradient(batch):
-    x, y = batch
+def test_grad_direction_is_the_normalised_teacher_input_gradient(tiny_batch):
+    x, y = tiny_batch
     student, teacher = tiny_cnn(seed=1).eval(), tiny_cnn(seed=2).eval()
     x_req = x.clone().requires_grad_()
     (g,) = torch.autograd.grad(F.cross_entropy(teacher(x_req), y, reduction="sum"), x_req)
@@ -72,8 +60,8 @@ def test_grad_direction_is_the_normalised_teacher_input_gradient(batch):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
-def test_grad_direction_without_teacher_uses_the_student(batch):
-    x, y = batch
+def test_grad_direction_without_teacher_uses_the_student(tiny_batch):
+    x, y = tiny_batch
     student = tiny_cnn(seed=1).eval()
     x_req = x.clone().requires_grad_()
     (g,) = torch.autograd.grad(F.cross_entropy(student(x_req), y, reduction="sum"), x_req)
@@ -84,8 +72,8 @@ def test_grad_direction_without_teacher_uses_the_student(batch):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
-def test_rademacher_penalty_matches_the_hand_computation(batch):
-    x, _ = batch
+def test_rademacher_penalty_matches_the_hand_computation(tiny_batch):
+    x, _ = tiny_batch
     student, teacher = tiny_cnn(seed=1).eval(), tiny_cnn(seed=2).eval()
     torch.manual_seed(5)
     got = jacobian_penalty(student, x, teacher=teacher, h=1e-2, reduction="none")
@@ -134,14 +122,14 @@ def test_fraction_selects_a_subset_and_scales_the_reductions():
 
 def test_fraction_rounds_to_at_least_one_sample():
     x = torch.rand(3, 1, 8, 8)
-    rows = jacobian_penalty(tiny_cnn().eval(), x, h=1e-2, fraction=0.01, reduction="none")
+    rows = jacobian_penalty(tiny_cnn(0).eval(), x, h=1e-2, fraction=0.01, reduction="none")
     assert int((rows != 0).sum()) == 1
 
 
 @pytest.mark.parametrize("estimator", ["fd", "exact"])
 @pytest.mark.parametrize("fraction", [1.0, 0.5])
-def test_return_outputs_cover_the_whole_batch(batch, estimator, fraction):
-    x, y = batch
+def test_return_outputs_cover_the_whole_batch(tiny_batch, estimator, fraction):
+    x, y = tiny_batch
     student, teacher = tiny_cnn(seed=1).eval(), tiny_cnn(seed=2).eval()
     loss, s, t = jacobian_penalty(student, x, y, teacher=teacher, estimator=estimator, fraction=fraction,
                                   return_outputs=True)
@@ -162,8 +150,8 @@ def test_return_outputs_cover_the_whole_batch(batch, estimator, fraction):
 
 @pytest.mark.parametrize("estimator", ["fd", "exact"])
 @pytest.mark.parametrize("direction", ["rademacher", "grad"])
-def test_teacher_gets_no_gradients(batch, estimator, direction):
-    x, y = batch
+def test_teacher_gets_no_gradients(tiny_batch, estimator, direction):
+    x, y = tiny_batch
     student, teacher = tiny_cnn(seed=1), tiny_cnn(seed=2).eval()
     state = copy.deepcopy(teacher.state_dict())
     assert all(p.requires_grad for p in teacher.parameters())
@@ -181,8 +169,8 @@ def test_teacher_gets_no_gradients(batch, estimator, direction):
 
 @pytest.mark.parametrize("estimator", ["fd", "exact"])
 @pytest.mark.parametrize("fraction", [1.0, 0.5])
-def test_running_stats_are_those_of_a_clean_forward(batch, estimator, fraction):
-    x, y = batch
+def test_running_stats_are_those_of_a_clean_forward(tiny_batch, estimator, fraction):
+    x, y = tiny_batch
     student, teacher = tiny_cnn(seed=1).train(), tiny_cnn(seed=2).train()
     clean_s, clean_t = copy.deepcopy(student), copy.deepcopy(teacher)
     clean_s(x)
@@ -212,8 +200,8 @@ def test_perturbed_pass_uses_the_clean_batch_statistics():
 # --- fd against exact ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("on", ["logits", "probs"])
-def test_exact_matches_torch_func_jvp_float64(batch, on):
-    x, _ = batch
+def test_exact_matches_torch_func_jvp_float64(tiny_batch, on):
+    x, _ = tiny_batch
     x = x.double()
     student, teacher = tiny_cnn(seed=1).double().eval(), tiny_cnn(seed=2).double().eval()
     torch.manual_seed(7)
@@ -245,15 +233,15 @@ def test_fd_matches_exact_float64_with_gradients(on, train):
     torch.testing.assert_close(grads["fd"], grads["exact"], rtol=1e-3, atol=1e-6 * grads["exact"].abs().max())
 
 
-def test_fd_matches_exact_float32(batch):
-    x, _ = batch
+def test_fd_matches_exact_float32(tiny_batch):
+    x, _ = tiny_batch
     student = tiny_cnn(seed=1).eval()
     fd, exact = (penalty_rows(student, x, torch.float32, estimator=m) for m in ("fd", "exact"))
     assert relative_error(fd, exact)[0] < 0.02
 
 
-def test_exact_runs_without_grad_mode(batch):
-    x, _ = batch
+def test_exact_runs_without_grad_mode(tiny_batch):
+    x, _ = tiny_batch
     student = tiny_cnn(seed=1).eval()
     with torch.no_grad():
         loss = jacobian_penalty(student, x, estimator="exact")
@@ -262,8 +250,8 @@ def test_exact_runs_without_grad_mode(batch):
 
 # --- precision ----------------------------------------------------------------------------------------------
 
-def test_bfloat16_autocast_default_runs_the_passes_in_float32(batch):
-    x, _ = batch
+def test_bfloat16_autocast_default_runs_the_passes_in_float32(tiny_batch):
+    x, _ = tiny_batch
     student = tiny_cnn(seed=1).eval()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, s_default, _ = jacobian_penalty(student, x, return_outputs=True)
@@ -271,8 +259,8 @@ def test_bfloat16_autocast_default_runs_the_passes_in_float32(batch):
     assert s_default.dtype == torch.float32 and s_explicit.dtype == torch.bfloat16
 
 
-def test_float16_autocast_keeps_float16(batch):
-    x, _ = batch
+def test_float16_autocast_keeps_float16(tiny_batch):
+    x, _ = tiny_batch
     with torch.autocast("cpu", dtype=torch.float16):
         _, s, _ = jacobian_penalty(tiny_cnn(seed=1).eval(), x, return_outputs=True)
     assert s.dtype == torch.float16
@@ -295,15 +283,15 @@ def test_float16_autocast_keeps_float16(batch):
     ({"temperature": 0.0}, ValueError, "temperature"),
     ({"direction": "grad"}, ValueError, "needs the labels y"),
 ])
-def test_bad_arguments(batch, kwargs, error, match):
-    x, _ = batch
+def test_bad_arguments(tiny_batch, kwargs, error, match):
+    x, _ = tiny_batch
     with pytest.raises(error, match=match):
-        jacobian_penalty(tiny_cnn(), x, **kwargs)
+        jacobian_penalty(tiny_cnn(0), x, **kwargs)
 
 
-def test_bad_inputs(batch):
-    x, y = batch
-    student = tiny_cnn()
+def test_bad_inputs(tiny_batch):
+    x, y = tiny_batch
+    student = tiny_cnn(0)
     with pytest.raises(TypeError, match="floating-point"):
         jacobian_penalty(student, (x * 255).to(torch.uint8))
     with pytest.raises(TypeError, match="torch.Tensor"):
@@ -311,7 +299,7 @@ def test_bad_inputs(batch):
     with pytest.raises(ValueError, match="y must be"):
         jacobian_penalty(student, x, y[:3], direction="grad")
     with pytest.raises(ValueError, match="class counts differ"):
-        jacobian_penalty(student, x, teacher=tiny_cnn(num_classes=7))
+        jacobian_penalty(student, x, teacher=tiny_cnn(0, num_classes=7))
     with pytest.raises(ValueError, match=r"\(N, K\)"):
         jacobian_penalty(nn.Flatten(0), x)
 
@@ -320,14 +308,9 @@ def test_bad_inputs(batch):
 
 @pytest.fixture(scope="module")
 def trained_cnn():
-    # The digits CNN after 200 seeded SGD steps (a few seconds); 128 test images. One thread: 8×8 images gain
-    # nothing from more, and a busy machine's thread contention makes this many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    # The digits CNN after 200 seeded SGD steps (a few seconds); 128 test images.
+    with one_thread():
         model = train_small_cnn(steps=200, seed=0)
-    finally:
-        torch.set_num_threads(threads)
     x, _ = load_digits("test")
     return model, x[:128]
 
@@ -359,7 +342,7 @@ def test_exported():
 @pytest.mark.parametrize("compile_in_place", [False, True])
 def test_compiled_student_with_train_mode_batchnorm_is_refused(compile_in_place):
     # Dynamo does not guard on forward hooks, so a compiled graph could skip the statistics recording silently.
-    student = build_model("small_cnn", width=4).train()
+    student = tiny_cnn().train()
     if compile_in_place:
         student.compile()
     else:

@@ -5,21 +5,15 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from _digits_model import digits_batch, tiny_cnn
 
 from rkd_fast import RobustKDLoss, jacobian_penalty
 from rkd_fast.losses import FeatureAdapter, kd_loss
-from rkd_fast.models import build_model
 from rkd_fast.ops import _reference
 
 
 def _models(student_width=4, teacher_width=8, num_classes=10):
-    student = build_model("small_cnn", width=student_width)
-    teacher = build_model("small_cnn", width=teacher_width, num_classes=num_classes)
-    return student, teacher
-
-
-def _batch(n=12):
-    return torch.rand(n, 1, 8, 8), torch.randint(0, 10, (n,))
+    return tiny_cnn(width=student_width), tiny_cnn(width=teacher_width, num_classes=num_classes)
 
 
 def _features(model, x, names):
@@ -36,7 +30,7 @@ def _features(model, x, names):
 def test_terms_match_plain_pytorch():
     student, teacher = _models()
     student.eval()  # eval mode: a second forward of the reference sees the same function
-    x, y = _batch()
+    x, y = digits_batch(12)
     pairs = [("block2", "block3"), ("block3", "block3")]
     weights = dict(ce_weight=0.7, kd_weight=1.3, kd_temperature=3.0, feat_weight=0.4, jac_weight=2.0)
     jac_options = {"direction": "rademacher", "h": 1e-2, "on": "probs", "temperature": 2.0}
@@ -72,7 +66,7 @@ def test_terms_match_plain_pytorch():
 
 def test_terms_are_detached_0d_tensors():
     student, teacher = _models()
-    x, y = _batch()
+    x, y = digits_batch(12)
     total, terms = RobustKDLoss(student, teacher, feature_pairs=[("block3", "block3")], example_input=x)(x, y)
     assert set(terms) == {"ce", "kd", "feat", "jac", "total"}
     for value in terms.values():
@@ -84,7 +78,7 @@ def test_hooks_record_the_clean_pass_only():
     # Train mode: the Jacobian term's perturbed forward must not replace the clean features. A copy made before
     # the step gives the clean forward's features (same weights, same batch statistics).
     student, teacher = _models()
-    x, y = _batch()
+    x, y = digits_batch(12)
     loss_fn = RobustKDLoss(student, teacher, feature_pairs=[("block2", "block2")], example_input=x,
                            ce_weight=0, kd_weight=0, jac_weight=1.0, jacobian={"h": 0.5})
     reference_student = copy.deepcopy(student)
@@ -110,7 +104,7 @@ def _count_clean_calls(model, x):
 @pytest.mark.parametrize("jac_weight", [0.0, 1.0])
 def test_one_clean_forward_per_model(jac_weight):
     student, teacher = _models()
-    x, y = _batch()
+    x, y = digits_batch(12)
     loss_fn = RobustKDLoss(student, teacher, feature_pairs=[("block3", "block3")], example_input=x,
                            jac_weight=jac_weight)
     s_calls, s_handle = _count_clean_calls(student, x)
@@ -124,7 +118,7 @@ def test_one_clean_forward_per_model(jac_weight):
 
 def test_zero_weights_skip_terms_and_teacher():
     student, teacher = _models()
-    x, y = _batch()
+    x, y = digits_batch(12)
     loss_fn = RobustKDLoss(student, teacher, feature_pairs=[("block3", "block3")], example_input=x,
                            kd_weight=0, feat_weight=0, jac_weight=0)
     assert not loss_fn.feature_pairs and len(loss_fn.adapters) == 0  # no hooks, no adapters for a skipped term
@@ -138,7 +132,7 @@ def test_zero_weights_skip_terms_and_teacher():
 
 def test_parameters_state_dict_and_mode_hold_adapters_only():
     student, teacher = _models()
-    x, _ = _batch()
+    x, _ = digits_batch(12)
     loss_fn = RobustKDLoss(student, teacher, feature_pairs=[("block2", "block3")], example_input=x)
     names = [name for name, _ in loss_fn.named_parameters()]
     assert names == ["adapters.0.proj.weight"]
@@ -153,7 +147,7 @@ def test_parameters_state_dict_and_mode_hold_adapters_only():
     # An optimizer built right after construction sees the adapter, which then learns.
     optimizer = torch.optim.SGD(list(student.parameters()) + list(loss_fn.parameters()), lr=0.1)
     before = loss_fn.adapters[0].proj.weight.detach().clone()
-    x, y = _batch()
+    x, y = digits_batch(12)
     loss_fn(x, y)[0].backward()
     optimizer.step()
     assert not torch.equal(before, loss_fn.adapters[0].proj.weight)
@@ -161,7 +155,7 @@ def test_parameters_state_dict_and_mode_hold_adapters_only():
 
 def test_teacher_runs_in_eval_mode_even_if_switched():
     student, teacher = _models()
-    x, y = _batch()
+    x, y = digits_batch(12)
     loss_fn = RobustKDLoss(student, teacher, feat_weight=0, jac_weight=0)
     teacher.train()
     stats = teacher.block1[1].running_mean.clone()
@@ -174,7 +168,7 @@ def test_construction_leaves_batchnorm_statistics_alone():
     student, teacher = _models()
     student.train()
     stats = student.block1[1].running_mean.clone()
-    RobustKDLoss(student, teacher, feature_pairs=[("block3", "block3")], example_input=_batch()[0])
+    RobustKDLoss(student, teacher, feature_pairs=[("block3", "block3")], example_input=digits_batch(12)[0])
     assert student.training and torch.equal(stats, student.block1[1].running_mean)
 
 
@@ -197,7 +191,7 @@ def test_adapter_shapes(s_shape, t_shape, mode, kind):
 
 def test_attention_mode_needs_no_channel_adapter():
     student, teacher = _models()
-    x, y = _batch()
+    x, y = digits_batch(12)
     loss_fn = RobustKDLoss(student, teacher, feature_pairs=[("block3", "block3")], example_input=x,
                            feature_mode="attention", jac_weight=0)
     assert isinstance(loss_fn.adapters[0], torch.nn.Identity)
@@ -216,7 +210,7 @@ def test_kd_loss_is_zero_for_equal_logits_and_scales_with_t_squared():
 
 def test_unknown_layer_names_list_the_available_ones():
     student, teacher = _models()
-    x, _ = _batch()
+    x, _ = digits_batch(12)
     with pytest.raises(ValueError, match=r"student has no module named 'blok3'; available: .*'block3'"):
         RobustKDLoss(student, teacher, feature_pairs=[("blok3", "block3")], example_input=x)
     with pytest.raises(ValueError, match=r"teacher has no module named 'fc'; available: .*'head'"):
@@ -225,7 +219,7 @@ def test_unknown_layer_names_list_the_available_ones():
 
 def test_class_count_mismatch():
     student, teacher = _models(num_classes=5)
-    x, y = _batch()
+    x, y = digits_batch(12)
     with pytest.raises(ValueError, match="number of classes"):
         RobustKDLoss(student, teacher, feature_pairs=[("block3", "block3")], example_input=x)
     loss_fn = RobustKDLoss(student, teacher, feat_weight=0, jac_weight=0)  # no example input: caught at the call
@@ -245,7 +239,7 @@ def test_class_count_mismatch():
 ])
 def test_bad_arguments(kwargs, match):
     student, teacher = _models()
-    base = {"feature_pairs": [("block3", "block3")], "example_input": _batch()[0]}
+    base = {"feature_pairs": [("block3", "block3")], "example_input": digits_batch(12)[0]}
     with pytest.raises(ValueError, match=match):
         RobustKDLoss(student, teacher, **{**base, **kwargs})
     with pytest.raises(TypeError, match="teacher must be"):
@@ -301,7 +295,7 @@ def test_adversarial_point_terms_match_a_direct_computation(jac_weight, train):
     statistics of the S(x̃) batch (train mode). Written out here from the seed."""
     student, teacher = _models()
     student.train(train)
-    x, y = _batch()
+    x, y = digits_batch(12)
     eps, h = 0.1, 0.1
     pairs = [("block2", "block3")]
     loss_fn = RobustKDLoss(student, teacher, feature_pairs=pairs, example_input=x, eps=eps, ce_weight=0.7,
@@ -363,7 +357,7 @@ def test_adversarial_point_options():
         RobustKDLoss(student, teacher, eps=0.0, feat_weight=0)
     loss_fn = RobustKDLoss(student, teacher, eps=0.1, feat_weight=0, jac_weight=0)
     student.eval()  # (in train mode the first call's update of the running statistics moves the attack pass)
-    x, y = _batch()
+    x, y = digits_batch(12)
     a, _ = loss_fn(x, y, seed=3)
     b, _ = loss_fn(x, y, seed=3)
     c, _ = loss_fn(x, y, seed=4)

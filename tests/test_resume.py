@@ -13,9 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from rkd_fast.model_file import save_model
 from rkd_fast.cli import main
-from rkd_fast.models import build_model
 from rkd_fast.train import checkpoints
 
 # A child that trains through the CLI, each optimizer step slowed down (a public global optimizer hook, no
@@ -27,12 +25,6 @@ from rkd_fast.cli import main
 register_optimizer_step_post_hook(lambda *args: time.sleep(float(sys.argv[1])))
 sys.exit(main(sys.argv[2:]))
 """
-
-
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory):
-    torch.manual_seed(1)
-    return save_model(build_model("small_cnn", width=4), tmp_path_factory.mktemp("teacher") / "teacher.pt")
 
 
 def _args(out, teacher):

@@ -7,27 +7,17 @@ import copy
 
 import pytest
 import torch
+from _digits_model import digits_batch, tiny_cnn
 
 from rkd_fast import RobustKDLoss
 from rkd_fast.clean_pass import share_clean_statistics
 from rkd_fast.jacobian import jacobian_penalty
-from rkd_fast.models import build_model
 
 
 # float64: the finite difference divides rounding differences by h (convolutions of a batch of 2N round
 # differently than of N), which in float32 moves gradients by up to ~1%; in float64 both schemes agree closely.
 def _models(seed=0):
-    torch.manual_seed(seed)
-    student = build_model("small_cnn", width=4).double().train()
-    torch.manual_seed(seed + 1)
-    teacher = build_model("small_cnn", width=4).double().eval()
-    return student, teacher
-
-
-def _batch(n=8):
-    generator = torch.Generator().manual_seed(3)
-    return (torch.rand(n, 1, 8, 8, generator=generator, dtype=torch.float64),
-            torch.randint(0, 10, (n,), generator=generator))
+    return tiny_cnn(seed).double().train(), tiny_cnn(seed + 1).double().eval()
 
 
 def _run(student, teacher, x, y, **kwargs):
@@ -50,7 +40,7 @@ def _assert_same(two_calls, batched, model_a, model_b):
 def test_batched_call_matches_two_calls(kwargs):
     student, teacher = _models()
     shared = share_clean_statistics(copy.deepcopy(student))
-    x, y = _batch()
+    x, y = digits_batch(8, seed=3, dtype=torch.float64)
     _assert_same(_run(student, teacher, x, y, **kwargs), _run(shared, teacher, x, y, **kwargs), student, shared)
 
 
@@ -59,7 +49,7 @@ def test_conversion_keeps_state_and_plain_behaviour():
     shared = share_clean_statistics(copy.deepcopy(student))
     assert list(shared.state_dict()) == list(student.state_dict())
     assert all("SharedStatistics" in type(m).__name__ for m in shared.modules() if "BatchNorm" in type(m).__name__)
-    x, _ = _batch()
+    x, _ = digits_batch(8, seed=3, dtype=torch.float64)
     torch.testing.assert_close(shared(x), student(x))  # outside jacobian_penalty: an ordinary BatchNorm
     torch.testing.assert_close(shared.state_dict(), student.state_dict())
     assert share_clean_statistics(shared) is shared  # converting twice changes nothing
@@ -68,7 +58,7 @@ def test_conversion_keeps_state_and_plain_behaviour():
 def test_robust_kd_loss_with_features_matches():
     student, teacher = _models()
     shared = share_clean_statistics(copy.deepcopy(student))
-    x, y = _batch()
+    x, y = digits_batch(8, seed=3, dtype=torch.float64)
     results = []
     for model in (student, shared):
         loss_fn = RobustKDLoss(model, teacher, feature_pairs=[("block2", "block2")], example_input=x, jac_weight=1.0)
@@ -86,5 +76,5 @@ def test_compiled_student_with_shared_statistics():
     student, teacher = _models()
     compiled = share_clean_statistics(copy.deepcopy(student))
     compiled.compile()
-    x, y = _batch()
+    x, y = digits_batch(8, seed=3, dtype=torch.float64)
     _assert_same(_run(student, teacher, x, y), _run(compiled, teacher, x, y), student, compiled)

@@ -8,8 +8,9 @@ by test_cuda_determinism.py. This file pins the device to CUDA so that each case
 message. Skips without a GPU."""
 
 import pytest
+from _digits_model import save_teacher
 from _op_backends import GPU_MODULE_MARKS
-from test_trainer import FAST_ARGS, _teacher
+from test_trainer import FAST_ARGS
 
 from rkd_fast.cli import main
 
@@ -19,7 +20,7 @@ pytestmark = GPU_MODULE_MARKS
 @pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "fast"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_robust_kd_trains_on_cuda(tmp_path, precision, deterministic):
-    teacher = _teacher(tmp_path / "teacher.pt")
+    teacher = save_teacher(tmp_path / "teacher.pt")
     args = [a for a in FAST_ARGS if deterministic or a != "--deterministic"]
     out = tmp_path / "run"
     assert main(["train", "--device", "cuda", "--precision", precision, "--method", "robust-kd", "--teacher",

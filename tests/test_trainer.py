@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import rkd_fast
-from rkd_fast.model_file import save_model
+from _digits_model import save_teacher
+
 from rkd_fast.cli import main
 from rkd_fast.models import build_model, model_info
 from rkd_fast.train import TrainConfig, train_model
@@ -21,16 +22,6 @@ from rkd_fast.train.schedule import lr_lambda
 FAST = dict(epochs=1, width=4, batch_size=256, attack_steps=1, progress=False, deterministic=True)
 FAST_ARGS = ["--epochs", "1", "--width", "4", "--batch-size", "256", "--attack-steps", "1", "--no-progress",
              "--deterministic"]
-
-
-def _teacher(path, **kwargs):
-    torch.manual_seed(1)
-    return save_model(build_model("small_cnn", **{"width": 4, **kwargs}), path)
-
-
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory):
-    return _teacher(tmp_path_factory.mktemp("teacher") / "teacher.pt")
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +135,7 @@ def _bad_teachers(tmp_path):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a model file")
     return {
-        "five_classes": _teacher(tmp_path / "five.pt", num_classes=5),
+        "five_classes": save_teacher(tmp_path / "five.pt", num_classes=5),
         "garbage": garbage,
     }
 

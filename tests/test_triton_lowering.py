@@ -3,7 +3,7 @@
 tests/triton runs the kernels under the interpreter, which never lowers them: a kernel that the interpreter runs
 may still fail to compile (an unsupported construct, a type that does not unify across an `if`). Compiling needs
 triton without TRITON_INTERPRET, so it runs in a process of its own. What this checks is that they compile, not
-that they are right on a GPU (tests/test_*_gpu.py)."""
+that they are right on a GPU (the triton-cuda cases of tests/test_<op>.py)."""
 
 import importlib.util
 import os

@@ -3,6 +3,7 @@
 import re
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -16,54 +17,115 @@ from .sanity import sanity_check
 DEFAULT_ATTACKS = ("clean", "fgsm", "pgd20", "cw20", "autoattack")
 DEFAULT_ATTACKS_L2 = ("clean", "pgd20", "cw20", "autoattack")  # FGSM is an L∞ attack
 AUTOATTACK_VERSIONS = {"autoattack": "standard", "autoattack-plus": "plus", "autoattack-rand": "rand"}
-_STEPPED = re.compile(r"(pgd|cw)(\d+)")
 _CUSTOM = "autoattack:"
-ATTACK_NAMES_HELP = ("clean; fgsm (L∞ only); pgdN, cwN (N steps of eps/4 from a random start, on the cross-entropy "
-                     "or the CW margin loss); autoattack (standard), autoattack-plus, autoattack-rand (for randomised "
-                     "models); autoattack:A+B+... (AutoAttack's " + ", ".join(CUSTOM_ATTACKS) + " in that order)")
+_NORM_NAMES = {"linf": "L∞", "l2": "L2"}
+NOT_THIS = object()  # what a NamedAttack's `parse` returns for a name that is not one of its own
+
+
+@dataclass(frozen=True)
+class NamedAttack:
+    """An attack `evaluate` runs by name. ``parse(name)``: the parameter a name of this attack gives (None when
+    it takes none), NOT_THIS for a name of another attack, ValueError for a malformed one of its own. ``run(param,
+    model, x, y, eps, norm=, precision=, seed=)``: its adversarial inputs. ``help``: how its names read. ``norms``:
+    the threat models it serves."""
+
+    parse: Callable[[str], object]
+    run: Callable[..., torch.Tensor]
+    help: str
+    norms: tuple = NORMS
+
+
+def _exactly(word):
+    return lambda name: None if name == word else NOT_THIS
+
+
+def _with_steps(prefix):
+    """Names prefixN, N >= 1 (the number of steps)."""
+    pattern = re.compile(rf"{prefix}(\d+)")
+
+    def parse(name):
+        match = pattern.fullmatch(name)
+        return int(match.group(1)) if match and int(match.group(1)) >= 1 else NOT_THIS
+
+    return parse
+
+
+def _autoattack_spec(name):
+    """A version ("autoattack" is the standard one) or a custom list, autoattack:A+B+..."""
+    if name in AUTOATTACK_VERSIONS:
+        return AUTOATTACK_VERSIONS[name]
+    if not name.startswith(_CUSTOM):
+        return NOT_THIS
+    parts = tuple(name[len(_CUSTOM):].split("+"))
+    unknown = [part for part in parts if part not in CUSTOM_ATTACKS]
+    if unknown or len(set(parts)) != len(parts):
+        raise ValueError(f"bad custom AutoAttack {name!r}: expected autoattack:A+B+... with distinct attacks "
+                         f"from {', '.join(CUSTOM_ATTACKS)}")
+    return parts
+
+
+def _clean(_, model, x, y, eps, *, norm, precision, seed):
+    return x
+
+
+def _fgsm(_, model, x, y, eps, *, norm, precision, seed):
+    return fgsm(model, x, y, eps, precision=precision)
+
+
+def _pgd_on(loss):
+    """pgdN / cwN: N steps of size eps/4 from a random start, one restart."""
+    def run(steps, model, x, y, eps, *, norm, precision, seed):
+        return pgd(model, x, y, eps, eps / 4, steps, norm=norm, loss=loss, random_start=True, restarts=1,
+                   precision=precision, seed=seed)
+
+    return run
+
+
+def _autoattack(spec, model, x, y, eps, *, norm, precision, seed):
+    version, attacks = (spec, None) if isinstance(spec, str) else ("custom", list(spec))
+    return autoattack(model, x, y, eps, norm=norm, version=version, attacks=attacks, precision=precision, seed=seed,
+                      batch_size=max(len(x), 1))
+
+
+# Attack kind → how its names read and how it runs: a new attack is one entry here, beside its function.
+ATTACKS = {
+    "clean": NamedAttack(_exactly("clean"), _clean, "clean"),
+    "fgsm": NamedAttack(_exactly("fgsm"), _fgsm, "fgsm (L∞ only)", norms=("linf",)),
+    "pgd": NamedAttack(_with_steps("pgd"), _pgd_on("ce"),
+                       "pgdN (N steps of eps/4 from a random start, on the cross-entropy)"),
+    "cw": NamedAttack(_with_steps("cw"), _pgd_on("cw"), "cwN (the same on the CW margin loss)"),
+    "autoattack": NamedAttack(_autoattack_spec, _autoattack,
+                              "autoattack (standard), autoattack-plus, autoattack-rand (for randomised models); "
+                              "autoattack:A+B+... (AutoAttack's " + ", ".join(CUSTOM_ATTACKS) + " in that order)"),
+}
+ATTACK_NAMES_HELP = "; ".join(attack.help for attack in ATTACKS.values())
 
 
 def parse_attack(name, norm="linf"):
-    """What an attack name means: ("clean" | "fgsm", None), ("pgd" | "cw", steps) for names like "pgd20",
-    ("autoattack", version) for "autoattack" (standard), "autoattack-plus", "autoattack-rand", or ("autoattack",
-    (attack, ...)) for a custom list "autoattack:apgd-ce+square". Raises ValueError for an unknown name and for
-    fgsm under ``norm="l2"``."""
+    """What an attack name means: (kind, parameter), the kind a key of ATTACKS: ("clean" | "fgsm", None),
+    ("pgd" | "cw", steps) for names like "pgd20", ("autoattack", version) for "autoattack" (standard),
+    "autoattack-plus", "autoattack-rand", or ("autoattack", (attack, ...)) for a custom list
+    "autoattack:apgd-ce+square". Raises ValueError for an unknown name and for an attack outside the threat model
+    ``norm`` (fgsm under "l2")."""
     if not isinstance(name, str):
         raise TypeError(f"attack names are strings, got {type(name).__name__}")
     check_choice("norm", norm, NORMS)
-    if name == "fgsm" and norm != "linf":
-        raise ValueError(f"fgsm is an L∞ attack; under norm {norm!r} use pgdN (e.g. pgd20)")
-    if name in ("clean", "fgsm"):
-        return name, None
-    if name in AUTOATTACK_VERSIONS:
-        return "autoattack", AUTOATTACK_VERSIONS[name]
-    if name.startswith(_CUSTOM):
-        parts = tuple(name[len(_CUSTOM):].split("+"))
-        unknown = [part for part in parts if part not in CUSTOM_ATTACKS]
-        if unknown or len(set(parts)) != len(parts):
-            raise ValueError(f"bad custom AutoAttack {name!r}: expected autoattack:A+B+... with distinct attacks "
-                             f"from {', '.join(CUSTOM_ATTACKS)}")
-        return "autoattack", parts
-    match = _STEPPED.fullmatch(name)
-    if match and int(match.group(2)) >= 1:
-        return match.group(1), int(match.group(2))
+    for kind, attack in ATTACKS.items():
+        param = attack.parse(name)
+        if param is NOT_THIS:
+            continue
+        if norm not in attack.norms:
+            served = "/".join(_NORM_NAMES[n] for n in attack.norms)
+            raise ValueError(f"{name} is an {served} attack; under norm {norm!r} use pgdN (e.g. pgd20)")
+        return kind, param
     raise ValueError(f"unknown attack {name!r}; expected one of: {ATTACK_NAMES_HELP}")
 
 
 def run_attack(name, model, x, y, eps, *, norm="linf", precision="fp32", seed=None):
     """Adversarial inputs for one named attack (see `parse_attack`) as `evaluate` runs it: pgdN / cwN take N
     steps of size eps/4 from a random start, one restart; the AutoAttack versions run through pyautoattack."""
-    kind, arg = parse_attack(name, norm)
-    if kind == "clean":
-        return x
-    if kind == "fgsm":
-        return fgsm(model, x, y, eps, precision=precision)
-    if kind in ("pgd", "cw"):
-        return pgd(model, x, y, eps, eps / 4, arg, norm=norm, loss="ce" if kind == "pgd" else "cw",
-                   random_start=True, restarts=1, precision=precision, seed=seed)
-    version, attacks = (arg, None) if isinstance(arg, str) else ("custom", list(arg))
-    return autoattack(model, x, y, eps, norm=norm, version=version, attacks=attacks, precision=precision, seed=seed,
-                      batch_size=max(len(x), 1))
+    kind, param = parse_attack(name, norm)
+    return ATTACKS[kind].run(param, model, x, y, eps, norm=norm, precision=precision, seed=seed)
 
 
 def _is_pair(data):

@@ -1,4 +1,4 @@
-"""Setup for the Triton kernel tests.
+"""Setup for the Triton kernel tests: the ops' test modules run over the Triton kernel on CPU tensors.
 
 On a machine without a GPU the kernels run under the Triton interpreter, which has to be switched on before
 triton is first imported: this conftest sets TRITON_INTERPRET=1 when it is imported, and the Makefile's
@@ -27,8 +27,3 @@ def pytest_collection_modifyitems(config, items):
         if os.path.abspath(str(item.fspath)).startswith(here + os.sep):
             item.add_marker(skip)
 
-
-@pytest.fixture
-def device():
-    """CPU tensors under the interpreter; the GPU otherwise."""
-    return torch.device("cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda")

@@ -146,6 +146,8 @@ def _bad_teachers(tmp_path):
     ("class_count", ["--method", "kd", "--teacher", "{five_classes}"], "has 5 classes, but 10 were asked"),
     ("garbage_teacher", ["--method", "kd", "--teacher", "{garbage}"], "not an rkd_fast model file"),
     ("missing_teacher", ["--method", "kd", "--teacher", "{missing}"], "does not exist"),
+    # a RobustBench spec: RobustBench missing here, or its checkpoint not on disk (never downloaded): one line
+    ("robustbench_teacher", ["--method", "kd", "--teacher", "robustbench:cifar10/Linf/X"], "Linf/X"),
     ("no_teacher", ["--method", "robust-kd"], "needs a teacher"),
     ("layer_name", ["--method", "robust-kd", "--teacher", "{teacher}", "--feature-pair", "blok3:block3"],
      "student has no module named 'blok3'; available: "),

@@ -80,7 +80,7 @@ def load_teacher(cfg, info, device):
     try:
         return teachers.load_teacher(cfg.teacher, num_classes=info.num_classes, in_channels=info.in_channels,
                                      device=device, arch=cfg.teacher_arch)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ImportError) as error:  # a missing file, or a robustbench: spec without RobustBench
         raise ValueError(str(error)) from error
 
 

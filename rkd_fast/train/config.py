@@ -109,7 +109,8 @@ def make_config(config=None, **overrides):
     unknown = sorted(set(values) - known)
     if unknown:
         raise TypeError(f"unknown training option(s): {', '.join(unknown)}")
-    for key in ("milestones", "feature_pairs"):
+    # Sequences (a flag given repeatedly, a JSON list) are held as tuples: the fields' defaults are tuples.
+    for key in ("milestones", *(name for name, (option, _) in all_options().items() if option.type is tuple)):
         if key in values and values[key] is not None and not isinstance(values[key], (str, bytes)):
             values[key] = tuple(values[key])
     if isinstance(values.get("command"), (list, tuple)):
@@ -139,7 +140,7 @@ def check_method_options(cfg):
         value = getattr(cfg, name)
         if cfg.method in owners:
             option.check(value)
-        elif value != option.default and not (option.type is tuple and not value):
+        elif value != option.default:
             raise ValueError(f"{option.cli_flag} applies to --method {'/'.join(owners)}, not {cfg.method!r}")
     method = METHODS[cfg.method]
     method.check(resolve_options(cfg.method, {name: getattr(cfg, name) for name in method.options()}))

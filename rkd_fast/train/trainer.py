@@ -169,7 +169,7 @@ class Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.steps_per_epoch))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.health = LossHealth(cfg.max_bad_steps, self.device, self.dist)
-        self.method.prepare_student(student, compile=cfg.compile, sync_bn=cfg.sync_bn, world_size=world)
+        self.method.prepare_student(compile=cfg.compile, sync_bn=cfg.sync_bn, world_size=world)
         if cfg.compile:
             student.compile()  # in place: module names and state_dict keys stay as they are
 

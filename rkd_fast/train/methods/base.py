@@ -75,9 +75,9 @@ class Method(HoldsStudentTeacher, nn.Module):
         explains them); None when this method has no cost model."""
         return None
 
-    def prepare_student(self, student, *, compile, sync_bn, world_size):
+    def prepare_student(self, *, compile, sync_bn, world_size):
         """Called once the student is built (SyncBatchNorm converted when sync_bn) and before it is compiled:
-        ValueError when this method cannot train it so, or the conversion the method needs."""
+        ValueError when this method cannot train it so, or the conversion of self.student the method needs."""
 
 
 def register(cls):

@@ -159,7 +159,7 @@ class RobustKD(Distill):
         return {**options, "jacobian": {**jacobian, "h": h, "direction": opt.jac_direction, "norm": opt.jac_norm,
                                         "fraction": opt.jac_fraction, "estimator": opt.jac_estimator}}
 
-    def prepare_student(self, student, *, compile, sync_bn, world_size):
+    def prepare_student(self, *, compile, sync_bn, world_size):
         if self.opt.jac_weight <= 0:
             return
         if sync_bn and world_size > 1:
@@ -169,7 +169,7 @@ class RobustKD(Distill):
         if compile:
             # The Jacobian term's clean and perturbed passes share batch statistics inside each BatchNorm, in one
             # call a compiled graph can hold (hooks added per call would be skipped by it).
-            share_clean_statistics(student)
+            share_clean_statistics(self.student)
 
     @classmethod
     def cost_units(cls, opt, attack_steps):

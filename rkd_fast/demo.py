@@ -86,25 +86,17 @@ def training_config(name, settings, common, teacher_path):
 
 def check_out(out, overwrite):
     """Refuses an --out holding another demo's results unless --overwrite, and then removes exactly the files that
-    demo wrote (its record, rkd_fast.runfiles; for a demo written before demos kept one, its results, plot and
-    model files by name). Other files in --out, models/ included, are never touched."""
+    demo wrote (its record, rkd_fast.runfiles). Other files in --out, models/ included, are never touched."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
     files = RunFiles(out)
-    legacy = [out / "results.json", out / "robustness_vs_cost.png"] + \
-        [out / "models" / f"{name}.pt" for name in model_names(True)]
-    if not files.exists() and not (out / "results.json").is_file():
+    files.names()  # a record that names anything outside the demo's own files is refused before anything runs
+    if not files.exists():
         return
     if not overwrite:
         raise ValueError(f"--out {out} holds another demo's results; pass --overwrite to replace them or choose "
                          "another --out")
-    if files.exists():
-        files.remove_all()
-        return
-    for path in legacy:
-        path.unlink(missing_ok=True)
-    if (out / "models").is_dir() and not any((out / "models").iterdir()):
-        (out / "models").rmdir()
+    files.remove_all()
 
 
 class Stages:
@@ -198,8 +190,9 @@ def run_demo(out, *, eps=0.1, quick=False, all_baselines=False, autoattack_sampl
             result = stages.run(f"train {name}", lambda cfg=cfg: train_model(cfg))
             models[name], train_seconds[name] = result.model, result.train_seconds
             configs[name] = result.config.to_dict()
-            save_model(result.model, files.add(out / "models" / f"{name}.pt"), name=name, method=cfg["method"],
-                       eps=float(eps), train_seconds=result.train_seconds, config=_plain(configs[name]))
+            files.written(save_model(result.model, files.add(out / "models" / f"{name}.pt"), name=name,
+                                     method=cfg["method"], eps=float(eps), train_seconds=result.train_seconds,
+                                     config=_plain(configs[name])))
 
         scores = {}
         for name in names:
@@ -228,8 +221,9 @@ def run_demo(out, *, eps=0.1, quick=False, all_baselines=False, autoattack_sampl
         + (["--quick"] if quick else []) + (["--all"] if all_baselines else []),
         **provenance(),
     }
-    atomic_write_json(files.add(out / "results.json"), results)
-    plot(results, files.add(out / "robustness_vs_cost.png"))
+    figure = files.add(out / "robustness_vs_cost.png")
+    plot(results, figure)
+    files.written(atomic_write_json(files.add(out / "results.json"), results), figure)
     return results
 
 

@@ -194,9 +194,10 @@ def run_frontier(out, *, variants=DEFAULT_VARIANTS, seeds=None, eps=0.1, jobs=2,
         settings["autoattack_samples"] = autoattack_samples
     if teacher is not None and not Path(teacher).is_file():
         raise ValueError(f"--teacher {teacher} is not a file")
-    files = RunFiles(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
+    files = RunFiles(out)
+    files.names()  # a record that names anything outside the study's own files is refused before anything runs
     if files.exists() and not overwrite:
         raise ValueError(f"--out {out} holds another study; pass --overwrite to replace it or choose another --out")
     if files.exists():
@@ -211,7 +212,7 @@ def run_frontier(out, *, variants=DEFAULT_VARIANTS, seeds=None, eps=0.1, jobs=2,
         x, y = x[keep], y[keep]
     aa_index = stratified_subset(y, settings["autoattack_samples"] or 0)
     test_file = files.add(out / "models" / "test.pt")
-    atomic_write(test_file, lambda f: torch.save((x, y), f))
+    files.written(atomic_write(test_file, lambda f: torch.save((x, y), f)))
 
     stages = Stages(progress, prefix="frontier")
     saved_threads = torch.get_num_threads()
@@ -222,15 +223,15 @@ def run_frontier(out, *, variants=DEFAULT_VARIANTS, seeds=None, eps=0.1, jobs=2,
             cfg = training_config("teacher", settings, {**COMMON, "eps": float(eps), "seed": 0, "device": device},
                                   None)
             result = stages.run("train teacher", lambda: train_model(cfg))
-            save_model(result.model, teacher_path, name="teacher", method="pgd-at", eps=float(eps))
+            files.written(save_model(result.model, teacher_path, name="teacher", method="pgd-at", eps=float(eps)))
         rows = []
         for seed in range(seeds):
             for variant in variants:
                 cfg = study_config(variant, settings, float(eps), seed, teacher_path, device)
                 result = stages.run(f"train {variant} seed {seed}", lambda cfg=cfg: train_model(cfg))
                 path = files.add(out / "models" / f"{variant}-seed{seed}.pt")
-                save_model(result.model, path, name=variant, method=cfg["method"], seed=seed, eps=float(eps),
-                           train_seconds=result.train_seconds)
+                files.written(save_model(result.model, path, name=variant, method=cfg["method"], seed=seed,
+                                         eps=float(eps), train_seconds=result.train_seconds))
                 rows.append({"variant": variant, "method": cfg["method"], "seed": seed,
                              "train_seconds": result.train_seconds, "path": str(path)})
     finally:
@@ -253,6 +254,7 @@ def run_frontier(out, *, variants=DEFAULT_VARIANTS, seeds=None, eps=0.1, jobs=2,
                 print(f"[frontier] evaluated {r['variant']} seed {r['seed']}: clean {r['clean']:.3f} "
                       f"PGD-20 {r['pgd20']:.3f} AA {r['autoattack']:.3f}", flush=True)
     evaluation_seconds = time.perf_counter() - t
+    files.written(*[job["write_transfer"] for job in jobs_list if "write_transfer" in job])
     for row in rows:
         source = out / "models" / f"transfer-seed{row['seed']}.pt"
         row["transfer"] = None
@@ -274,14 +276,18 @@ def run_frontier(out, *, variants=DEFAULT_VARIANTS, seeds=None, eps=0.1, jobs=2,
         "command": list(command) if command else ["rkd-fast", "frontier", "--out", str(out)],
         "quick": bool(quick), **provenance(),
     }
-    _write_csv(files.add(out / "seeds.csv"), rows, ["variant", "method", "seed", *FIGURES, "masking", "path"])
-    _write_csv(files.add(out / "summary.csv"), [{"variant": v, **s} for v, s in summary.items()],
-               ["variant", "method", "n", *[f"{f}_{k}" for f in FIGURES for k in ("mean", "std")], "masking_flags"])
-    atomic_write_json(files.add(out / "results.json"), results)
+    files.written(
+        _write_csv(files.add(out / "seeds.csv"), rows, ["variant", "method", "seed", *FIGURES, "masking", "path"]),
+        _write_csv(files.add(out / "summary.csv"), [{"variant": v, **s} for v, s in summary.items()],
+                   ["variant", "method", "n", *[f"{f}_{k}" for f in FIGURES for k in ("mean", "std")],
+                    "masking_flags"]),
+        atomic_write_json(files.add(out / "results.json"), results))
+    figure = files.add(out / "frontier.png")
     plot_frontier([{"method": v, "aa_mean": s["autoattack_mean"], "aa_std": s["autoattack_std"],
                     "seconds_mean": s["train_seconds_mean"], "seconds_std": s["train_seconds_std"]}
-                   for v, s in summary.items()], files.add(out / "frontier.png"),
+                   for v, s in summary.items()], figure,
                   title=f"digits, {seeds} seeds: AutoAttack accuracy vs training cost")
+    files.written(figure)
     return results
 
 
@@ -292,7 +298,7 @@ def _write_csv(path, rows, columns):
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    atomic_write(path, write, text=True)
+    return atomic_write(path, write, text=True)
 
 
 def format_table(results):

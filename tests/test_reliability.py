@@ -154,8 +154,8 @@ def test_demo_overwrite_keeps_other_files(tmp_path):
     (out / "models").mkdir(parents=True)
     files = RunFiles(out)
     for name in ("results.json", "models/kd.pt"):
-        (out / name).write_text("{}")
-        files.add(out / name)
+        files.add(out / name).write_text("{}")
+        files.written(out / name)
     (out / "models" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="holds another demo"):
         check_out(out, overwrite=False)

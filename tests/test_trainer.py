@@ -15,6 +15,7 @@ from _digits_model import save_teacher
 
 from rkd_fast.cli import main
 from rkd_fast.models import build_model, model_info
+from rkd_fast.runfiles import RunFiles
 from rkd_fast.train import TrainConfig, train_model
 from rkd_fast.train.runtime import resolve_precision
 from rkd_fast.train.schedule import lr_lambda
@@ -81,7 +82,7 @@ def test_cli_robust_kd_run_files_and_export(tmp_path, teacher_file):
     assert sorted(p.name for p in out.iterdir()) == [".rkd_fast_files", "best.pt", "checkpoints", "metrics.csv",
                                                       "metrics.json", "run.json"]
     # the record of the run's files (what --overwrite removes) names exactly the files it left
-    assert sorted(json.loads((out / ".rkd_fast_files").read_text())) == [
+    assert sorted(RunFiles(out).names()) == [
         "best.pt", "checkpoints/ckpt-00000010.pt", "metrics.csv", "metrics.json", "run.json"]
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["ckpt-00000010.pt"]  # 5 steps × 2 epochs, keep 1
     rows = list(csv.DictReader(open(out / "metrics.csv")))

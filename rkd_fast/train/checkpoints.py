@@ -50,16 +50,16 @@ def list_checkpoints(run_dir):
 
 def save_checkpoint(run_dir, state, global_step, keep, files=None):
     """Writes `state` as the checkpoint of `global_step`, then deletes all but the newest `keep`. `files`: the
-    run's rkd_fast.runfiles.RunFiles, which records the new file before it is written and forgets the deleted."""
+    run's rkd_fast.runfiles.RunFiles, which records the new file and its content, and removes an old one only while it
+    holds what the run wrote."""
     path = checkpoint_path(run_dir, global_step)
-    if files is not None:
-        files.add(path)
-    atomic_save(state, path)
-    old = [p for _, p in list_checkpoints(run_dir)[keep:]]
-    for p in old:
-        p.unlink(missing_ok=True)
-    if files is not None:
-        files.discard(old)
+    if files is None:
+        atomic_save(state, path)
+        for _, old in list_checkpoints(run_dir)[keep:]:
+            old.unlink(missing_ok=True)
+        return path
+    files.written(atomic_save(state, files.add(path)))
+    files.remove([p for _, p in list_checkpoints(run_dir)[keep:]])
     return path
 
 

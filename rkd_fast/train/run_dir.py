@@ -9,19 +9,14 @@ from pathlib import Path
 
 from ..atomic import atomic_write, atomic_write_json
 from ..runfiles import RunFiles
-from . import checkpoints, rerun, tensorboard
+from . import checkpoints, rerun
 from .config import RESUME_MAY_CHANGE, resolve_method_defaults
 
 
-# What marks a directory as holding a run (and what --overwrite removes; nothing else is touched).
-# The fixed file names of a run (--overwrite of a run written before runs kept a record removes these and its
-# checkpoint files; a run now records every file it writes, rkd_fast.runfiles).
-RUN_FILES = ("run.json", "metrics.json", "metrics.csv", "best.pt")
-
-
 def check_out_dir(cfg):
-    """Refuses an --out holding another run (its record of files, `rkd_fast.runfiles`, or a run.json) unless
-    --resume or --overwrite; other files there are not a run and are never touched. With --resume: the newest
+    """Refuses an --out holding another run (its record of files, `rkd_fast.runfiles`) unless --resume or
+    --overwrite, and a record that is not valid or a run.json without one always; other files there are not a
+    run and are never touched. With --resume: the newest
     readable checkpoint, or None for a run that stopped before writing its first one (it starts over from
     scratch); an error when there is no run to resume."""
     if cfg.out is None:
@@ -35,7 +30,12 @@ def check_out_dir(cfg):
                 raise ValueError(f"--out {out}: cannot write in {parent} (permission denied or a read-only file "
                                  "system)")
             break
-    holds_run = out.is_dir() and (RunFiles(out).exists() or (out / "run.json").is_file())
+    files = RunFiles(out)
+    files.names()  # a record that names anything outside the run's own files is refused before anything runs
+    if not files.exists() and (out / "run.json").is_file():
+        raise ValueError(f"--out {out} holds a run.json but no record of the run's files ({files.path}): not a run "
+                         "this rkd_fast can resume or replace; choose another --out, or remove it by hand")
+    holds_run = files.exists()
     no_checkpoint = not checkpoints.list_checkpoints(out) and not (out / "best.pt").exists()
     if cfg.resume:
         state, path = checkpoints.load_latest(out)
@@ -50,26 +50,6 @@ def check_out_dir(cfg):
                              "start it over from scratch, or --overwrite to replace it")
         raise ValueError(f"--out {out} holds another run; pass --resume to continue it or --overwrite to replace it")
     return None
-
-
-def legacy_run_files(out):
-    """The files a run written before runs kept a record may hold: its fixed names and its checkpoints."""
-    return [out / name for name in RUN_FILES] + [p for _, p in checkpoints.list_checkpoints(out)]
-
-
-def remove_run_files(out):
-    """What --overwrite removes: the files the run in `out` recorded (rkd_fast.runfiles), or, for a run written
-    before runs kept a record, its fixed file names and checkpoint files. Nothing else in `out` is touched."""
-    files = RunFiles(out)
-    if files.exists():
-        return files.remove_all()
-    removed = [p for p in legacy_run_files(out) if p.is_file()]
-    for p in removed:
-        p.unlink()
-    for folder in (out / checkpoints.CHECKPOINT_DIR, out / tensorboard.TENSORBOARD_DIR):
-        if folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
-    return removed
 
 
 def check_resume_config(state, cfg, path, world_size):
@@ -90,22 +70,17 @@ def check_resume_config(state, cfg, path, world_size):
 
 
 def start_run_files(cfg, out, meta, resume_from):
-    """Makes `out` a run's folder and writes its run.json (rank 0 only): replaces the old run for --overwrite
-    (and for a --resume of a run that stopped before its first checkpoint, with a warning), adopts the files of
-    a run written before runs kept a record, and on a resume appends the resume to run.json. Returns the run's
-    RunFiles."""
+    """Makes `out` a run's folder and writes its run.json (rank 0 only): replaces the old run's files for
+    --overwrite (and for a --resume of a run that stopped before its first checkpoint, with a warning), and on a
+    resume appends the resume to run.json. Returns the run's RunFiles."""
     restart = cfg.resume and resume_from is None  # a run that stopped before its first checkpoint
     if cfg.overwrite or restart:
         if restart:
             warnings.warn(f"--resume: {out} has no checkpoint yet; the run starts over from scratch",
                           RuntimeWarning, stacklevel=3)
-        remove_run_files(out)
+        RunFiles(out).remove_all()
     out.mkdir(parents=True, exist_ok=True)
     files = RunFiles(out)
-    if cfg.resume and not files.exists():  # a run written before runs kept a record: adopt its files
-        for path in legacy_run_files(out):
-            if path.is_file():
-                files.add(path)
     checkpoints.remove_temporary_files(out)
     run_file = files.add(out / "run.json")
     if cfg.resume and not restart and run_file.exists():
@@ -114,7 +89,7 @@ def start_run_files(cfg, out, meta, resume_from):
             k: meta[k] for k in ("command", "git_commit", "git_dirty", "versions", "device")}})
     else:
         record = {**rerun.record_header(), **meta}  # the format `--config` checks
-    atomic_write_json(run_file, record)
+    files.written(atomic_write_json(run_file, record))
     return files
 
 
@@ -128,6 +103,6 @@ def write_metrics(files, meta, history, best, train_seconds):
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(history)
-    atomic_write(files.add(files.root / "metrics.csv"), write_csv, text=True)
-    atomic_write_json(files.add(files.root / "metrics.json"),
-                      {**meta, "epochs": history, "best": best, "train_seconds": train_seconds})
+    files.written(atomic_write(files.add(files.root / "metrics.csv"), write_csv, text=True))
+    files.written(atomic_write_json(files.add(files.root / "metrics.json"),
+                                    {**meta, "epochs": history, "best": best, "train_seconds": train_seconds}))

@@ -42,6 +42,7 @@ from .. import seeding, teachers
 from ..attacks._common import autocast_factory
 from ..datasets import run_data
 from ..models import MODELS, build_model
+from ..runfiles import TENSORBOARD_EVENTS
 from . import checkpoints, distributed, tensorboard
 from .config import TrainConfig, make_config, run_metadata
 from .health import LossHealth, finite_or_raise
@@ -227,7 +228,7 @@ class Run:
         self.files = start_run_files(cfg, self.out, self.meta, self.resume_from)
         if self.tensorboard:
             if not (self.out / tensorboard.TENSORBOARD_DIR).exists():
-                self.files.add(self.out / tensorboard.TENSORBOARD_DIR)  # the run's own folder, removed whole by --overwrite
+                self.files.add_folder(self.out / tensorboard.TENSORBOARD_DIR, TENSORBOARD_EVENTS)
             self.tb_log = tensorboard.TensorBoardLog(self.out)
 
     def _restore(self, state, path):
@@ -416,7 +417,7 @@ class Run:
         if self.writes:
             state = self._state()
             if improved:
-                checkpoints.atomic_save(state, self.files.add(self.out / "best.pt"))
+                self.files.written(checkpoints.atomic_save(state, self.files.add(self.out / "best.pt")))
             checkpoints.save_checkpoint(self.out, state, self.position["global_step"], cfg.keep, self.files)
             write_metrics(self.files, self.meta, self.history, self.best, self.train_seconds)
             if self.tb_log is not None:

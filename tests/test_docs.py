@@ -28,7 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 REPO_DIRS = ("benchmarks/", "csrc/", "docs/", "examples/", "rkd_fast/", "tests/")  # a command's path argument
 
-FENCE = re.compile(r"^\s*(```|~~~)")
+FENCE = re.compile(r"^\s*(?:```|~~~)\s*(\S*)")
+SHELL_BLOCKS = ("", "sh", "bash", "shell", "console")  # fenced blocks read as commands (not python, diff, ...)
+PROGRAMS = ("rkd-fast", "python", "python3", "torchrun", "make", "pip", "apt-get", "pytest", "bash")
 ENV_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=\S*$")
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 CODE_SPAN = re.compile(r"`([^`\n]+)`")
@@ -45,13 +47,17 @@ def _scan(doc):
     """(commands, prose): commands as (line, argv) from the fenced blocks, continuations joined; prose as (line,
     text) of the lines outside them."""
     commands, prose = [], []
-    fenced, pending, start = False, "", 0
+    fenced, shell, pending, start = False, False, "", 0
     for number, line in enumerate(doc.read_text(encoding="utf-8").splitlines(), start=1):
-        if FENCE.match(line):
+        fence = FENCE.match(line)
+        if fence:
             fenced, pending = not fenced, ""
+            shell = fenced and fence.group(1) in SHELL_BLOCKS
             continue
         if not fenced:
             prose.append((number, line))
+            continue
+        if not shell:
             continue
         if not pending:
             start = number
@@ -66,7 +72,7 @@ def _scan(doc):
             continue
         while words and ENV_ASSIGNMENT.match(words[0]):
             words = words[1:]
-        if words:
+        if words and words[0] in PROGRAMS:  # other lines of a block are output or prose
             commands.append((start, words))
     return commands, prose
 
@@ -103,11 +109,13 @@ COMMANDS = _all_commands()
 CLI_COMMANDS = [(doc, line, argv) for doc, line, words in COMMANDS if (argv := _cli_argv(words)) is not None]
 
 
-def test_the_docs_show_cli_commands():
-    # The scanner finds the README's quick starts: a broken scanner must not pass by finding nothing.
-    readme = [argv for doc, _, argv in CLI_COMMANDS if doc.name == "README.md" and doc.parent == ROOT]
-    assert {argv[0] for argv in readme} >= {"train", "eval", "frontier"}
+def test_the_docs_show_commands():
+    # The scanner finds the README's quick starts and install lines: a broken scanner must not pass by finding
+    # nothing.
+    readme = [argv for doc, _, argv in CLI_COMMANDS if doc == ROOT / "README.md"]
+    assert {argv[0] for argv in readme} >= {"train", "export", "eval", "frontier"}
     assert len(CLI_COMMANDS) >= 20
+    assert ["make", "install"] in [words for doc, _, words in OTHER_COMMANDS if doc == ROOT / "README.md"]
 
 
 @pytest.mark.parametrize("doc, line, argv", CLI_COMMANDS, ids=[_where(d, n) for d, n, _ in CLI_COMMANDS])

@@ -1,4 +1,4 @@
-# The README's two commands: `make demo` and `make test`. Each makes .venv when needed, installs torch and
+# The README's commands: `make install`, `make test` and `make demo`. Each makes .venv when needed, installs torch and
 # the project into it (the extension built with --no-build-isolation), then runs.
 # SYSTEM_TORCH=1 uses the python on PATH and the torch (>= 2.11) already installed there: no download.
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (the device tool): build the extension there, then the named phases, each
+# One call on a machine with a GPU: build the extension there, then the named phases, each
 # logging to $OUT; a summary line per phase is printed last.
 #   bash benchmarks/gpu_session.sh all OUT_DIR      # build, GPU tests, kernel and step benchmarks, frontier:
 #                                                   # the whole verification inside 10 minutes on one H200

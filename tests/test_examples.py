@@ -32,7 +32,7 @@ def test_distil_in_your_loop():
     assert "epoch 6: ce" in out and "kd" in out and "feat" in out
     student = out.split("student:")[1]
     # The distilled student is accurate and keeps much of its accuracy under PGD-20 (a natural one keeps about
-    # half at this eps, README's demo table)
+    # half at this eps, docs/benchmarks.md's demo table)
     assert _percent(student, "clean") > 90 and _percent(student, "pgd20") > 60
 
 

@@ -172,7 +172,7 @@ def test_synthetic_loader_is_the_seeds_global_batch():
 
 
 def test_synthetic_imagenet_robust_kd_throughput_run(tmp_path):
-    # The README's throughput command, scaled down: ResNet-50 student and (randomly initialised) teacher. At
+    # docs/training.md's throughput command, scaled down: ResNet-50 student and (randomly initialised) teacher. At
     # 64×64 layer4 is 2×2: train-mode BatchNorm over fewer values (32×32, batch 2) sent the Jacobian term to inf.
     torch.manual_seed(1)
     teacher = build_model("resnet50", num_classes=1000, stem="imagenet", width=2)

@@ -109,7 +109,7 @@ def auto_backend(op_name, device_type):
     if device_type == "cpu":
         reason = backend_status(op_name, "cpu", "cpu")
         if reason is None:
-            return "cpu", "C++ kernel (fastest on CPU, see README benchmarks)"
+            return "cpu", "C++ kernel (fastest on CPU, see docs/benchmarks.md)"
         return "reference", f"C++ kernel unavailable: {reason}"
     if device_type == "cuda":
         for backend in ("cuda", "triton"):

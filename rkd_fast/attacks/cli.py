@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..dirlock import check_out_path, lock_directory
 from ._common import NORMS, autocast_dtype, check_count, check_number
 from .evaluate import (ATTACK_NAMES_HELP, DEFAULT_ATTACKS, DEFAULT_ATTACKS_L2, parse_attack, run_evaluation)
 from .sources import EVAL_SPLITS, eval_batches, model_from_weights, normalization
@@ -94,6 +95,7 @@ def _check_out(out):
     """--out must be a directory, or a path where one can be made: refused before any work, not after it."""
     if out is None:
         return
+    check_out_path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
     existing = out
@@ -308,12 +310,25 @@ def _fail(error):
 
 
 def run(args):
-    from ..atomic import atomic_write_json
-
     try:
         plan = prepare(args)
     except (ValueError, TypeError, ImportError, OSError) as error:
         return _fail(error)
+    # One process per --out: held from before the first attack until eval.json is written.
+    try:
+        lock = lock_directory(args.out) if args.out is not None else None
+    except ValueError as error:
+        return _fail(error)
+    try:
+        return _evaluate_and_report(args, plan)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _evaluate_and_report(args, plan):
+    from ..atomic import atomic_write_json
+
     start = time.perf_counter()
     try:
         evaluation = run_evaluation(plan["model"], plan["batches"], attacks=plan["attacks"], eps=plan["eps"],

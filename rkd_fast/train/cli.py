@@ -134,6 +134,11 @@ def run(args):
         except NonFiniteError as error:  # a diverged run: nothing non-finite was written
             print(f"rkd-fast train: error: {error}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:  # Ctrl-C: the last checkpoint written is intact
+            step = run_.position["global_step"]
+            print(f"rkd-fast train: interrupted at step {step}; resume with --resume" if run_.out else
+                  f"rkd-fast train: interrupted at step {step}", file=sys.stderr)
+            return 130
     finally:
         if run_ is not None:
             run_.close()

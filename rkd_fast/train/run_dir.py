@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 from ..atomic import atomic_write, atomic_write_json
+from ..dirlock import check_out_path, lock_directory
 from ..runfiles import RunFiles
 from . import checkpoints, rerun, tensorboard
 from .config import RESUME_MAY_CHANGE, resolve_method_defaults
@@ -27,16 +28,10 @@ def check_out_dir(cfg):
     if cfg.out is None:
         return None
     out = Path(cfg.out)
-    for parent in (out, *out.parents):
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"--out {out}: {parent} exists and is not a directory")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise ValueError(f"--out {out}: cannot write in {parent} (permission denied or a read-only file "
-                                 "system)")
-            break
+    _check_writable(out)
     holds_run = out.is_dir() and (RunFiles(out).exists() or (out / "run.json").is_file())
-    no_checkpoint = not checkpoints.list_checkpoints(out) and not (out / "best.pt").exists()
+    # best.pt is written after its epoch's checkpoint: alone, it is from a run stopped before that checkpoint
+    no_checkpoint = not checkpoints.list_checkpoints(out)
     if cfg.resume:
         state, path = checkpoints.load_latest(out)
         if state is not None:
@@ -50,6 +45,27 @@ def check_out_dir(cfg):
                              "start it over from scratch, or --overwrite to replace it")
         raise ValueError(f"--out {out} holds another run; pass --resume to continue it or --overwrite to replace it")
     return None
+
+
+def _check_writable(out):
+    check_out_path(out)
+    for parent in (out, *out.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--out {out}: {parent} exists and is not a directory")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ValueError(f"--out {out}: cannot write in {parent} (permission denied or a read-only file "
+                                 "system)")
+            break
+
+
+def lock_out_dir(cfg):
+    """The lock of --out (rkd_fast.dirlock), taken before check_out_dir looks at what it holds, so that no other
+    process can start, resume or replace the run in between; None without --out."""
+    if cfg.out is None:
+        return None
+    _check_writable(Path(cfg.out))
+    return lock_directory(cfg.out)
 
 
 def legacy_run_files(out):

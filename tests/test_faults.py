@@ -199,3 +199,114 @@ def test_ctrl_c_is_one_line_naming_the_step(tmp_path, capsys, monkeypatch):
     assert err == "rkd-fast train: interrupted at step 3; resume with --resume"
     assert main(["train", "--method", "natural", "--epochs", "2", "--ckpt-every", "2", "--out", str(out), "--resume",
                  *FAST]) == 0
+
+
+# --- inputs that changed between a kill and --resume ------------------------------------------------------------
+
+def test_a_resume_whose_teacher_file_changed_is_refused_naming_it(tmp_path, capsys):
+    from _digits_model import save_model, tiny_cnn
+
+    teacher = tmp_path / "teacher.pt"
+    save_model(tiny_cnn(1), teacher)
+    out = tmp_path / "run"
+    args = ["train", "--method", "kd", "--teacher", str(teacher), "--epochs", "1", "--out", str(out), *FAST]
+    assert main(args) == 0
+    state = checkpoints.load_latest(out)[0]
+    assert len(state["inputs"]["teacher"]) == 64
+    save_model(tiny_cnn(2), teacher)  # another teacher under the same name
+    assert main([*args, "--epochs", "1", "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "input files changed" in err and "teacher: sha256" in err and "\n" not in err
+
+
+def test_a_resume_whose_cifar_file_changed_is_refused_naming_it(tmp_path):
+    from rkd_fast.datasets.cifar import CIFAR_FILES
+    from rkd_fast.train import make_config
+    from rkd_fast.train.run_dir import check_resume_inputs, input_hashes
+
+    folder = tmp_path / CIFAR_FILES["cifar10"]["folder"]
+    folder.mkdir()
+    for name, _ in [*CIFAR_FILES["cifar10"]["train"], CIFAR_FILES["cifar10"]["meta"]]:
+        (folder / name).write_bytes(name.encode())
+    cfg = make_config(method="natural", dataset="cifar10", data_dir=str(tmp_path))
+    saved = {"inputs": input_hashes(cfg)}
+    assert "data file data_batch_3" in saved["inputs"] and "data file batches.meta" in saved["inputs"]
+    check_resume_inputs(saved, input_hashes(cfg), "ckpt")
+    (folder / "data_batch_3").write_bytes(b"other")
+    with pytest.raises(ValueError, match="data file data_batch_3: sha256") as info:
+        check_resume_inputs(saved, input_hashes(cfg), "ckpt")
+    assert "data_batch_1" not in str(info.value)
+
+
+# --- a hung peer under data parallelism ----------------------------------------------------------------------------
+
+# One rank of a two-process CPU job (the environment torchrun would set); rank 1 stops itself (SIGSTOP, a hung
+# peer) after its 2nd optimizer step.
+RANK = """
+import os, signal, sys
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from rkd_fast.cli import main
+steps = [0]
+def stop(*args):
+    steps[0] += 1
+    if os.environ["RANK"] == "1" and steps[0] == 2:
+        os.kill(os.getpid(), signal.SIGSTOP)
+register_optimizer_step_post_hook(stop)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_hung_peer_stops_the_run_naming_its_rank(tmp_path):
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+    args = ["train", "--method", "natural", "--epochs", "1", "--device", "cpu", "--dist-timeout", "4",
+            "--out", str(tmp_path / "run"), *FAST]
+    ranks = [subprocess.Popen([sys.executable, "-c", RANK, *args], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        started = time.monotonic()
+        out, err = ranks[0].communicate(timeout=120)
+        assert ranks[0].returncode == 1, err
+        assert time.monotonic() - started < 60
+        lines = [line for line in err.splitlines() if line.startswith("rkd-fast train")]
+        assert len(lines) == 1 and "Traceback" not in err, err
+        assert "rank 0: no answer within --dist-timeout 4s: rank 1 stopped answering" in lines[0]
+    finally:
+        for process in ranks:
+            process.kill()
+            process.wait()
+
+
+# --- output paths and inputs refused before anything runs ----------------------------------------------------------
+
+def test_a_dangling_symlink_out_is_refused_before_anything_runs(tmp_path, teacher_file, capsys, monkeypatch):
+    import rkd_fast.attacks.cli as eval_cli
+
+    out = tmp_path / "link"
+    out.symlink_to(tmp_path / "missing")
+    attacked = []
+    monkeypatch.setattr(eval_cli, "run_evaluation", lambda *a, **k: attacked.append(1))
+    for args in (["train", "--method", "natural", "--epochs", "1", "--out", str(out), *FAST],
+                 ["eval", "--checkpoint", str(teacher_file), "--dataset", "digits", "--attacks", "clean",
+                  "--out", str(out)]):
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"{out} is a symbolic link to {tmp_path / 'missing'}, which does not exist" in err and "\n" not in err
+    assert not attacked and not (tmp_path / "missing").exists()
+
+
+def test_frontier_checks_its_teacher_before_writing_anything(tmp_path, capsys):
+    bogus = tmp_path / "NOT_A_MODEL"
+    bogus.write_text("not a model")
+    out = tmp_path / "study"
+    args = ["frontier", "--quick", "--out", str(out), "--teacher", str(bogus), "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"rkd-fast frontier: error: --teacher {bogus}") and "\n" not in err
+    assert not out.exists()

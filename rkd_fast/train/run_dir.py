@@ -2,6 +2,7 @@
 before anything is written; a run records every file it writes (rkd_fast.runfiles)."""
 
 import csv
+import hashlib
 import json
 import os
 import warnings
@@ -103,6 +104,49 @@ def check_resume_config(state, cfg, path, world_size):
     if differ:
         raise ValueError(f"--resume from {path}: the run's options differ from the checkpoint's (resume with the "
                          f"same options, or start a new run): " + "; ".join(differ))
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _data_files(cfg):
+    """The files the training data is read from, where it is a fixed set of files (CIFAR's batches); [] for
+    data sets embedded in a package, generated, or read from a folder tree."""
+    from ..datasets.cifar import CIFAR_FILES, _cifar_paths
+
+    if cfg.dataset in CIFAR_FILES and cfg.data_dir is not None:
+        return [path for path, _ in _cifar_paths(cfg.data_dir, cfg.dataset, "train")[1] if path.is_file()]
+    return []
+
+
+def input_hashes(cfg):
+    """The content hashes (sha256) of a run's input files, kept in its checkpoints: the teacher file, and the
+    data set's files where it has a fixed set (`_data_files`)."""
+    hashes = {}
+    if cfg.teacher is not None and Path(cfg.teacher).is_file():
+        hashes["teacher"] = _sha256(cfg.teacher)
+    for path in _data_files(cfg):
+        hashes[f"data file {path.name}"] = _sha256(path)
+    return hashes
+
+
+def check_resume_inputs(state, hashes, path):
+    """ValueError naming each input file whose content differs from the one the checkpoint's run read (a
+    checkpoint written before runs kept these hashes is not checked)."""
+    saved = state.get("inputs")
+    if saved is None:
+        return
+    changed = [name for name in sorted(set(saved) | set(hashes)) if saved.get(name) != hashes.get(name)]
+    if changed:
+        raise ValueError(f"--resume from {path}: the run's input files changed since it started ("
+                         + ", ".join(f"{name}: sha256 {str(saved.get(name))[:12]}, now {str(hashes.get(name))[:12]}"
+                                     for name in changed)
+                         + "); resuming would not continue the same run: restore them, or start a new run")
 
 
 def start_run_files(cfg, out, meta, resume_from):

@@ -46,7 +46,8 @@ from . import checkpoints, distributed, tensorboard
 from .config import TrainConfig, make_config, run_metadata
 from .health import LossHealth, finite_or_raise
 from .methods import build_method
-from .run_dir import check_out_dir, check_resume_config, lock_out_dir, start_run_files, write_metrics
+from .run_dir import (check_out_dir, check_resume_config, check_resume_inputs, input_hashes, lock_out_dir,
+                      start_run_files, write_metrics)
 from .runtime import resolve_device, resolve_precision, restore_determinism, seed_everything, set_determinism
 from .schedule import lr_lambda
 from .validation import robust_accuracy
@@ -114,15 +115,17 @@ class Run:
             if not cfg.out:
                 raise ValueError("--tensorboard needs --out DIR (the events go to DIR/tensorboard)")
             tensorboard.summary_writer_class()  # installed, or a clear error now
-        self.dist, self.device = distributed.setup(resolve_device(cfg.device))
+        self.dist, self.device = distributed.setup(resolve_device(cfg.device), cfg.dist_timeout)
         world = self.dist.world_size
         self.dtype = resolve_precision(cfg.precision, self.device)
         distributed.check_sync_bn(cfg.sync_bn, self.device)
         if self.dist.is_main:  # one process per run directory; under torchrun rank 0 writes, and locks
             self.lock = lock_out_dir(cfg)
         self.resume_from = check_out_dir(cfg)
+        self.inputs = input_hashes(cfg)
         if self.resume_from is not None:
             check_resume_config(self.resume_from[0], cfg, self.resume_from[1], world)
+            check_resume_inputs(self.resume_from[0], self.inputs, self.resume_from[1])
 
         seed_everything(cfg.seed)
         # The loaders draw nothing from the global RNG seeded above.
@@ -198,7 +201,13 @@ class Run:
         self.dist.barrier()  # rank 0 has made the run's files before any rank goes on
 
     def train(self):
-        return self._loop()
+        try:
+            return self._loop()
+        except RuntimeError as error:  # a collective that timed out: which rank stopped answering
+            timeout = self.dist.timeout_error(error)
+            if timeout is None:
+                raise
+            raise timeout from error
 
     def close(self):
         # Drops the loaders: the DataLoader workers of imagenet end with them.
@@ -293,6 +302,7 @@ class Run:
             "config": self.cfg.to_dict(),
             "model": {"arch": self.cfg.arch, "kwargs": self.model_kwargs, "num_classes": self.info.num_classes},
             "dataset": self.info.name,
+            "inputs": self.inputs,  # the input files' sha256: --resume refuses changed ones
             "eps": self.eps,
             "student": self.student.state_dict(),
             "method": self.method.state_dict(),

@@ -24,11 +24,26 @@ def atomic_write(path, write, *, text=False, tmp_prefix=None):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        failure = _os_error(error)
+        if failure is not None and (failure is not error or failure.filename is None):  # name the file
+            raise OSError(failure.errno, failure.strerror, str(path)) from error
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _os_error(error):
+    """The OSError behind `error`: itself, or the one a writer such as torch.save's reported as a RuntimeError
+    ("[enforce fail at inline_container.cc...]", the OSError left as its context); None when there is none."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _umask():

@@ -42,7 +42,24 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return importlib.import_module(args._module).run(args) or 0
+    try:
+        return importlib.import_module(args._module).run(args) or 0
+    except OSError as error:  # disk full, permission denied, read-only file system: wherever a command writes
+        print(f"rkd-fast {args.command}: error: {os_error_text(error)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"rkd-fast {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def os_error_text(error):
+    """An OSError in one line: the path(s), the system's message and the errno's name."""
+    import errno
+
+    paths = " -> ".join(str(p) for p in (error.filename, error.filename2) if p is not None)
+    name = errno.errorcode.get(error.errno) if error.errno else None
+    reason = error.strerror or str(error)
+    return (f"{paths}: " if paths else "") + reason + (f" ({name})" if name else "")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .dirlock import holding_lock
 from .runfiles import RunFiles
 
 # The models trained, in order (the teacher first: the distilling students load it). A student's name is its method.
@@ -148,6 +149,7 @@ def plot(results, path):
                                    xlabel="training seconds (own training only, log scale)")
 
 
+@holding_lock  # one process per --out
 def run_demo(out, *, eps=0.1, quick=False, all_baselines=False, autoattack_samples=None, threads=1, seed=0,
              overwrite=False, progress=True, command=None):
     """The demo as a function; returns the results dict (also written to out/results.json)."""

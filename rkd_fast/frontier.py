@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from .dirlock import holding_lock
 from .runfiles import RunFiles
 
 # A study entry: (trainer method, options over the demo's). eps-relative options are given in units of eps.
@@ -163,6 +164,7 @@ def _transfer_accuracy(path, x_adv, y):
         return float((model(x_adv).argmax(1) == y).float().mean())
 
 
+@holding_lock  # one process per --out
 def run_frontier(out, *, variants=DEFAULT_VARIANTS, seeds=None, eps=0.1, jobs=2, threads=1, quick=False,
                  autoattack_samples=None, teacher=None, device="cpu", overwrite=False, progress=True, command=None):
     """The study as a function; returns the results dict (also written to out/results.json)."""
@@ -194,6 +196,8 @@ def run_frontier(out, *, variants=DEFAULT_VARIANTS, seeds=None, eps=0.1, jobs=2,
         settings["autoattack_samples"] = autoattack_samples
     if teacher is not None and not Path(teacher).is_file():
         raise ValueError(f"--teacher {teacher} is not a file")
+    if teacher is not None:  # a file that is not a model is refused here, not after the study's files are made
+        _check_teacher(teacher)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
     files = RunFiles(out)
@@ -289,6 +293,18 @@ def run_frontier(out, *, variants=DEFAULT_VARIANTS, seeds=None, eps=0.1, jobs=2,
                   title=f"digits, {seeds} seeds: AutoAttack accuracy vs training cost")
     files.written(figure)
     return results
+
+
+def _check_teacher(teacher):
+    from .datasets import dataset_info
+    from .demo import COMMON
+    from .teachers import load_teacher
+
+    info = dataset_info(COMMON["dataset"])
+    try:
+        load_teacher(teacher, num_classes=info.num_classes, in_channels=info.in_channels, device="cpu")
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"--teacher {teacher}: {error}") from error
 
 
 def _write_csv(path, rows, columns):

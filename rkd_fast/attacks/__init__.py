@@ -6,9 +6,9 @@ Inputs in [0, 1], eps and alpha on that scale, models that return logits (normal
 from .attacks import cw_linf, fgsm, n_fgsm, pgd
 from .autoattack import AutocastLogits, autoattack
 from .evaluate import DEFAULT_ATTACKS, evaluate, parse_attack
-from .sanity import (EvaluationWarning, GradientMaskingWarning, ProbabilityOutputWarning, RandomizedModelWarning,
-                     sanity_check)
+from .sanity import (EvaluationWarning, GradientMaskingWarning, GradientMismatchWarning, ProbabilityOutputWarning,
+                     RandomizedModelWarning, sanity_check)
 
 __all__ = ["fgsm", "n_fgsm", "pgd", "cw_linf", "autoattack", "evaluate", "sanity_check", "AutocastLogits",
            "DEFAULT_ATTACKS", "parse_attack", "EvaluationWarning", "RandomizedModelWarning",
-           "GradientMaskingWarning", "ProbabilityOutputWarning"]
+           "GradientMaskingWarning", "GradientMismatchWarning", "ProbabilityOutputWarning"]

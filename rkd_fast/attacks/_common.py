@@ -140,6 +140,15 @@ def logits_fp32(model, x, autocast, input_dtype=torch.float32):
     return out.float()
 
 
+def input_gradient(loss, x):
+    """d loss / d x, zeros where the loss does not depend on x at all (a constant model: gradient masking at its
+    extreme, which the sanity check reports) rather than autograd's RuntimeError."""
+    if not loss.requires_grad:
+        return torch.zeros_like(x)
+    (grad,) = torch.autograd.grad(loss, x, allow_unused=True)
+    return torch.zeros_like(x) if grad is None else grad
+
+
 def to_attack_layout(x):
     """x detached in fp32, channels_last when 4-D (the fast layout for convolutions on GPU); possibly x itself,
     which the attacks never write to."""

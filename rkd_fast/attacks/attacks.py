@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from .. import seeding
 
 from ._common import (LOSSES, NORMS, attack_mode, autocast_dtype, check_choice, check_count, check_inputs,
-                      check_labels, check_model, check_number, like_input, logits_fp32, make_generator, model_dtype,
-                      to_attack_layout)
+                      check_labels, check_model, check_number, input_gradient, like_input, logits_fp32,
+                      make_generator, model_dtype, to_attack_layout)
 
 _TINY = 1e-12  # keeps L2 normalisation finite for an all-zero gradient or perturbation
 
@@ -39,7 +39,7 @@ def _input_grad(model, x_adv, y, loss, autocast, input_dtype, *, first=False):
             check_labels(y, logits.shape[1])
         per_sample = attack_loss(logits, y, loss)
         # Only the input is asked for: the frozen parameters get no gradient and nothing accumulates.
-        (grad,) = torch.autograd.grad(per_sample.sum(), x_adv)
+        grad = input_gradient(per_sample.sum(), x_adv)
     return grad
 
 
@@ -199,7 +199,7 @@ def kl_attack(model, x, target_probs, eps, alpha, steps, *, precision="fp32", se
             x_adv = x_adv.detach().requires_grad_(True)
             with torch.enable_grad():
                 objective = kl_per_sample(logits_fp32(model, x_adv, autocast, input_dtype), target).sum()
-                (grad,) = torch.autograd.grad(objective, x_adv)
+                grad = input_gradient(objective, x_adv)
             x_adv = _project(x_adv.detach() + alpha * grad.sign(), x0, eps, "linf")
     return like_input(x_adv.detach(), x)
 

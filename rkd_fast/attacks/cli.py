@@ -17,12 +17,16 @@ import os
 import shlex
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
+from ..dirlock import check_out_path, lock_directory
 from ._common import NORMS, autocast_dtype, check_count, check_number
-from .evaluate import (ATTACK_NAMES_HELP, DEFAULT_ATTACKS, DEFAULT_ATTACKS_L2, parse_attack, run_evaluation)
+from .evaluate import (ATTACK_NAMES_HELP, DEFAULT_ATTACKS, DEFAULT_ATTACKS_L2, gradient_only, parse_attack,
+                       run_evaluation)
+from .sanity import EvaluationWarning
 from .sources import EVAL_SPLITS, eval_batches, model_from_weights, normalization
 
 REPORT_FORMAT = "rkd_fast.eval"
@@ -94,6 +98,7 @@ def _check_out(out):
     """--out must be a directory, or a path where one can be made: refused before any work, not after it."""
     if out is None:
         return
+    check_out_path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
     existing = out
@@ -176,6 +181,44 @@ def _load_model(args, source, info, num_classes):
                           "num_classes": args.num_classes or num_classes, "normalization": normalization(model)}
 
 
+def _declared_input(model):
+    """[(what says so, channels or None, (H, W) or None)]: the input shape the model declares, by what rkd_fast
+    recorded when building it, its input normalisation's channels (which would broadcast 1-channel images
+    silently), its first convolution, and timm's fixed input size."""
+    from torch import nn
+
+    from ..models import InputNormalization, model_info
+
+    found = []
+    kwargs = model_info(model).get("kwargs", {})
+    if isinstance(kwargs.get("in_channels"), int):
+        found.append(("its architecture's in_channels", kwargs["in_channels"], None))
+    for module in model.modules():
+        if isinstance(module, InputNormalization) and module.mean.numel() > 1:
+            found.append(("its input normalisation", module.mean.numel(), None))
+            break
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            found.append(("its first convolution", module.in_channels, None))
+            break
+    config = getattr(model, "pretrained_cfg", None)
+    if isinstance(config, dict) and config.get("fixed_input_size") and len(config.get("input_size", ())) == 3:
+        found.append(("its fixed input size", None, tuple(config["input_size"][1:])))
+    return found
+
+
+def _check_input_shape(model, input_shape, where):
+    """The model's declared input channels (and size, where it fixes one) against the data's: 1-channel digits
+    through a 3-channel model run (the normalisation broadcasts them) and report meaningless accuracies."""
+    for what, channels, size in _declared_input(model):
+        if channels is not None and channels != input_shape[0]:
+            raise ValueError(f"the model takes {channels}-channel inputs ({what}), but {where}'s images have "
+                             f"{input_shape[0]} channel(s)")
+        if size is not None and size != tuple(input_shape[1:]):
+            raise ValueError(f"the model takes {size[0]}x{size[1]} inputs ({what}), but {where}'s images are "
+                             f"{input_shape[1]}x{input_shape[2]}")
+
+
 def _check_outputs(model, input_shape, num_classes, where, device):
     """One forward of a zero batch: the model takes the data's inputs and has one output per class."""
     try:
@@ -222,6 +265,7 @@ def prepare(args):
     model.to(device)
     side = args.image_size or info.input_size[0]
     input_shape = (info.in_channels, side, side) if args.dataset == "imagenet" else (info.in_channels, *info.input_size)
+    _check_input_shape(model, input_shape, f"{args.dataset} {plan['split']}")
     _check_outputs(model, input_shape, num_classes, f"{args.dataset} {plan['split']}", device)
     plan.update(device=device, batches=batches, n_examples=n, model=model, model_description=description)
     return plan
@@ -308,23 +352,48 @@ def _fail(error):
 
 
 def run(args):
-    from ..atomic import atomic_write_json
-
     try:
         plan = prepare(args)
     except (ValueError, TypeError, ImportError, OSError) as error:
         return _fail(error)
+    # One process per --out: held from before the first attack until eval.json is written.
+    try:
+        lock = lock_directory(args.out) if args.out is not None else None
+    except ValueError as error:
+        return _fail(error)
+    try:
+        return _evaluate_and_report(args, plan)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _evaluate_and_report(args, plan):
+    from ..atomic import atomic_write_json
+
     start = time.perf_counter()
     try:
-        evaluation = run_evaluation(plan["model"], plan["batches"], attacks=plan["attacks"], eps=plan["eps"],
-                                    norm=plan["norm"], batch_size=args.batch_size, precision=args.precision,
-                                    seed=args.seed, progress=not args.no_progress)
+        with warnings.catch_warnings(record=True) as caught:  # the sanity checks': shown, and kept in eval.json
+            warnings.simplefilter("always", EvaluationWarning)
+            evaluation = run_evaluation(plan["model"], plan["batches"], attacks=plan["attacks"], eps=plan["eps"],
+                                        norm=plan["norm"], batch_size=args.batch_size, precision=args.precision,
+                                        seed=args.seed, progress=not args.no_progress)
     except ValueError as error:  # a later batch's data (NaN, labels outside the classes): nothing is written
         return _fail(error)
     elapsed = time.perf_counter() - start
+    for warning in caught:
+        if not issubclass(warning.category, EvaluationWarning):
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    cautions = [f"{w.category.__name__}: {w.message}" for w in caught if issubclass(w.category, EvaluationWarning)]
+    caveat = gradient_only(plan["attacks"], plan["norm"])
+    if caveat:
+        cautions.append(caveat)
     print(format_table(evaluation, plan))
     print(f"({elapsed:.1f} s on {plan['device']})")
+    for caution in cautions:
+        print(f"warning: {caution}")
     if args.out is not None:
-        path = atomic_write_json(args.out / "eval.json", build_report(args, plan, evaluation, elapsed))
+        report = {**build_report(args, plan, evaluation, elapsed), "warnings": cautions}
+        path = atomic_write_json(args.out / "eval.json", report)
         print(f"wrote {path}")
     return 0

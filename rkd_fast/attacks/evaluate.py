@@ -33,6 +33,7 @@ class NamedAttack:
     run: Callable[..., torch.Tensor]
     help: str
     norms: tuple = NORMS
+    gradient_free: Callable[[object], bool] = lambda param: False  # whether a name's attack uses no gradient
 
 
 def _exactly(word):
@@ -96,9 +97,25 @@ ATTACKS = {
     "cw": NamedAttack(_with_steps("cw"), _pgd_on("cw"), "cwN (the same on the CW margin loss)"),
     "autoattack": NamedAttack(_autoattack_spec, _autoattack,
                               "autoattack (standard), autoattack-plus, autoattack-rand (for randomised models); "
-                              "autoattack:A+B+... (AutoAttack's " + ", ".join(CUSTOM_ATTACKS) + " in that order)"),
+                              "autoattack:A+B+... (AutoAttack's " + ", ".join(CUSTOM_ATTACKS) + " in that order)",
+                              # Square, the score-based attack, is in the standard and plus versions
+                              gradient_free=lambda spec: "square" in spec if isinstance(spec, tuple) else
+                              spec in ("standard", "plus")),
 }
 ATTACK_NAMES_HELP = "; ".join(attack.help for attack in ATTACKS.values())
+ATTACKS_WITHOUT_GRADIENTS = "autoattack, autoattack-plus or autoattack:...+square"
+
+
+def gradient_only(names, norm="linf"):
+    """A caveat (str) when the attacks `names` attack only with gradients (clean aside), else None: a model
+    whose gradients mislead (masking, obfuscation) then looks robust, and nothing in the list would say so."""
+    attacks = [parse_attack(name, norm) for name in names]
+    attacks = [(kind, param) for kind, param in attacks if kind != "clean"]
+    if not attacks or any(ATTACKS[kind].gradient_free(param) for kind, param in attacks):
+        return None
+    return (f"only gradient attacks ran ({', '.join(n for n in names if n != 'clean')}): their accuracy is an upper "
+            f"bound that a model with misleading gradients inflates; a robustness claim needs a gradient-free "
+            f"attack too ({ATTACKS_WITHOUT_GRADIENTS}, whose Square attack uses none)")
 
 
 def parse_attack(name, norm="linf"):
@@ -219,7 +236,7 @@ def run_evaluation(model, data, *, attacks=None, eps, norm="linf", batch_size=25
                 x, y = x.to(device), y.to(device)
                 check_inputs(x, y)  # every batch: NaN, Inf, values outside [0, 1], label dtype and shape
                 if batch == 0 and sanity_checks:
-                    sanity_check(model, x, y, precision=precision)
+                    sanity_check(model, x, y, precision=precision, eps=eps, norm=norm, seed=seed or 0)
                 start = time.perf_counter()
                 clean_logits = logits(x)
                 check_labels(y, clean_logits.shape[1])  # every batch, against the model's class count

@@ -51,6 +51,9 @@ def add_arguments(parser):
     run.add_argument("--compile", action="store_true", help="torch.compile the student")
     run.add_argument("--sync-bn", action="store_true",
                      help="under torchrun: SyncBatchNorm, statistics over the global batch (CUDA only)")
+    run.add_argument("--dist-timeout", type=float, default=_D.dist_timeout, metavar="SECONDS",
+                     help="under torchrun: how long a process waits for the others at a collective before the run "
+                          "stops with an error naming the rank that stopped answering (default: %(default)g)")
 
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--lr", type=float, default=_D.lr)
@@ -118,6 +121,7 @@ def config_from_args(args):
 
 
 def run(args):
+    from .distributed import PeerTimeout
     from .health import NonFiniteError
     from .trainer import Run
 
@@ -131,9 +135,14 @@ def run(args):
             return 2
         try:
             result = run_.train()
-        except NonFiniteError as error:  # a diverged run: nothing non-finite was written
+        except (NonFiniteError, PeerTimeout) as error:  # a diverged run, or a hung peer: the last checkpoint stands
             print(f"rkd-fast train: error: {error}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:  # Ctrl-C: the last checkpoint written is intact
+            step = run_.position["global_step"]
+            print(f"rkd-fast train: interrupted at step {step}; resume with --resume" if run_.out else
+                  f"rkd-fast train: interrupted at step {step}", file=sys.stderr)
+            return 130
     finally:
         if run_ is not None:
             run_.close()

@@ -19,7 +19,7 @@ SCHEDULES = ("cosine", "multistep", "constant")
 
 # Options that may differ between a run and its --resume (they do not change what is computed).
 RESUME_MAY_CHANGE = ("resume", "overwrite", "progress", "out", "ckpt_every", "keep", "device", "command",
-                     "data_dir", "download", "num_workers", "loader", "max_bad_steps")
+                     "data_dir", "download", "num_workers", "loader", "max_bad_steps", "dist_timeout")
 
 
 @dataclass
@@ -56,6 +56,7 @@ class RunOptions:
     channels_last: bool = False
     compile: bool = False
     sync_bn: bool = False  # under torchrun: BatchNorm statistics over the global batch (CUDA only)
+    dist_timeout: float = 600.0  # under torchrun: seconds a collective waits for a rank before the run stops
     seed: int = 0
     deterministic: bool = False
     device: str = "auto"  # "auto": CUDA when available, else CPU
@@ -164,6 +165,7 @@ def check_config(cfg):
     _number("seed", cfg.seed, integer=True)
     _number("width", cfg.width, minimum=1, integer=True, allow_none=True)
     _number("lr", cfg.lr, strict=True)
+    _number("dist_timeout", cfg.dist_timeout, strict=True)
     for name in ("momentum", "weight_decay", "gamma"):
         _number(name, getattr(cfg, name))
     _number("eps", cfg.eps, allow_none=True)

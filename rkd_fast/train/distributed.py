@@ -21,11 +21,20 @@ chunks of ``max(batch_size, 256)`` samples (imagenet, synthetic-imagenet: ``batc
 follow the per-process batch size.
 """
 
+import datetime
 import os
+import threading
+import time
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+HEARTBEAT_KEY = "rkd_fast/heartbeat/"
+
+
+class PeerTimeout(RuntimeError):
+    """A collective waited --dist-timeout for another process: the message names the rank(s) that stopped."""
 
 
 def env_world_size():
@@ -37,9 +46,65 @@ class Distributed:
     """The process's place in the job: ``rank``, ``world_size``, ``local_rank``; collectives that do nothing
     in a single process."""
 
-    def __init__(self, rank=0, world_size=1, local_rank=0, owns_group=False):
+    def __init__(self, rank=0, world_size=1, local_rank=0, owns_group=False, timeout=None):
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.owns_group = owns_group  # this object initialised the process group, so close() destroys it
+        self.timeout = timeout
+        self._store, self._beating = None, None
+        if self.enabled:
+            self._start_heartbeat()
+
+    def _start_heartbeat(self):
+        """Each rank counts up its own key in the job's store, from a thread, about once a second: after a
+        collective times out, the ranks whose count stands still are the ones that stopped (SIGSTOP, a dead host);
+        torch's own timeout error does not say which."""
+        try:
+            self._store = dist.distributed_c10d._get_default_store()
+        except Exception:  # a process group without a store: the error will not name the rank
+            return
+        self._beating = threading.Event()
+        interval = self.heartbeat_interval
+
+        def beat(store=self._store, key=f"{HEARTBEAT_KEY}{self.rank}", stop=self._beating):
+            while not stop.wait(interval):
+                try:
+                    store.add(key, 1)
+                except Exception:
+                    return
+        self._store.add(f"{HEARTBEAT_KEY}{self.rank}", 1)
+        threading.Thread(target=beat, name="rkd_fast-heartbeat", daemon=True).start()
+
+    @property
+    def heartbeat_interval(self):
+        return min(1.0, (self.timeout or 60.0) / 10)
+
+    def stopped_ranks(self):
+        """The ranks whose heartbeat did not move over three intervals (None when it cannot be told)."""
+        if self._store is None:
+            return None
+        try:
+            keys = [f"{HEARTBEAT_KEY}{r}" for r in range(self.world_size)]
+            before = [self._store.add(k, 0) for k in keys]
+            time.sleep(3 * self.heartbeat_interval)
+            after = [self._store.add(k, 0) for k in keys]
+        except Exception:
+            return None
+        return [r for r in range(self.world_size) if r != self.rank and after[r] == before[r]]
+
+    def timeout_error(self, error):
+        """The PeerTimeout for a collective's timeout `error` (torch's DistError, or gloo's RuntimeError
+        "Timed out waiting ..."), None for any other error."""
+        if not self.enabled or not (isinstance(error, getattr(dist, "DistError", ())) or
+                                    "timed out" in str(error).lower() or "timeout" in str(error).lower()):
+            return None
+        stopped = self.stopped_ranks()
+        who = (f"rank {', '.join(map(str, stopped))} stopped answering" if stopped else
+               "another process stopped answering" if stopped is None else
+               "every rank is alive, but they wait at different collectives")
+        detail = " ".join(str(error).split())
+        limit = f"--dist-timeout {self.timeout:g}s" if self.timeout is not None else "the process group's timeout"
+        return PeerTimeout(f"rank {self.rank}: no answer within {limit}: {who} "
+                           f"(torch: {detail[:200]})")
 
     @property
     def enabled(self):
@@ -64,18 +129,21 @@ class Distributed:
         return torch.arange(self.rank, global_size, self.world_size)
 
     def close(self):
+        if self._beating is not None:
+            self._beating.set()
+            self._beating = None
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
         self.owns_group = False
 
 
-def setup(device):
+def setup(device, timeout=None):
     """(Distributed, device of this process) for a run asked to use `device` (a torch.device).
 
     A single process (no torchrun, or WORLD_SIZE=1): nothing to set up. Under torchrun: CUDA runs use
     ``cuda:LOCAL_RANK`` (a plain "cuda" or "auto" device), and the process group is initialised from the
     environment, NCCL for CUDA and gloo for CPU, unless the caller already initialised one (then it is used
-    and left to the caller)."""
+    and left to the caller). ``timeout``: seconds a collective waits for the other ranks (--dist-timeout)."""
     if dist.is_available() and dist.is_initialized():
         rank, world_size, owns = dist.get_rank(), dist.get_world_size(), False
         local_rank = int(os.environ.get("LOCAL_RANK", rank))
@@ -99,8 +167,10 @@ def setup(device):
     if owns:
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
+        if timeout is not None:
+            kwargs["timeout"] = datetime.timedelta(seconds=timeout)
         dist.init_process_group(backend=backend, **kwargs)
-    return Distributed(rank, world_size, local_rank, owns), device
+    return Distributed(rank, world_size, local_rank, owns, timeout), device
 
 
 def check_sync_bn(sync_bn, device):

@@ -8,7 +8,8 @@ import warnings
 from pathlib import Path
 
 from ..atomic import atomic_write, atomic_write_json
-from ..runfiles import RunFiles
+from ..dirlock import check_out_path, lock_directory
+from ..runfiles import RunFiles, sha256
 from . import checkpoints, rerun
 from .config import RESUME_MAY_CHANGE, resolve_method_defaults
 
@@ -22,21 +23,15 @@ def check_out_dir(cfg):
     if cfg.out is None:
         return None
     out = Path(cfg.out)
-    for parent in (out, *out.parents):
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"--out {out}: {parent} exists and is not a directory")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise ValueError(f"--out {out}: cannot write in {parent} (permission denied or a read-only file "
-                                 "system)")
-            break
+    _check_writable(out)
     files = RunFiles(out)
     files.names()  # a record that names anything outside the run's own files is refused before anything runs
     if not files.exists() and (out / "run.json").is_file():
         raise ValueError(f"--out {out} holds a run.json but no record of the run's files ({files.path}): not a run "
                          "this rkd_fast can resume or replace; choose another --out, or remove it by hand")
     holds_run = files.exists()
-    no_checkpoint = not checkpoints.list_checkpoints(out) and not (out / "best.pt").exists()
+    # best.pt is written after its epoch's checkpoint: alone, it is from a run stopped before that checkpoint
+    no_checkpoint = not checkpoints.list_checkpoints(out)
     if cfg.resume:
         state, path = checkpoints.load_latest(out)
         if state is not None:
@@ -50,6 +45,27 @@ def check_out_dir(cfg):
                              "start it over from scratch, or --overwrite to replace it")
         raise ValueError(f"--out {out} holds another run; pass --resume to continue it or --overwrite to replace it")
     return None
+
+
+def _check_writable(out):
+    check_out_path(out)
+    for parent in (out, *out.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--out {out}: {parent} exists and is not a directory")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ValueError(f"--out {out}: cannot write in {parent} (permission denied or a read-only file "
+                                 "system)")
+            break
+
+
+def lock_out_dir(cfg):
+    """The lock of --out (rkd_fast.dirlock), taken before check_out_dir looks at what it holds, so that no other
+    process can start, resume or replace the run in between; None without --out."""
+    if cfg.out is None:
+        return None
+    _check_writable(Path(cfg.out))
+    return lock_directory(cfg.out)
 
 
 def check_resume_config(state, cfg, path, world_size):
@@ -67,6 +83,41 @@ def check_resume_config(state, cfg, path, world_size):
     if differ:
         raise ValueError(f"--resume from {path}: the run's options differ from the checkpoint's (resume with the "
                          f"same options, or start a new run): " + "; ".join(differ))
+
+
+def _data_files(cfg):
+    """The files the training data is read from, where it is a fixed set of files (CIFAR's batches); [] for
+    data sets embedded in a package, generated, or read from a folder tree."""
+    from ..datasets.cifar import CIFAR_FILES, _cifar_paths
+
+    if cfg.dataset in CIFAR_FILES and cfg.data_dir is not None:
+        return [path for path, _ in _cifar_paths(cfg.data_dir, cfg.dataset, "train")[1] if path.is_file()]
+    return []
+
+
+def input_hashes(cfg):
+    """The content hashes (sha256) of a run's input files, kept in its checkpoints: the teacher file, and the
+    data set's files where it has a fixed set (`_data_files`)."""
+    hashes = {}
+    if cfg.teacher is not None and Path(cfg.teacher).is_file():
+        hashes["teacher"] = sha256(cfg.teacher)
+    for path in _data_files(cfg):
+        hashes[f"data file {path.name}"] = sha256(path)
+    return hashes
+
+
+def check_resume_inputs(state, hashes, path):
+    """ValueError naming each input file whose content differs from the one the checkpoint's run read (a
+    checkpoint written before runs kept these hashes is not checked)."""
+    saved = state.get("inputs")
+    if saved is None:
+        return
+    changed = [name for name in sorted(set(saved) | set(hashes)) if saved.get(name) != hashes.get(name)]
+    if changed:
+        raise ValueError(f"--resume from {path}: the run's input files changed since it started ("
+                         + ", ".join(f"{name}: sha256 {str(saved.get(name))[:12]}, now {str(hashes.get(name))[:12]}"
+                                     for name in changed)
+                         + "); resuming would not continue the same run: restore them, or start a new run")
 
 
 def start_run_files(cfg, out, meta, resume_from):

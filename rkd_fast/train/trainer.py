@@ -47,7 +47,8 @@ from . import checkpoints, distributed, tensorboard
 from .config import TrainConfig, make_config, run_metadata
 from .health import LossHealth, finite_or_raise
 from .methods import build_method
-from .run_dir import check_out_dir, check_resume_config, start_run_files, write_metrics
+from .run_dir import (check_out_dir, check_resume_config, check_resume_inputs, input_hashes, lock_out_dir,
+                      start_run_files, write_metrics)
 from .runtime import resolve_device, resolve_precision, restore_determinism, seed_everything, set_determinism
 from .schedule import lr_lambda
 from .validation import robust_accuracy
@@ -105,6 +106,8 @@ class Run:
         self.cfg = cfg
         self.tensorboard = tensorboard  # log each epoch's metrics to out/tensorboard (rkd_fast.train.tensorboard)
         self.tb_log = None
+        self.lock = None  # rkd_fast.dirlock: --out's, held from _setup to close()
+        self.rewrite_best = False  # a resume from the best epoch's checkpoint writes best.pt again
 
     # Everything that can refuse the run happens here, before a file is written.
     def _setup(self):
@@ -113,13 +116,17 @@ class Run:
             if not cfg.out:
                 raise ValueError("--tensorboard needs --out DIR (the events go to DIR/tensorboard)")
             tensorboard.summary_writer_class()  # installed, or a clear error now
-        self.dist, self.device = distributed.setup(resolve_device(cfg.device))
+        self.dist, self.device = distributed.setup(resolve_device(cfg.device), cfg.dist_timeout)
         world = self.dist.world_size
         self.dtype = resolve_precision(cfg.precision, self.device)
         distributed.check_sync_bn(cfg.sync_bn, self.device)
+        if self.dist.is_main:  # one process per run directory; under torchrun rank 0 writes, and locks
+            self.lock = lock_out_dir(cfg)
         self.resume_from = check_out_dir(cfg)
+        self.inputs = input_hashes(cfg)
         if self.resume_from is not None:
             check_resume_config(self.resume_from[0], cfg, self.resume_from[1], world)
+            check_resume_inputs(self.resume_from[0], self.inputs, self.resume_from[1])
 
         seed_everything(cfg.seed)
         # The loaders draw nothing from the global RNG seeded above.
@@ -195,7 +202,13 @@ class Run:
         self.dist.barrier()  # rank 0 has made the run's files before any rank goes on
 
     def train(self):
-        return self._loop()
+        try:
+            return self._loop()
+        except RuntimeError as error:  # a collective that timed out: which rank stopped answering
+            timeout = self.dist.timeout_error(error)
+            if timeout is None:
+                raise
+            raise timeout from error
 
     def close(self):
         # Drops the loaders: the DataLoader workers of imagenet end with them.
@@ -208,6 +221,9 @@ class Run:
         if self.tb_log is not None:
             self.tb_log.close()
             self.tb_log = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # --- files ---------------------------------------------------------------------------------------------
 
@@ -226,6 +242,12 @@ class Run:
         if not self.writes:
             return
         self.files = start_run_files(cfg, self.out, self.meta, self.resume_from)
+        if self.resume_from is not None:
+            # What a stop between the checkpoint and the files written after it left out of date or missing.
+            if self.rewrite_best:
+                self.files.written(checkpoints.atomic_save(self.resume_from[0], self.files.add(self.out / "best.pt")))
+            if self.history:
+                write_metrics(self.files, self.meta, self.history, self.best, self.train_seconds)
         if self.tensorboard:
             if not (self.out / tensorboard.TENSORBOARD_DIR).exists():
                 self.files.add_folder(self.out / tensorboard.TENSORBOARD_DIR, TENSORBOARD_EVENTS)
@@ -249,13 +271,28 @@ class Run:
         self.best = dict(state["best"])
         self.train_seconds = float(state["train_seconds"])
         best_file = Path(cfg.out) / "best.pt"
-        if self.best and best_file.exists():
+        self.rewrite_best = False
+        if self.best and self._best_epoch_end(state):
+            # The checkpoint of the best epoch's end: the best model is its student, whatever best.pt holds (a
+            # run stopped between the two writes left the previous best there).
+            self.best_state = state["student"]
+            self.rewrite_best = True
+        elif self.best and best_file.exists():
             try:
-                self.best_state = checkpoints.read_checkpoint(best_file)["student"]
+                best = checkpoints.read_checkpoint(best_file)
+                if best.get("best") != self.best:
+                    raise ValueError(f"it holds epoch {best.get('best', {}).get('epoch')}, the checkpoint's best "
+                                     f"is epoch {self.best['epoch']}")
+                self.best_state = best["student"]
             except ValueError as error:
                 warnings.warn(f"cannot read {best_file} ({error}); the best model is forgotten", RuntimeWarning)
                 self.best = {}
         checkpoints.set_rng_state(state["rng"])  # last: nothing after this may draw random numbers
+
+    @staticmethod
+    def _best_epoch_end(state):
+        position = state["position"]
+        return position["step"] == 0 and state["best"].get("epoch") == position["epoch"]
 
     def _state(self):
         finite_or_raise(self.student.state_dict(), f"the student after global step {self.position['global_step']}",
@@ -266,6 +303,7 @@ class Run:
             "config": self.cfg.to_dict(),
             "model": {"arch": self.cfg.arch, "kwargs": self.model_kwargs, "num_classes": self.info.num_classes},
             "dataset": self.info.name,
+            "inputs": self.inputs,  # the input files' sha256: --resume refuses changed ones
             "eps": self.eps,
             "student": self.student.state_dict(),
             "method": self.method.state_dict(),
@@ -416,9 +454,11 @@ class Run:
         self.accum = {"sums": {}, "images": 0, "seconds": 0.0}
         if self.writes:
             state = self._state()
+            # The checkpoint first: one that records a best epoch holds that epoch's student, so a run stopped
+            # before best.pt was written rewrites it on --resume (_restore).
+            checkpoints.save_checkpoint(self.out, state, self.position["global_step"], cfg.keep, self.files)
             if improved:
                 self.files.written(checkpoints.atomic_save(state, self.files.add(self.out / "best.pt")))
-            checkpoints.save_checkpoint(self.out, state, self.position["global_step"], cfg.keep, self.files)
             write_metrics(self.files, self.meta, self.history, self.best, self.train_seconds)
             if self.tb_log is not None:
                 self.tb_log.log_epoch(self.history[-1])

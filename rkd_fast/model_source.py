@@ -301,10 +301,10 @@ def closest_source(arch, kwargs, state):
     _, name, _ = parse_arch(arch)
     keys = set(state)
     for candidate in (name, TORCHVISION + name, TIMM + name):
-        if candidate == arch.split(",")[0] or not _exists(parse_arch_kind(candidate), name):
+        if candidate == arch.split(",")[0] or not _exists(_kind_of(candidate), name):
             continue
         try:
-            ckw = arch_kwargs_like(candidate, kwargs)
+            ckw = _kwargs_for(candidate, kwargs)
             for inner in (False, True):
                 if set(_expected_shapes(candidate, ckw, inner)) == keys:
                     return candidate
@@ -313,17 +313,17 @@ def closest_source(arch, kwargs, state):
     return None
 
 
-def parse_arch_kind(arch):
+def _kind_of(arch):
     for prefix, kind in ARCH_PREFIXES.items():
         if arch.startswith(prefix):
             return kind
     return "rkd_fast"
 
 
-def arch_kwargs_like(arch, kwargs):
+def _kwargs_for(arch, kwargs):
     """`kwargs` of one source made fit for architecture `arch` (classes, channels and normalisation kept)."""
     base = {k: kwargs[k] for k in ("num_classes", "in_channels", "mean", "std")}
-    if parse_arch_kind(arch) == "rkd_fast":
+    if _kind_of(arch) == "rkd_fast":
         params = inspect.signature(MODELS[arch]).parameters
         return {k: v for k, v in base.items() if k in params}
     return base
@@ -369,9 +369,10 @@ def find_module(model, name, side="model"):
     if name in modules and name:
         return modules[name]
     names = [n for n in modules if n]
-    near = _nearest(name, names, n=5) or names[:5]
-    raise SourceError(f"{side} has no module named {name!r}; nearest: {', '.join(near)} (`rkd-fast layers` lists "
-                      "them all)")
+    # the nearest names, else the top-level modules (where a user starts looking)
+    near = _nearest(name, names, n=5) or [n for n, _ in bare(model).named_children()]
+    raise SourceError(f"{side} has no module named {name!r}; available: {', '.join(map(repr, near))}, ... (the "
+                      "nearest; `rkd-fast layers` lists them all)")
 
 
 def token_prefix(model):

@@ -199,8 +199,8 @@ BAD_TRAIN = [  # flags replacing the good ones (None: left out), and the error
     ({"--teacher-weights": None}, "give its trained weights (--teacher-weights FILE"),
     ({"--teacher": "timm:test_resnet"}, "the weights do not fit timm:test_resnet"),
     ({"--teacher-weights": "{tmp}/junk.pt"}, "is not a plain state_dict"),
-    ({"--feature-pair": "layer4:conv6"}, "teacher has no module named 'conv6'; nearest: conv5"),
-    ({"--feature-pair": "layer9:conv5"}, "student has no module named 'layer9'; nearest: layer4"),
+    ({"--feature-pair": "layer4:conv6"}, "teacher has no module named 'conv6'; available: 'conv5'"),
+    ({"--feature-pair": "layer9:conv5"}, "student has no module named 'layer9'; available: 'layer4'"),
     ({"--arch": "timm:test_vit"}, "does not take inputs of shape (N, 1, 8, 8)"),  # 16×16 patches
 ]
 

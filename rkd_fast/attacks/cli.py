@@ -301,8 +301,8 @@ def build_report(args, plan, evaluation, elapsed):
                    "attacks": plan["attacks"], "eps": plan["eps"], "norm": plan["norm"], "precision": args.precision,
                    "batch_size": args.batch_size, "seed": args.seed, "device": str(plan["device"])},
         "model": plan["model_description"],
-        "versions": {**record["versions"], **package_versions(("pyautoattack", "torchattacks", "torchvision",
-                                                                "robustbench"))},
+        "versions": {**record["versions"], **package_versions(("pyautoattack", "torchattacks", "torchvision", "timm",
+                                                                "safetensors", "robustbench"))},
         "git_commit": record["git_commit"],
         "git_dirty": record["git_dirty"],
     }

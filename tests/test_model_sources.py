@@ -76,7 +76,10 @@ def test_timm_student_from_torchvision_teacher_save_eval_export(tmp_path, capsys
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     x = torch.rand(4, 1, 8, 8)
     assert torch.equal(student(x), loaded(x))
-    assert torch.equal(load_any(out)(x), loaded(x))
+    assert torch.equal(load_any(out)(x), loaded(x)) and torch.equal(load_any(out / "best.pt")(x), loaded(x))
+    assert main(["export", str(out), str(tmp_path / "student.pt"), "--format", "safetensors"]) == 2
+    assert "name the file OUT.safetensors" in _one_line_error(capsys, "export")
+    assert not (tmp_path / "student.pt").exists()
 
 
 def test_torchvision_student_from_timm_vit_teacher_tokens_to_map(tmp_path):
@@ -153,10 +156,15 @@ def test_weights_of_another_source_name_it():
     assert torch.equal(tv.model.fc.weight, state["fc.weight"])
 
 
-def test_timm_missing_names_the_install(monkeypatch):
+def test_timm_missing_names_the_install(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "timm", None)
     with pytest.raises(SourceError, match=r"pip install 'rkd_fast\[timm\]'"):
         parse_arch("timm:test_resnet")
+    assert main(["train", "--method", "natural", "--arch", "timm:test_resnet", "--out", str(tmp_path / "run"),
+                 *FAST]) == 2
+    assert "timm: sources need timm, which is not installed: pip install 'rkd_fast[timm]'" in _one_line_error(
+        capsys, "train")
+    assert not (tmp_path / "run").exists()
 
 
 class _TupleTeacher(nn.Module):

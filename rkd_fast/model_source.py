@@ -117,10 +117,7 @@ def parse_arch(arch):
     if not isinstance(arch, str) or not arch:
         raise SourceError(f"an architecture must be a non-empty string, got {arch!r}")
     head, *options = arch.split(",")
-    kind, name = "rkd_fast", head
-    for prefix, prefix_kind in ARCH_PREFIXES.items():
-        if head.startswith(prefix):
-            kind, name = prefix_kind, head[len(prefix):]
+    kind, name = _split(head)
     extra = {}
     for option in options:
         key, sep, value = option.partition("=")
@@ -313,11 +310,16 @@ def closest_source(arch, kwargs, state):
     return None
 
 
-def _kind_of(arch):
+def _split(head):
+    """(kind, bare name) of an architecture without its constructor arguments."""
     for prefix, kind in ARCH_PREFIXES.items():
-        if arch.startswith(prefix):
-            return kind
-    return "rkd_fast"
+        if head.startswith(prefix):
+            return kind, head[len(prefix):]
+    return "rkd_fast", head
+
+
+def _kind_of(arch):
+    return _split(arch)[0]
 
 
 def _kwargs_for(arch, kwargs):

@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 SYSTEM_TORCH ?= 0
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-PIP_DEPS ?= ninja pybind11 triton tqdm scikit-learn matplotlib pytest pytest-benchmark expecttest pyautoattack torchattacks tensorboard nvidia-dali-cuda120
+PIP_DEPS ?= ninja pybind11 triton tqdm scikit-learn matplotlib pytest pytest-benchmark expecttest pyautoattack torchattacks tensorboard timm safetensors nvidia-dali-cuda120
 MAX_JOBS ?= 2
 CMAKE_BUILD ?= build-cmake
 

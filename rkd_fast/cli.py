@@ -14,6 +14,7 @@ COMMANDS = {
     "train": ("rkd_fast.train.cli", "train a model (natural, kd, robust-kd, pgd-at, fgsm-rs, ...)"),
     "export": ("rkd_fast.train.export", "write the student of a training checkpoint as a model file"),
     "eval": ("rkd_fast.attacks.cli", "evaluate a model against white-box L∞/L2 attacks and AutoAttack"),
+    "layers": ("rkd_fast.layers", "list a model's module names and output shapes (for --feature-pair)"),
     "bench": ("rkd_fast.bench.cli", "benchmark the fused ops and training steps, write a report"),
     "plot": ("rkd_fast.plots", "draw the curves of training runs (metrics.csv) into a PNG"),
     "info": ("rkd_fast.info", "versions, extension build, CPU capability, GPUs and kernel backends here"),

@@ -10,7 +10,8 @@ import subprocess
 import sys
 
 OPTIONAL_PACKAGES = ("triton", "numpy", "scikit-learn", "matplotlib", "tqdm", "torchvision", "pyautoattack",
-                     "torchattacks", "tensorboard", "robustbench", "nvidia-dali-cuda120", "nvidia-dali-cuda130")
+                     "torchattacks", "tensorboard", "robustbench", "timm", "safetensors", "nvidia-dali-cuda120",
+                     "nvidia-dali-cuda130")
 
 
 def package_versions(names):

@@ -19,6 +19,9 @@ training costs plus a teacher forward (docs/frontier.md).
 Feature maps are captured with forward hooks on the named modules (model code is not changed). The hooks record
 only the forward the terms are evaluated at (x, or x'): they are armed before it and disarm themselves when the
 model's forward returns, so the other forwards (the Jacobian term's, the attack pass) pass through unrecorded.
+Module names are those of the bare model (rkd_fast.model_source: ``layer4``, not ``model.layer4``); a token
+sequence (N, L, C) is compared as a map (`rkd_fast.model_source.as_feature_map`: its patches as an (N, C, s, s)
+grid when they make a square, else (N, C, L, 1)).
 
 The student and teacher are held by reference, not as submodules: `parameters()`, `state_dict()`, `.to()` and
 `.train()` of the loss see only the feature adapters.
@@ -31,6 +34,7 @@ from torch import nn
 from . import seeding
 from .clean_pass import CleanPassState, clean_rows, shares_clean_statistics
 from .jacobian import check_options, jacobian_penalty
+from .model_source import as_feature_map, token_prefix
 from .models import HoldsStudentTeacher
 from .ops.fd_jacobian import fd_jacobian_loss
 from .ops.feature_distance import MODES as FEATURE_MODES
@@ -116,12 +120,9 @@ class _Capture:
 
 
 def _named_modules(model, names, side):
-    modules = dict(model.named_modules())
-    missing = [name for name in names if name not in modules]
-    if missing:
-        available = ", ".join(repr(n) for n in modules if n) or "(none)"
-        raise ValueError(f"{side} has no module named {', '.join(map(repr, missing))}; available: {available}")
-    return [modules[name] for name in names]
+    from .model_source import find_module
+
+    return [find_module(model, name, side) for name in names]
 
 
 def _check_weight(name, value):
@@ -223,8 +224,9 @@ class RobustKDLoss(HoldsStudentTeacher, nn.Module):
         if feature_pairs:
             for side, model, names, capture in (("student", student, [p[0] for p in feature_pairs], self._captures[0]),
                                                 ("teacher", teacher, [p[1] for p in feature_pairs], self._captures[1])):
+                prefix = token_prefix(model)
                 for i, module in enumerate(_named_modules(model, names, side)):
-                    self._hooks.append(module.register_forward_hook(_record_hook(capture, i)))
+                    self._hooks.append(module.register_forward_hook(_record_hook(capture, i, prefix)))
                 # Registered after the feature hooks and on the root, so it runs when the whole forward is done.
                 self._hooks.append(model.register_forward_hook(_disarm_hook(capture)))
         elif self.feat_weight > 0:
@@ -260,6 +262,12 @@ class RobustKDLoss(HoldsStudentTeacher, nn.Module):
             raise ValueError(f"student and teacher disagree on the number of classes: student outputs "
                              f"{tuple(s_logits.shape[1:])}, teacher {tuple(t_logits.shape[1:])}")
         for (s_name, t_name), s_feat, t_feat in zip(self.feature_pairs, *[c.features for c in self._captures]):
+            for side, name, feat in (("student", s_name, s_feat), ("teacher", t_name, t_feat)):
+                if not isinstance(feat, torch.Tensor):
+                    raise ValueError(f"feature layer {name!r} of the {side} " + (
+                        "did not run in its forward" if feat is None else
+                        f"returns a {type(feat).__name__}, not a tensor") + ": pick another module "
+                        "(`rkd-fast layers` lists them with their outputs)")
             s_shape, t_shape = tuple(s_feat.shape), tuple(t_feat.shape)
             if len(s_shape) != len(t_shape) or len(s_shape) not in (2, 4):
                 raise ValueError(f"feature pair ({s_name!r}, {t_name!r}): student output {s_shape} and teacher "
@@ -424,10 +432,14 @@ def kd_loss(student_logits, teacher_logits, temperature):
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
 
 
-def _record_hook(capture, index):
+def _record_hook(capture, index, prefix=0):
     def hook(module, inputs, output):
         if capture.armed:
+            if not isinstance(output, torch.Tensor):  # refused by _inspect, with the layer's name
+                capture.features[index] = output
+                return
             rows = capture.rows
+            output = as_feature_map(output, prefix)  # token sequences (N, L, C) as maps
             capture.features[index] = output if rows == slice(None) else output[rows]
     return hook
 

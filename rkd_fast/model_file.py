@@ -5,23 +5,28 @@ tensors only, so loading a file never runs code)::
 
     format         "rkd_fast.model"
     version        1
-    arch           name in rkd_fast.models.MODELS
-    kwargs         the constructor keyword arguments given to build_model
+    arch           its architecture source (rkd_fast.model_source): an rkd_fast.models.MODELS name,
+                   torchvision:NAME or timm:NAME
+    kwargs         the constructor keyword arguments given to rkd_fast.model_source.build_architecture
     num_classes    number of logits
     normalization  {"mean": [...], "std": [...]} of the model's InputNormalization, or None
     state_dict     the weights, on CPU
     meta           free-form metadata given to save_model (same plain types)
     torch_version  the torch that wrote it
+
+The same model as ``.safetensors`` (`save_model` to a path ending in .safetensors, ``rkd-fast export --format
+safetensors``): the state_dict as the tensors, every other entry JSON-encoded in the file's string metadata.
 """
 
 import inspect
+import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .atomic import atomic_save
-from .models import MODELS, InputNormalization, build_model, model_info
+from .atomic import atomic_save, atomic_write
+from .models import MODELS, InputNormalization, model_info
 
 FORMAT = "rkd_fast.model"
 VERSION = 1
@@ -48,7 +53,7 @@ def _check_plain(name, value):
 
 
 def _num_classes(arch, kwargs, model):
-    params = inspect.signature(MODELS[arch]).parameters
+    params = inspect.signature(MODELS[arch]).parameters if arch in MODELS else {}
     if "num_classes" in kwargs:
         return int(kwargs["num_classes"])
     if "num_classes" in params and params["num_classes"].default is not inspect.Parameter.empty:
@@ -67,17 +72,20 @@ def _normalization(model):
 
 
 def save_model(model, path, **meta):
-    """Writes `model` (built with `rkd_fast.models.build_model`, which records its architecture name and
-    keyword arguments on it) to `path`, atomically: a temporary file in the same directory, fsync'd, then
-    renamed over `path`. ``meta``: extra plain metadata stored beside the weights (epoch, method, eps...)."""
+    """Writes `model` (built with `rkd_fast.models.build_model` or `rkd_fast.model_source.build_architecture`,
+    which record its architecture and keyword arguments on it) to `path`, atomically: a temporary file in the
+    same directory, fsync'd, then renamed over `path`; as safetensors when `path` ends in .safetensors.
+    ``meta``: extra plain metadata stored beside the weights (epoch, method, eps...)."""
+    from .model_source import parse_arch
+
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     arch, kwargs = model_info(model).get("arch"), model_info(model).get("kwargs")
     if arch is None or kwargs is None:
-        raise ValueError("save_model needs a model built with rkd_fast.models.build_model(arch, **kwargs) "
-                         "(it records the architecture name and arguments the file must hold)")
-    if arch not in MODELS:
-        raise ValueError(f"model architecture {arch!r} is not registered in rkd_fast.models.MODELS")
+        raise ValueError("save_model needs a model built with rkd_fast.models.build_model(arch, **kwargs) or "
+                         "rkd_fast.model_source.build_architecture (they record the architecture and arguments "
+                         "the file must hold)")
+    parse_arch(arch)
     _check_plain("the model's constructor kwargs", kwargs)
     _check_plain("meta", meta)
     payload = {
@@ -91,7 +99,35 @@ def save_model(model, path, **meta):
         "meta": dict(meta),
         "torch_version": str(torch.__version__),
     }
+    if Path(path).suffix == ".safetensors":
+        return _save_safetensors(payload, path)
     return atomic_save(payload, path)
+
+
+def _save_safetensors(payload, path):
+    try:
+        from safetensors.torch import save
+    except ImportError as error:
+        raise ValueError("writing .safetensors needs safetensors: pip install safetensors") from error
+    # own contiguous copies: safetensors refuses views and tensors sharing memory (tied weights)
+    tensors = {k: v.contiguous().clone() for k, v in payload["state_dict"].items()}
+    metadata = {k: json.dumps(v) for k, v in payload.items() if k != "state_dict"}
+    data = save(tensors, metadata=metadata)
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def _read_safetensors_payload(path):
+    from .model_source import _read_safetensors
+
+    tensors, metadata = _read_safetensors(path)
+    if metadata.get("format") != json.dumps(FORMAT):
+        raise ValueError(f"{path} is not an rkd_fast model file (its metadata has no 'format': {FORMAT!r}); "
+                         "plain weights? give them to an architecture (eval --arch NAME --weights FILE)")
+    try:
+        payload = {k: json.loads(v) for k, v in metadata.items()}
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: damaged rkd_fast metadata ({error})") from error
+    return {**payload, "state_dict": tensors}
 
 
 def _reason(error):
@@ -119,8 +155,10 @@ def load_weights_only(path, what="an rkd_fast model file"):
 
 def read_model_file(path):
     """The checked contents of a model file (the dict described above), loaded with weights_only=True."""
+    from .model_source import parse_arch
+
     path = Path(path)
-    payload = load_weights_only(path)
+    payload = _read_safetensors_payload(path) if path.suffix == ".safetensors" else load_weights_only(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not an rkd_fast model file (no 'format': {FORMAT!r} entry); a raw state_dict "
                          f"or a training checkpoint? `rkd-fast export` writes a model file from the latter")
@@ -130,9 +168,11 @@ def read_model_file(path):
     if not isinstance(payload["version"], int) or payload["version"] > VERSION:
         raise ValueError(f"{path} has model file version {payload['version']!r}; this rkd_fast reads up to "
                          f"version {VERSION}: upgrade rkd_fast")
-    if payload["arch"] not in MODELS:
-        raise ValueError(f"{path} holds architecture {payload['arch']!r}, which is not registered; available: "
-                         f"{', '.join(sorted(MODELS))}")
+    try:
+        parse_arch(payload["arch"])
+    except ValueError as error:
+        raise ValueError(f"{path} holds architecture {payload['arch']!r}, which is not registered or cannot be built here: {error}") \
+            from error
     return payload
 
 
@@ -140,9 +180,11 @@ def load_model(path, device=None):
     """The model stored in `path` by `save_model`, on `device` (default CPU), in eval mode.
 
     The file's metadata joins the model's `rkd_fast.models.model_info`: meta, num_classes, normalization."""
+    from .model_source import build_architecture
+
     payload = read_model_file(path)
     check_weights(payload, path)
-    model = build_model(payload["arch"], **payload["kwargs"])
+    model = build_architecture(payload["arch"], **payload["kwargs"])
     model.load_state_dict(payload["state_dict"])  # check_weights has matched every name and shape
     model.rkd_info.update(meta=payload["meta"], num_classes=payload["num_classes"],
                           normalization=payload["normalization"])
@@ -155,13 +197,15 @@ def check_weights(payload, path):
     """ValueError naming `path` unless the file's recorded architecture and arguments fit its weights, class count
     and normalisation, and every weight is finite. The model is built on the meta device to compare the shapes
     (no memory is allocated), so a file asking for an absurd width is refused before anything is built."""
+    from .model_source import build_architecture
+
     arch, kwargs, state = payload["arch"], payload["kwargs"], payload["state_dict"]
     if not isinstance(kwargs, dict) or not isinstance(state, dict) or \
             not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: 'kwargs' must be a dict and 'state_dict' a dict of tensors")
     try:
         with torch.device("meta"):
-            expected = build_model(arch, **kwargs)
+            expected = build_architecture(arch, **kwargs)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{path}: {arch}({kwargs}) cannot be built: {error}") from error
     shapes = {k: tuple(v.shape) for k, v in expected.state_dict().items()}
@@ -203,3 +247,47 @@ def describe_names(names, shown=3):
     return f"{len(names)} tensor{'s' if len(names) != 1 else ''} ({', '.join(names[:shown])}{more})"
 
 
+
+
+def load_any(source, device=None):
+    """The model of `source`, in eval mode: an rkd_fast model file (.pt or .safetensors), a training checkpoint
+    (its student, rebuilt from the architecture and arguments it records) or a run directory (its best.pt)."""
+    from .train import checkpoints
+
+    path = Path(source)
+    if path.is_dir():
+        if not (path / "best.pt").is_file():
+            raise ValueError(f"{path} is a directory without best.pt: not a run directory whose robust validation "
+                             "has run")
+        path = path / "best.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} does not exist")
+    if path.suffix != ".safetensors":
+        payload = load_weights_only(path)  # "not an rkd_fast model file" when it does not load
+        if isinstance(payload, dict) and payload.get("format") == checkpoints.FORMAT:
+            return checkpoint_student(checkpoints.read_checkpoint(path), path, device)
+    return load_model(path, device)
+
+
+def checkpoint_student(state, path, device=None):
+    """The student of a training checkpoint's contents `state`, in eval mode, with the file's description (its
+    method, data set, eps, epoch and validation accuracies) as its meta."""
+    from .model_source import build_architecture
+
+    bad = nonfinite_tensors(state["student"])
+    if bad:
+        raise ValueError(f"{path}: the student has non-finite weights (NaN or Inf) in {describe_names(bad)}: "
+                         "a diverged run; use an earlier checkpoint")
+    model = build_architecture(state["model"]["arch"], **state["model"]["kwargs"])
+    model.load_state_dict(state["student"])
+    evaluated = [row for row in state["history"] if row.get("val_robust_acc") is not None]
+    config = state["config"]
+    model.rkd_info.update(num_classes=state["model"]["num_classes"], normalization=_normalization(model), meta={
+        "method": config["method"], "dataset": state["dataset"], "eps": state["eps"],
+        "epoch": state["position"]["epoch"], "global_step": state["position"]["global_step"],
+        "val_clean_acc": evaluated[-1]["val_clean_acc"] if evaluated else None,
+        "val_robust_acc": evaluated[-1]["val_robust_acc"] if evaluated else None,
+        "source_checkpoint": str(path), "train_config": config})
+    if device is not None:
+        model.to(device)
+    return model.eval()

@@ -1,7 +1,10 @@
-"""Teacher loading for distillation: an rkd_fast model file, or a RobustBench model already on disk.
+"""Teacher loading for distillation: any model source (rkd_fast.model_source) that holds trained weights.
 
 Specs:
-- a path to a model file written by `rkd_fast.model_file.save_model` (`rkd-fast export`);
+- a path to a model file written by `rkd_fast.model_file.save_model` (`rkd-fast export`; .pt or .safetensors), a
+  training checkpoint (best.pt) or a run directory;
+- an architecture (``resnet18``, ``torchvision:resnet50``, ``timm:NAME``) with its weights (``weights``: a
+  .pt/.pth/.safetensors state_dict), built for the data set (``info``);
 - ``robustbench:DATASET/THREAT/NAME``, e.g. ``robustbench:cifar10/Linf/Addepalli2022Efficient_RN18``: loaded
   with RobustBench's ``load_model`` from ``teacher_dir/DATASET/THREAT/NAME.pt`` (RobustBench's own layout).
   The checkpoint must already be there: this never downloads (the training machines are offline).
@@ -68,40 +71,56 @@ def load_robustbench(spec, model_dir=None, num_classes=None):
 
 
 def _load_file(spec, num_classes, device, arch, in_channels):
-    from .model_file import load_model, read_model_file
+    from .model_file import load_any
 
     path = Path(spec)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"teacher model file {path} does not exist (expected an rkd_fast model file, "
-                                f"`rkd-fast export` output, or robustbench:DATASET/THREAT/NAME)")
-    payload = read_model_file(path)  # checks the format before anything is built
-    if arch is not None and payload["arch"] != arch:
-        raise ValueError(f"teacher {path} is a {payload['arch']!r}, but {arch!r} was asked")
-    _check_classes(spec, payload["num_classes"], num_classes)
-    norm = payload["normalization"]
+                                f"`rkd-fast export` output, a run directory, an architecture with its weights, or "
+                                f"robustbench:DATASET/THREAT/NAME)")
+    model = load_any(path, device)
+    info = model_info(model)
+    if arch is not None and info["arch"] != arch:
+        raise ValueError(f"teacher {path} is a {info['arch']!r}, but {arch!r} was asked")
+    _check_classes(spec, info["num_classes"], num_classes)
+    norm = info.get("normalization")
     if in_channels is not None and norm is not None and len(norm["mean"]) != in_channels:
         raise ValueError(f"teacher {path} takes {len(norm['mean'])}-channel inputs, but {in_channels} were asked "
                          "(the data set's)")
-    return load_model(path, device=device), payload["num_classes"]
+    return model, info["num_classes"]
 
 
-def load_teacher(spec, *, teacher_dir=None, num_classes=None, device=None, arch=None, in_channels=None):
+def load_teacher(spec, *, teacher_dir=None, num_classes=None, device=None, arch=None, in_channels=None,
+                 weights=None, info=None):
     """The teacher named by `spec` (see the module docstring), on `device`, frozen and in eval mode.
 
     teacher_dir: where RobustBench checkpoints live (default ``./models``, RobustBench's). num_classes: when
     given, a teacher with another class count is a ValueError. arch, in_channels: for model files, the architecture
-    the file must hold and the input channels it must take."""
+    the file must hold and the input channels it must take. weights, info: for an architecture, its state_dict
+    file and the data set (a `rkd_fast.datasets.DatasetInfo`) it is built for."""
+    from .model_source import load_source, source_kind
+
     if not isinstance(spec, (str, Path)):
         raise TypeError(f"teacher spec must be a str or path, got {type(spec).__name__}")
     spec = str(spec)
-    if spec.startswith(ROBUSTBENCH_PREFIX):
+    kind = source_kind(spec)
+    if weights is not None and kind != "arch":
+        raise ValueError(f"teacher {spec} holds its weights: --teacher-weights applies to an architecture "
+                         "(resnet18, torchvision:NAME, timm:NAME)")
+    if kind == "robustbench":
         model, classes = load_robustbench(spec, teacher_dir, num_classes)
-        source = "robustbench"
-    else:
+    elif kind == "file":
         model, classes = _load_file(spec, num_classes, device, arch, in_channels)
-        source = "file"
+    else:
+        if info is None:
+            raise ValueError(f"teacher {spec} is an architecture: it is built for a data set (info=...)")
+        if weights is None:
+            raise ValueError(f"teacher {spec} is an architecture: give its trained weights (--teacher-weights "
+                             "FILE, a .pt/.pth/.safetensors state_dict)")
+        model, _ = load_source(spec, info, weights=weights, num_classes=num_classes)
+        classes = num_classes or info.num_classes
     if device is not None:
         model.to(device)
     model.eval().requires_grad_(False)
-    model.rkd_info = {**model_info(model), "spec": spec, "source": source, "num_classes": classes}
+    model.rkd_info = {**model_info(model), "spec": spec, "source": kind, "num_classes": classes}
     return model

@@ -1,9 +1,10 @@
 """`rkd-fast eval`: robust accuracy of a model under white-box L∞ or L2 attacks, on any data set the trainer reads.
 
-The model: a model file (``--checkpoint``, from rkd_fast.save_model or `rkd-fast export`), a RobustBench model on
-disk (``--checkpoint robustbench:DATASET/THREAT/NAME --model-dir DIR``), or an architecture with a plain state_dict
-(``--arch NAME|torchvision:NAME --weights FILE``, normalisation from ``--mean/--std`` or the data set's, put
-inside the model). Prints a table (accuracy and seconds per attack) and, with ``--out DIR``, writes DIR/eval.json:
+The model (rkd_fast.model_source): a model file (``--checkpoint``, from rkd_fast.save_model or `rkd-fast export`,
+.pt or .safetensors), a run directory or its training checkpoint (best.pt), a RobustBench model on disk
+(``--checkpoint robustbench:DATASET/THREAT/NAME --model-dir DIR``), or an architecture with a plain state_dict
+(``--arch NAME|torchvision:NAME|timm:NAME --weights FILE``, .pt/.pth/.safetensors, normalisation from
+``--mean/--std`` or the data set's, put inside the model). Prints a table (accuracy and seconds per attack) and, with ``--out DIR``, writes DIR/eval.json:
 RobustBench's field names where they exist (dataset, threat_model, eps, n_examples, clean_acc, autoattack_acc;
 accuracies as fractions in [0, 1], as robustbench.eval.benchmark returns them), the per-attack accuracies and
 seconds, worst_case, the command, the configuration, the model's description, library versions and the git
@@ -12,6 +13,7 @@ commit.
 Every bad input (option, file, data directory) is a one-line error and exit status 2 before any attack runs, and
 nothing is written."""
 
+import dataclasses
 import math
 import os
 import shlex
@@ -37,12 +39,14 @@ THREAT_MODELS = {"linf": "Linf", "l2": "L2"}  # RobustBench's names
 def add_arguments(parser):
     model = parser.add_argument_group("model (--checkpoint, or --arch with --weights)")
     model.add_argument("--checkpoint", metavar="MODEL",
-                       help="a model file (rkd_fast.save_model / `rkd-fast export`), or robustbench:DATASET/THREAT/NAME "
-                            "(needs robustbench; reads MODEL_DIR/DATASET/THREAT/NAME.pt, never downloads)")
+                       help="a model file (rkd_fast.save_model / `rkd-fast export`, .pt or .safetensors), a run "
+                            "directory or its best.pt, or robustbench:DATASET/THREAT/NAME (needs robustbench; reads "
+                            "MODEL_DIR/DATASET/THREAT/NAME.pt, never downloads)")
     model.add_argument("--model-dir", metavar="DIR", help="robustbench: the model directory (default: ./models)")
-    model.add_argument("--arch", help="with --weights: an rkd_fast architecture (small_cnn, resnet18, ...) or "
-                                      "torchvision:NAME (e.g. torchvision:resnet50)")
-    model.add_argument("--weights", metavar="FILE", help="a plain state_dict file for --arch")
+    model.add_argument("--arch", help="with --weights: an rkd_fast architecture (small_cnn, resnet18, ...), "
+                                      "torchvision:NAME (e.g. torchvision:resnet50) or timm:NAME")
+    model.add_argument("--weights", metavar="FILE", help="a plain state_dict file for --arch (.pt, .pth or "
+                                                         ".safetensors; torchvision's and timm's own keys accepted)")
     model.add_argument("--num-classes", type=int, help="--arch: outputs of the model (default: the data set's)")
     model.add_argument("--mean", type=float, nargs="+", metavar="M",
                        help="--arch: per-channel mean the model subtracts from [0, 1] inputs (default: the data set's)")
@@ -113,9 +117,7 @@ def _check_out(out):
 def _check_file(option, path):
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"{option} {path} is a directory, not a file" + (
-            " (a run directory? `rkd-fast export RUN_DIR MODEL.pt` writes its best model as a model file)"
-            if option == "--checkpoint" else ""))
+        raise ValueError(f"{option} {path} is a directory, not a file")
     if not path.is_file():
         raise ValueError(f"{option} {path}: no such file")
     return path
@@ -135,12 +137,22 @@ def _check_model_options(args):
             return "robustbench"
         if args.model_dir is not None:
             raise ValueError("--model-dir applies to --checkpoint robustbench:DATASET/THREAT/NAME")
-        _check_file("--checkpoint", args.checkpoint)
+        path = Path(args.checkpoint)
+        if path.is_dir():
+            if not (path / "best.pt").is_file():
+                raise ValueError(f"--checkpoint {path} is a directory without best.pt (a run directory whose robust "
+                                 "validation has not run yet? `rkd-fast export --which last` takes its newest "
+                                 "checkpoint)")
+        elif not path.is_file():
+            raise ValueError(f"--checkpoint {path}: no such file")
         return "file"
     if args.weights is None:
         raise ValueError("--arch needs --weights FILE (a plain state_dict)")
     if args.model_dir is not None:
         raise ValueError("--model-dir applies to --checkpoint robustbench:DATASET/THREAT/NAME")
+    from ..model_source import parse_arch
+
+    parse_arch(args.arch)
     _check_file("--weights", args.weights)
     if args.num_classes is not None:
         check_count("--num-classes", args.num_classes)
@@ -157,26 +169,18 @@ def _check_model_options(args):
 
 def _load_model(args, source, info, num_classes):
     """(model, its description for the report)."""
-    from ..model_file import load_model
-    from ..models import model_info
-    from ..teachers import load_robustbench
+    from ..model_source import load_source
 
-    if source == "file":
-        model = load_model(args.checkpoint)
-        return model, {"source": "file", "path": str(args.checkpoint), **model_info(model)}
-    if source == "robustbench":
-        model, _ = load_robustbench(args.checkpoint, args.model_dir, num_classes)
-        return model.eval(), {"source": "robustbench", "spec": args.checkpoint,
-                              "model_dir": args.model_dir or "models"}
+    if source != "weights":
+        model, description = load_source(args.checkpoint, info, model_dir=args.model_dir, num_classes=num_classes)
+        return model.eval(), description
     mean, std = (args.mean, args.std) if args.mean is not None else (info.mean, info.std)
     if len(mean) != len(std) or len(mean) not in (1, info.in_channels):
         raise ValueError(f"--mean/--std: give 1 or {info.in_channels} values each ({info.name} has "
                          f"{info.in_channels} channel(s)), got {len(mean)} and {len(std)}")
     mean, std = [*mean] * (info.in_channels // len(mean)), [*std] * (info.in_channels // len(std))
-    model = model_from_weights(args.arch, args.weights, num_classes=args.num_classes or num_classes,
-                               in_channels=info.in_channels, mean=mean, std=std, width=args.width,
-                               stem=info.stem,
-                               explicit_normalization=args.mean is not None)
+    model = model_from_weights(args.arch, args.weights, info=info, num_classes=args.num_classes or num_classes,
+                               mean=mean, std=std, width=args.width, explicit_normalization=args.mean is not None)
     return model.eval(), {"source": "weights", "arch": args.arch, "weights": str(args.weights),
                           "num_classes": args.num_classes or num_classes, "normalization": normalization(model)}
 
@@ -224,7 +228,7 @@ def _check_outputs(model, input_shape, num_classes, where, device):
     try:
         with torch.no_grad():
             out = model(torch.zeros(2, *input_shape, device=device))
-    except RuntimeError as error:
+    except (RuntimeError, AssertionError, ValueError) as error:  # models check their input sizes in these ways
         raise ValueError(f"the model does not take {where}'s inputs of shape (N, {', '.join(map(str, input_shape))}): "
                          f"{' '.join(str(error).split())}") from error
     if out.dim() != 2 or out.shape[1] != num_classes:
@@ -261,6 +265,8 @@ def prepare(args):
     batches, n, num_classes = eval_batches(args.dataset, plan["split"], data_dir=args.data_dir,
                                            n_examples=args.n_examples, batch_size=args.batch_size, device=device,
                                            image_size=args.image_size, num_workers=args.num_workers)
+    if args.image_size is not None:  # the side ViTs are built for
+        info = dataclasses.replace(info, input_size=(args.image_size, args.image_size))
     model, description = _load_model(args, source, info, num_classes)
     model.to(device)
     side = args.image_size or info.input_size[0]
@@ -339,8 +345,8 @@ def build_report(args, plan, evaluation, elapsed):
                    "attacks": plan["attacks"], "eps": plan["eps"], "norm": plan["norm"], "precision": args.precision,
                    "batch_size": args.batch_size, "seed": args.seed, "device": str(plan["device"])},
         "model": plan["model_description"],
-        "versions": {**record["versions"], **package_versions(("pyautoattack", "torchattacks", "torchvision",
-                                                                "robustbench"))},
+        "versions": {**record["versions"], **package_versions(("pyautoattack", "torchattacks", "torchvision", "timm",
+                                                                "safetensors", "robustbench"))},
         "git_commit": record["git_commit"],
         "git_dirty": record["git_dirty"],
     }

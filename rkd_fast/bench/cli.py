@@ -20,7 +20,8 @@ import torch
 
 from . import ops, report, steps
 
-SCENARIOS = ("cifar-same", "cifar-10x", "imagenet")
+SCENARIOS = ("cifar-same", "cifar-10x", "imagenet", "imagenet-timm")
+CUDA_ONLY = ("imagenet", "imagenet-timm")  # ResNet-50 at 224² is hours of CPU time
 
 
 def add_arguments(parser):
@@ -37,7 +38,8 @@ def add_arguments(parser):
     parser.add_argument("--methods", default=",".join(steps.VARIANTS),
                         help=f"comma-separated step cases; known: {', '.join(steps.VARIANTS)}")
     parser.add_argument("--scenarios", default=None,
-                        help=f"comma-separated, of {', '.join(SCENARIOS)} (imagenet on CUDA only); default: all "
+                        help=f"comma-separated, of {', '.join(SCENARIOS)} ({', '.join(CUDA_ONLY)} on CUDA only; "
+                             "imagenet-timm: timm's ResNet-50 student and teacher, timm:resnet50); default: all "
                              "that apply")
     parser.add_argument("--width", type=int, default=None, help="base width of the ResNet-18 student and teacher")
     parser.add_argument("--wrn-widen", type=int, default=None,
@@ -99,12 +101,13 @@ def resolve(args):
     unknown = [v for v in variants if v not in steps.VARIANTS]
     if unknown or not variants:
         raise ValueError(f"--methods: unknown {', '.join(unknown) or '(empty)'}; known: {', '.join(steps.VARIANTS)}")
-    scenarios = _csv(args.scenarios) if args.scenarios else [s for s in SCENARIOS if cuda or s != "imagenet"]
+    scenarios = _csv(args.scenarios) if args.scenarios else [s for s in SCENARIOS if cuda or s not in CUDA_ONLY]
     bad = [s for s in scenarios if s not in SCENARIOS]
     if bad:
         raise ValueError(f"--scenarios: unknown {', '.join(bad)}; known: {', '.join(SCENARIOS)}")
-    if "imagenet" in scenarios and not cuda:
-        raise ValueError("--scenarios imagenet runs on CUDA only (ResNet-50 at 224² is hours of CPU time)")
+    for name in CUDA_ONLY:
+        if name in scenarios and not cuda:
+            raise ValueError(f"--scenarios {name} runs on CUDA only (ResNet-50 at 224² is hours of CPU time)")
     impls = _csv(args.kernel_impls) if args.kernel_impls else list(ops.default_impls(device))
     if any(i not in ops.IMPLS for i in impls) or not impls:
         raise ValueError(f"--kernel-impls: expected some of {', '.join(ops.IMPLS)}, got {args.kernel_impls!r}")
@@ -156,6 +159,10 @@ def build_scenarios(cfg):
         "imagenet": steps.Scenario("imagenet", steps.ModelSpec("resnet50", {"stem": "imagenet", "num_classes": 1000}),
                                    steps.ModelSpec("resnet50", {"stem": "imagenet", "num_classes": 1000}),
                                    min(bs, 64), 224, num_classes=1000, variants=variants),
+        # the same shapes through timm's ResNet-50 (rkd_fast.model_source): its layers, its cost
+        "imagenet-timm": steps.Scenario("imagenet-timm", steps.ModelSpec("timm:resnet50", {"num_classes": 1000}),
+                                        steps.ModelSpec("timm:resnet50", {"num_classes": 1000}),
+                                        min(bs, 64), 224, num_classes=1000, variants=variants),
     }
     return [built[name] for name in cfg["scenarios"]]
 

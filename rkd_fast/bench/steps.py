@@ -20,7 +20,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..attacks._common import PRECISIONS, autocast_factory
 from ..clean_pass import share_clean_statistics
-from ..models import DEFAULT_FEATURE_LAYER, build_model
+from ..datasets.info import IMAGENET_MEAN, IMAGENET_STD
+from ..model_source import build_architecture, default_feature_layer, parse_arch
+from ..models import build_model
 from ..train import methods as methods_module
 
 # What a step case asks for: (registered method, its options). robust-kd is its default (the terms at the
@@ -71,7 +73,12 @@ class ModelSpec:
     kwargs: dict
 
     def build(self, device, channels_last):
-        model = build_model(self.arch, **self.kwargs).to(device)
+        if parse_arch(self.arch)[0] == "rkd_fast":
+            model = build_model(self.arch, **self.kwargs)
+        else:  # torchvision:, timm: (rkd_fast.model_source): RGB inputs, ImageNet's statistics unless given
+            model = build_architecture(self.arch, **{"num_classes": 10, "in_channels": 3, "mean": list(IMAGENET_MEAN),
+                                                     "std": list(IMAGENET_STD), **self.kwargs})
+        model = model.to(device)
         return model.to(memory_format=torch.channels_last) if channels_last else model
 
     def label(self):
@@ -128,7 +135,7 @@ class StepCase:
                                          label_smoothing=0.0, batch_size=x.shape[0], arch=scenario.student.arch,
                                          teacher_arch=scenario.teacher.arch)
         if "feature_pairs" in methods_module.METHODS[method].options():  # the scenario's own models' layers
-            pair = f"{DEFAULT_FEATURE_LAYER[scenario.student.arch]}:{DEFAULT_FEATURE_LAYER[scenario.teacher.arch]}"
+            pair = f"{default_feature_layer(student, x[:2])}:{default_feature_layer(teacher, x[:2])}"
             options = {"feature_pairs": (pair,), **options}
         self.method = methods_module.create(method, student, teacher if uses_teacher(variant) else None, run,
                                             x[: min(8, x.shape[0])], precision_autocast(x.device, precision),

@@ -7,6 +7,7 @@ from ..datasets import CIFAR_VAL_SIZE, DATASETS, IMAGENET_WORKERS, LOADERS, STRE
 from . import rerun
 from .config import PRECISIONS, SCHEDULES, TrainConfig
 from .methods import METHODS, all_options
+from ..models import MODELS
 
 _D = TrainConfig()
 _OPTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "command")  # args.command: the subcommand
@@ -34,10 +35,19 @@ def add_arguments(parser):
                           "'rkd_fast[dali]'); the same samples, crops and flips either way")
     run.add_argument("--synthetic-batches", type=int, default=_D.synthetic_batches,
                      help=f"synthetic-imagenet: training steps per epoch (default: {SYNTHETIC_BATCHES})")
-    run.add_argument("--arch", default=_D.arch, help="student architecture (small_cnn, preact_resnet18, resnet18)")
-    run.add_argument("--width", type=int, default=_D.width, help="base width of the architecture (default: its own)")
-    run.add_argument("--teacher", metavar="PATH", default=_D.teacher,
-                     help="teacher model file (from `rkd-fast export`); kd, robust-kd, ard and rslad need one")
+    run.add_argument("--arch", default=_D.arch,
+                     help="student architecture: " + ", ".join(MODELS) + ", torchvision:NAME or timm:NAME (built "
+                          "for the data set's classes, channels and normalisation; constructor arguments as "
+                          "timm:NAME,key=value) (default: %(default)s)")
+    run.add_argument("--width", type=int, default=_D.width,
+                     help="base width of an rkd_fast architecture (default: its own)")
+    run.add_argument("--teacher", metavar="MODEL", default=_D.teacher,
+                     help="kd, robust-kd, ard and rslad: the teacher: a model file (`rkd-fast export`), a run "
+                          "directory, robustbench:DATASET/THREAT/NAME (from ./models), or an architecture as "
+                          "for --arch with --teacher-weights")
+    run.add_argument("--teacher-weights", metavar="FILE", default=_D.teacher_weights,
+                     help="the teacher architecture's weights: a .pt/.pth or .safetensors state_dict (the bare "
+                          "torchvision/timm model's keys are accepted)")
     run.add_argument("--teacher-arch", default=_D.teacher_arch, help="refuse a teacher file of another architecture")
     run.add_argument("--epochs", type=int, default=_D.epochs)
     run.add_argument("--batch-size", type=int, default=_D.batch_size)
@@ -53,7 +63,7 @@ def add_arguments(parser):
                      help="under torchrun: SyncBatchNorm, statistics over the global batch (CUDA only)")
     run.add_argument("--dist-timeout", type=float, default=_D.dist_timeout, metavar="SECONDS",
                      help="under torchrun: how long a process waits for the others at a collective before the run "
-                          "stops with an error naming the rank that stopped answering (default: %(default)g)")
+                          "stops with an error naming the rank that stopped answering (default: %(default)s s)")
 
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--lr", type=float, default=_D.lr)
@@ -131,7 +141,7 @@ def run(args):
             run_ = Run(config_from_args(args), tensorboard=args.tensorboard)
             run_.prepare()
         except (ValueError, TypeError) as error:
-            print(f"rkd-fast train: error: {error}", file=sys.stderr)
+            print(f"rkd-fast train: error: {' '.join(str(error).split())}", file=sys.stderr)
             return 2
         try:
             result = run_.train()

@@ -42,6 +42,7 @@ class RunOptions:
     width: int | None = None  # the architecture's base width; None: its default
     teacher: str | None = None  # a model file (`rkd-fast export` output); kd and robust-kd need one
     teacher_arch: str | None = None  # when given, the teacher file must hold this architecture
+    teacher_weights: str | None = None  # the state_dict of a teacher given as an architecture (rkd_fast.model_source)
     epochs: int = 10
     batch_size: int = 128
     lr: float = 0.05
@@ -146,7 +147,7 @@ def check_method_options(cfg):
     method = METHODS[cfg.method]
     method.check(resolve_options(cfg.method, {name: getattr(cfg, name) for name in method.options()}))
     if method.needs_teacher and not cfg.teacher:
-        raise ValueError(f"method {cfg.method!r} needs a teacher model file (--teacher PATH)")
+        raise ValueError(f"method {cfg.method!r} needs a teacher (--teacher MODEL)")
     if not method.needs_teacher and cfg.teacher:
         raise ValueError(f"method {cfg.method!r} does not use a teacher; drop --teacher")
 
@@ -156,8 +157,13 @@ def check_config(cfg):
     _choice("dataset", cfg.dataset, DATASETS)
     _choice("precision", cfg.precision, tuple(PRECISIONS))
     _choice("schedule", cfg.schedule, SCHEDULES)
-    from ..models import MODELS
-    _choice("arch", cfg.arch, tuple(sorted(MODELS)))
+    from ..model_source import parse_arch, source_kind
+    if source_kind(cfg.arch) != "arch":
+        raise ValueError(f"--arch {cfg.arch!r}: the student is an architecture (an rkd_fast name, torchvision:NAME or "
+                         "timm:NAME), not a trained model")
+    parse_arch(cfg.arch)
+    if cfg.teacher_weights is not None and not cfg.teacher:
+        raise ValueError("--teacher-weights goes with --teacher ARCH (the architecture the weights are for)")
     for name in ("epochs", "batch_size", "attack_steps", "eval_every", "keep"):
         _number(name, getattr(cfg, name), minimum=1, integer=True)
     _number("ckpt_every", cfg.ckpt_every, integer=True)

@@ -1,5 +1,5 @@
-"""`rkd-fast export CKPT OUT`: the student of a training checkpoint, alone, as a model file (rkd_fast.save_model),
-which rkd_fast.load_model and `rkd-fast eval` read."""
+"""`rkd-fast export CKPT OUT`: the student of a training checkpoint, alone, as a model file (rkd_fast.save_model;
+.pt or .safetensors), which rkd_fast.load_model and `rkd-fast eval` read."""
 
 import sys
 from pathlib import Path
@@ -24,31 +24,28 @@ def resolve_checkpoint(source, which="best"):
     return found[0][1]
 
 
-def export_checkpoint(source, out, *, which="best", overwrite=False):
+FORMATS = {"pt": ".pt", "safetensors": ".safetensors"}
+
+
+def export_checkpoint(source, out, *, which="best", overwrite=False, format=None):
     """Writes the student of checkpoint `source` (a file or a run directory) to the model file `out`; returns
-    its path. The file's meta records the method, data set, eps, epoch and validation accuracies."""
-    from ..model_file import describe_names, nonfinite_tensors, save_model
-    from ..models import build_model
+    its path. The file records the student's architecture source and arguments (rkd_fast, torchvision or timm),
+    and its meta the method, data set, eps, epoch and validation accuracies. `format`: "pt" (torch.save) or
+    "safetensors"; None: from `out`'s suffix (.safetensors, else pt)."""
+    from ..model_file import checkpoint_student, save_model
 
     out = Path(out)
+    format = format or ("safetensors" if out.suffix == ".safetensors" else "pt")
+    if format not in FORMATS:
+        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if format == "safetensors" and out.suffix != ".safetensors":
+        raise ValueError(f"--format safetensors: name the file OUT.safetensors (got {out.name}), the suffix by "
+                         "which readers know it")
     if out.exists() and not overwrite:
         raise ValueError(f"{out} exists; pass --overwrite to replace it")
     path = resolve_checkpoint(source, which)
-    state = checkpoints.read_checkpoint(path)
-    bad = nonfinite_tensors(state["student"])
-    if bad:
-        raise ValueError(f"{path}: the student has non-finite weights (NaN or Inf) in {describe_names(bad)}: "
-                         "a diverged run; export an earlier checkpoint")
-    model = build_model(state["model"]["arch"], **state["model"]["kwargs"])
-    model.load_state_dict(state["student"])
-    evaluated = [row for row in state["history"] if row.get("val_robust_acc") is not None]
-    config = state["config"]
-    meta = {"method": config["method"], "dataset": state["dataset"], "eps": state["eps"],
-            "epoch": state["position"]["epoch"], "global_step": state["position"]["global_step"],
-            "val_clean_acc": evaluated[-1]["val_clean_acc"] if evaluated else None,
-            "val_robust_acc": evaluated[-1]["val_robust_acc"] if evaluated else None,
-            "source_checkpoint": str(path), "train_config": config}
-    return save_model(model, out, **meta)
+    model = checkpoint_student(checkpoints.read_checkpoint(path), path)
+    return save_model(model, out, **model.rkd_info["meta"])
 
 
 def add_arguments(parser):
@@ -57,11 +54,15 @@ def add_arguments(parser):
     parser.add_argument("--which", choices=("best", "last"), default="best",
                         help="for a run directory: best.pt or the newest checkpoint (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT when it exists")
+    parser.add_argument("--format", choices=tuple(FORMATS), default=None,
+                        help="pt (torch.save, read with weights_only) or safetensors (OUT must end in "
+                             ".safetensors); default: from OUT's suffix")
 
 
 def run(args):
     try:
-        path = export_checkpoint(args.checkpoint, args.out, which=args.which, overwrite=args.overwrite)
+        path = export_checkpoint(args.checkpoint, args.out, which=args.which, overwrite=args.overwrite,
+                                 format=args.format)
     except ValueError as error:
         print(f"rkd-fast export: error: {error}", file=sys.stderr)
         return 2

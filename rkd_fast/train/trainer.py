@@ -28,7 +28,6 @@ checkpoints/ckpt-<step>.pt (the last ``keep``), best.pt (the checkpoint of the b
 accuracy). `rkd-fast export` turns best.pt (or any checkpoint) into a model file.
 """
 
-import inspect
 import math
 import time
 import warnings
@@ -41,7 +40,7 @@ from torch import nn
 from .. import seeding, teachers
 from ..attacks._common import autocast_factory
 from ..datasets import run_data
-from ..models import MODELS, build_model
+from ..model_source import arch_kwargs, build_architecture, check_model
 from ..runfiles import TENSORBOARD_EVENTS
 from . import checkpoints, distributed, tensorboard
 from .config import TrainConfig, make_config, run_metadata
@@ -81,7 +80,7 @@ def load_teacher(cfg, info, device):
     input like any other option (ValueError)."""
     try:
         return teachers.load_teacher(cfg.teacher, num_classes=info.num_classes, in_channels=info.in_channels,
-                                     device=device, arch=cfg.teacher_arch)
+                                     device=device, arch=cfg.teacher_arch, weights=cfg.teacher_weights, info=info)
     except (FileNotFoundError, ImportError) as error:  # a missing file, or a robustbench: spec without RobustBench
         raise ValueError(str(error)) from error
 
@@ -135,15 +134,12 @@ class Run:
         if n == 0:
             raise ValueError(f"{cfg.dataset}: empty training split")
         info = self.info
-        self.model_kwargs = {"num_classes": info.num_classes, "in_channels": info.in_channels,
-                             "mean": list(info.mean), "std": list(info.std)}
-        if cfg.width is not None:
-            self.model_kwargs["width"] = cfg.width
-        if info.stem is not None and "stem" in inspect.signature(MODELS[cfg.arch]).parameters:
-            self.model_kwargs["stem"] = info.stem  # ResNet-34/50, MobileNetV2: the stem for 224×224 inputs
+        # The data set's classes, channels and normalisation; rkd_fast's ResNet-34/50 and MobileNetV2 take its stem
+        # (224×224 inputs), torchvision's and timm's ViTs its input size (rkd_fast.model_source).
+        self.model_kwargs = arch_kwargs(cfg.arch, info, width=cfg.width)
         # The student is initialised right after seeding: its initial weights depend on the seed alone (building
         # the teacher draws random numbers too, before its weights are loaded).
-        student = build_model(cfg.arch, **self.model_kwargs).to(self.device)
+        student = build_architecture(cfg.arch, **self.model_kwargs).to(self.device)
         if cfg.sync_bn:  # before anything holds the BatchNorm modules (hooks, optimizer)
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         teacher = load_teacher(cfg, self.info, self.device) if cfg.teacher else None
@@ -156,6 +152,9 @@ class Run:
         self.autocast = autocast_factory(self.device, self.dtype)
         # The method reads the feature shapes from it (eval mode, no_grad): only its shape matters.
         example = self._layout(torch.zeros(2, info.in_channels, *info.input_size, device=self.device))
+        check_model(student, example, info.num_classes, f"the student {cfg.arch}")
+        if teacher is not None:
+            check_model(teacher, example, info.num_classes, f"the teacher {cfg.teacher}")
         self.method = build_method(cfg, student, teacher, info, example, self.autocast).to(self.device)
         self.eps = cfg.eps if cfg.eps is not None else info.eps
         self.alpha = cfg.alpha if cfg.alpha is not None else self.eps / 4
@@ -478,7 +477,7 @@ class Run:
         self.student.eval()
         best_model = None
         if self.best_state is not None:
-            best_model = build_model(self.cfg.arch, **self.model_kwargs).to(self.device)
+            best_model = build_architecture(self.cfg.arch, **self.model_kwargs).to(self.device)
             best_model.load_state_dict(self.best_state)
             best_model.eval()
         return TrainResult(metrics=list(self.history), model=self.student, best_model=best_model, best=dict(self.best),

@@ -6,6 +6,7 @@ from ...clean_pass import share_clean_statistics
 from ...jacobian import ESTIMATORS as JACOBIAN_ESTIMATORS
 from ...jacobian import check_options
 from ...losses import RobustKDLoss
+from ...model_source import default_feature_layer
 from ...models import DEFAULT_FEATURE_LAYER
 from ...ops.feature_distance import MODES as FEATURE_MODES
 from ..options import Option
@@ -32,6 +33,7 @@ class Distill(Method):
     def __init__(self, student, teacher, run, opt, example_input, autocast):
         super().__init__(student, teacher, run, opt, example_input, autocast)
         self.example_shape = tuple(example_input.shape)
+        self.example_input = example_input
         self.loss_fn = RobustKDLoss(student, teacher, example_input=example_input,
                                     label_smoothing=run.label_smoothing, kd_temperature=opt.kd_temperature,
                                     ce_weight=opt.ce_weight, kd_weight=opt.kd_weight, **self.loss_options())
@@ -99,8 +101,12 @@ class RobustKD(Distill):
     DEFAULTS = {"ce_weight": 1.0, "kd_weight": 1.0, "kd_temperature": 1.0, "feat_weight": 1.0, "jac_weight": 0.0}
     OPTIONS = (
         Option("feature_pairs", (), type=tuple, flag="--feature-pair", metavar="S:T",
-               help="student and teacher module names whose outputs are matched; repeatable (default: "
-                    + ", ".join(f"{a}: {m}" for a, m in DEFAULT_FEATURE_LAYER.items()) + ")"),
+               help="student and teacher module names whose outputs are matched, any module of any source "
+                    "(`rkd-fast layers MODEL` lists them); maps (N, C, H, W) or token sequences (N, L, C), an "
+                    "adapter where channels or sizes differ; repeatable. Default: the last stage before the "
+                    "pooling: " + ", ".join(f"{a}: {m}" for a, m in DEFAULT_FEATURE_LAYER.items())
+                    + "; timm: the last entry of the model's feature_info; torchvision and others: the last "
+                      "top-level module before the pooling (resnet: layer4, mobilenet: features, vit: encoder)"),
         Option("feature_mode", "normalized", "how feature maps are compared", type=str, choices=FEATURE_MODES),
         Option("distill_at", "adversarial", type=str, choices=DISTILL_AT,
                help="evaluate the terms at the student's single-step adversarial point (default) or at the clean "
@@ -138,11 +144,12 @@ class RobustKD(Distill):
     def feature_pairs(self):
         pairs = parse_feature_pairs(self.opt.feature_pairs)
         if not pairs and self.opt.feat_weight > 0:
-            s_layer = DEFAULT_FEATURE_LAYER.get(self.run.arch)
-            t_layer = DEFAULT_FEATURE_LAYER.get(self.run.teacher_arch or self.run.arch)
-            if s_layer is None or t_layer is None:
-                raise ValueError(f"no default feature layer for {self.run.arch!r}: give --feature-pair "
-                                 "STUDENT_LAYER:TEACHER_LAYER (or --feat-weight 0)")
+            s_layer = default_feature_layer(self.student, self.example_input)
+            t_layer = default_feature_layer(self.teacher, self.example_input)
+            for side, layer, arch in (("student", s_layer, self.run.arch), ("teacher", t_layer, self.run.teacher_arch)):
+                if layer is None:
+                    raise ValueError(f"no default feature layer for the {side} {arch!r}: give --feature-pair "
+                                     "STUDENT_LAYER:TEACHER_LAYER (`rkd-fast layers` lists them; or --feat-weight 0)")
             pairs = [(s_layer, t_layer)]
         return pairs
 

@@ -1,0 +1,251 @@
+"""Model sources (rkd_fast.model_source) end to end, offline, with small models of each source: timm's test
+architectures, torchvision's ShuffleNetV2 ×0.5 at digits' 8×8 inputs, a RobustBench-format file written here.
+Students distilled across sources with --feature-pair (maps and ViT tokens), saved, evaluated from the run
+directory, exported to safetensors and read back bit-identical; every bad source a one-line error before anything
+is written."""
+
+import dataclasses
+import sys
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from rkd_fast.cli import main
+from rkd_fast.datasets import dataset_info
+from rkd_fast.losses import RobustKDLoss
+from rkd_fast.model_file import checkpoint_student, load_any, load_model
+from rkd_fast.model_source import (SourceError, arch_kwargs, as_feature_map, build_architecture,
+                                   default_feature_layer, load_weights, parse_arch)
+from rkd_fast.train import checkpoints
+
+timm = pytest.importorskip("timm")
+pytest.importorskip("torchvision")
+pytest.importorskip("safetensors")
+
+DIGITS = dataset_info("digits")
+TV = "torchvision:shufflenet_v2_x0_5"  # 0.35M parameters; its last map is conv5
+VIT = "timm:test_vit,patch_size=2"  # 8×8 digits in 2×2 patches: 16 tokens and a class token
+FAST = ["--epochs", "1", "--batch-size", "512", "--attack-steps", "1", "--no-progress", "--device", "cpu"]
+
+
+def _bare_weights(arch, path, seed=0):
+    """The state_dict of `arch`'s bare torchvision/timm model (the keys those libraries publish), at `path`."""
+    torch.manual_seed(seed)
+    model = build_architecture(arch, **arch_kwargs(arch, DIGITS)).model
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    else:
+        torch.save(model.state_dict(), path)
+    return path
+
+
+def _one_line_error(capsys, command):
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"rkd-fast {command}: error: ") and captured.err.count("\n") == 1, captured.err
+    return captured.err
+
+
+def test_timm_student_from_torchvision_teacher_save_eval_export(tmp_path, capsys):
+    weights = _bare_weights(TV, tmp_path / "shufflenet.pth")
+    out = tmp_path / "run"
+    assert main(["train", "--method", "robust-kd", "--arch", "timm:test_resnet", "--teacher", TV,
+                 "--teacher-weights", str(weights), "--feature-pair", "layer4:conv5", "--channels-last",
+                 "--out", str(out), *FAST]) == 0
+    state = checkpoints.read_checkpoint(out / "best.pt")
+    assert state["model"]["arch"] == "timm:test_resnet" and state["model"]["kwargs"]["in_channels"] == 1
+    assert state["config"]["feature_pairs"] == [["layer4", "conv5"]]
+    assert state["history"][0]["train_feat"] > 0  # the feature term ran, through an adapter (128 → 1024 channels)
+    assert state["method"], "the adapter's weights are in the checkpoint"
+
+    # eval takes the run directory (its best.pt): the student rebuilt from its recorded source
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out), "--dataset", "digits", "--n-examples", "20",
+                 "--attacks", "clean", "fgsm", "--device", "cpu", "--no-progress"]) == 0
+    assert "clean" in capsys.readouterr().out
+
+    # export to safetensors and back: the same weights, bit for bit, and the same outputs
+    exported = tmp_path / "student.safetensors"
+    assert main(["export", str(out), str(exported), "--format", "safetensors"]) == 0
+    student = checkpoint_student(state, out / "best.pt")
+    loaded = load_model(exported)
+    assert loaded.rkd_info["arch"] == "timm:test_resnet" and loaded.rkd_info["meta"]["method"] == "robust-kd"
+    a, b = student.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.rand(4, 1, 8, 8)
+    assert torch.equal(student(x), loaded(x))
+    assert torch.equal(load_any(out)(x), loaded(x)) and torch.equal(load_any(out / "best.pt")(x), loaded(x))
+    assert main(["export", str(out), str(tmp_path / "student.pt"), "--format", "safetensors"]) == 2
+    assert "name the file OUT.safetensors" in _one_line_error(capsys, "export")
+    assert not (tmp_path / "student.pt").exists()
+
+
+def test_torchvision_student_from_timm_vit_teacher_tokens_to_map(tmp_path):
+    # synthetic-imagenet at 16×16 (one step of 4 images: bf16 autocast is slow on a CPU), ViT patches of 4×4
+    vit = "timm:test_vit,patch_size=4"
+    info = dataset_info("synthetic-imagenet")
+    torch.manual_seed(0)
+    teacher = build_architecture(vit, **arch_kwargs(vit, dataclasses.replace(info, input_size=(16, 16)))).model
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(tmp_path / "vit.safetensors"))
+    out = tmp_path / "run"
+    assert main(["train", "--method", "robust-kd", "--dataset", "synthetic-imagenet", "--image-size", "16",
+                 "--synthetic-batches", "1", "--batch-size", "4", "--val-size", "4", "--arch", TV, "--teacher", vit,
+                 "--teacher-weights", str(tmp_path / "vit.safetensors"), "--feature-pair", "conv5:blocks.5",
+                 "--precision", "bf16", "--channels-last", "--out", str(out), *FAST[:2], *FAST[4:]]) == 0
+    state = checkpoints.read_checkpoint(out / "best.pt")
+    # ShuffleNet's conv5 (N, 1024, 1, 1) against the ViT's tokens (N, 17, 64) as a 4×4 grid of 64 channels
+    assert state["method"]["loss_fn.adapters.0.proj.weight"].shape == (64, 1024, 1, 1)
+    assert state["model"]["kwargs"]["num_classes"] == 1000
+    assert torch.isfinite(torch.tensor(state["history"][0]["train_feat"]))
+
+
+def test_token_sequences_become_maps():
+    tokens = torch.arange(2 * 17 * 3, dtype=torch.float32).view(2, 17, 3)
+    grid = as_feature_map(tokens, prefix=1)  # the class token dropped, 16 patches as 4×4
+    assert grid.shape == (2, 3, 4, 4) and torch.equal(grid[:, :, 0, 1], tokens[:, 2])
+    assert as_feature_map(tokens).shape == (2, 3, 17, 1)  # not a square: a column
+
+
+def test_default_feature_layers():
+    x = torch.zeros(2, 1, 8, 8)
+    for arch, layer in (("timm:test_resnet", "layer4"), (VIT, "blocks.5"), (TV, "conv5"),
+                        ("torchvision:resnet18", "layer4"), ("small_cnn", "block3")):
+        assert default_feature_layer(build_architecture(arch, **arch_kwargs(arch, DIGITS)), x) == layer, arch
+
+
+def test_layers_lists_modules_with_shapes(capsys):
+    assert main(["layers", VIT]) == 0
+    out = capsys.readouterr().out
+    assert "blocks.5 " in out and "(1, 17, 64)  <- default feature layer" in out
+    assert "patch_embed.proj" in out and "(1, 64, 4, 4)" in out
+
+
+def test_robustbench_format_file(tmp_path, monkeypatch, capsys):
+    # RobustBench's layout, model_dir/DATASET/THREAT/NAME.pt, holding a timm model that takes [0, 1] inputs
+    path = tmp_path / "cifar10" / "Linf" / "Tiny2026_test_resnet.pt"
+    path.parent.mkdir(parents=True)
+    make = lambda: timm.create_model("test_resnet", pretrained=False, num_classes=10)  # noqa: E731
+    torch.manual_seed(0)
+    torch.save(make().state_dict(), path)
+
+    def load_model(model_name, dataset, threat_model, model_dir):
+        model = make()
+        model.load_state_dict(torch.load(f"{model_dir}/{dataset}/{threat_model}/{model_name}.pt", weights_only=True))
+        return model.eval()
+
+    package, utils = types.ModuleType("robustbench"), types.ModuleType("robustbench.utils")
+    utils.load_model, package.utils = load_model, utils
+    monkeypatch.setitem(sys.modules, "robustbench", package)
+    monkeypatch.setitem(sys.modules, "robustbench.utils", utils)
+    assert main(["layers", "robustbench:cifar10/Linf/Tiny2026_test_resnet", "--model-dir", str(tmp_path),
+                 "--dataset", "cifar10"]) == 0
+    assert "layer4  " in capsys.readouterr().out
+
+
+def test_weights_of_another_source_name_it():
+    model = build_architecture("resnet18", **arch_kwargs("resnet18", DIGITS))
+    import torchvision
+    state = torchvision.models.resnet18(num_classes=10).state_dict()
+    with pytest.raises(SourceError, match=r"look like torchvision:resnet18's: use torchvision:resnet18$"):
+        load_weights(model, state)
+    tv = build_architecture("torchvision:resnet18", **arch_kwargs("torchvision:resnet18", DIGITS))
+    load_weights(tv, state)  # the bare model's keys
+    assert torch.equal(tv.model.fc.weight, state["fc.weight"])
+
+
+def test_timm_missing_names_the_install(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "timm", None)
+    with pytest.raises(SourceError, match=r"pip install 'rkd_fast\[timm\]'"):
+        parse_arch("timm:test_resnet")
+    assert main(["train", "--method", "natural", "--arch", "timm:test_resnet", "--out", str(tmp_path / "run"),
+                 *FAST]) == 2
+    assert "timm: sources need timm, which is not installed: pip install 'rkd_fast[timm]'" in _one_line_error(
+        capsys, "train")
+    assert not (tmp_path / "run").exists()
+
+
+class _TupleTeacher(nn.Module):
+    """A teacher whose module ``pair`` returns a tuple (its forward takes the first element)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pair = _Pair()
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+
+    def forward(self, x):
+        return self.head(self.pair(x)[0])
+
+
+class _Pair(nn.Module):
+    def forward(self, x):
+        return x, x
+
+
+def test_layer_whose_output_is_not_a_tensor():
+    student = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    with pytest.raises(ValueError, match="feature layer 'pair' of the teacher returns a tuple, not a tensor"):
+        RobustKDLoss(student, _TupleTeacher(), feature_pairs=[("0", "pair")], example_input=torch.zeros(2, 1, 8, 8))
+
+
+@pytest.fixture
+def bad_source_files(tmp_path):
+    _bare_weights(TV, tmp_path / "shufflenet.pth")
+    torch.save({"not": "weights"}, tmp_path / "junk.pt")
+    return tmp_path
+
+
+GOOD = {"--arch": "timm:test_resnet", "--teacher": TV, "--teacher-weights": "{tmp}/shufflenet.pth",
+        "--feature-pair": "layer4:conv5"}
+BAD_TRAIN = [  # flags replacing the good ones (None: left out), and the error
+    ({"--arch": "timm:tst_resnet"}, "unknown timm architecture 'tst_resnet'; did you mean timm:test_resnet"),
+    ({"--arch": "resnet19"}, "unknown architecture 'resnet19'; did you mean resnet18"),
+    ({"--arch": "mobilenet_v3_small"}, "did you mean torchvision:mobilenet_v3_small"),
+    ({"--arch": "{tmp}/shufflenet.pth"}, "the student is an architecture"),
+    ({"--teacher-weights": None}, "give its trained weights (--teacher-weights FILE"),
+    ({"--teacher": "timm:test_resnet"}, "the weights do not fit timm:test_resnet"),
+    ({"--teacher-weights": "{tmp}/junk.pt"}, "is not a plain state_dict"),
+    ({"--feature-pair": "layer4:conv6"}, "teacher has no module named 'conv6'; available: 'conv5'"),
+    ({"--feature-pair": "layer9:conv5"}, "student has no module named 'layer9'; available: 'layer4'"),
+    ({"--arch": "timm:test_vit"}, "does not take inputs of shape (N, 1, 8, 8)"),  # 16×16 patches
+]
+
+
+@pytest.mark.parametrize("change,message", BAD_TRAIN, ids=[str(c) for c, _ in BAD_TRAIN])
+def test_bad_source_is_one_line_before_anything_is_written(bad_source_files, capsys, change, message):
+    flags = {**GOOD, **change}
+    args = [w.format(tmp=bad_source_files) for k, v in flags.items() if v is not None for w in (k, v)]
+    out = bad_source_files / "out"
+    assert main(["train", "--method", "robust-kd", *args, "--out", str(out), *FAST]) == 2
+    assert message in _one_line_error(capsys, "train")
+    assert not out.exists()
+
+
+def test_eval_names_the_source_the_weights_fit(tmp_path, capsys):
+    import torchvision
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), tmp_path / "tv.pth")
+    assert main(["eval", "--arch", "resnet18", "--weights", str(tmp_path / "tv.pth"), "--dataset", "digits",
+                 "--device", "cpu", "--out", str(tmp_path / "eval")]) == 2
+    assert "look like torchvision:resnet18's: use torchvision:resnet18" in _one_line_error(capsys, "eval")
+    assert not (tmp_path / "eval").exists()
+
+
+def test_layers_of_an_unknown_source(capsys):
+    assert main(["layers", "timm:no_such_net"]) == 2
+    assert "unknown timm architecture 'no_such_net'" in _one_line_error(capsys, "layers")
+
+
+def test_bench_step_case_with_timm_student_and_teacher():
+    # the imagenet-timm scenario's code path (`rkd-fast bench`), at tiny sizes: timm's test ResNet student and
+    # test EfficientNet teacher on a synthetic batch, their default feature layers, the step against the cost model
+    from rkd_fast.bench import steps
+
+    scenario = steps.Scenario("timm", steps.ModelSpec("timm:test_resnet", {}),
+                              steps.ModelSpec("timm:test_efficientnet", {}), 2, 32, variants=("robust-kd",))
+    record = steps.run_scenario(scenario, "cpu", attack_steps=1, warmup=0, repeats=1, log=lambda *a: None)
+    row = record["steps"]["robust-kd"]
+    assert "error" not in row, row
+    assert row["ms"] > 0 and row["predicted_ms"] > 0 and row["units"] == {"S_fb": 2, "T_f": 1, "O": 1}
+    assert record["student"] == "timm:test_resnet" and record["student_GFLOPs_per_image"]

@@ -28,7 +28,7 @@ def atomic_write(path, write, *, text=False, tmp_prefix=None):
         Path(tmp).unlink(missing_ok=True)
         failure = _os_error(error)
         if failure is not None and (failure is not error or failure.filename is None):  # name the file
-            raise OSError(failure.errno, failure.strerror, str(path)) from error
+            raise OSError(failure.errno, failure.strerror or str(failure), str(path)) from error
         raise
     _fsync_dir(path.parent)
     return path

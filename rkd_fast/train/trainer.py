@@ -133,6 +133,9 @@ class Run:
             self.model_kwargs["width"] = cfg.width
         if info.stem is not None and "stem" in inspect.signature(MODELS[cfg.arch]).parameters:
             self.model_kwargs["stem"] = info.stem  # ResNet-34/50, MobileNetV2: the stem for 224×224 inputs
+        size = inspect.signature(MODELS[cfg.arch]).parameters.get("input_size")
+        if size is not None and tuple(size.default) != tuple(info.input_size):  # small_cnn: its head's size
+            self.model_kwargs["input_size"] = list(info.input_size)
         # The student is initialised right after seeding: its initial weights depend on the seed alone (building
         # the teacher draws random numbers too, before its weights are loaded).
         student = build_model(cfg.arch, **self.model_kwargs).to(self.device)

@@ -231,14 +231,60 @@ def test_real_files_train_and_evaluate(tmp_path, capsys):
     pytest.importorskip("pyautoattack")
     from rkd_fast import save_model, train_model
 
-    # One epoch of 59 large batches of a width-2 model and a one-step robust validation: seconds on two cores.
-    result = train_model(dataset="fashion-mnist", method="natural", width=2, epochs=1, batch_size=1000,
-                         attack_steps=1, device="cpu", progress=False)
+    # A few steps on a fixed 3,000-image subset, a one-step robust validation of the 1,000 val images.
+    result = train_model(dataset="fashion-mnist", method="natural", width=4, epochs=2, batch_size=250,
+                         train_size=3000, attack_steps=1, device="cpu", progress=False)
     assert result.model.rkd_info["kwargs"]["input_size"] == [28, 28]
     save_model(result.model, tmp_path / "model.pt")
     assert main(["eval", "--checkpoint", str(tmp_path / "model.pt"), "--dataset", "fashion-mnist",
-                 "--n-examples", "100", "--attacks", "clean", "fgsm", "--device", "cpu", "--out", str(tmp_path / "eval"),
-                 "--no-progress"]) == 0
+                 "--n-examples", "100", "--attacks", "clean", "fgsm", "--device", "cpu",
+                 "--out", str(tmp_path / "eval"), "--no-progress"]) == 0
     report = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert report["n_examples"] == 100 and report["config"]["split"] == "test"
     assert report["results"]["clean"] > 0.5  # one epoch learns the classes (chance is 0.1)
+
+
+# --- a data set is one declaration ----------------------------------------------------------------------------
+
+@pytest.fixture
+def toy_dataset():
+    """A fourth small data set, declared as a data set module would: 12×12 RGB images, val held out of train."""
+    info = datasets.DatasetInfo("toy", 3, 3, (12, 12), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 0.05, ("train", "test"))
+
+    def read(split, data_dir=None, *, download=False, verify=True):
+        generator = torch.Generator().manual_seed(0 if split == "train" else 1)
+        n = 60 if split == "train" else 30
+        return torch.randint(0, 256, (n, 3, 12, 12), dtype=torch.uint8, generator=generator), torch.arange(n) % 3
+
+    datasets.register_dataset(datasets.DatasetSpec(info, read=read, val_from_train=6, options=("val_size",)))
+    yield info
+    del datasets.SPECS["toy"], datasets.DATASETS["toy"]
+
+
+def test_a_new_data_set_is_one_declaration(toy_dataset):
+    from rkd_fast import train_model
+
+    result = train_model(dataset="toy", method="fgsm-rs", width=2, epochs=1, batch_size=16, val_size=9,
+                         device="cpu", progress=False)
+    assert result.train_seconds > 0 and result.best["val_robust_acc"] >= 0
+    with pytest.raises(ValueError, match="--download fetches"):
+        make_config(method="natural", dataset="toy", download=True)
+    kwargs = result.model.rkd_info["kwargs"]
+    assert kwargs["input_size"] == [12, 12] and kwargs["in_channels"] == 3
+    batches, n, classes = datasets.eval_data("toy", n_examples=12)
+    x, y = next(iter(batches))
+    assert (n, classes) == (12, 3) and x.shape[1:] == (3, 12, 12) and x.dtype == torch.float32
+    assert datasets.eval_splits()["toy"] == "test"
+
+
+def test_small_cnn_is_sized_from_its_input():
+    from rkd_fast.models import build_model
+
+    digits = build_model("small_cnn", width=4)
+    assert [tuple(p.shape) for p in digits.parameters()] == \
+        [tuple(p.shape) for p in build_model("small_cnn", width=4, input_size=(8, 8)).parameters()]
+    assert digits.head[1].in_features == 4 * 4 * 2 * 2
+    model = build_model("small_cnn", width=4, input_size=(28, 28))
+    assert model.head[1].in_features == 4 * 4 * 7 * 7 and model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(ValueError, match="at least 4×4"):
+        build_model("small_cnn", input_size=(3, 3))

@@ -51,7 +51,8 @@ def add_arguments(parser):
     data.add_argument("--dataset", required=True, choices=tuple(EVAL_SPLITS))
     data.add_argument("--data-dir", metavar="DIR", help="the directory holding the data set's files: " + "; ".join(
         f"{name}: {spec.data_dir}" for name, spec in SPECS.items() if spec.data_dir and name in EVAL_SPLITS))
-    data.add_argument("--split", help="default: " + ", ".join(f"{split} ({name})" for name, split in EVAL_SPLITS.items()))
+    data.add_argument("--split", help="default: " + ", ".join(f"{split} ({name})"
+                                                             for name, split in EVAL_SPLITS.items()))
     data.add_argument("--n-examples", type=int, default=None, metavar="N",
                       help="a fixed class-stratified subset of N samples of the split (default: all)")
     data.add_argument("--image-size", type=int, default=None, help="imagenet: center-crop side (default: 224)")

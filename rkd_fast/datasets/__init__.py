@@ -1,5 +1,6 @@
 """The data sets: the embedded digits, Fashion-MNIST (the idx files, from Debian's package or --data-dir),
-CIFAR-10/100 (read from torchvision's on-disk format), all served from the device by `GPULoader`, ImageNet (ImageFolder + DataLoader, or NVIDIA DALI when installed) and a synthetic
+CIFAR-10/100 (read from torchvision's on-disk format), all served from the device by `GPULoader`, ImageNet
+(ImageFolder + DataLoader, or NVIDIA DALI when installed) and a synthetic
 ImageNet-shaped set for benchmarks.
 
 Every loader yields ``(x, y)`` batches with ``x`` float in [0, 1] (the models normalise inside) and ``y`` int64,

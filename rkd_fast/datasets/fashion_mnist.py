@@ -75,7 +75,8 @@ def not_found_message(data_dir):
     if data_dir is None:
         return (f"Fashion-MNIST not found: install Debian's package (apt-get install dataset-fashion-mnist, which "
                 f"puts the four files in {DEBIAN_DIR}), or fetch them with torchvision: --data-dir DIR --download")
-    return (f"Fashion-MNIST not found in {data_dir}: expected {files} in {data_dir} or {Path(data_dir) / TORCHVISION_SUBDIR}; "
+    return (f"Fashion-MNIST not found in {data_dir}: expected {files} in {data_dir} or "
+            f"{Path(data_dir) / TORCHVISION_SUBDIR}; "
             "pass --download to fetch them there with torchvision, or install Debian's package "
             f"dataset-fashion-mnist ({DEBIAN_DIR}) and give no --data-dir")
 

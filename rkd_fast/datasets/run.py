@@ -74,7 +74,8 @@ def run_data(cfg, device, ctx):
 
     Model selection uses a val split, never test: the data set's own "val" split, or (`DatasetSpec.val_from_train`:
     cifar10, cifar100, fashion-mnist) a fixed stratified ``val_size`` images held out of train, the rest being
-    train; imagenet and synthetic-imagenet: see their modules. Stratified subsets: `stratified_split`, seed
+    train; imagenet and synthetic-imagenet: see their modules. ``train_size``: train on a fixed stratified subset
+    of the train images left. Stratified subsets: `stratified_split`, seed
     VAL_SPLIT_SEED, whatever the run's seed. Raises ValueError naming what was expected when the data cannot be
     read (before the run writes anything). Nothing is drawn from the global RNGs."""
     spec = dataset_spec(cfg.dataset)
@@ -91,6 +92,9 @@ def run_data(cfg, device, ctx):
             x_val, y_val = open_split(cfg.dataset, "val", cfg.data_dir)
     except FileNotFoundError as error:  # a bad --data-dir is bad input, like any other option
         raise ValueError(str(error)) from error
+    if cfg.train_size is not None and cfg.train_size < len(y):  # a cheaper run: a fixed subset, classes balanced
+        keep = stratified_split(y, cfg.train_size)[1]
+        x, y = x[keep], y[keep]
     x_val, y_val = x_val.to(device), y_val.to(device)
     if x_val.dtype == torch.uint8:
         x_val = x_val.float().div_(255)

@@ -26,6 +26,9 @@ def add_arguments(parser):
                          f"{name}: {spec.val_from_train}" for name, spec in SPECS.items() if spec.val_from_train)
                      + f"); imagenet, synthetic-imagenet: val images the robust validation evaluates, a fixed "
                        f"stratified subset (default: {STREAMING_VAL_SIZE})")
+    run.add_argument("--train-size", type=int, default=_D.train_size, metavar="N",
+                     help="train on a fixed class-stratified subset of N train images (data sets held as tensors; "
+                          "default: all)")
     run.add_argument("--image-size", type=int, default=_D.image_size,
                      help="imagenet, synthetic-imagenet: side of the square input images (default: 224)")
     run.add_argument("--num-workers", type=int, default=_D.num_workers,

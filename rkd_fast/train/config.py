@@ -35,6 +35,8 @@ class RunOptions:
     # DatasetSpec.val_from_train); imagenet and synthetic-imagenet: val images evaluated (None: STREAMING_VAL_SIZE);
     # digits: its whole val split.
     val_size: int | None = None
+    # A data set held as tensors: train on a fixed stratified subset of this many train images (None: all of them).
+    train_size: int | None = None
     image_size: int | None = None  # imagenet, synthetic-imagenet: side of the square inputs (None: 224)
     num_workers: int | None = None  # imagenet: DataLoader workers per process (None: IMAGENET_WORKERS)
     loader: str | None = None  # imagenet training batches: "pytorch" (None) or "dali" (rkd_fast.datasets)
@@ -192,6 +194,9 @@ def check_config(cfg):
     if cfg.loader is not None:
         _choice("loader", cfg.loader, LOADERS)
     _number("val_size", cfg.val_size, minimum=1, integer=True, allow_none=True)
+    _number("train_size", cfg.train_size, minimum=1, integer=True, allow_none=True)
+    if cfg.train_size is not None and spec.read is None:
+        raise ValueError(f"--train-size applies to the data sets held as tensors, not {cfg.dataset!r}")
     _number("image_size", cfg.image_size, minimum=1, integer=True, allow_none=True)
     _number("num_workers", cfg.num_workers, integer=True, allow_none=True)
     _number("synthetic_batches", cfg.synthetic_batches, minimum=1, integer=True, allow_none=True)

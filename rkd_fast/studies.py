@@ -29,7 +29,7 @@ SETTINGS = {
 # Smoke runs (--quick, for tests; the numbers mean little), over any data set's row.
 QUICK = {
     "demo": {"teacher_width": 8, "student_width": 8, "teacher_epochs": 2, "student_epochs": 2, "test_samples": 40,
-             "autoattack_samples": 10, "max_train_size": 1000},
+             "autoattack_samples": 10},
     "frontier": {"seeds": 2, "teacher_width": 4, "student_width": 4, "teacher_epochs": 1, "student_epochs": 1,
                  "test_samples": 30, "autoattack_samples": 10},
 }

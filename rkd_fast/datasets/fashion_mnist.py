@@ -192,5 +192,6 @@ def read(split, data_dir=None, *, download=False, verify=True):
 # family (and this data set's prototype study) train without crops or flips; 59,000 images are enough for the
 # epochs trained here. Needs no --data-dir when Debian's package is installed.
 register_dataset(DatasetSpec(INFO, read=read, val_from_train=VAL_SIZE, augment=False, needs_data_dir=False,
-                             data_dir="the four Fashion-MNIST idx files (or FashionMNIST/raw/ holding them)",
+                             data_dir=f"the four Fashion-MNIST idx files, or FashionMNIST/raw/ holding them "
+                                      f"(default: {DEBIAN_DIR} when installed)",
                              download=True, options=("val_size",)))

@@ -1,9 +1,11 @@
 """`rkd-fast frontier`: robustness against training cost, over seeds, for robust-kd and the methods a user would
-pick instead, on the embedded digits data with the demo's settings.
+pick instead, on a small data set (default: the embedded digits) with the demo's settings for it
+(rkd_fast.studies.SETTINGS).
 
-For each seed (default 5) every chosen method trains a student of the same architecture, width, epochs and
-schedule (the demo's: `small_cnn` width 8, 10 epochs, L∞ eps 0.1, batch 128, one torch thread), the distilling
-ones from one PGD-AT teacher (the demo's, trained once). Training runs one model at a time, so its clock
+For each seed (default: the data set's, 5) every chosen method trains a student of the same architecture, width,
+epochs and schedule (digits: `small_cnn` width 8, 10 epochs, L∞ eps 0.1, batch 128, one torch thread), the
+distilling ones from one PGD-AT teacher (the demo's, trained once, or --teacher: a model file, such as the one
+committed beside a study's records). Training runs one model at a time, so its clock
 (`train_seconds`: the optimizer steps only) is not shared with anything this command runs; evaluation (clean,
 PGD-20 and AutoAttack standard on the whole test split, and a transfer attack: PGD-20 examples made on the seed's
 PGD-AT student, applied to every other model) runs afterwards in ``--jobs`` processes. Written into --out:
@@ -12,7 +14,12 @@ PGD-AT student, applied to every other model) runs afterwards in ``--jobs`` proc
     seeds.csv         one row per (method, seed)
     summary.csv       one row per method: mean and standard deviation of each figure
     frontier.png      AutoAttack accuracy against training seconds, error bars of one standard deviation
-    models/           the teacher and every student (rkd_fast.save_model)
+    models/           the teacher and every student (rkd_fast.save_model, with the commit it was trained at),
+                      and each model's scores (models/NAME.json) once evaluated
+
+--resume continues a study in --out: the models and scores already there are kept (they must come from this
+commit and the same settings; anything else is refused), the rest are trained and evaluated, so a study can run
+over several sessions.
 
 A model whose AutoAttack accuracy falls more than MASKING_GAP under its PGD-20 accuracy is flagged: AutoAttack's
 gradient-free Square attack and its step-size-free APGD find what a masked gradient hides from PGD.
@@ -33,67 +40,57 @@ import torch
 
 from .dirlock import holding_lock
 from .runfiles import RunFiles
+from .studies import SETTINGS, Stages, check_eps, check_int, check_samples, training_config
 
-# A study entry: (trainer method, options over the demo's). eps-relative options are given in units of eps.
-VARIANTS = {
-    "natural": ("natural", {}),
-    "kd": ("kd", {}),
-    "robust-kd": ("robust-kd", {}),
-    # Zhang & Yi's recipe at the clean input, with the trainer's defaults before this study (h = 0.3 L2)
-    "robust-kd:clean": ("robust-kd", {"distill_at": "clean", "feat_weight": 3.0, "jac_weight": 1.0,
-                                      "kd_temperature": 4.0, "jac_h": 0.3}),
-    "fgsm-rs": ("fgsm-rs", {}),
-    "n-fgsm": ("n-fgsm", {}),
-    "free-at": ("free-at", {}),  # m = 5 replays over 2 epochs: the demo's (rkd_fast.demo.training_config)
-    "pgd-2": ("pgd-at", {"attack_steps": 2, "alpha_eps": 0.5}),
-    "pgd-at": ("pgd-at", {}),
-    "trades": ("trades", {}),
-    "ard": ("ard", {}),
-    "rslad": ("rslad", {}),
-}
-DEFAULT_VARIANTS = ("robust-kd", "fgsm-rs", "n-fgsm", "free-at", "pgd-2", "pgd-at", "kd", "trades", "ard", "rslad",
-                    "robust-kd:clean")
+# The study's entries: rkd_fast.train.methods.study_variants() (each method and its declared STUDY_VARIANTS).
 TRANSFER_SOURCE = "pgd-at"  # the transfer attack's examples come from this student of the same seed
 MASKING_GAP = 0.05  # AutoAttack this far under PGD-20: flagged as gradient masking
 TIME_RATIO = 1.5  # the criterion: robust-kd at most this times fgsm-rs's training time
-SETTINGS = {
-    "full": {"seeds": 5, "teacher_width": 16, "student_width": 8, "teacher_epochs": 10, "student_epochs": 10,
-             "test_samples": None, "autoattack_samples": None},
-    "quick": {"seeds": 2, "teacher_width": 4, "student_width": 4, "teacher_epochs": 1, "student_epochs": 1,
-              "test_samples": 30, "autoattack_samples": 10},
-}
 FIGURES = ("clean", "pgd20", "autoattack", "transfer", "train_seconds")
 
 
 def add_arguments(parser):
+    from .train.methods import default_study_variants, study_variants
+
+    parser.add_argument("--dataset", default="digits", choices=tuple(SETTINGS),
+                        help="data set (default: %(default)s); its settings: rkd_fast.studies.SETTINGS")
+    parser.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
+                        help="where the data set's files are, when it reads files (as `rkd-fast train`)")
     parser.add_argument("--out", type=Path, default=Path("runs/frontier"), metavar="DIR",
                         help="output directory (default: %(default)s)")
-    parser.add_argument("--methods", default=",".join(DEFAULT_VARIANTS),
-                        help=f"comma-separated; known: {', '.join(VARIANTS)} (default: %(default)s)")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds per method (default: 5; --quick: 2)")
-    parser.add_argument("--eps", type=float, default=0.1, help="L∞ radius for training and every attack")
+    parser.add_argument("--methods", default=",".join(default_study_variants()),
+                        help=f"comma-separated; known: {', '.join(study_variants())} (default: %(default)s)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per method (default: the data set's, 5; "
+                                                                "--quick: 2)")
+    parser.add_argument("--eps", type=float, default=None, help="L∞ radius for training and every attack "
+                                                                "(default: the data set's)")
     parser.add_argument("--jobs", type=int, default=2, help="evaluation processes (training runs one at a time)")
     parser.add_argument("--device", default="cpu", help="where the models train (default: the demo's cpu); the "
                                                          "evaluation runs on the CPU")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of training and of each evaluation")
     parser.add_argument("--autoattack-samples", type=int, default=None, metavar="N",
-                        help="AutoAttack on a fixed class-stratified subset of N test samples (default: all)")
+                        help="AutoAttack on a fixed class-stratified subset of N test samples (default: the data "
+                             "set's; digits: all)")
     parser.add_argument("--teacher", type=Path, default=None, metavar="PATH",
-                        help="a teacher model file to reuse instead of training the demo's")
+                        help="a teacher model file to reuse instead of training the demo's (e.g. a study's "
+                             "committed docs/frontier/DATASET/teacher.pt)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny models, 1 epoch, a test subset")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the study in --out: keep its finished models and scores (same commit and "
+                             "settings), train and evaluate the rest")
     parser.add_argument("--overwrite", action="store_true", help="replace the study already in --out")
     parser.add_argument("--no-progress", action="store_true", help="no per-stage progress lines")
 
 
-def study_config(variant, settings, eps, seed, teacher_path, device="cpu"):
-    """The trainer options of `variant` for `seed`: the demo's student of its method, with the variant's options."""
-    from .demo import COMMON, training_config
+def study_config(variant, settings, common, teacher_path):
+    """The trainer options of `variant`: the demo's student of its method (`common`: the options every model
+    shares, seed included), with the variant's options."""
+    from .train.methods import study_variants
 
-    method, options = VARIANTS[variant]
+    method, options = study_variants()[variant]
     options = dict(options)
-    if "alpha_eps" in options:
-        options["alpha"] = options.pop("alpha_eps") * eps
-    common = {**COMMON, "eps": eps, "seed": seed, "device": device}
+    for name in [n for n in options if n.endswith("_eps")]:
+        options[name[:-len("_eps")]] = options.pop(name) * common["eps"]
     return {**training_config(method, settings, common, teacher_path), **options}
 
 
@@ -106,12 +103,14 @@ def _mean_std(values):
 
 def summarize(rows, variants):
     """Per variant: n, and mean and sample standard deviation of each figure, in the order of `variants`."""
+    from .train.methods import study_variants
+
     summary = {}
     for variant in variants:
         mine = [r for r in rows if r["variant"] == variant]
         if not mine:
             continue
-        entry = {"method": VARIANTS[variant][0], "n": len(mine)}
+        entry = {"method": study_variants()[variant][0], "n": len(mine)}
         for figure in FIGURES:
             entry[f"{figure}_mean"], entry[f"{figure}_std"] = _mean_std([r.get(figure) for r in mine])
         entry["masking_flags"] = sum(bool(r["masking"]) for r in mine)
@@ -139,17 +138,15 @@ def criterion(summary):
 def _evaluate_job(job):
     """One model's evaluation, in a worker process: clean and PGD-20 on the test split, AutoAttack standard on
     it (or the subset), the transfer examples' accuracy; writes the transfer examples when asked."""
-    from .attacks import evaluate, pgd
+    from .attacks import pgd
     from .model_file import load_model
+    from .studies import evaluate_model
 
     torch.set_num_threads(job["threads"])
     model = load_model(job["path"])
     x, y = torch.load(job["test"], weights_only=True)
     aa = job["aa_index"]
-    scores = evaluate(model, (x, y), attacks=["clean", "pgd20"], eps=job["eps"], seed=job["seed"])
-    scores_aa = evaluate(model, (x[aa], y[aa]), attacks=["autoattack"], eps=job["eps"], seed=job["seed"],
-                         sanity_checks=False)
-    row = {"clean": scores["clean"], "pgd20": scores["pgd20"], "autoattack": scores_aa["autoattack"]}
+    row = evaluate_model(model, (x, y), (x[aa], y[aa]), job["eps"], job["seed"], attacks=("clean", "pgd20"))
     if job.get("write_transfer"):
         x_adv = pgd(model, x, y, job["eps"], job["eps"] / 4, 20, random_start=True, seed=job["seed"])
         torch.save(x_adv, job["write_transfer"])
@@ -164,57 +161,105 @@ def _transfer_accuracy(path, x_adv, y):
         return float((model(x_adv).argmax(1) == y).float().mean())
 
 
+def _plain(value):
+    from .demo import _plain as plain
+
+    return plain(value)
+
+
+class _Finished:
+    """The models and scores a resumed study keeps: each must come from this commit (and a clean tree) and, for a
+    model, the same trainer options; anything else is a ValueError."""
+
+    def __init__(self, resume, provenance):
+        self.resume = resume
+        self.commit = {"git_commit": provenance.get("git_commit"), "git_dirty": provenance.get("git_dirty")}
+
+    def _check_commit(self, path, held):
+        if {k: held.get(k) for k in self.commit} != self.commit:
+            raise ValueError(f"--resume: {path} comes from commit {held.get('git_commit')} (dirty: "
+                             f"{held.get('git_dirty')}), this is {self.commit['git_commit']} (dirty: "
+                             f"{self.commit['git_dirty']}): a study runs from one commit; check it out or start "
+                             "another --out")
+
+    def model(self, path, cfg):
+        """The meta of the model file `path` trained with options `cfg`, or None when it must be trained."""
+        from .model_file import load_model
+        from .models import model_info
+
+        if not (self.resume and path.is_file()):
+            return None
+        meta = model_info(load_model(path))["meta"]
+        self._check_commit(path, meta)
+        if meta.get("study_config") != _plain(cfg):
+            raise ValueError(f"--resume: {path} was trained with other options than this study's: the same "
+                             "settings, or another --out")
+        return meta
+
+    def scores(self, path):
+        """The scores saved in `path`, or None when the model must be evaluated."""
+        import json
+
+        if not (self.resume and path.is_file()):
+            return None
+        held = json.loads(path.read_text())
+        self._check_commit(path, held)
+        return held["scores"]
+
+
 @holding_lock  # one process per --out
-def run_frontier(out, *, variants=DEFAULT_VARIANTS, seeds=None, eps=0.1, jobs=2, threads=1, quick=False,
-                 autoattack_samples=None, teacher=None, device="cpu", overwrite=False, progress=True, command=None):
+def run_frontier(out, *, dataset="digits", data_dir=None, variants=None, seeds=None, eps=None, jobs=2, threads=1,
+                 quick=False, autoattack_samples=None, teacher=None, device="cpu", resume=False, overwrite=False,
+                 progress=True, command=None):
     """The study as a function; returns the results dict (also written to out/results.json)."""
     from .atomic import atomic_write, atomic_write_json
-    from .datasets import load_digits, stratified_subset
-    from .demo import COMMON, Stages, training_config
     from .model_file import save_model
     from .plots import plot_frontier
+    from .studies import check_teacher, common_options, settings as study_settings, test_split
     from .train import train_model
+    from .train.methods import default_study_variants, study_variants
     from .bench.report import machine_info
     from .info import provenance
 
     out = Path(out)
-    unknown = [v for v in variants if v not in VARIANTS]
+    known = study_variants()
+    variants = default_study_variants() if variants is None else tuple(variants)
+    unknown = [v for v in variants if v not in known]
     if unknown or not variants:
-        raise ValueError(f"--methods: unknown {', '.join(unknown) or '(none given)'}; known: {', '.join(VARIANTS)}")
+        raise ValueError(f"--methods: unknown {', '.join(unknown) or '(none given)'}; known: {', '.join(known)}")
     if len(set(variants)) != len(variants):
         raise ValueError(f"--methods lists a method twice: {', '.join(variants)}")
-    settings = dict(SETTINGS["quick" if quick else "full"])
+    settings = study_settings(dataset, "frontier", quick)
     seeds = settings["seeds"] if seeds is None else seeds
-    for name, value, low in (("seeds", seeds, 1), ("jobs", jobs, 1), ("threads", threads, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"--{name} must be an int >= {low}, got {value!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
-        raise ValueError(f"--eps must be a number in (0, 1), got {eps!r}")
-    if autoattack_samples is not None:
-        if autoattack_samples < 0:
-            raise ValueError(f"--autoattack-samples must be >= 0, got {autoattack_samples}")
+    for name, value in (("--seeds", seeds), ("--jobs", jobs), ("--threads", threads)):
+        check_int(name, value)
+    eps = check_eps(settings["eps"] if eps is None else eps, "--eps")
+    if check_samples("--autoattack-samples", autoattack_samples) is not None:
         settings["autoattack_samples"] = autoattack_samples
-    if teacher is not None and not Path(teacher).is_file():
-        raise ValueError(f"--teacher {teacher} is not a file")
-    if teacher is not None:  # a file that is not a model is refused here, not after the study's files are made
-        _check_teacher(teacher)
+    if teacher is not None:
+        check_teacher(teacher, dataset)
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: pick one")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
     files = RunFiles(out)
     files.names()  # a record that names anything outside the study's own files is refused before anything runs
-    if files.exists() and not overwrite:
-        raise ValueError(f"--out {out} holds another study; pass --overwrite to replace it or choose another --out")
-    if files.exists():
+    if files.exists() and not (overwrite or resume):
+        raise ValueError(f"--out {out} holds another study; pass --resume to continue it, --overwrite to replace it, "
+                         "or choose another --out")
+    if resume and not files.exists():
+        raise ValueError(f"--resume: --out {out} holds no study to continue")
+    # The data are read (and checked) before anything is written.
+    x, y, aa_index = test_split(dataset, settings["test_samples"], settings["autoattack_samples"], data_dir)
+    if files.exists() and overwrite:
         files.remove_all()
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     machine = machine_info()  # the load average before the study starts
+    record = provenance()
+    finished = _Finished(resume, record)
+    stamp = {"git_commit": record.get("git_commit"), "git_dirty": record.get("git_dirty")}
 
-    x, y = load_digits("test")
-    if settings["test_samples"]:
-        keep = stratified_subset(y, settings["test_samples"])
-        x, y = x[keep], y[keep]
-    aa_index = stratified_subset(y, settings["autoattack_samples"] or 0)
     test_file = files.add(out / "models" / "test.pt")
     files.written(atomic_write(test_file, lambda f: torch.save((x, y), f)))
 
@@ -224,35 +269,52 @@ def run_frontier(out, *, variants=DEFAULT_VARIANTS, seeds=None, eps=0.1, jobs=2,
     try:
         teacher_path = Path(teacher) if teacher is not None else files.add(out / "models" / "teacher.pt")
         if teacher is None:
-            cfg = training_config("teacher", settings, {**COMMON, "eps": float(eps), "seed": 0, "device": device},
-                                  None)
-            result = stages.run("train teacher", lambda: train_model(cfg))
-            files.written(save_model(result.model, teacher_path, name="teacher", method="pgd-at", eps=float(eps)))
+            cfg = training_config("teacher", settings, common_options(dataset, settings, eps=eps, seed=0,
+                                                                      device=device, data_dir=data_dir), None)
+            if finished.model(teacher_path, cfg) is None:
+                result = stages.run("train teacher", lambda: train_model(cfg))
+                files.written(save_model(result.model, teacher_path, name="teacher", method="pgd-at",
+                                         eps=float(eps), train_seconds=result.train_seconds,
+                                         study_config=_plain(cfg), **stamp))
         rows = []
         for seed in range(seeds):
             for variant in variants:
-                cfg = study_config(variant, settings, float(eps), seed, teacher_path, device)
-                result = stages.run(f"train {variant} seed {seed}", lambda cfg=cfg: train_model(cfg))
+                common = common_options(dataset, settings, eps=eps, seed=seed, device=device, data_dir=data_dir)
+                cfg = study_config(variant, settings, common, teacher_path)
                 path = files.add(out / "models" / f"{variant}-seed{seed}.pt")
-                files.written(save_model(result.model, path, name=variant, method=cfg["method"], seed=seed,
-                                         eps=float(eps), train_seconds=result.train_seconds))
+                meta = finished.model(path, cfg)
+                if meta is None:
+                    result = stages.run(f"train {variant} seed {seed}", lambda cfg=cfg: train_model(cfg))
+                    files.written(save_model(result.model, path, name=variant, method=cfg["method"], seed=seed,
+                                             eps=float(eps), train_seconds=result.train_seconds,
+                                             study_config=_plain(cfg), **stamp))
+                    meta = {"train_seconds": result.train_seconds}
+                    (out / "models" / f"{variant}-seed{seed}.json").unlink(missing_ok=True)  # scores of another model
                 rows.append({"variant": variant, "method": cfg["method"], "seed": seed,
-                             "train_seconds": result.train_seconds, "path": str(path)})
+                             "train_seconds": meta["train_seconds"], "path": str(path)})
     finally:
         torch.set_num_threads(saved_threads)
 
-    # Evaluation: every model in a worker; the transfer source writes its PGD-20 examples of the test split.
+    # Evaluation: every model not yet evaluated in a worker, its scores saved beside it as they come; the transfer
+    # source writes its PGD-20 examples of the test split.
     jobs_list = []
     for i, row in enumerate(rows):
+        scores_file = files.add(Path(row["path"]).with_suffix(".json"))
+        transfer = out / "models" / f"transfer-seed{row['seed']}.pt"
+        held = finished.scores(scores_file)
+        if held is not None and (row["variant"] != TRANSFER_SOURCE or transfer.is_file()):
+            row.update(held)
+            continue
         job = {"key": i, "path": row["path"], "test": str(test_file), "aa_index": aa_index, "eps": float(eps),
                "seed": row["seed"], "threads": threads}
         if row["variant"] == TRANSFER_SOURCE:
-            job["write_transfer"] = str(files.add(out / "models" / f"transfer-seed{row['seed']}.pt"))
+            job["write_transfer"] = str(files.add(transfer))
         jobs_list.append(job)
     t = time.perf_counter()
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
         for key, scores in pool.map(_evaluate_job, jobs_list):
             rows[key].update(scores)
+            files.written(atomic_write_json(Path(rows[key]["path"]).with_suffix(".json"), {"scores": scores, **stamp}))
             if progress:
                 r = rows[key]
                 print(f"[frontier] evaluated {r['variant']} seed {r['seed']}: clean {r['clean']:.3f} "
@@ -269,16 +331,16 @@ def run_frontier(out, *, variants=DEFAULT_VARIANTS, seeds=None, eps=0.1, jobs=2,
 
     summary = summarize(rows, variants)
     results = {
-        "eps": float(eps), "norm": "linf", "settings": settings, "seeds": seeds, "variants": list(variants),
-        "options": {v: VARIANTS[v][1] for v in variants}, "threads": threads, "jobs": jobs,
+        "dataset": dataset, "eps": float(eps), "norm": "linf", "settings": settings, "seeds": seeds,
+        "variants": list(variants), "options": {v: known[v][1] for v in variants}, "threads": threads, "jobs": jobs,
         "device": device, "test_samples": len(y), "autoattack_samples": len(aa_index), "autoattack_version": "standard",
         "transfer_source": TRANSFER_SOURCE, "masking_gap": MASKING_GAP,
         "rows": rows, "summary": summary, "criterion": criterion(summary),
         "stages": stages.records, "evaluation_seconds": round(evaluation_seconds, 1),
         "total_seconds": round(time.perf_counter() - started, 1),
         "machine": {**machine, "load_average_at_end": machine_info()["load_average_1_5_15"]},
-        "command": list(command) if command else ["rkd-fast", "frontier", "--out", str(out)],
-        "quick": bool(quick), **provenance(),
+        "command": list(command) if command else ["rkd-fast", "frontier", "--dataset", dataset, "--out", str(out)],
+        "quick": bool(quick), "resumed": bool(resume), **record,
     }
     files.written(
         _write_csv(files.add(out / "seeds.csv"), rows, ["variant", "method", "seed", *FIGURES, "masking", "path"]),
@@ -290,21 +352,9 @@ def run_frontier(out, *, variants=DEFAULT_VARIANTS, seeds=None, eps=0.1, jobs=2,
     plot_frontier([{"method": v, "aa_mean": s["autoattack_mean"], "aa_std": s["autoattack_std"],
                     "seconds_mean": s["train_seconds_mean"], "seconds_std": s["train_seconds_std"]}
                    for v, s in summary.items()], figure,
-                  title=f"digits, {seeds} seeds: AutoAttack accuracy vs training cost")
+                  title=f"{dataset}, {seeds} seeds: AutoAttack accuracy vs training cost")
     files.written(figure)
     return results
-
-
-def _check_teacher(teacher):
-    from .datasets import dataset_info
-    from .demo import COMMON
-    from .teachers import load_teacher
-
-    info = dataset_info(COMMON["dataset"])
-    try:
-        load_teacher(teacher, num_classes=info.num_classes, in_channels=info.in_channels, device="cpu")
-    except (ValueError, TypeError) as error:
-        raise ValueError(f"--teacher {teacher}: {error}") from error
 
 
 def _write_csv(path, rows, columns):
@@ -350,12 +400,12 @@ def run(args):
     command = invoked_command("frontier")
     variants = tuple(v.strip() for v in args.methods.split(",") if v.strip())
     try:
-        results = run_frontier(args.out, variants=variants, seeds=args.seeds, eps=args.eps, jobs=args.jobs,
-                               threads=args.threads, quick=args.quick, autoattack_samples=args.autoattack_samples,
-                               teacher=args.teacher, device=args.device, overwrite=args.overwrite,
-                               progress=not args.no_progress,
+        results = run_frontier(args.out, dataset=args.dataset, data_dir=args.data_dir, variants=variants,
+                               seeds=args.seeds, eps=args.eps, jobs=args.jobs, threads=args.threads, quick=args.quick,
+                               autoattack_samples=args.autoattack_samples, teacher=args.teacher, device=args.device,
+                               resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
                                command=command)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, FileNotFoundError) as error:
         print(f"rkd-fast frontier: error: {error}", file=sys.stderr)
         return 2
     print(format_table(results))

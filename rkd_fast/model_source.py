@@ -223,6 +223,9 @@ def arch_kwargs(arch, info, *, width=None, mean=None, std=None, num_classes=None
             kwargs["width"] = width
         if info.stem is not None and "stem" in params:
             kwargs["stem"] = info.stem
+        size = params.get("input_size")
+        if size is not None and tuple(size.default) != tuple(info.input_size):  # small_cnn: its head's size
+            kwargs["input_size"] = list(info.input_size)
         return kwargs
     if width is not None:
         raise SourceError(f"--width applies to rkd_fast's architectures; give {arch} its arguments as "

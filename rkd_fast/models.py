@@ -86,18 +86,23 @@ def _conv_block(c_in, c_out, batchnorm, pool):
 
 @register_model("small_cnn")
 class SmallCNN(nn.Module):
-    """A small CNN for 8×8 digits: three 3×3 conv blocks (8×8 → 4×4 → 2×2) and a two-layer head.
+    """A small CNN: three 3×3 conv blocks (the last two halve the side: 8×8 → 4×4 → 2×2 for digits, 28×28 → 14×14
+    → 7×7 for Fashion-MNIST) and a two-layer head sized from ``input_size`` (H, W).
 
-    Feature maps worth distilling: ``block1`` (width, 8, 8), ``block2`` (2·width, 4, 4),
-    ``block3`` (4·width, 2, 2)."""
+    Feature maps worth distilling: ``block1`` (width, H, W), ``block2`` (2·width, H/2, W/2),
+    ``block3`` (4·width, H/4, W/4)."""
 
-    def __init__(self, num_classes=10, in_channels=1, width=32, batchnorm=True, mean=DIGITS_MEAN, std=DIGITS_STD):
+    def __init__(self, num_classes=10, in_channels=1, width=32, batchnorm=True, mean=DIGITS_MEAN, std=DIGITS_STD,
+                 input_size=(8, 8)):
         super().__init__()
+        height, width_px = (int(side) // 4 for side in input_size)  # two 2×2 max-pools, flooring as they do
+        if height < 1 or width_px < 1:
+            raise ValueError(f"small_cnn needs inputs of at least 4×4 pixels, got {tuple(input_size)}")
         self.normalize = InputNormalization(mean, std)
         self.block1 = _conv_block(in_channels, width, batchnorm, pool=False)
         self.block2 = _conv_block(width, 2 * width, batchnorm, pool=True)
         self.block3 = _conv_block(2 * width, 4 * width, batchnorm, pool=True)
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * width * 4, 128), nn.ReLU(inplace=True),
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * width * height * width_px, 128), nn.ReLU(inplace=True),
                                   nn.Linear(128, num_classes))
 
     def forward(self, x):

@@ -121,10 +121,11 @@ class RunFiles:
 
     def add(self, path):
         """Records `path` (a path under root: absolute, or relative to the current directory as `root` is) before
-        it is written, with no hash until `written`; returns it as a Path."""
+        it is written, with no hash until `written` (a name already recorded keeps its hash until then, so a file
+        that is kept, such as a resumed study's model, stays the run's); returns it as a Path."""
         relative = self._name(path)
         self._load()
-        if relative not in self._files or self._files[relative] is not None:
+        if relative not in self._files:
             self._files[relative] = None
             self._save()
         return self.root / relative

@@ -12,13 +12,12 @@ from rkd_fast.model_file import load_model
 from rkd_fast.models import model_info
 from rkd_fast.cli import main
 from rkd_fast.datasets import load_digits, stratified_subset
-from rkd_fast.demo import (
-    BASELINE_NAMES,
-    MODEL_NAMES,
-    SETTINGS,
-    model_names,
-    training_config,
-)
+from rkd_fast.demo import MODEL_NAMES, model_names, training_config
+from rkd_fast.studies import settings as study_settings
+from rkd_fast.train.methods import baseline_methods
+
+BASELINE_NAMES = baseline_methods()  # the methods declared baselines
+SETTINGS = {"full": study_settings("digits", "demo"), "quick": study_settings("digits", "demo", quick=True)}
 
 # The demo's evaluation runs AutoAttack through pyautoattack (a test dependency `make test` installs).
 pytest.importorskip("pyautoattack", reason="the demo evaluates with AutoAttack: pip install pyautoattack")
@@ -93,7 +92,7 @@ def test_rejects_bad_eps(tmp_path, capsys):
 
 def test_all_adds_exactly_the_baselines():
     assert model_names() == MODEL_NAMES
-    assert model_names(all_baselines=True) == MODEL_NAMES + ("fgsm-rs", "n-fgsm", "free-at", "trades", "ard", "rslad")
+    assert model_names(all_baselines=True) == MODEL_NAMES + ("fgsm-rs", "n-fgsm", "free-at", "ard", "rslad", "trades")
     assert set(BASELINE_NAMES) == {"fgsm-rs", "n-fgsm", "free-at", "trades", "ard", "rslad"}
 
 

@@ -87,3 +87,51 @@ def test_default_step_is_in_units_of_the_threat_model(shape, eps):
     linf = _robust_kd(shape, eps=eps, distill_at="clean", jac_norm="linf", jac_step=0.5)
     assert math.isclose(linf.loss_fn.jacobian["h"], 0.5 * eps)
     assert _robust_kd(shape, eps=eps, jac_h=0.3).loss_fn.jacobian["h"] == 0.3  # an absolute step overrides
+
+
+def test_a_study_resumes_keeping_its_finished_models(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "study"
+    args = ["frontier", "--quick", "--methods", "fgsm-rs,pgd-at", "--out", str(out), "--no-progress", "--jobs", "1"]
+    assert main([*args, "--seeds", "1"]) == 0
+    first = json.loads((out / "results.json").read_text())
+    assert main([*args, "--seeds", "2", "--resume"]) == 0
+    second = json.loads((out / "results.json").read_text())
+    # Only seed 1's students were trained; seed 0's models and scores were kept as they were.
+    assert sorted(second["stages"]) == ["train fgsm-rs seed 1", "train pgd-at seed 1"]
+    assert second["resumed"] and len(second["rows"]) == 4
+    for row in first["rows"]:
+        kept = next(r for r in second["rows"] if (r["variant"], r["seed"]) == (row["variant"], row["seed"]))
+        assert {k: kept[k] for k in ("clean", "pgd20", "autoattack", "train_seconds")} == \
+            {k: row[k] for k in ("clean", "pgd20", "autoattack", "train_seconds")}
+    # Another commit's models are refused, and so are other settings.
+    import rkd_fast.info
+
+    real = rkd_fast.info.provenance
+    monkeypatch.setattr(rkd_fast.info, "provenance", lambda: {**real(), "git_commit": "0" * 40})
+    assert main([*args, "--seeds", "2", "--resume"]) == 2
+    assert "a study runs from one commit" in capsys.readouterr().err
+    monkeypatch.setattr(rkd_fast.info, "provenance", real)
+    assert main([*args, "--seeds", "2", "--resume", "--eps", "0.2"]) == 2
+    assert "other options" in capsys.readouterr().err
+    assert main([*args, "--resume", "--out", str(tmp_path / "none")]) == 2  # nothing to resume
+
+
+def test_fashion_mnist_study_smoke_run(tmp_path):
+    from rkd_fast.datasets import fashion_mnist as fm
+
+    if not all(fm._find(fm.DEBIAN_DIR, n) for images, labels, _ in fm.FILES.values() for n in (images, labels)):
+        pytest.skip(f"Fashion-MNIST's files are not in {fm.DEBIAN_DIR} (apt-get install dataset-fashion-mnist)")
+    out = tmp_path / "study"
+    assert main(["frontier", "--dataset", "fashion-mnist", "--quick", "--seeds", "1", "--methods", "robust-kd,pgd-at",
+                 "--out", str(out), "--no-progress", "--jobs", "1"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["dataset"] == "fashion-mnist" and results["eps"] == 0.1 and results["settings"]["train_size"]
+    assert all(0 <= r["clean"] <= 1 for r in results["rows"]) and results["test_samples"] == 30
+    # The study's teacher reused from a file: no teacher trained.
+    again = tmp_path / "again"
+    assert main(["frontier", "--dataset", "fashion-mnist", "--quick", "--seeds", "1", "--methods", "kd",
+                 "--teacher", str(out / "models" / "teacher.pt"), "--out", str(again), "--no-progress",
+                 "--jobs", "1"]) == 0
+    assert "train teacher" not in json.loads((again / "results.json").read_text())["stages"]
+    assert main(["frontier", "--dataset", "digits", "--quick", "--teacher", str(out / "models" / "teacher.pt"),
+                 "--out", str(tmp_path / "bad")]) == 2  # a 28×28 teacher cannot teach 8×8 digits

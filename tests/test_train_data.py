@@ -127,8 +127,8 @@ def test_missing_data_is_a_clear_cli_error(tmp_path, capsys, extra, message):
 
 
 @pytest.mark.parametrize("options,message", [
-    (dict(dataset="digits", val_size=100), "--val-size applies to cifar10/cifar100"),
-    (dict(dataset="digits", download=True), "--download fetches CIFAR only"),
+    (dict(dataset="digits", val_size=100), "--val-size applies to --dataset cifar10/cifar100"),
+    (dict(dataset="digits", download=True), "--download fetches cifar10/cifar100"),
     (dict(dataset="mnist"), "unknown dataset 'mnist'"),
 ])
 def test_data_options_are_validated(options, message):

@@ -29,6 +29,7 @@ from ._common import NORMS, autocast_dtype, check_count, check_number
 from .evaluate import (ATTACK_NAMES_HELP, DEFAULT_ATTACKS, DEFAULT_ATTACKS_L2, gradient_only, parse_attack,
                        run_evaluation)
 from .sanity import EvaluationWarning
+from ..datasets import SPECS
 from .sources import EVAL_SPLITS, eval_batches, model_from_weights, normalization
 
 REPORT_FORMAT = "rkd_fast.eval"
@@ -56,9 +57,10 @@ def add_arguments(parser):
 
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", required=True, choices=tuple(EVAL_SPLITS))
-    data.add_argument("--data-dir", metavar="DIR", help="cifar10/cifar100: the directory holding cifar-10-batches-py/ "
-                                                        "or cifar-100-python/; imagenet: holding train/ and val/")
-    data.add_argument("--split", help="default: test (digits, cifar10, cifar100), val (imagenet)")
+    data.add_argument("--data-dir", metavar="DIR", help="the directory holding the data set's files: " + "; ".join(
+        f"{name}: {spec.data_dir}" for name, spec in SPECS.items() if spec.data_dir and name in EVAL_SPLITS))
+    data.add_argument("--split", help="default: " + ", ".join(f"{split} ({name})"
+                                                             for name, split in EVAL_SPLITS.items()))
     data.add_argument("--n-examples", type=int, default=None, metavar="N",
                       help="a fixed class-stratified subset of N samples of the split (default: all)")
     data.add_argument("--image-size", type=int, default=None, help="imagenet: center-crop side (default: 224)")
@@ -270,7 +272,8 @@ def prepare(args):
     model, description = _load_model(args, source, info, num_classes)
     model.to(device)
     side = args.image_size or info.input_size[0]
-    input_shape = (info.in_channels, side, side) if args.dataset == "imagenet" else (info.in_channels, *info.input_size)
+    sized = "image_size" in SPECS[args.dataset].options  # a streamed data set served at any --image-size
+    input_shape = (info.in_channels, side, side) if sized else (info.in_channels, *info.input_size)
     _check_input_shape(model, input_shape, f"{args.dataset} {plan['split']}")
     _check_outputs(model, input_shape, num_classes, f"{args.dataset} {plan['split']}", device)
     plan.update(device=device, batches=batches, n_examples=n, model=model, model_description=description)
@@ -303,7 +306,7 @@ def _command(args, plan):
                  "data_dir", "split", "n_examples", "image_size", "num_workers", "norm", "eps", "attacks",
                  "precision", "batch_size", "seed", "device", "out"):
         value = resolved.get(dest, getattr(args, dest))
-        if value is None or (dest == "num_workers" and args.dataset != "imagenet"):
+        if value is None or (dest == "num_workers" and dest not in SPECS[args.dataset].options):
             continue
         words += [f"--{dest.replace('_', '-')}", *map(str, value if isinstance(value, list) else [value])]
     return shlex.join(words)

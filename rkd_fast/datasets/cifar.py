@@ -8,7 +8,13 @@ from pathlib import Path
 
 import torch
 
-from .info import DATASETS
+from .info import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, CIFAR_VAL_SIZE, DatasetInfo, DatasetSpec,
+                   register_dataset)
+
+INFOS = {
+    "cifar10": DatasetInfo("cifar10", 10, 3, (32, 32), CIFAR10_MEAN, CIFAR10_STD, 8 / 255, ("train", "test")),
+    "cifar100": DatasetInfo("cifar100", 100, 3, (32, 32), CIFAR100_MEAN, CIFAR100_STD, 8 / 255, ("train", "test")),
+}
 
 # File names and the md5 sums of the published files, as listed by torchvision (torchvision/datasets/cifar.py,
 # classes CIFAR10 and CIFAR100: train_list, test_list, meta; checked against torchvision 0.29.1).
@@ -120,7 +126,7 @@ def load_cifar(root, name="cifar10", split="train", *, verify=True, download=Fal
         expected = ", ".join(f for f, _ in CIFAR_FILES[name][split]) + ", " + CIFAR_FILES[name]["meta"][0]
         raise FileNotFoundError(f"{name} {split} split not found under {root}: expected {folder}/ holding "
                                 f"{expected} (torchvision's format); missing: {', '.join(missing)}. Pass "
-                                f"download=True to fetch it, or point the data directory at a copy")
+                                f"--download (download=True) to fetch it, or point the data directory at a copy")
     if verify:
         for path, md5 in files:
             if str(path) not in _warned_md5 and _md5(path) != md5:
@@ -132,7 +138,21 @@ def load_cifar(root, name="cifar10", split="train", *, verify=True, download=Fal
     parts = [_read_batch(path, CIFAR_FILES[name]["label_key"]) for path, _ in files[:-1]]
     x = np.concatenate([p[0] for p in parts]).reshape(-1, 3, 32, 32)  # rows hold the R, G, B planes in turn
     y = np.concatenate([p[1] for p in parts])
-    num_classes = DATASETS[name].num_classes
+    num_classes = INFOS[name].num_classes
     if len(y) and (y.min() < 0 or y.max() >= num_classes):
         raise ValueError(f"{folder}: labels must lie in [0, {num_classes}), found {y.min()}..{y.max()}")
     return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def _register(name):
+    def read(split, data_dir, *, download=False, verify=True):
+        return load_cifar(data_dir, name, split, verify=verify, download=download)
+
+    # Cropped and flipped (the standard CIFAR augmentation); no val split of its own: one is held out of train.
+    register_dataset(DatasetSpec(INFOS[name], read=read, val_from_train=CIFAR_VAL_SIZE, augment=True,
+                                 data_dir=f"{CIFAR_FILES[name]['folder']}/ (torchvision's format)", download=True,
+                                 options=("val_size",)))
+
+
+for _name in CIFAR_FILES:
+    _register(_name)

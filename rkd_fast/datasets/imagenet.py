@@ -9,7 +9,14 @@ from pathlib import Path
 import torch
 
 from .. import seeding
-from .loaders import ShardSampler, distributed_defaults
+from .info import (IMAGENET_MEAN, IMAGENET_STD, IMAGENET_WORKERS, STREAMING_VAL_SIZE, DatasetInfo, DatasetSpec,
+                   register_dataset)
+from .loaders import ShardSampler, ValSet, distributed_defaults
+from .splits import stratified_split
+
+INFO = DatasetInfo("imagenet", 1000, 3, (224, 224), IMAGENET_MEAN, IMAGENET_STD, 4 / 255, ("train", "val"),
+                   stem="imagenet")
+DATA_DIR = "train/ and val/, each with one sub-directory of images per class (torchvision ImageFolder layout)"
 
 
 def imagenet_transform(split, size=224):
@@ -237,3 +244,99 @@ class DALILoader:
                 yield batch["x"], batch["y"].view(-1)
         finally:
             del iterator, pipe
+
+
+# --- the data set's declaration ---------------------------------------------------------------------------------
+
+def _loader(split, data_dir, *, batch_size=128, device=None, seed=0, rank=None, world_size=None, num_workers=8,
+            loader="pytorch", **_):
+    if loader == "dali":
+        return DALILoader(data_dir, split, batch_size, num_workers=num_workers, seed=seed, rank=rank,
+                          world_size=world_size, device=device)
+    if loader != "pytorch":
+        raise ValueError(f"loader must be 'pytorch' or 'dali', got {loader!r}")
+    return ImageFolderLoader(data_dir, split, batch_size, num_workers=num_workers, seed=seed, rank=rank,
+                             world_size=world_size)
+
+
+def _import_torchvision():
+    try:
+        import torchvision  # noqa: F401
+    except ImportError as error:
+        raise ImportError("imagenet is read with torchvision, which is not installed: pip install torchvision") \
+            from error
+
+
+def _run_data(cfg, device, info, shard):
+    """``data_dir/train`` and ``data_dir/val`` in torchvision's ImageFolder layout (one sub-directory of images per
+    class, the same class folders in both; 1000 for ImageNet, fewer for a subset such as Imagenette). Train: random
+    resized crop to ``image_size`` (default 224) and a horizontal flip, by DataLoader workers (`ImageFolderLoader`)
+    or NVIDIA DALI (``--loader dali``, `DALILoader`: the same samples, crop boxes and flips, resampled by DALI);
+    val: ``val_size`` images (default STREAMING_VAL_SIZE) of ``data_dir/val``, a fixed stratified subset, resized
+    to ``image_size · 256/224`` and center cropped, read by DataLoader workers."""
+    import dataclasses
+
+    try:
+        _import_torchvision()
+    except ImportError as error:
+        raise ValueError(str(error)) from error
+    side = cfg.image_size or info.input_size[0]
+    workers = IMAGENET_WORKERS if cfg.num_workers is None else cfg.num_workers
+    pin = device.type == "cuda"
+    # drop_last=False: the step count and the short last batch's weighting assume every sample is served.
+    options = {"num_workers": workers, "drop_last": False, **shard}
+    try:
+        if cfg.loader == "dali":
+            train = DALILoader(cfg.data_dir, "train", cfg.batch_size, size=side, device=device, **options)
+        else:
+            train = ImageFolderLoader(cfg.data_dir, "train", cfg.batch_size, pin_memory=pin,
+                                      transform=imagenet_transform("train", side), **options)
+        val_folder = image_folder(cfg.data_dir, "val", imagenet_transform("val", side))
+    except (FileNotFoundError, ImportError) as error:  # a bad --data-dir, or --loader dali without DALI
+        raise ValueError(str(error)) from error
+    classes = train.dataset.classes
+    if val_folder.classes != classes:
+        missing = sorted(set(classes) - set(val_folder.classes))
+        extra = sorted(set(val_folder.classes) - set(classes))
+        raise ValueError(f"{val_folder.root} and {train.dataset.root} must hold the same class folders (classes are "
+                         f"numbered by their sorted names): val lacks {_some(missing)}, has extra {_some(extra)}")
+    info = dataclasses.replace(info, num_classes=len(classes), input_size=(side, side))
+    targets = torch.as_tensor(val_folder.targets)
+    val_size = cfg.val_size or STREAMING_VAL_SIZE
+    indices = stratified_split(targets, val_size)[1] if val_size < len(targets) else None
+    # Read per chunk: chunks of the per-process batch size, which the device already fits.
+    return info, train, ValSet(val_folder, indices, chunk_size=cfg.batch_size, num_workers=workers, pin_memory=pin)
+
+
+def _some(names, shown=5):
+    if not names:
+        return "none"
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+class _Chunks:
+    """The batches of a `ValSet` as (x, y), with a length."""
+
+    def __init__(self, val_set, batch_size):
+        self.val_set, self.batch_size = val_set, batch_size
+
+    def __len__(self):
+        return -(-len(self.val_set) // self.batch_size)
+
+    def __iter__(self):
+        for _, x, y in self.val_set.chunks(self.batch_size):
+            yield x, y
+
+
+def _eval_data(split, data_dir, n_examples, *, batch_size, device, image_size, num_workers, subset):
+    """As the trainer's validation reads it: resize, center crop to ``image_size`` (default 224), `num_workers`
+    DataLoader workers; ``subset(targets)``: the indices to evaluate or None."""
+    _import_torchvision()
+    folder = image_folder(data_dir, split, imagenet_transform("val", image_size or 224))
+    val_set = ValSet(folder, subset(folder.targets), num_workers=num_workers,
+                     pin_memory=torch.device(device or "cpu").type == "cuda")
+    return _Chunks(val_set, batch_size), len(val_set), len(folder.classes)
+
+
+register_dataset(DatasetSpec(INFO, run_data=_run_data, loader=_loader, eval_data=_eval_data, eval_split="val",
+                             data_dir=DATA_DIR, options=("val_size", "image_size", "num_workers", "loader")))

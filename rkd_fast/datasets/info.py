@@ -1,7 +1,14 @@
-"""What each data set is: its `DatasetInfo` (classes, input shape, normalisation statistics, L∞ radius, splits)
-and the defaults a run uses when an option is not given."""
+"""What a data set is, and the registry of them.
 
-from dataclasses import dataclass
+Each data set is one module of this package that declares itself with `register_dataset`: its `DatasetInfo`
+(classes, input shape, normalisation statistics, L∞ radius, splits) and a `DatasetSpec` saying how its splits are
+opened (files, checks, val split, augmentation, the split `rkd-fast eval` reads, whether it needs --data-dir, which
+data options of `rkd-fast train` apply). Training, evaluation, the demo and the study open data through
+`rkd_fast.datasets.run`, which reads only these declarations: no code outside a data set's module branches on its
+name. Also here: the defaults a run uses when an option is not given."""
+
+from dataclasses import dataclass, field
+from typing import Callable
 
 # Per-channel statistics for the models' input normalisation (rkd_fast.models builds them in).
 DIGITS_MEAN = (0.3049,)  # of digits' train split
@@ -27,19 +34,56 @@ class DatasetInfo:
     stem: str | None = None  # the stem of the models that take a `stem` argument; None: their default (CIFAR's)
 
 
-DATASETS = {
-    "digits": DatasetInfo("digits", 10, 1, (8, 8), DIGITS_MEAN, DIGITS_STD, 0.1, ("train", "val", "test")),
-    "cifar10": DatasetInfo("cifar10", 10, 3, (32, 32), CIFAR10_MEAN, CIFAR10_STD, 8 / 255, ("train", "test")),
-    "cifar100": DatasetInfo("cifar100", 100, 3, (32, 32), CIFAR100_MEAN, CIFAR100_STD, 8 / 255, ("train", "test")),
-    "imagenet": DatasetInfo("imagenet", 1000, 3, (224, 224), IMAGENET_MEAN, IMAGENET_STD, 4 / 255, ("train", "val"),
-                            stem="imagenet"),
-    # Random tensors of ImageNet's shape: measures the training step without reading files.
-    "synthetic-imagenet": DatasetInfo("synthetic-imagenet", 1000, 3, (224, 224), IMAGENET_MEAN, IMAGENET_STD,
-                                      4 / 255, ("train", "val"), stem="imagenet"),
-}
-# The data sets served by loaders from files or a generator, never held on the device whole; their inputs are
-# ImageNet-shaped, at any --image-size.
-STREAMING_DATASETS = ("imagenet", "synthetic-imagenet")
+@dataclass(frozen=True)
+class DatasetSpec:
+    """How a data set's splits are opened. A data set is either held as tensors (``read``) or streamed from files
+    or a generator (``run_data``, ``loader``, ``eval_data``).
+
+    read(split, data_dir, *, download, verify) -> (x, y) on the host: x (N, C, H, W) uint8 (0..255) or float in
+    [0, 1], y int64; raises FileNotFoundError (files missing) or ValueError (files wrong), naming the file.
+    val_from_train: the size of the fixed stratified val split a run holds out of train (--val-size overrides);
+    None: the data set has a "val" split of its own. augment: a run's training batches are cropped and flipped
+    (GPULoader). eval_split: the split `rkd-fast eval` reads unless --split; None: eval does not read it.
+    data_dir: what --data-dir must hold; None: no data directory needed. download: --download can fetch the files.
+    options: the data options of `rkd-fast train` (TrainConfig fields) that apply; the others are refused.
+    Streaming data sets: run_data(cfg, device, info, shard) -> (info, train, val) as rkd_fast.datasets.run_data;
+    loader(split, data_dir, **build_dataset's keywords) -> a loader; eval_data(split, data_dir, n_examples,
+    batch_size, device, image_size, num_workers) -> (batches, num_samples, num_classes)."""
+
+    info: DatasetInfo
+    read: Callable | None = None
+    val_from_train: int | None = None
+    augment: bool = False
+    eval_split: str | None = "test"
+    data_dir: str | None = None
+    download: bool = False
+    options: tuple = ()
+    run_data: Callable | None = None
+    loader: Callable | None = None
+    eval_data: Callable | None = None
+    needs_data_dir: bool = field(default=None)  # derived: data_dir is not None, unless given
+
+    def __post_init__(self):
+        if self.needs_data_dir is None:
+            object.__setattr__(self, "needs_data_dir", self.data_dir is not None)
+        if (self.read is None) == (self.run_data is None):
+            raise ValueError(f"data set {self.info.name!r}: declare either read (tensors) or run_data (streamed)")
+
+
+DATASETS = {}  # name -> DatasetInfo, in registration order
+SPECS = {}  # name -> DatasetSpec
+
+
+def register_dataset(spec):
+    """Adds a data set (its DatasetSpec) to the registry; returns the spec."""
+    name = spec.info.name
+    if name in SPECS:
+        raise ValueError(f"data set {name!r} is registered twice")
+    SPECS[name] = spec
+    DATASETS[name] = spec.info
+    return spec
+
+
 LOADERS = ("pytorch", "dali")  # imagenet training batches: DataLoader workers, or NVIDIA DALI
 
 # A run's defaults for the data options left None (rkd_fast.train.config.TrainConfig).
@@ -54,6 +98,16 @@ VAL_SPLIT_SEED = 0  # fixed, not --seed: every run of a data set sees the same v
 
 def dataset_info(name):
     """The `DatasetInfo` of data set `name` (one of `DATASETS`)."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
-    return DATASETS[name]
+    return dataset_spec(name).info
+
+
+def dataset_spec(name):
+    """The `DatasetSpec` of data set `name` (one of `DATASETS`)."""
+    if name not in SPECS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(SPECS)}")
+    return SPECS[name]
+
+
+def streaming_datasets():
+    """The data sets served by loaders from files or a generator, never held on the device whole."""
+    return tuple(name for name, spec in SPECS.items() if spec.read is None)

@@ -4,7 +4,13 @@ training step without reading files."""
 import torch
 
 from .. import seeding
-from .loaders import check_sharding, distributed_defaults
+from .info import (IMAGENET_MEAN, IMAGENET_STD, STREAMING_VAL_SIZE, SYNTHETIC_BATCHES, VAL_SPLIT_SEED, DatasetInfo,
+                   DatasetSpec, register_dataset)
+from .loaders import ValSet, check_sharding, distributed_defaults
+
+# Random tensors of ImageNet's shape: measures the training step without reading files.
+INFO = DatasetInfo("synthetic-imagenet", 1000, 3, (224, 224), IMAGENET_MEAN, IMAGENET_STD, 4 / 255,
+                   ("train", "val"), stem="imagenet")
 
 
 def synthetic_sample(seed, index, input_size=(224, 224), num_classes=1000, stream=0):
@@ -72,3 +78,31 @@ class SyntheticLoader:
         start, self.start_batch = self.start_batch, 0
         for _ in range(start, self.num_batches):
             yield self.x, self.y
+
+
+def _loader(split, data_dir=None, *, batch_size=128, device=None, seed=0, rank=None, world_size=None,
+            num_batches=100, **_):
+    return SyntheticLoader(batch_size, num_batches=num_batches, num_classes=INFO.num_classes,
+                           input_size=INFO.input_size, seed=seed, device=device, rank=rank, world_size=world_size)
+
+
+def _run_data(cfg, device, info, shard):
+    """``synthetic_batches`` steps per epoch (default SYNTHETIC_BATCHES), each on the same global batch of random
+    images, a function of the seed alone; the val split is ``val_size`` other random images (stream 1 of seed
+    VAL_SPLIT_SEED). The labels are random too: the accuracies mean nothing, the throughput does."""
+    import dataclasses
+
+    side = cfg.image_size or info.input_size[0]
+    info = dataclasses.replace(info, input_size=(side, side))
+    train = SyntheticLoader(cfg.batch_size, num_batches=cfg.synthetic_batches or SYNTHETIC_BATCHES,
+                            num_classes=info.num_classes, input_size=info.input_size, device=device,
+                            channels_last=cfg.channels_last, **shard)
+    val = SyntheticImages(cfg.val_size or STREAMING_VAL_SIZE, num_classes=info.num_classes,
+                          input_size=info.input_size, seed=VAL_SPLIT_SEED, stream=1)
+    # Made per chunk on the host: chunks of the per-process batch size, which the device already fits.
+    return info, train, ValSet(val, chunk_size=cfg.batch_size)
+
+
+# Not evaluated by `rkd-fast eval` (its labels are random).
+register_dataset(DatasetSpec(INFO, run_data=_run_data, loader=_loader, eval_split=None,
+                             options=("val_size", "image_size", "synthetic_batches")))

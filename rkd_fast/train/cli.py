@@ -3,7 +3,7 @@
 import dataclasses
 import sys
 
-from ..datasets import CIFAR_VAL_SIZE, DATASETS, IMAGENET_WORKERS, LOADERS, STREAMING_VAL_SIZE, SYNTHETIC_BATCHES
+from ..datasets import DATASETS, IMAGENET_WORKERS, LOADERS, SPECS, STREAMING_VAL_SIZE, SYNTHETIC_BATCHES
 from . import rerun
 from .config import PRECISIONS, SCHEDULES, TrainConfig
 from .methods import METHODS, all_options
@@ -18,13 +18,18 @@ def add_arguments(parser):
     run.add_argument("--method", choices=sorted(METHODS), default=_D.method, help="training method (default: %(default)s)")
     run.add_argument("--dataset", choices=DATASETS, default=_D.dataset, help="data set (default: %(default)s)")
     run.add_argument("--data-dir", metavar="DIR", default=_D.data_dir,
-                     help="directory holding the data set's files (cifar10: DIR/cifar-10-batches-py/; imagenet: "
-                          "DIR/train/ and DIR/val/, one sub-directory of images per class)")
-    run.add_argument("--download", action="store_true", help="CIFAR: fetch missing files with torchvision")
+                     help="directory holding the data set's files: " + "; ".join(
+                         f"{name}: {spec.data_dir}" for name, spec in SPECS.items() if spec.data_dir))
+    run.add_argument("--download", action="store_true", help="fetch missing files with torchvision (" + ", ".join(
+        name for name, spec in SPECS.items() if spec.download) + ")")
     run.add_argument("--val-size", type=int, default=_D.val_size,
-                     help=f"CIFAR: train images held out as val, stratified, fixed seed (default: {CIFAR_VAL_SIZE}); "
-                          f"imagenet, synthetic-imagenet: val images the robust validation evaluates, a fixed "
-                          f"stratified subset (default: {STREAMING_VAL_SIZE})")
+                     help="train images held out as val, stratified, fixed seed (" + ", ".join(
+                         f"{name}: {spec.val_from_train}" for name, spec in SPECS.items() if spec.val_from_train)
+                     + f"); imagenet, synthetic-imagenet: val images the robust validation evaluates, a fixed "
+                       f"stratified subset (default: {STREAMING_VAL_SIZE})")
+    run.add_argument("--train-size", type=int, default=_D.train_size, metavar="N",
+                     help="train on a fixed class-stratified subset of N train images (data sets held as tensors; "
+                          "default: all)")
     run.add_argument("--image-size", type=int, default=_D.image_size,
                      help="imagenet, synthetic-imagenet: side of the square input images (default: 224)")
     run.add_argument("--num-workers", type=int, default=_D.num_workers,

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..attacks._common import PRECISIONS
-from ..datasets import DATASETS, LOADERS, STREAMING_DATASETS
+from ..datasets import DATASETS, LOADERS, SPECS
 from ..ops._dispatch import check_choice as _choice
 from .methods import METHODS, all_options, resolve_options
 from .methods.distill import parse_feature_pairs
@@ -29,11 +29,14 @@ class RunOptions:
 
     method: str = "robust-kd"
     dataset: str = "digits"
-    data_dir: str | None = None  # root holding the data set's files (cifar10, cifar100, imagenet)
-    download: bool = False  # CIFAR only: fetch the files with torchvision when they are missing
-    # The val split's size. CIFAR: train images held out as val (None: CIFAR_VAL_SIZE); imagenet and
-    # synthetic-imagenet: val images evaluated (None: STREAMING_VAL_SIZE); digits: its whole val split.
+    data_dir: str | None = None  # root holding the data set's files (rkd_fast.datasets: each set's DatasetSpec)
+    download: bool = False  # fetch the files with torchvision when they are missing (the sets that allow it)
+    # The val split's size. cifar10, cifar100, fashion-mnist: train images held out as val (None: the data set's
+    # DatasetSpec.val_from_train); imagenet and synthetic-imagenet: val images evaluated (None: STREAMING_VAL_SIZE);
+    # digits: its whole val split.
     val_size: int | None = None
+    # A data set held as tensors: train on a fixed stratified subset of this many train images (None: all of them).
+    train_size: int | None = None
     image_size: int | None = None  # imagenet, synthetic-imagenet: side of the square inputs (None: 224)
     num_workers: int | None = None  # imagenet: DataLoader workers per process (None: IMAGENET_WORKERS)
     loader: str | None = None  # imagenet training batches: "pytorch" (None) or "dali" (rkd_fast.datasets)
@@ -186,20 +189,22 @@ def check_config(cfg):
     # Data selection
     if cfg.data_dir is not None and not isinstance(cfg.data_dir, (str, os.PathLike)):
         raise TypeError(f"data_dir must be a path, got {cfg.data_dir!r}")
-    if cfg.dataset not in ("cifar10", "cifar100") and cfg.download:
-        raise ValueError(f"--download fetches CIFAR only; {cfg.dataset} must already be on disk")
-    if cfg.dataset == "digits" and cfg.val_size is not None:
-        raise ValueError("--val-size applies to cifar10/cifar100 (train images held out as val) and imagenet/"
-                         "synthetic-imagenet (val images evaluated); digits evaluates its whole val split")
-    # Options of the streaming data sets, refused elsewhere rather than silently ignored.
-    for name, applies in (("image_size", STREAMING_DATASETS), ("num_workers", ("imagenet",)),
-                          ("loader", ("imagenet",)), ("synthetic_batches", ("synthetic-imagenet",))):
-        if getattr(cfg, name) is not None and cfg.dataset not in applies:
+    spec = SPECS[cfg.dataset]
+    if cfg.download and not spec.download:
+        fetched = [d for d, s in SPECS.items() if s.download]
+        raise ValueError(f"--download fetches {'/'.join(fetched)} only; {cfg.dataset} must already be on disk")
+    # The data options a data set does not declare are refused rather than silently ignored.
+    for name in ("val_size", "image_size", "num_workers", "loader", "synthetic_batches"):
+        if getattr(cfg, name) is not None and name not in spec.options:
+            applies = [d for d, s in SPECS.items() if name in s.options]
             raise ValueError(f"--{name.replace('_', '-')} applies to --dataset {'/'.join(applies)}, not "
                              f"{cfg.dataset!r}")
     if cfg.loader is not None:
         _choice("loader", cfg.loader, LOADERS)
     _number("val_size", cfg.val_size, minimum=1, integer=True, allow_none=True)
+    _number("train_size", cfg.train_size, minimum=1, integer=True, allow_none=True)
+    if cfg.train_size is not None and spec.read is None:
+        raise ValueError(f"--train-size applies to the data sets held as tensors, not {cfg.dataset!r}")
     _number("image_size", cfg.image_size, minimum=1, integer=True, allow_none=True)
     _number("num_workers", cfg.num_workers, integer=True, allow_none=True)
     _number("synthetic_batches", cfg.synthetic_batches, minimum=1, integer=True, allow_none=True)

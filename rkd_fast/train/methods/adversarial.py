@@ -51,6 +51,8 @@ class PGDAT(Adversarial):
     attack_steps steps, random start)."""
 
     name = "pgd-at"
+    # PGD-AT with two steps of eps/2: the cheapest multi-step attack
+    STUDY_VARIANTS = {"pgd-2": {"attack_steps": 2, "alpha_eps": 0.5}}
 
     def attack_steps(self):
         return self.run.attack_steps
@@ -72,6 +74,7 @@ class FGSMRS(PGDAT):
     and [0, 1]; cross-entropy on the result. PGD-AT with one step (`pgd` with steps=1)."""
 
     name = "fgsm-rs"
+    baseline = True
 
     def default_alpha(self):
         return FGSM_RS_ALPHA * self.eps
@@ -91,6 +94,7 @@ class NFGSM(Adversarial):
     (`rkd_fast.attacks.n_fgsm`); cross-entropy on the result."""
 
     name = "n-fgsm"
+    baseline = True
 
     def default_alpha(self):
         return self.eps
@@ -115,6 +119,7 @@ class FreeAT(Adversarial):
     what the other methods spend. δ is method state (in checkpoints); under torchrun each process keeps its own."""
 
     name = "free-at"
+    baseline = True
     OPTIONS = (Option("free_replays", FREE_AT_REPLAYS, type=int, minimum=1, metavar="M",
                       help="free-at: optimizer steps per minibatch (default: %(default)s, Shafahi et al.'s CIFAR "
                            "value); divide --epochs by M to match the other methods' cost"),)

@@ -22,6 +22,7 @@ class ARD(Adversarial):
     the BatchNorm statistics, as in the official code), without a graph when α = 1."""
 
     name = "ard"
+    baseline = True
     needs_teacher = True
     OPTIONS = (
         Option("ard_temperature", None, f"ard: distillation temperature (default: {ARD_TEMPERATURE})", strict=True),

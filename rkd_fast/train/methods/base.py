@@ -3,7 +3,9 @@
 A method is one class, registered with ``@register``: its ``name`` (the --method value), whether it distils a
 teacher (``needs_teacher``), its own settings (``OPTIONS``: TrainConfig fields and `rkd-fast train` flags, see
 rkd_fast.train.options), the defaults it gives shared settings (``DEFAULTS``), the cross-option rules (``check``),
-what one step costs (``cost_units``) and what it needs done to the student before training (``prepare_student``).
+what one step costs (``cost_units``), what it needs done to the student before training (``prepare_student``), and
+where it appears in the comparisons (``baseline``: the demo's --all; ``in_study`` and ``STUDY_VARIANTS``: the
+frontier study).
 Adding a method is adding a module with its class to this package, and its test.
 
 A method is built once per run with ``Method(student, teacher, run, opt, example_input, autocast)`` and called as
@@ -48,6 +50,11 @@ class Method(HoldsStudentTeacher, nn.Module):
     OPTIONS = ()  # this class's own Options; a subclass has its bases' too
     DEFAULTS = {}  # name → value for the options whose default (None) this method resolves
     replays = 1  # optimizer steps the trainer takes on each batch
+    baseline = False  # a method robust-kd is measured against: `rkd-fast demo --all` trains it
+    in_study = True  # `rkd-fast frontier` runs it unless --methods says otherwise
+    # This class's own further entries of the frontier study (read from the class itself, not inherited):
+    # variant name -> options over the method's defaults; options named "<option>_eps" are in units of eps.
+    STUDY_VARIANTS = {}
 
     def __init__(self, student, teacher, run, opt, example_input, autocast):
         super().__init__()
@@ -101,6 +108,27 @@ def all_options():
             owners = found.get(name, (option, ()))[1]
             found[name] = (option, (*owners, method))
     return found
+
+
+def baseline_methods():
+    """The methods declared baselines, in registration order."""
+    return tuple(name for name, cls in METHODS.items() if cls.baseline)
+
+
+def study_variants():
+    """Every entry the frontier study can run: variant -> (method, options), each method's own name first (its
+    defaults), then its STUDY_VARIANTS; in registration order."""
+    variants = {}
+    for name, cls in METHODS.items():
+        variants[name] = (name, {})
+        for variant, options in vars(cls).get("STUDY_VARIANTS", {}).items():
+            variants[variant] = (name, dict(options))
+    return variants
+
+
+def default_study_variants():
+    """The study's entries unless --methods: those of the methods with ``in_study``."""
+    return tuple(v for v, (method, _) in study_variants().items() if METHODS[method].in_study)
 
 
 def teacher_methods():

@@ -98,6 +98,9 @@ class RobustKD(Distill):
     lowered AutoAttack accuracy there, so it is off."""
 
     name = "robust-kd"
+    # Zhang & Yi's recipe at the clean input, with the trainer's defaults before the frontier study (h = 0.3 L2)
+    STUDY_VARIANTS = {"robust-kd:clean": {"distill_at": "clean", "feat_weight": 3.0, "jac_weight": 1.0,
+                                          "kd_temperature": 4.0, "jac_h": 0.3}}
     DEFAULTS = {"ce_weight": 1.0, "kd_weight": 1.0, "kd_temperature": 1.0, "feat_weight": 1.0, "jac_weight": 0.0}
     OPTIONS = (
         Option("feature_pairs", (), type=tuple, flag="--feature-pair", metavar="S:T",

@@ -8,6 +8,7 @@ from .base import Method, register
 @register
 class Natural(Method):
     name = "natural"
+    in_study = False  # no robustness to weigh against its cost (the demo shows it)
 
     def forward(self, x, y, step_seed):
         with self.autocast():

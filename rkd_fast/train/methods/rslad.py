@@ -19,6 +19,7 @@ class RSLAD(Adversarial):
     code's scale (RSLAD_KL_DIVISOR)."""
 
     name = "rslad"
+    baseline = True
     needs_teacher = True
 
     def forward(self, x, y, step_seed):

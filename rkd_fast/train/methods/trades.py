@@ -19,6 +19,7 @@ class TRADES(Adversarial):
     p(x'), as the official trades_loss does. No teacher: this is also the method that trains robust teachers."""
 
     name = "trades"
+    baseline = True
     OPTIONS = (Option("trades_beta", None, f"trades: weight of the KL robustness term (default: {TRADES_BETA})"),)
     DEFAULTS = {"trades_beta": TRADES_BETA}
 

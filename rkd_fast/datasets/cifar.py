@@ -151,7 +151,9 @@ def _register(name):
     # Cropped and flipped (the standard CIFAR augmentation); no val split of its own: one is held out of train.
     register_dataset(DatasetSpec(INFOS[name], read=read, val_from_train=CIFAR_VAL_SIZE, augment=True,
                                  data_dir=f"{CIFAR_FILES[name]['folder']}/ (torchvision's format)", download=True,
-                                 options=("val_size",)))
+                                 options=("val_size",),
+                                 files=lambda split, data_dir, name=name: [
+                                     path for path, _ in _cifar_paths(data_dir, name, split)[1]]))
 
 
 for _name in CIFAR_FILES:

@@ -194,4 +194,4 @@ def read(split, data_dir=None, *, download=False, verify=True):
 register_dataset(DatasetSpec(INFO, read=read, val_from_train=VAL_SIZE, augment=False, needs_data_dir=False,
                              data_dir=f"the four Fashion-MNIST idx files, or FashionMNIST/raw/ holding them "
                                       f"(default: {DEBIAN_DIR} when installed)",
-                             download=True, options=("val_size",)))
+                             download=True, options=("val_size",), files=locate))

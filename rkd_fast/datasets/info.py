@@ -46,6 +46,8 @@ class DatasetSpec:
     (GPULoader). eval_split: the split `rkd-fast eval` reads unless --split; None: eval does not read it.
     data_dir: what --data-dir must hold; None: no data directory needed. download: --download can fetch the files.
     options: the data options of `rkd-fast train` (TrainConfig fields) that apply; the others are refused.
+    files(split, data_dir) -> the paths a split is read from, where it is a fixed set of files (their hashes go
+    into a run's checkpoints, so a resume notices changed data); None: embedded, generated or a folder tree.
     Streaming data sets: run_data(cfg, device, info, shard) -> (info, train, val) as rkd_fast.datasets.run_data;
     loader(split, data_dir, **build_dataset's keywords) -> a loader; eval_data(split, data_dir, n_examples,
     batch_size, device, image_size, num_workers) -> (batches, num_samples, num_classes)."""
@@ -61,6 +63,7 @@ class DatasetSpec:
     run_data: Callable | None = None
     loader: Callable | None = None
     eval_data: Callable | None = None
+    files: Callable | None = None
     needs_data_dir: bool = field(default=None)  # derived: data_dir is not None, unless given
 
     def __post_init__(self):

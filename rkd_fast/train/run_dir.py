@@ -86,13 +86,17 @@ def check_resume_config(state, cfg, path, world_size):
 
 
 def _data_files(cfg):
-    """The files the training data is read from, where it is a fixed set of files (CIFAR's batches); [] for
-    data sets embedded in a package, generated, or read from a folder tree."""
-    from ..datasets.cifar import CIFAR_FILES, _cifar_paths
+    """The files the training data is read from, where the data set declares a fixed set (its DatasetSpec's
+    `files`); [] for data sets embedded in a package, generated, or read from a folder tree."""
+    from ..datasets import SPECS
 
-    if cfg.dataset in CIFAR_FILES and cfg.data_dir is not None:
-        return [path for path, _ in _cifar_paths(cfg.data_dir, cfg.dataset, "train")[1] if path.is_file()]
-    return []
+    files = SPECS[cfg.dataset].files
+    if files is None or (cfg.data_dir is None and SPECS[cfg.dataset].needs_data_dir):
+        return []
+    try:
+        return [Path(p) for p in files("train", cfg.data_dir) if Path(p).is_file()]
+    except FileNotFoundError:
+        return []
 
 
 def input_hashes(cfg):

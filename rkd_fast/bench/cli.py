@@ -34,8 +34,8 @@ def add_arguments(parser):
     parser.add_argument("--channels-last", dest="channels_last", action="store_true", default=None,
                         help="default: on for CUDA, off for CPU")
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
-    parser.add_argument("--methods", default=",".join(steps.VARIANTS),
-                        help=f"comma-separated step cases; known: {', '.join(steps.VARIANTS)}")
+    parser.add_argument("--methods", default=None,
+                        help=f"comma-separated step cases (default: all); known: {', '.join(steps.variants())}")
     parser.add_argument("--scenarios", default=None,
                         help=f"comma-separated, of {', '.join(SCENARIOS)} (imagenet on CUDA only); default: all "
                              "that apply")
@@ -95,10 +95,11 @@ def resolve(args):
         _positive(name.replace("_", "-"), getattr(args, name))
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
-    variants = _csv(args.methods)
-    unknown = [v for v in variants if v not in steps.VARIANTS]
+    known = steps.variants()
+    variants = list(known) if args.methods is None else _csv(args.methods)
+    unknown = [v for v in variants if v not in known]
     if unknown or not variants:
-        raise ValueError(f"--methods: unknown {', '.join(unknown) or '(empty)'}; known: {', '.join(steps.VARIANTS)}")
+        raise ValueError(f"--methods: unknown {', '.join(unknown) or '(empty)'}; known: {', '.join(known)}")
     scenarios = _csv(args.scenarios) if args.scenarios else [s for s in SCENARIOS if cuda or s != "imagenet"]
     bad = [s for s in scenarios if s not in SCENARIOS]
     if bad:
@@ -214,7 +215,7 @@ def run(args):
     available, missing = steps.split_available(cfg["variants"])
     if missing:
         notes.append(f"Methods not registered in rkd_fast.train.methods when this ran (not measured): "
-                     f"{', '.join(sorted({steps.VARIANTS[v][0] for v in missing}))}.")
+                     f"{', '.join(sorted({steps.variant_method(v) for v in missing}))}.")
     notes.append("Cost-model formulas of trades, ard and rslad assume the usual algorithms (TRADES: clean "
                  "target + k attack steps + clean and adversarial training passes; ARD/RSLAD: one teacher "
                  "forward + k attack steps + two training passes).")
@@ -248,7 +249,7 @@ def run(args):
             "kernel_shapes": [list(s) for s in cfg["kernel_shapes"]]},
         "machine": machine,
         "registered_methods": steps.registered_methods(),
-        "missing_methods": sorted({steps.VARIANTS[v][0] for v in missing}),
+        "missing_methods": sorted({steps.variant_method(v) for v in missing}),
         "notes": notes,
         "scenarios": records,
         "targets": steps.targets(records),

@@ -4,12 +4,17 @@ import dataclasses
 import sys
 
 from ..datasets import CIFAR_VAL_SIZE, DATASETS, IMAGENET_WORKERS, LOADERS, STREAMING_VAL_SIZE, SYNTHETIC_BATCHES
+from ..models import MODELS
 from . import rerun
-from .config import PRECISIONS, SCHEDULES, TrainConfig
-from .methods import METHODS, all_options
+from .config import PRECISIONS, SCHEDULES, RunOptions, TrainConfig
+from .methods import METHODS, all_options, teacher_methods
 
-_D = TrainConfig()
-_OPTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "command")  # args.command: the subcommand
+_D = RunOptions()  # the shared options' defaults (each method option has its own, Option.default)
+
+
+def _options():
+    """The names of the options `rkd-fast train` takes now (a method registered later adds its own)."""
+    return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "command")  # args.command: the subcommand
 
 
 def add_arguments(parser):
@@ -34,10 +39,11 @@ def add_arguments(parser):
                           "'rkd_fast[dali]'); the same samples, crops and flips either way")
     run.add_argument("--synthetic-batches", type=int, default=_D.synthetic_batches,
                      help=f"synthetic-imagenet: training steps per epoch (default: {SYNTHETIC_BATCHES})")
-    run.add_argument("--arch", default=_D.arch, help="student architecture (small_cnn, preact_resnet18, resnet18)")
+    run.add_argument("--arch", choices=sorted(MODELS), default=_D.arch, metavar="ARCH",
+                     help=f"student architecture: {', '.join(sorted(MODELS))} (default: %(default)s)")
     run.add_argument("--width", type=int, default=_D.width, help="base width of the architecture (default: its own)")
     run.add_argument("--teacher", metavar="PATH", default=_D.teacher,
-                     help="teacher model file (from `rkd-fast export`); kd, robust-kd, ard and rslad need one")
+                     help=f"teacher model file (from `rkd-fast export`); {', '.join(teacher_methods())} need one")
     run.add_argument("--teacher-arch", default=_D.teacher_arch, help="refuse a teacher file of another architecture")
     run.add_argument("--epochs", type=int, default=_D.epochs)
     run.add_argument("--batch-size", type=int, default=_D.batch_size)
@@ -91,7 +97,7 @@ def add_arguments(parser):
                         help="rerun the run recorded in RUN_JSON (a run.json, or its run directory): its seed and "
                              "options, overridden by the flags given here; --out names the new run's directory")
     # Defaults wrapped, so that a flag given with the default's value still overrides the --config record.
-    rerun.mark_defaults(parser, _OPTIONS)
+    rerun.mark_defaults(parser, _options())
 
 
 def add_method_arguments(parser):
@@ -102,19 +108,24 @@ def add_method_arguments(parser):
         by_owners.setdefault(owners, []).append(option)
     for owners, options in by_owners.items():
         names = {option.name for option in options}
-        defaults = "; ".join(f"{m}: " + ", ".join(f"{k} {v:g}" for k, v in METHODS[m].DEFAULTS.items() if k in names)
+        defaults = "; ".join(f"{m}: " + ", ".join(f"{k} {_text(v)}" for k, v in METHODS[m].DEFAULTS.items()
+                                                   if k in names)
                              for m in owners if names & set(METHODS[m].DEFAULTS))
         group = parser.add_argument_group(f"{', '.join(owners)} options", f"defaults: {defaults}" if defaults else None)
         for option in options:
             option.add_argument(group)
 
 
+def _text(value):
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def config_from_args(args):
     from .config import make_config
 
     if getattr(args, "config", None):  # the record, then the flags given on the command line
-        return make_config({**rerun.read_run_config(args.config), **rerun.given(args, _OPTIONS)})
-    return make_config({name: rerun.unwrap(getattr(args, name)) for name in _OPTIONS if hasattr(args, name)})
+        return make_config({**rerun.read_run_config(args.config), **rerun.given(args, _options())})
+    return make_config({name: rerun.unwrap(getattr(args, name)) for name in _options() if hasattr(args, name)})
 
 
 def run(args):

@@ -4,12 +4,12 @@ says what a method declares). Every module here is imported, so a new method's m
 import importlib
 import pkgutil
 
-from .base import (METHODS, Method, RunSettings, all_options, build_method, create, register, resolve_options,
-                   teacher_methods)
+from .base import (METHODS, Method, RunSettings, all_options, build_method, create, on_change, register,
+                   resolve_options, teacher_methods, unregister)
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name != "base" and not _module.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["METHODS", "Method", "RunSettings", "all_options", "build_method", "create", "register",
-           "resolve_options", "teacher_methods"]
+__all__ = ["METHODS", "Method", "RunSettings", "all_options", "build_method", "create", "on_change", "register",
+           "resolve_options", "teacher_methods", "unregister"]

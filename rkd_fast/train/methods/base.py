@@ -3,8 +3,9 @@
 A method is one class, registered with ``@register``: its ``name`` (the --method value), whether it distils a
 teacher (``needs_teacher``), its own settings (``OPTIONS``: TrainConfig fields and `rkd-fast train` flags, see
 rkd_fast.train.options), the defaults it gives shared settings (``DEFAULTS``), the cross-option rules (``check``),
-what one step costs (``cost_units``) and what it needs done to the student before training (``prepare_student``).
-Adding a method is adding a module with its class to this package, and its test.
+what one step costs (``cost_units``), the settings `rkd-fast bench` also times it with (``BENCH_VARIANTS``) and
+what it needs done to the student before training (``prepare_student``). Adding a method is adding a module with
+its class to this package, and its test; a class registered later (a user's own module) is a method as well.
 
 A method is built once per run with ``Method(student, teacher, run, opt, example_input, autocast)`` and called as
 ``total, terms = method(x, y, step_seed)``: ``total`` a 0-d float32 tensor to backpropagate, ``terms`` a dict of
@@ -23,6 +24,7 @@ from torch import nn
 from ...models import HoldsStudentTeacher, model_info
 
 METHODS = {}  # name → Method subclass, in registration order
+_ON_CHANGE = []  # called after a method is registered or removed (TrainConfig adds or drops its options' fields)
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,8 @@ class Method(HoldsStudentTeacher, nn.Module):
     OPTIONS = ()  # this class's own Options; a subclass has its bases' too
     DEFAULTS = {}  # name → value for the options whose default (None) this method resolves
     replays = 1  # optimizer steps the trainer takes on each batch
+    # suffix → options: step cases `rkd-fast bench` times besides the defaults, as "NAME:SUFFIX"
+    BENCH_VARIANTS = {}
 
     def __init__(self, student, teacher, run, opt, example_input, autocast):
         super().__init__()
@@ -81,7 +85,8 @@ class Method(HoldsStudentTeacher, nn.Module):
 
 
 def register(cls):
-    """Class decorator: adds a Method subclass to METHODS. An option another method declares too must be the same
+    """Class decorator: adds a Method subclass to METHODS, at import or any time later (its options become
+    TrainConfig fields and `rkd-fast train` flags). An option another method declares too must be the same
     declaration (one TrainConfig field, one flag)."""
     if not cls.name or cls.name in METHODS:
         raise ValueError(f"a method needs a unique name, got {cls.name!r}")
@@ -90,7 +95,24 @@ def register(cls):
         if name in declared and declared[name][0] != option:
             raise ValueError(f"method {cls.name!r} declares option {name!r} unlike {declared[name][1]}")
     METHODS[cls.name] = cls
+    _changed()
     return cls
+
+
+def unregister(name):
+    """Removes the method `name` (and the TrainConfig fields of the options no other method reads)."""
+    del METHODS[name]
+    _changed()
+
+
+def on_change(callback):
+    """Calls `callback()` whenever a method is registered or removed."""
+    _ON_CHANGE.append(callback)
+
+
+def _changed():
+    for callback in _ON_CHANGE:
+        callback()
 
 
 def all_options():

@@ -73,7 +73,7 @@ def test_toy_method_options_are_refused_where_they_do_not_apply(toy, tmp_path, c
             (["--method", "natural", "--toy-scale-factor", "0.5"], "--toy-scale-factor applies to --method toy, "
                                                                    "not 'natural'"),
             (["--method", "natural", "--toy-smooth"], "--toy-smooth applies to --method toy, not 'natural'"),
-            (["--method", "toy", "--toy-scale-factor", "0"], "toy_scale must be > 0.0")):
+            (["--method", "toy", "--toy-scale-factor", "0"], "toy_scale must be > 0")):
         assert main(["train", *argv, *TINY, "--out", str(tmp_path / "run")]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
@@ -150,3 +150,18 @@ def test_toy_architecture_is_an_arch_choice_and_trains(toy_arch, tmp_path, capsy
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--arch", "toy_cnn", "--out", "x"])
     assert "invalid choice: 'toy_cnn'" in capsys.readouterr().err
+
+
+def test_every_method_config_round_trips_through_run_json_and_its_command():
+    """A config differing from the defaults in a method option of each kind (a repeatable flag with its own name,
+    a choice, a number) comes back the same from its run.json form and from its command line."""
+    from rkd_fast.train.config import command_line
+
+    cfg = make_config(method="robust-kd", teacher="t.pt", feature_pairs=["block2:block3"], distill_at="clean",
+                      jac_weight=0.5, out="x")
+    record = json.loads(json.dumps(cfg.to_dict()))
+    assert record["feature_pairs"] == [["block2", "block3"]]
+    assert make_config(record) == cfg
+    words = command_line(cfg)
+    assert words[words.index("--feature-pair") + 1] == "block2:block3" and "--feature-pairs" not in words
+    assert _config([*words[2:], "--out", "x"]) == cfg

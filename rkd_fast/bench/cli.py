@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from ..precision import PRECISIONS
 from . import ops, report, steps
 
 SCENARIOS = ("cifar-same", "cifar-10x", "imagenet")
@@ -29,7 +30,7 @@ def add_arguments(parser):
                         help="default: cuda when available, else cpu")
     parser.add_argument("--out", default="bench-report", help="directory of report.md, report.json, plots")
     parser.add_argument("--compile", action="store_true", help="torch.compile the student (in place)")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
+    parser.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
                         help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--channels-last", dest="channels_last", action="store_true", default=None,
                         help="default: on for CUDA, off for CPU")
@@ -44,7 +45,7 @@ def add_arguments(parser):
                         help="widen factor of the large WideResNet-34 teacher; default 10 (quick: ~10× FLOPs)")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--image-size", type=int, default=32, help="CIFAR-shape image side")
-    parser.add_argument("--attack-steps", type=int, default=10, help="PGD steps of pgd-at, trades, ard, rslad")
+    parser.add_argument("--attack-steps", type=int, default=10, help="attack steps of the methods that run PGD during training")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per case (at least)")
     parser.add_argument("--min-time", type=float, default=None, help="seconds of timed steps per case (at least)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before each case")

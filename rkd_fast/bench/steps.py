@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..attacks._common import PRECISIONS, autocast_factory
 from ..clean_pass import share_clean_statistics
 from ..models import DEFAULT_FEATURE_LAYER, build_model
+from ..precision import PRECISIONS, autocast_factory
 from ..train import methods as methods_module
 
 def variants():

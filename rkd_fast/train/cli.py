@@ -3,7 +3,8 @@
 import dataclasses
 import sys
 
-from ..datasets import CIFAR_VAL_SIZE, DATASETS, IMAGENET_WORKERS, LOADERS, STREAMING_VAL_SIZE, SYNTHETIC_BATCHES
+from ..datasets import (CIFAR_VAL_SIZE, DATASETS, IMAGENET_WORKERS, LOADERS, STREAMING_VAL_SIZE, SYNTHETIC_BATCHES,
+                        dataset_info)
 from ..models import MODELS
 from . import rerun
 from .config import PRECISIONS, SCHEDULES, RunOptions, TrainConfig
@@ -71,7 +72,9 @@ def add_arguments(parser):
     opt.add_argument("--label-smoothing", type=float, default=_D.label_smoothing)
 
     attack = parser.add_argument_group("attack (adversarial training methods and the robust validation)")
-    attack.add_argument("--eps", type=float, default=_D.eps, help="L∞ radius on [0, 1] pixels (digits: 0.1)")
+    usual = ", ".join(f"{name} {dataset_info(name).eps:.4g}" for name in DATASETS)
+    attack.add_argument("--eps", type=float, default=_D.eps,
+                        help=f"L∞ radius on [0, 1] pixels (default: the data set's: {usual})")
     attack.add_argument("--alpha", type=float, default=_D.alpha, help="PGD step (default: eps/4)")
     attack.add_argument("--attack-steps", type=int, default=_D.attack_steps, help="PGD steps (default: %(default)s)")
 

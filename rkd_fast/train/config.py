@@ -8,11 +8,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..attacks._common import PRECISIONS
-from ..datasets import DATASETS, LOADERS, STREAMING_DATASETS
-from ..ops._dispatch import check_choice as _choice
+from ..checks import check_choice as _choice
+from ..checks import check_number as _number
+from ..datasets import DATASETS, LOADERS, STREAMING_DATASETS, dataset_info
+from ..precision import PRECISIONS
 from .methods import METHODS, all_options, on_change, resolve_options
-from .options import check_number as _number
+from .methods.base import ALPHA_OF_EPS
 
 SCHEDULES = ("cosine", "multistep", "constant")
 
@@ -73,6 +74,15 @@ class RunOptions:
     progress: bool = True
     # The command recorded in the JSON outputs; empty: the equivalent `rkd-fast train` command line.
     command: list = field(default_factory=list)
+
+    def attack_eps(self):
+        """The L∞ radius the run attacks with (its methods and its robust validation): --eps, or the data set's
+        usual one."""
+        return self.eps if self.eps is not None else dataset_info(self.dataset).eps
+
+    def validation_alpha(self):
+        """The robust validation's PGD step: --alpha, or ALPHA_OF_EPS · eps."""
+        return self.alpha if self.alpha is not None else ALPHA_OF_EPS * self.attack_eps()
 
     def to_dict(self):
         """The options as run.json records them (each method option in its own JSON form)."""
@@ -193,6 +203,8 @@ def check_config(cfg):
         _number(name, getattr(cfg, name))
     _number("eps", cfg.eps, allow_none=True)
     _number("alpha", cfg.alpha, strict=True, allow_none=True)
+    if cfg.validation_alpha() <= 0:
+        raise ValueError("the PGD step alpha must be > 0: with eps = 0 give --alpha explicitly")
     if not 0.0 <= cfg.label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {cfg.label_smoothing!r}")
     if cfg.nesterov and cfg.momentum == 0:

@@ -1,25 +1,10 @@
 """A training option declared next to the code that reads it: a TrainConfig field, a `rkd-fast train` flag and its
-check, in one `Option`. The training methods declare theirs (rkd_fast.train.methods); the checks here are the ones
-every option of the trainer uses."""
+check, in one `Option`. The training methods declare theirs (rkd_fast.train.methods)."""
 
 import argparse
-import math
-import numbers
 from dataclasses import dataclass
 
-from ..ops._dispatch import check_choice
-
-
-def check_number(name, value, *, minimum=0.0, strict=False, integer=False, allow_none=False):
-    """TypeError unless `value` is an int (integer) or a real number, not a bool; ValueError unless it is finite
-    and >= minimum (> minimum when strict)."""
-    if value is None and allow_none:
-        return
-    kind = numbers.Integral if integer else numbers.Real
-    if isinstance(value, bool) or not isinstance(value, kind):
-        raise TypeError(f"{name} must be {'an int' if integer else 'a number'}, got {value!r}")
-    if not math.isfinite(value) or value < minimum or (strict and value == minimum):
-        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}, got {value!r}")
+from ..checks import check_choice, check_number
 
 
 @dataclass(frozen=True)

@@ -39,15 +39,15 @@ import torch
 from torch import nn
 
 from .. import seeding, teachers
-from ..attacks._common import autocast_factory
 from ..datasets import run_data
 from ..models import MODELS, build_model
+from ..precision import autocast_factory, resolve_device, resolve_precision
 from . import checkpoints, distributed, tensorboard
 from .config import TrainConfig, make_config, run_metadata
 from .health import LossHealth, finite_or_raise
 from .methods import build_method
 from .run_dir import check_out_dir, check_resume_config, start_run_files, write_metrics
-from .runtime import resolve_device, resolve_precision, restore_determinism, seed_everything, set_determinism
+from .runtime import restore_determinism, seed_everything, set_determinism
 from .schedule import lr_lambda
 from .validation import robust_accuracy
 
@@ -148,11 +148,8 @@ class Run:
         self.autocast = autocast_factory(self.device, self.dtype)
         # The method reads the feature shapes from it (eval mode, no_grad): only its shape matters.
         example = self._layout(torch.zeros(2, info.in_channels, *info.input_size, device=self.device))
-        self.method = build_method(cfg, student, teacher, info, example, self.autocast).to(self.device)
-        self.eps = cfg.eps if cfg.eps is not None else info.eps
-        self.alpha = cfg.alpha if cfg.alpha is not None else self.eps / 4
-        if self.alpha <= 0:
-            raise ValueError("the PGD step alpha must be > 0: with eps = 0 give --alpha explicitly")
+        self.method = build_method(cfg, student, teacher, example, self.autocast).to(self.device)
+        self.eps, self.alpha = cfg.attack_eps(), cfg.validation_alpha()
 
         # A step takes the next global batch (batch_size per process) of the epoch order.
         self.global_batch = cfg.batch_size * world

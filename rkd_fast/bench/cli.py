@@ -45,7 +45,8 @@ def add_arguments(parser):
                         help="widen factor of the large WideResNet-34 teacher; default 10 (quick: ~10× FLOPs)")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--image-size", type=int, default=32, help="CIFAR-shape image side")
-    parser.add_argument("--attack-steps", type=int, default=10, help="attack steps of the methods that run PGD during training")
+    parser.add_argument("--attack-steps", type=int, default=10,
+                        help="attack steps of the methods that run PGD during training")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per case (at least)")
     parser.add_argument("--min-time", type=float, default=None, help="seconds of timed steps per case (at least)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before each case")

@@ -165,3 +165,14 @@ def test_every_method_config_round_trips_through_run_json_and_its_command():
     words = command_line(cfg)
     assert words[words.index("--feature-pair") + 1] == "block2:block3" and "--feature-pairs" not in words
     assert _config([*words[2:], "--out", "x"]) == cfg
+
+
+def test_bench_variants_are_not_inherited(toy):
+    class ToySub(Toy):
+        name = "toy-sub"
+
+    register(ToySub)
+    try:
+        assert "toy-sub" in steps.variants() and "toy-sub:smooth" not in steps.variants()
+    finally:
+        unregister("toy-sub")

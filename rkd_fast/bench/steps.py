@@ -24,12 +24,14 @@ from ..precision import PRECISIONS, autocast_factory
 from ..train import methods as methods_module
 
 def variants():
-    """step case → (registered method, its options): every method with its defaults ("NAME"), then each of its
-    BENCH_VARIANTS ("NAME:SUFFIX"), in registration order."""
+    """step case → (registered method, its options): every method with its defaults ("NAME"), then each of the
+    BENCH_VARIANTS its class declares itself ("NAME:SUFFIX"; a subclass does not inherit them), in registration
+    order."""
     cases = {}
     for name, method in methods_module.METHODS.items():
         cases[name] = (name, {})
-        cases.update({f"{name}:{suffix}": (name, dict(options)) for suffix, options in method.BENCH_VARIANTS.items()})
+        own = vars(method).get("BENCH_VARIANTS", {})
+        cases.update({f"{name}:{suffix}": (name, dict(options)) for suffix, options in own.items()})
     return cases
 
 

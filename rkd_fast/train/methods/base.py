@@ -57,7 +57,8 @@ class Method(HoldsStudentTeacher, nn.Module):
     DEFAULTS = {}  # name → value for the options whose default (None) this method resolves
     replays = 1  # optimizer steps the trainer takes on each batch
     alpha_of_eps = ALPHA_OF_EPS  # the attack step when --alpha is not given, in units of eps
-    # suffix → options: step cases `rkd-fast bench` times besides the defaults, as "NAME:SUFFIX"
+    # suffix → options: step cases `rkd-fast bench` times besides the defaults, as "NAME:SUFFIX" (read from the
+    # class itself, not inherited)
     BENCH_VARIANTS = {}
 
     def __init__(self, student, teacher, run, opt, example_input, autocast):

@@ -11,7 +11,7 @@ import sys
 COMMANDS = {
     "demo": ("rkd_fast.demo", "train a robust teacher and students on the embedded digits data, evaluate, plot"),
     "frontier": ("rkd_fast.frontier", "robustness vs training cost over seeds: robust-kd beside the baselines"),
-    "train": ("rkd_fast.train.cli", "train a model (natural, kd, robust-kd, pgd-at, fgsm-rs, ...)"),
+    "train": ("rkd_fast.train.cli", "train a model with one of the training methods (see its --method)"),
     "export": ("rkd_fast.train.export", "write the student of a training checkpoint as a model file"),
     "eval": ("rkd_fast.attacks.cli", "evaluate a model against white-box L∞/L2 attacks and AutoAttack"),
     "layers": ("rkd_fast.layers", "list a model's module names and output shapes (for --feature-pair)"),

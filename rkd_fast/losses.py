@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import seeding
+from .checks import check_number
 from .clean_pass import CleanPassState, clean_rows, shares_clean_statistics
 from .jacobian import check_options, jacobian_penalty
 from .model_source import as_feature_map, token_prefix
@@ -125,12 +126,6 @@ def _named_modules(model, names, side):
     return [find_module(model, name, side) for name in names]
 
 
-def _check_weight(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
 class RobustKDLoss(HoldsStudentTeacher, nn.Module):
     """The distillation loss of a student against a frozen teacher; ``total, terms = loss_fn(x, y)``.
 
@@ -170,13 +165,11 @@ class RobustKDLoss(HoldsStudentTeacher, nn.Module):
                 raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
         if feature_mode not in FEATURE_MODES:
             raise ValueError(f"unknown feature_mode {feature_mode!r}; expected one of {', '.join(FEATURE_MODES)}")
-        self.ce_weight = _check_weight("ce_weight", ce_weight)
-        self.kd_weight = _check_weight("kd_weight", kd_weight)
-        self.feat_weight = _check_weight("feat_weight", feat_weight)
-        self.jac_weight = _check_weight("jac_weight", jac_weight)
-        self.kd_temperature = _check_weight("kd_temperature", kd_temperature)
-        if self.kd_temperature == 0:
-            raise ValueError("kd_temperature must be > 0")
+        self.ce_weight = check_number("ce_weight", ce_weight)
+        self.kd_weight = check_number("kd_weight", kd_weight)
+        self.feat_weight = check_number("feat_weight", feat_weight)
+        self.jac_weight = check_number("jac_weight", jac_weight)
+        self.kd_temperature = check_number("kd_temperature", kd_temperature, strict=True)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
         self.label_smoothing = float(label_smoothing)
@@ -186,8 +179,8 @@ class RobustKDLoss(HoldsStudentTeacher, nn.Module):
         if unknown:
             raise ValueError(f"unknown jacobian option(s) {', '.join(unknown)}; allowed: {', '.join(JACOBIAN_OPTIONS)}")
         if eps is not None:
-            self.eps = _check_weight("eps", eps)
-            self.noise = _check_weight("noise", noise)
+            self.eps = check_number("eps", eps)
+            self.noise = check_number("noise", noise)
             if self.eps == 0:
                 raise ValueError("eps must be > 0 (or None: the terms at the clean input)")
             fixed = sorted(set(jacobian) - {"h", "on", "temperature"})

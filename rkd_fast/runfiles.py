@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import warnings
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 RECORD = ".rkd_fast_files"
 FORMAT = "rkd_fast run files"

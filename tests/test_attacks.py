@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from _digits_model import EPS, one_thread, robust_digits_model
-from rkd_fast.attacks import _common, autoattack, cw_linf, fgsm, pgd
+from rkd_fast import precision
+from rkd_fast.attacks import autoattack, cw_linf, fgsm, pgd
 from rkd_fast.datasets import load_digits
 from rkd_fast.models import build_model
 
@@ -156,7 +157,7 @@ def test_bf16_matches_fp32(model, data, attack):
 
 
 def test_precision_the_device_cannot_run_is_a_clear_error(model, data, monkeypatch):
-    monkeypatch.setattr(_common, "_autocast_works", lambda device_type, dtype: False)
+    monkeypatch.setattr(precision, "_autocast_works", lambda device_type, dtype: False)
     x, y = data[0][:4], data[1][:4]
     with pytest.raises(ValueError, match="precision='fp16' is not supported on cpu"):
         pgd(model, x, y, EPS, EPS / 4, 2, precision="fp16")

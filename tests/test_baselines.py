@@ -8,7 +8,6 @@ import torch
 from _digits_model import digits_batch, tiny_cnn
 
 from rkd_fast.cli import main
-from rkd_fast.datasets import dataset_info
 from rkd_fast.train import make_config, train_model
 from rkd_fast.attacks.attacks import kl_attack
 from rkd_fast.train.methods import build_method
@@ -45,10 +44,9 @@ def _method(name, teacher=None, **options):
     student = tiny_cnn(0)
     cfg = make_config(method=name, teacher="unused.pt" if teacher is not None else None, eps=0.1, alpha=0.03,
                       attack_steps=3, **options)
-    info = dataset_info("digits")
     x, _ = digits_batch(16, seed=3)
     import contextlib
-    return build_method(cfg, student, teacher, info, x[:4], contextlib.nullcontext), student
+    return build_method(cfg, student, teacher, x[:4], contextlib.nullcontext), student
 
 
 @pytest.mark.parametrize("name,options", [("trades", {}), ("trades", {"trades_beta": 2.5}), ("ard", {}),
@@ -166,8 +164,7 @@ def test_single_step_baselines_match_their_papers(name):
     cross-entropy of the student (train mode) on the result; the noise comes from the step seed."""
     student = tiny_cnn(0)
     eps = 0.1
-    method = build_method(make_config(method=name, eps=eps), student, None, dataset_info("digits"), None,
-                          __import__("contextlib").nullcontext)
+    method = build_method(make_config(method=name, eps=eps), student, None, None, __import__("contextlib").nullcontext)
     x, y = digits_batch(16, seed=3)
     student.train()
     state = {k: v.clone() for k, v in student.state_dict().items()}

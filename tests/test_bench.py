@@ -58,7 +58,14 @@ def test_bench_end_to_end(tmp_path):
 
 
 def test_missing_method_is_listed_not_fatal(tmp_path, monkeypatch):
-    monkeypatch.delitem(methods_module.METHODS, "ard")
+    resolve = cli.resolve
+
+    def resolve_then_unregister(args):  # ard's cases were chosen, then ard is gone when they run
+        cfg = resolve(args)
+        monkeypatch.delitem(methods_module.METHODS, "ard")
+        return cfg
+
+    monkeypatch.setattr(cli, "resolve", resolve_then_unregister)
     out = tmp_path / "r"
     args = cli.build_parser().parse_args([*TINY, "--methods", "natural,ard", "--scenarios", "cifar-same",
                                           "--no-teacher-inference", "--kernel-shapes", "none", "--no-plots",

@@ -10,7 +10,6 @@ import torch
 
 from rkd_fast import frontier
 from rkd_fast.cli import main
-from rkd_fast.datasets import dataset_info
 from rkd_fast.models import build_model
 from rkd_fast.train import make_config
 from rkd_fast.train.methods import build_method
@@ -73,7 +72,7 @@ def _robust_kd(shape, **options):
     student, teacher = (build_model(arch, width=2, **({"in_channels": 1} if shape[1] == 1 else {})) for _ in "st")
     cfg = make_config(method="robust-kd", teacher="unused.pt", arch=arch, dataset=dataset, **options)
     import contextlib
-    return build_method(cfg, student, teacher, dataset_info(dataset), torch.rand(*shape), contextlib.nullcontext)
+    return build_method(cfg, student, teacher, torch.rand(*shape), contextlib.nullcontext)
 
 
 @pytest.mark.parametrize("shape", [(4, 1, 8, 8), (4, 3, 32, 32)])  # digits (D = 64) and CIFAR (D = 3,072)

@@ -17,7 +17,7 @@ from rkd_fast.cli import main
 from rkd_fast.models import build_model, model_info
 from rkd_fast.runfiles import RunFiles
 from rkd_fast.train import TrainConfig, train_model
-from rkd_fast.train.runtime import resolve_precision
+from rkd_fast.precision import resolve_precision
 from rkd_fast.train.schedule import lr_lambda
 
 FAST = dict(epochs=1, width=4, batch_size=256, attack_steps=1, progress=False, deterministic=True)

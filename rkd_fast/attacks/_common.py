@@ -2,16 +2,15 @@
 an attack (eval mode, parameters frozen, both restored afterwards)."""
 
 import contextlib
-import functools
-import math
 import numbers
 
 import torch
 from torch import nn
 
-from ..ops._dispatch import check_choice  # noqa: F401  (one definition for the ops and the attacks)
+# One definition of each for the whole library; the attack modules import them from here.
+from ..checks import check_choice, check_count, check_number  # noqa: F401
+from ..precision import PRECISIONS, autocast_dtype, autocast_factory  # noqa: F401
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 NORMS = ("linf", "l2")
 LOSSES = ("ce", "cw")
 
@@ -20,23 +19,6 @@ def check_model(model):
     # The attacks change and restore the module's mode and its parameters' requires_grad, so it must be a Module.
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module returning logits, got {type(model).__name__}")
-
-
-def check_number(name, value, *, positive=False):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'} and finite, got {value}")
-    return value
-
-
-def check_count(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(value)
 
 
 def check_inputs(x, y):
@@ -81,44 +63,6 @@ def check_labels(y, num_classes):
     if not bool((low >= 0) & (high < num_classes)):
         raise ValueError(f"labels must lie in [0, {num_classes}) for a model with {num_classes} outputs, "
                          f"got values in [{low.item()}, {high.item()}]")
-
-
-@functools.lru_cache(maxsize=None)
-def _autocast_works(device_type, dtype):
-    """Whether autocast to `dtype` runs a matmul on `device_type` (probed once per pair)."""
-    if not torch.amp.autocast_mode.is_autocast_available(device_type):
-        return False
-    try:
-        with torch.autocast(device_type, dtype=dtype):
-            a = torch.ones(2, 2, device=device_type)
-            return (a @ a).dtype == dtype
-    except (RuntimeError, ValueError, AssertionError):
-        return False
-
-
-def autocast_dtype(precision, device):
-    """The autocast dtype for `precision` ("fp32" → None), or a clear error when `device` cannot run it."""
-    check_choice("precision", precision, tuple(PRECISIONS))
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        return None
-    device = torch.device(device)
-    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported(
-            including_emulation=False):
-        raise ValueError(f"precision={precision!r}: this CUDA device has no native bfloat16; use 'fp16' or 'fp32'")
-    if not _autocast_works(device.type, dtype):
-        raise ValueError(f"precision={precision!r} is not supported on {device.type} (autocast to {dtype} "
-                         f"is unavailable there); use 'fp32'")
-    return dtype
-
-
-def autocast_factory(device, dtype):
-    """A zero-argument factory of the context the forward passes run in: autocast to `dtype` on `device`'s type,
-    or no autocast when dtype is None (fp32). The one way the trainer, the methods and the bench build it."""
-    if dtype is None:
-        return contextlib.nullcontext
-    device_type = torch.device(device).type
-    return lambda: torch.autocast(device_type, dtype=dtype)
 
 
 def model_dtype(model):

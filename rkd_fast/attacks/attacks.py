@@ -128,7 +128,7 @@ def pgd(model, x, y, eps, alpha, steps, *, norm="linf", loss="ce", random_start=
     check_model(model)
     check_inputs(x, y)
     eps = check_number("eps", eps)
-    alpha = check_number("alpha", alpha, positive=True)
+    alpha = check_number("alpha", alpha, strict=True)
     steps = check_count("steps", steps)
     restarts = check_count("restarts", restarts)
     check_choice("norm", norm, NORMS)

@@ -242,13 +242,13 @@ def prepare(args):
     """Everything `run` needs, checked: raises ValueError (or ImportError, OSError) naming the option or file at
     fault. Reads the data and the model; runs no attack and writes nothing."""
     from ..datasets import dataset_info
-    from ..train.runtime import resolve_device
+    from ..precision import resolve_device
 
     info = dataset_info(args.dataset)
     plan = {"norm": args.norm, "dataset": args.dataset, "split": args.split or EVAL_SPLITS[args.dataset]}
     if args.eps is None and args.norm != "linf":
         raise ValueError(f"--norm {args.norm} needs --eps (the radius on the [0, 1] pixel scale)")
-    plan["eps"] = check_number("--eps", info.eps if args.eps is None else args.eps, positive=True)
+    plan["eps"] = check_number("--eps", info.eps if args.eps is None else args.eps, strict=True)
     plan["attacks"] = _attack_names(args.attacks, args.norm)
     check_count("--batch-size", args.batch_size)
     for option in ("n_examples", "image_size"):

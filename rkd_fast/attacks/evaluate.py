@@ -200,7 +200,7 @@ def run_evaluation(model, data, *, attacks=None, eps, norm="linf", batch_size=25
     """`evaluate`, returning an `Evaluation`: the accuracies, each attack's seconds and the number of samples."""
     check_model(model)
     check_choice("norm", norm, NORMS)
-    eps = check_number("eps", eps, positive=True)
+    eps = check_number("eps", eps, strict=True)
     batch_size = check_count("batch_size", batch_size)
     if attacks is None:
         attacks = DEFAULT_ATTACKS if norm == "linf" else DEFAULT_ATTACKS_L2

@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from ..precision import PRECISIONS
 from . import ops, report, steps
 
 SCENARIOS = ("cifar-same", "cifar-10x", "imagenet", "imagenet-timm")
@@ -30,13 +31,13 @@ def add_arguments(parser):
                         help="default: cuda when available, else cpu")
     parser.add_argument("--out", default="bench-report", help="directory of report.md, report.json, plots")
     parser.add_argument("--compile", action="store_true", help="torch.compile the student (in place)")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
+    parser.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
                         help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--channels-last", dest="channels_last", action="store_true", default=None,
                         help="default: on for CUDA, off for CPU")
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
-    parser.add_argument("--methods", default=",".join(steps.VARIANTS),
-                        help=f"comma-separated step cases; known: {', '.join(steps.VARIANTS)}")
+    parser.add_argument("--methods", default=None,
+                        help=f"comma-separated step cases (default: all); known: {', '.join(steps.variants())}")
     parser.add_argument("--scenarios", default=None,
                         help=f"comma-separated, of {', '.join(SCENARIOS)} ({', '.join(CUDA_ONLY)} on CUDA only; "
                              "imagenet-timm: timm's ResNet-50 student and teacher, timm:resnet50); default: all "
@@ -46,7 +47,8 @@ def add_arguments(parser):
                         help="widen factor of the large WideResNet-34 teacher; default 10 (quick: ~10× FLOPs)")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--image-size", type=int, default=32, help="CIFAR-shape image side")
-    parser.add_argument("--attack-steps", type=int, default=10, help="PGD steps of pgd-at, trades, ard, rslad")
+    parser.add_argument("--attack-steps", type=int, default=10,
+                        help="attack steps of the methods that run PGD during training")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per case (at least)")
     parser.add_argument("--min-time", type=float, default=None, help="seconds of timed steps per case (at least)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before each case")
@@ -97,10 +99,11 @@ def resolve(args):
         _positive(name.replace("_", "-"), getattr(args, name))
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
-    variants = _csv(args.methods)
-    unknown = [v for v in variants if v not in steps.VARIANTS]
+    known = steps.variants()
+    variants = list(known) if args.methods is None else _csv(args.methods)
+    unknown = [v for v in variants if v not in known]
     if unknown or not variants:
-        raise ValueError(f"--methods: unknown {', '.join(unknown) or '(empty)'}; known: {', '.join(steps.VARIANTS)}")
+        raise ValueError(f"--methods: unknown {', '.join(unknown) or '(empty)'}; known: {', '.join(known)}")
     scenarios = _csv(args.scenarios) if args.scenarios else [s for s in SCENARIOS if cuda or s not in CUDA_ONLY]
     bad = [s for s in scenarios if s not in SCENARIOS]
     if bad:
@@ -221,7 +224,7 @@ def run(args):
     available, missing = steps.split_available(cfg["variants"])
     if missing:
         notes.append(f"Methods not registered in rkd_fast.train.methods when this ran (not measured): "
-                     f"{', '.join(sorted({steps.VARIANTS[v][0] for v in missing}))}.")
+                     f"{', '.join(sorted({steps.variant_method(v) for v in missing}))}.")
     notes.append("Cost-model formulas of trades, ard and rslad assume the usual algorithms (TRADES: clean "
                  "target + k attack steps + clean and adversarial training passes; ARD/RSLAD: one teacher "
                  "forward + k attack steps + two training passes).")
@@ -255,7 +258,7 @@ def run(args):
             "kernel_shapes": [list(s) for s in cfg["kernel_shapes"]]},
         "machine": machine,
         "registered_methods": steps.registered_methods(),
-        "missing_methods": sorted({steps.VARIANTS[v][0] for v in missing}),
+        "missing_methods": sorted({steps.variant_method(v) for v in missing}),
         "notes": notes,
         "scenarios": records,
         "targets": steps.targets(records),

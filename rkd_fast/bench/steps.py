@@ -3,10 +3,10 @@ same student, teacher and batch, timed per step, with peak memory and a cost mod
 
 The cases live here so that `rkd-fast bench` and benchmarks/test_step_bench.py time the same code.
 
-Methods come from rkd_fast.train.methods.METHODS at run time, each with its own cost model (its cost_units): a
-method asked for but not registered is reported as missing, not an error. robust-kd is measured in
-variants that switch its terms on and off (``robust-kd:-jac``, ``robust-kd:-feat``) and with the exact
-(double-backprop) Jacobian matching instead of the finite difference (``robust-kd:exact``).
+The cases come from rkd_fast.train.methods.METHODS at run time (`variants`): each method with its defaults, and
+with each of the settings it declares in BENCH_VARIANTS (``robust-kd:-feat``, ``robust-kd:exact``, ...), each with
+its own cost model (its cost_units). A method that is no longer registered when its cases run is reported as
+missing, not an error.
 """
 
 import contextlib
@@ -18,39 +18,32 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..attacks._common import PRECISIONS, autocast_factory
 from ..clean_pass import share_clean_statistics
 from ..datasets.info import IMAGENET_MEAN, IMAGENET_STD
 from ..model_source import build_architecture, default_feature_layer, parse_arch
 from ..models import build_model
+from ..precision import PRECISIONS, autocast_factory
 from ..train import methods as methods_module
 
-# What a step case asks for: (registered method, its options). robust-kd is its default (the terms at the
-# student's single-step adversarial point, no Jacobian term), with its finite-difference Jacobian term (+jac),
-# without its feature term (-feat), and Zhang & Yi's recipe at the clean input (clean: feature weight 3, Jacobian
-# weight 1, T 4, the trainer's defaults before the frontier study) with the finite difference or the exact
-# (double-backprop) Jacobian.
-CLEAN_RECIPE = {"distill_at": "clean", "feat_weight": 3.0, "jac_weight": 1.0, "kd_temperature": 4.0}
-VARIANTS = {
-    "natural": ("natural", {}),
-    "kd": ("kd", {}),
-    "robust-kd": ("robust-kd", {}),
-    "robust-kd:+jac": ("robust-kd", {"jac_weight": 1.0}),
-    "robust-kd:-feat": ("robust-kd", {"feat_weight": 0.0}),
-    "robust-kd:clean": ("robust-kd", CLEAN_RECIPE),
-    "robust-kd:exact": ("robust-kd", {**CLEAN_RECIPE, "jac_estimator": "exact"}),
-    "pgd-at": ("pgd-at", {}),
-    "fgsm-rs": ("fgsm-rs", {}),
-    "n-fgsm": ("n-fgsm", {}),
-    "free-at": ("free-at", {}),
-    "trades": ("trades", {}),
-    "ard": ("ard", {}),
-    "rslad": ("rslad", {}),
-}
+def variants():
+    """step case → (registered method, its options): every method with its defaults ("NAME"), then each of the
+    BENCH_VARIANTS its class declares itself ("NAME:SUFFIX"; a subclass does not inherit them), in registration
+    order."""
+    cases = {}
+    for name, method in methods_module.METHODS.items():
+        cases[name] = (name, {})
+        own = vars(method).get("BENCH_VARIANTS", {})
+        cases.update({f"{name}:{suffix}": (name, dict(options)) for suffix, options in own.items()})
+    return cases
+
+
+def variant_method(variant):
+    """The method a step case runs (its name up to the first ':')."""
+    return variant.split(":", 1)[0]
 
 
 def uses_teacher(variant):
-    method = methods_module.METHODS.get(VARIANTS[variant][0])
+    method = methods_module.METHODS.get(variant_method(variant))
     return method is not None and method.needs_teacher
 
 
@@ -60,9 +53,10 @@ def cost_units(variant, attack_steps):
     optimiser update), from the method's own cost model (its cost_units). The formulas say what each method is
     expected to run; predicted vs measured in the report shows where that expectation (or the implementation) is
     off. None for an unknown variant or a method without a cost model."""
-    if variant not in VARIANTS or VARIANTS[variant][0] not in methods_module.METHODS:
+    cases = variants()
+    if variant not in cases:
         return None
-    name, options = VARIANTS[variant]
+    name, options = cases[variant]
     units = methods_module.METHODS[name].cost_units(methods_module.resolve_options(name, options), attack_steps)
     return None if units is None else {**units, "O": 1}
 
@@ -95,7 +89,7 @@ class Scenario:
     batch_size: int
     image_size: int
     num_classes: int = 10
-    variants: tuple = tuple(VARIANTS)
+    variants: tuple = dataclasses.field(default_factory=lambda: tuple(variants()))
 
 
 def registered_methods():
@@ -105,7 +99,8 @@ def registered_methods():
 def split_available(variants):
     """(variants whose method is registered now, variants whose method is not)."""
     have = set(methods_module.METHODS)
-    return [v for v in variants if VARIANTS[v][0] in have], [v for v in variants if VARIANTS[v][0] not in have]
+    return ([v for v in variants if variant_method(v) in have],
+            [v for v in variants if variant_method(v) not in have])
 
 
 def synchronize(device):
@@ -129,7 +124,7 @@ class StepCase:
     """One method's optimiser step on a fixed batch: ``case.step()`` runs zero_grad, loss, backward, update."""
 
     def __init__(self, variant, student, teacher, x, y, scenario, *, attack_steps=10, precision="fp32"):
-        method, options = VARIANTS[variant]
+        method, options = variants()[variant]
         self.variant, self.x, self.y = variant, x, y
         run = methods_module.RunSettings(eps=8 / 255, alpha=None, attack_steps=attack_steps, precision=precision,
                                          label_smoothing=0.0, batch_size=x.shape[0], arch=scenario.student.arch,

@@ -7,6 +7,7 @@ import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import _extension
+from ..checks import check_choice  # noqa: F401  (the ops import it from here)
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 REDUCTIONS = ("mean", "sum", "none")
@@ -16,11 +17,6 @@ REDUCTION_IDS = {name: i for i, name in enumerate(REDUCTIONS)}  # the kernels' `
 def is_number(value):
     """A Python int or float, not a bool (True would pass as 1)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def check_choice(name, value, choices):
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(map(repr, choices))}")
 
 
 FLOAT_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16, torch.float64))

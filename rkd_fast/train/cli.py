@@ -3,14 +3,19 @@
 import dataclasses
 import sys
 
-from ..datasets import DATASETS, IMAGENET_WORKERS, LOADERS, SPECS, STREAMING_VAL_SIZE, SYNTHETIC_BATCHES
-from . import rerun
-from .config import PRECISIONS, SCHEDULES, TrainConfig
-from .methods import METHODS, all_options
+from ..datasets import (DATASETS, IMAGENET_WORKERS, LOADERS, SPECS, STREAMING_VAL_SIZE, SYNTHETIC_BATCHES,
+                        dataset_info)
 from ..models import MODELS
+from . import rerun
+from .config import PRECISIONS, SCHEDULES, RunOptions, TrainConfig
+from .methods import METHODS, all_options, teacher_methods
 
-_D = TrainConfig()
-_OPTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "command")  # args.command: the subcommand
+_D = RunOptions()  # the shared options' defaults (each method option has its own, Option.default)
+
+
+def _options():
+    """The names of the options `rkd-fast train` takes now (a method registered later adds its own)."""
+    return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "command")  # args.command: the subcommand
 
 
 def add_arguments(parser):
@@ -47,7 +52,7 @@ def add_arguments(parser):
     run.add_argument("--width", type=int, default=_D.width,
                      help="base width of an rkd_fast architecture (default: its own)")
     run.add_argument("--teacher", metavar="MODEL", default=_D.teacher,
-                     help="kd, robust-kd, ard and rslad: the teacher: a model file (`rkd-fast export`), a run "
+                     help=f"{', '.join(teacher_methods())}: the teacher: a model file (`rkd-fast export`), a run "
                           "directory, robustbench:DATASET/THREAT/NAME (from ./models), or an architecture as "
                           "for --arch with --teacher-weights")
     run.add_argument("--teacher-weights", metavar="FILE", default=_D.teacher_weights,
@@ -83,7 +88,9 @@ def add_arguments(parser):
     opt.add_argument("--label-smoothing", type=float, default=_D.label_smoothing)
 
     attack = parser.add_argument_group("attack (adversarial training methods and the robust validation)")
-    attack.add_argument("--eps", type=float, default=_D.eps, help="L∞ radius on [0, 1] pixels (digits: 0.1)")
+    usual = ", ".join(f"{name} {dataset_info(name).eps:.4g}" for name in DATASETS)
+    attack.add_argument("--eps", type=float, default=_D.eps,
+                        help=f"L∞ radius on [0, 1] pixels (default: the data set's: {usual})")
     attack.add_argument("--alpha", type=float, default=_D.alpha, help="PGD step (default: eps/4)")
     attack.add_argument("--attack-steps", type=int, default=_D.attack_steps, help="PGD steps (default: %(default)s)")
 
@@ -109,7 +116,7 @@ def add_arguments(parser):
                         help="rerun the run recorded in RUN_JSON (a run.json, or its run directory): its seed and "
                              "options, overridden by the flags given here; --out names the new run's directory")
     # Defaults wrapped, so that a flag given with the default's value still overrides the --config record.
-    rerun.mark_defaults(parser, _OPTIONS)
+    rerun.mark_defaults(parser, _options())
 
 
 def add_method_arguments(parser):
@@ -120,19 +127,24 @@ def add_method_arguments(parser):
         by_owners.setdefault(owners, []).append(option)
     for owners, options in by_owners.items():
         names = {option.name for option in options}
-        defaults = "; ".join(f"{m}: " + ", ".join(f"{k} {v:g}" for k, v in METHODS[m].DEFAULTS.items() if k in names)
+        defaults = "; ".join(f"{m}: " + ", ".join(f"{k} {_text(v)}" for k, v in METHODS[m].DEFAULTS.items()
+                                                   if k in names)
                              for m in owners if names & set(METHODS[m].DEFAULTS))
         group = parser.add_argument_group(f"{', '.join(owners)} options", f"defaults: {defaults}" if defaults else None)
         for option in options:
             option.add_argument(group)
 
 
+def _text(value):
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def config_from_args(args):
     from .config import make_config
 
     if getattr(args, "config", None):  # the record, then the flags given on the command line
-        return make_config({**rerun.read_run_config(args.config), **rerun.given(args, _OPTIONS)})
-    return make_config({name: rerun.unwrap(getattr(args, name)) for name in _OPTIONS if hasattr(args, name)})
+        return make_config({**rerun.read_run_config(args.config), **rerun.given(args, _options())})
+    return make_config({name: rerun.unwrap(getattr(args, name)) for name in _options() if hasattr(args, name)})
 
 
 def run(args):

@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..attacks._common import PRECISIONS
-from ..datasets import DATASETS, LOADERS, SPECS
-from ..ops._dispatch import check_choice as _choice
-from .methods import METHODS, all_options, resolve_options
-from .methods.distill import parse_feature_pairs
-from .options import check_number as _number
+from ..checks import check_choice as _choice
+from ..checks import check_number as _number
+from ..datasets import DATASETS, LOADERS, SPECS, dataset_info
+from ..precision import PRECISIONS
+from .methods import METHODS, all_options, on_change, resolve_options
+from .methods.base import ALPHA_OF_EPS
 
 SCHEDULES = ("cosine", "multistep", "constant")
 
@@ -43,7 +43,7 @@ class RunOptions:
     synthetic_batches: int | None = None  # synthetic-imagenet: steps per epoch (None: SYNTHETIC_BATCHES)
     arch: str = "small_cnn"
     width: int | None = None  # the architecture's base width; None: its default
-    teacher: str | None = None  # a model file (`rkd-fast export` output); kd and robust-kd need one
+    teacher: str | None = None  # a model file (`rkd-fast export` output); the methods that distil need one
     teacher_arch: str | None = None  # when given, the teacher file must hold this architecture
     teacher_weights: str | None = None  # the state_dict of a teacher given as an architecture (rkd_fast.model_source)
     epochs: int = 10
@@ -80,15 +80,22 @@ class RunOptions:
     # The command recorded in the JSON outputs; empty: the equivalent `rkd-fast train` command line.
     command: list = field(default_factory=list)
 
+    def attack_eps(self):
+        """The L∞ radius the run attacks with (its methods and its robust validation): --eps, or the data set's
+        usual one."""
+        return self.eps if self.eps is not None else dataset_info(self.dataset).eps
+
+    def validation_alpha(self):
+        """The robust validation's PGD step: --alpha, or ALPHA_OF_EPS · eps."""
+        return self.alpha if self.alpha is not None else ALPHA_OF_EPS * self.attack_eps()
+
     def to_dict(self):
+        """The options as run.json records them (each method option in its own JSON form)."""
         d = dataclasses.asdict(self)
         d["milestones"] = list(self.milestones)
-        d["feature_pairs"] = [list(p) for p in self.pairs()] if self.feature_pairs else []
+        for name, (option, _) in all_options().items():
+            d[name] = option.to_json(getattr(self, name))
         return d
-
-    def pairs(self):
-        """feature_pairs as (student_name, teacher_name) tuples; "a:b" strings and 2-sequences accepted."""
-        return parse_feature_pairs(self.feature_pairs)
 
 
 # Every option of `rkd-fast train`: the shared ones, then each method's own (one field per option name).
@@ -97,6 +104,32 @@ TrainConfig = dataclasses.make_dataclass(
     bases=(RunOptions,))
 TrainConfig.__module__ = __name__  # where pickle finds it (make_dataclass's own module= needs Python 3.12)
 TrainConfig.__doc__ = """Every option of `rkd-fast train`: RunOptions' and the training methods' own Options."""
+
+
+def _sync_method_fields():
+    """TrainConfig's own fields made those of the methods registered now (a method may be registered after this
+    module is imported, by a user's module or a test). The class is changed in place, not replaced, so every
+    module that imported it sees the fields."""
+    options = {name: option for name, (option, _) in all_options().items()}
+    own = TrainConfig.__annotations__
+    if list(own) == list(options) and all(own[name] is option.type for name, option in options.items()):
+        return
+    for name in list(own):
+        if name not in options:
+            del own[name]
+            if name in vars(TrainConfig):
+                delattr(TrainConfig, name)
+    for name, option in options.items():
+        own[name] = option.type
+        setattr(TrainConfig, name, option.default)
+    # dataclass() does not replace the methods it generated before: dropped, they are generated anew
+    for name in ("__init__", "__repr__", "__eq__", "__match_args__", "__dataclass_fields__"):
+        if name in vars(TrainConfig):
+            delattr(TrainConfig, name)
+    dataclasses.dataclass(TrainConfig)
+
+
+on_change(_sync_method_fields)
 
 
 def make_config(config=None, **overrides):
@@ -115,9 +148,11 @@ def make_config(config=None, **overrides):
     if unknown:
         raise TypeError(f"unknown training option(s): {', '.join(unknown)}")
     # Sequences (a flag given repeatedly, a JSON list) are held as tuples: the fields' defaults are tuples.
-    for key in ("milestones", *(name for name, (option, _) in all_options().items() if option.type is tuple)):
-        if key in values and values[key] is not None and not isinstance(values[key], (str, bytes)):
-            values[key] = tuple(values[key])
+    if values.get("milestones") is not None and not isinstance(values["milestones"], (str, bytes)):
+        values["milestones"] = tuple(values["milestones"])
+    for name, (option, _) in all_options().items():
+        if name in values:
+            values[name] = option.convert(values[name])
     if isinstance(values.get("command"), (list, tuple)):
         values["command"] = list(values["command"])
     cfg = TrainConfig(**resolve_method_defaults(values))
@@ -179,6 +214,8 @@ def check_config(cfg):
         _number(name, getattr(cfg, name))
     _number("eps", cfg.eps, allow_none=True)
     _number("alpha", cfg.alpha, strict=True, allow_none=True)
+    if cfg.validation_alpha() <= 0:
+        raise ValueError("the PGD step alpha must be > 0: with eps = 0 give --alpha explicitly")
     if not 0.0 <= cfg.label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {cfg.label_smoothing!r}")
     if cfg.nesterov and cfg.momentum == 0:
@@ -218,20 +255,22 @@ def check_config(cfg):
 
 def command_line(cfg):
     """The `rkd-fast train` command that reproduces `cfg` (its options that differ from the defaults), whatever
-    way the run was started (console, `python -m rkd_fast`, or rkd_fast.cli.main from Python)."""
+    way the run was started (console, `python -m rkd_fast`, or rkd_fast.cli.main from Python). The methods'
+    options write their own words (Option.to_argv)."""
     defaults = TrainConfig()
+    method_options = all_options()
     words = ["rkd-fast", "train"]
     for f in dataclasses.fields(TrainConfig):
         value, default = getattr(cfg, f.name), getattr(defaults, f.name)
-        if f.name == "command" or value == default or (f.name == "feature_pairs" and not value):
+        if f.name == "command" or value == default:
             continue
         flag = "--" + f.name.replace("_", "-")
-        if f.name == "progress":
+        if f.name in method_options:
+            words += method_options[f.name][0].to_argv(value)
+        elif f.name == "progress":
             words.append("--no-progress")
         elif isinstance(value, bool):
             words.append(flag)
-        elif f.name == "feature_pairs":
-            words += [w for pair in cfg.pairs() for w in ("--feature-pair", ":".join(pair))]
         elif f.name == "milestones":
             words += [flag, *map(str, value)]
         else:

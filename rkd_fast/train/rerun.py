@@ -1,12 +1,11 @@
 """`rkd-fast train --config RUN_DIR/run.json --out NEW`: rerun a recorded run with the same options (seed
 included), the flags given on the command line overriding the record.
 
-run.json carries ``"format": "rkd_fast.run"`` and a format ``"version"``. A record of a newer version, or of
-another format, is refused; an older one is migrated (`MIGRATIONS`, one step per version). Files written before
-run.json had a version (version 0) are read only when the rkd_fast that wrote them is this one, since nothing else
-says what their options meant. Options the record has and this rkd_fast does not are refused, by name; options it
-lacks (added since) take their defaults, with a warning naming them. What a rerun never takes from the record:
-its output directory, --resume, --overwrite and the recorded command (`NOT_RERUN`)."""
+run.json carries ``"format": "rkd_fast.run"`` and a format ``"version"``. A record without them, of a newer
+version, or of another format, is refused; an older one is migrated (`MIGRATIONS`, one step per version). Options
+the record has and this rkd_fast does not are refused, by name; options it lacks (added since) take their
+defaults, with a warning naming them. Each method option is read back by its Option (`from_json`). What a rerun
+never takes from the record: its output directory, --resume, --overwrite and the recorded command (`NOT_RERUN`)."""
 
 import json
 import warnings
@@ -15,9 +14,8 @@ from pathlib import Path
 RUN_FORMAT = "rkd_fast.run"
 RUN_VERSION = 1  # 1: the first versioned run.json (the config as TrainConfig.to_dict() writes it)
 NOT_RERUN = ("out", "resume", "overwrite", "command")
-# From version v to v + 1: a function of the record's config dict. Version 0 (no format key) has the fields of
-# version 1; it is only read when written by this rkd_fast version (see read_run_config).
-MIGRATIONS = {0: lambda config: config}
+# From version v to v + 1: a function of the record's config dict.
+MIGRATIONS = {}
 
 
 def record_header():
@@ -31,6 +29,7 @@ def read_run_config(path):
     rkd_fast can read faithfully."""
     from .. import __version__
     from .config import TrainConfig
+    from .methods import all_options
 
     path = Path(path)
     if path.is_dir():
@@ -44,18 +43,14 @@ def read_run_config(path):
         raise ValueError(f"--config {path} is not a JSON file ({error})") from error
     if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
         raise ValueError(f"--config {path} is not a run.json of `rkd-fast train` (no 'config' entry)")
-    version = record.get("version", 0) if record.get("format", RUN_FORMAT) == RUN_FORMAT else None
-    if version is None:
+    if "format" not in record or "version" not in record:
+        raise ValueError(f"--config {path} has no format and version (not a run.json this rkd_fast wrote)")
+    if record["format"] != RUN_FORMAT:
         raise ValueError(f"--config {path} has format {record['format']!r}, not {RUN_FORMAT!r}")
-    if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version <= RUN_VERSION:
+    version = record["version"]
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= RUN_VERSION:
         raise ValueError(f"--config {path} has run.json version {version!r}; this rkd_fast ({__version__}) reads "
-                         f"versions up to {RUN_VERSION}: rerun it with the rkd_fast that wrote it, or upgrade")
-    if version == 0:
-        written_by = (record.get("versions") or {}).get("rkd_fast")
-        if written_by != __version__:
-            raise ValueError(f"--config {path} was written by rkd_fast {written_by} before run.json carried a format "
-                             f"version, and this is rkd_fast {__version__}: its options may mean other things here. "
-                             f"Rerun it with rkd_fast {written_by}, or give the options on the command line")
+                         f"versions 1 to {RUN_VERSION}: rerun it with the rkd_fast that wrote it, or upgrade")
     config = dict(record["config"])
     for step in range(version, RUN_VERSION):
         config = MIGRATIONS[step](config)
@@ -67,6 +62,12 @@ def read_run_config(path):
     if missing:
         warnings.warn(f"--config {path} does not record {', '.join(missing)} (options added since it was written): "
                       f"using their defaults", stacklevel=2)
+    for name, (option, _) in all_options().items():
+        if name in config:
+            try:
+                config[name] = option.from_json(config[name])
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"--config {path}: {error}") from error
     return {key: value for key, value in config.items() if key not in NOT_RERUN}
 
 

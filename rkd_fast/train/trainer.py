@@ -38,9 +38,9 @@ import torch
 from torch import nn
 
 from .. import seeding, teachers
-from ..attacks._common import autocast_factory
 from ..datasets import run_data
 from ..model_source import arch_kwargs, build_architecture, check_model
+from ..precision import autocast_factory, resolve_device, resolve_precision
 from ..runfiles import TENSORBOARD_EVENTS
 from . import checkpoints, distributed, tensorboard
 from .config import TrainConfig, make_config, run_metadata
@@ -48,7 +48,7 @@ from .health import LossHealth, finite_or_raise
 from .methods import build_method
 from .run_dir import (check_out_dir, check_resume_config, check_resume_inputs, input_hashes, lock_out_dir,
                       start_run_files, write_metrics)
-from .runtime import resolve_device, resolve_precision, restore_determinism, seed_everything, set_determinism
+from .runtime import restore_determinism, seed_everything, set_determinism
 from .schedule import lr_lambda
 from .validation import robust_accuracy
 
@@ -155,11 +155,8 @@ class Run:
         check_model(student, example, info.num_classes, f"the student {cfg.arch}")
         if teacher is not None:
             check_model(teacher, example, info.num_classes, f"the teacher {cfg.teacher}")
-        self.method = build_method(cfg, student, teacher, info, example, self.autocast).to(self.device)
-        self.eps = cfg.eps if cfg.eps is not None else info.eps
-        self.alpha = cfg.alpha if cfg.alpha is not None else self.eps / 4
-        if self.alpha <= 0:
-            raise ValueError("the PGD step alpha must be > 0: with eps = 0 give --alpha explicitly")
+        self.method = build_method(cfg, student, teacher, example, self.autocast).to(self.device)
+        self.eps, self.alpha = cfg.attack_eps(), cfg.validation_alpha()
 
         # A step takes the next global batch (batch_size per process) of the epoch order.
         self.global_batch = cfg.batch_size * world

@@ -16,18 +16,14 @@ FREE_AT_REPLAYS = 8  # Shafahi et al. 2019: m = 8 replays of each minibatch on C
 
 
 class Adversarial(Method):
-    """Base of the methods that attack the student during training: the attack's eps and alpha (default eps / 4;
-    a subclass may give its own). Every attack runs with the student in eval mode and its parameters frozen
-    (rkd_fast.attacks' attack_mode), so its forward passes do not move the BatchNorm statistics; a teacher
-    runs in eval mode under no_grad."""
-
-    def default_alpha(self):
-        return self.eps / 4
+    """Base of the methods that attack the student during training: the attack's eps and alpha (default
+    `alpha_of_eps` · eps: eps / 4 unless a subclass gives its own). Every attack runs with the student in eval
+    mode and its parameters frozen (rkd_fast.attacks' attack_mode), so its forward passes do not move the
+    BatchNorm statistics; a teacher runs in eval mode under no_grad."""
 
     def __init__(self, student, teacher, run, opt, example_input, autocast):
         super().__init__(student, teacher, run, opt, example_input, autocast)
-        self.eps = run.eps
-        self.alpha = run.alpha if run.alpha is not None else self.default_alpha()
+        self.eps, self.alpha = run.eps, run.alpha
 
     def teacher_logits(self, x):
         with torch.no_grad(), self.autocast():
@@ -75,9 +71,7 @@ class FGSMRS(PGDAT):
 
     name = "fgsm-rs"
     baseline = True
-
-    def default_alpha(self):
-        return FGSM_RS_ALPHA * self.eps
+    alpha_of_eps = FGSM_RS_ALPHA
 
     def attack_steps(self):
         return 1
@@ -95,9 +89,7 @@ class NFGSM(Adversarial):
 
     name = "n-fgsm"
     baseline = True
-
-    def default_alpha(self):
-        return self.eps
+    alpha_of_eps = 1.0
 
     def forward(self, x, y, step_seed):
         x_adv = n_fgsm(self.student, x, y, self.eps, alpha=self.alpha, noise=N_FGSM_NOISE * self.eps,
@@ -120,12 +112,10 @@ class FreeAT(Adversarial):
 
     name = "free-at"
     baseline = True
+    alpha_of_eps = 1.0  # the official fgsm_step = clip_eps
     OPTIONS = (Option("free_replays", FREE_AT_REPLAYS, type=int, minimum=1, metavar="M",
                       help="free-at: optimizer steps per minibatch (default: %(default)s, Shafahi et al.'s CIFAR "
                            "value); divide --epochs by M to match the other methods' cost"),)
-
-    def default_alpha(self):
-        return self.eps  # the official fgsm_step = clip_eps
 
     def __init__(self, student, teacher, run, opt, example_input, autocast):
         super().__init__(student, teacher, run, opt, example_input, autocast)

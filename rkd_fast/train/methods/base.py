@@ -3,10 +3,11 @@
 A method is one class, registered with ``@register``: its ``name`` (the --method value), whether it distils a
 teacher (``needs_teacher``), its own settings (``OPTIONS``: TrainConfig fields and `rkd-fast train` flags, see
 rkd_fast.train.options), the defaults it gives shared settings (``DEFAULTS``), the cross-option rules (``check``),
-what one step costs (``cost_units``), what it needs done to the student before training (``prepare_student``), and
-where it appears in the comparisons (``baseline``: the demo's --all; ``in_study`` and ``STUDY_VARIANTS``: the
-frontier study).
-Adding a method is adding a module with its class to this package, and its test.
+what one step costs (``cost_units``), the settings `rkd-fast bench` also times it with (``BENCH_VARIANTS``), what
+it needs done to the student before training (``prepare_student``), and where it appears in the comparisons
+(``baseline``: the demo's --all; ``in_study`` and ``STUDY_VARIANTS``: the frontier study). Adding a method is
+adding a module with its class to this package, and its test; a class registered later (a user's own module) is a
+method as well.
 
 A method is built once per run with ``Method(student, teacher, run, opt, example_input, autocast)`` and called as
 ``total, terms = method(x, y, step_seed)``: ``total`` a 0-d float32 tensor to backpropagate, ``terms`` a dict of
@@ -18,19 +19,26 @@ random starts), so a resumed run replays it. A method's own trainable parameters
 """
 
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
 from ...models import HoldsStudentTeacher, model_info
 
 METHODS = {}  # name → Method subclass, in registration order
+_ON_CHANGE = []  # called after a method is registered or removed (TrainConfig adds or drops its options' fields)
+
+
+# --alpha's default in units of eps: PGD's step eps / 4 (pgd-at's, the other attacking methods' unless they say
+# otherwise, and the robust validation's)
+ALPHA_OF_EPS = 0.25
 
 
 @dataclass(frozen=True)
 class RunSettings:
-    """The settings of a run every method may read. eps is resolved (the data set's when not given); alpha, the
-    attack step, is None when not given (each method has its own default)."""
+    """The settings of a run every method may read. A method receives them resolved: eps (the data set's when not
+    given) and alpha, the attack step (the method's `alpha_of_eps` · eps when not given); `create` resolves an
+    alpha of None."""
 
     eps: float
     alpha: float | None
@@ -50,11 +58,15 @@ class Method(HoldsStudentTeacher, nn.Module):
     OPTIONS = ()  # this class's own Options; a subclass has its bases' too
     DEFAULTS = {}  # name → value for the options whose default (None) this method resolves
     replays = 1  # optimizer steps the trainer takes on each batch
+    alpha_of_eps = ALPHA_OF_EPS  # the attack step when --alpha is not given, in units of eps
     baseline = False  # a method robust-kd is measured against: `rkd-fast demo --all` trains it
     in_study = True  # `rkd-fast frontier` runs it unless --methods says otherwise
     # This class's own further entries of the frontier study (read from the class itself, not inherited):
     # variant name -> options over the method's defaults; options named "<option>_eps" are in units of eps.
     STUDY_VARIANTS = {}
+    # suffix → options: step cases `rkd-fast bench` times besides the defaults, as "NAME:SUFFIX" (read from the
+    # class itself, not inherited)
+    BENCH_VARIANTS = {}
 
     def __init__(self, student, teacher, run, opt, example_input, autocast):
         super().__init__()
@@ -88,7 +100,8 @@ class Method(HoldsStudentTeacher, nn.Module):
 
 
 def register(cls):
-    """Class decorator: adds a Method subclass to METHODS. An option another method declares too must be the same
+    """Class decorator: adds a Method subclass to METHODS, at import or any time later (its options become
+    TrainConfig fields and `rkd-fast train` flags). An option another method declares too must be the same
     declaration (one TrainConfig field, one flag)."""
     if not cls.name or cls.name in METHODS:
         raise ValueError(f"a method needs a unique name, got {cls.name!r}")
@@ -97,7 +110,24 @@ def register(cls):
         if name in declared and declared[name][0] != option:
             raise ValueError(f"method {cls.name!r} declares option {name!r} unlike {declared[name][1]}")
     METHODS[cls.name] = cls
+    _changed()
     return cls
+
+
+def unregister(name):
+    """Removes the method `name` (and the TrainConfig fields of the options no other method reads)."""
+    del METHODS[name]
+    _changed()
+
+
+def on_change(callback):
+    """Calls `callback()` whenever a method is registered or removed."""
+    _ON_CHANGE.append(callback)
+
+
+def _changed():
+    for callback in _ON_CHANGE:
+        callback()
 
 
 def all_options():
@@ -148,19 +178,26 @@ def resolve_options(method, values):
     return types.SimpleNamespace(**resolved)
 
 
+def _with_alpha(cls, run):
+    return run if run.alpha is not None else replace(run, alpha=cls.alpha_of_eps * run.eps)
+
+
 def create(method, student, teacher, run, example_input, autocast, **options):
-    """The method `method` for a run: `run` a RunSettings, `options` its own settings (the rest take defaults)."""
+    """The method `method` for a run: `run` a RunSettings (alpha None: the method's default), `options` its own
+    settings (the rest take defaults), checked here."""
+    cls = METHODS[method]
     opt = resolve_options(method, options)
-    METHODS[method].check(opt)
-    return METHODS[method](student, teacher, run, opt, example_input, autocast)
+    cls.check(opt)
+    return cls(student, teacher, _with_alpha(cls, run), opt, example_input, autocast)
 
 
-def build_method(cfg, student, teacher, info, example_input, autocast):
-    """The method of a TrainConfig: its shared settings and its own options read from `cfg` (eps: the data set's,
-    `info.eps`, when cfg.eps is None)."""
+def build_method(cfg, student, teacher, example_input, autocast):
+    """The method of a TrainConfig (made by make_config, which checked its options): its shared settings, eps
+    resolved by the config (`attack_eps`), and its own options read from `cfg`."""
+    cls = METHODS[cfg.method]
     teacher_arch = (model_info(teacher).get("arch") or cfg.teacher_arch or cfg.arch) if teacher is not None else None
-    run = RunSettings(eps=cfg.eps if cfg.eps is not None else info.eps, alpha=cfg.alpha,
-                      attack_steps=cfg.attack_steps, precision=cfg.precision, label_smoothing=cfg.label_smoothing,
-                      batch_size=cfg.batch_size, arch=cfg.arch, teacher_arch=teacher_arch)
-    options = {name: getattr(cfg, name) for name in METHODS[cfg.method].options()}
-    return create(cfg.method, student, teacher, run, example_input, autocast, **options)
+    run = RunSettings(eps=cfg.attack_eps(), alpha=cfg.alpha, attack_steps=cfg.attack_steps, precision=cfg.precision,
+                      label_smoothing=cfg.label_smoothing, batch_size=cfg.batch_size, arch=cfg.arch,
+                      teacher_arch=teacher_arch)
+    opt = resolve_options(cfg.method, {name: getattr(cfg, name) for name in cls.options()})
+    return cls(student, teacher, _with_alpha(cls, run), opt, example_input, autocast)

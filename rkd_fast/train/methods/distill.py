@@ -13,6 +13,9 @@ from ..options import Option
 from .base import Method, register
 
 DISTILL_AT = ("adversarial", "clean")
+# Zhang & Yi's recipe at the clean input: feature weight 3, Jacobian weight 1, T 4 (the trainer's defaults before
+# the frontier study)
+CLEAN_RECIPE = {"distill_at": "clean", "feat_weight": 3.0, "jac_weight": 1.0, "kd_temperature": 4.0}
 
 
 class Distill(Method):
@@ -64,19 +67,20 @@ class KD(Distill):
         return {"S_fb": 1, "T_f": 1}
 
 
+def parse_feature_pair(item):
+    """(student_name, teacher_name) from an "a:b" string or a (str, str) pair."""
+    if isinstance(item, str):
+        if item.count(":") != 1 or not all(item.split(":")):
+            raise ValueError(f"feature pair {item!r} must be 'student_layer:teacher_layer'")
+        return tuple(item.split(":"))
+    if isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(n, str) for n in item):
+        return tuple(item)
+    raise ValueError(f"feature pair {item!r} must be 'student_layer:teacher_layer' or a (str, str) pair")
+
+
 def parse_feature_pairs(items):
     """(student_name, teacher_name) tuples from "a:b" strings and (str, str) pairs."""
-    pairs = []
-    for item in items:
-        if isinstance(item, str):
-            if item.count(":") != 1 or not all(item.split(":")):
-                raise ValueError(f"feature pair {item!r} must be 'student_layer:teacher_layer'")
-            pairs.append(tuple(item.split(":")))
-        elif isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(n, str) for n in item):
-            pairs.append(tuple(item))
-        else:
-            raise ValueError(f"feature pair {item!r} must be 'student_layer:teacher_layer' or a (str, str) pair")
-    return pairs
+    return [parse_feature_pair(item) for item in items]
 
 
 def step_in_threat_units(kappa, eps, norm, input_shape):
@@ -99,11 +103,15 @@ class RobustKD(Distill):
 
     name = "robust-kd"
     # Zhang & Yi's recipe at the clean input, with the trainer's defaults before the frontier study (h = 0.3 L2)
-    STUDY_VARIANTS = {"robust-kd:clean": {"distill_at": "clean", "feat_weight": 3.0, "jac_weight": 1.0,
-                                          "kd_temperature": 4.0, "jac_h": 0.3}}
+    STUDY_VARIANTS = {"robust-kd:clean": {**CLEAN_RECIPE, "jac_h": 0.3}}
+    # its terms switched on and off, the clean-input recipe, and that recipe with the exact (double-backprop)
+    # Jacobian instead of the finite difference
+    BENCH_VARIANTS = {"+jac": {"jac_weight": 1.0}, "-feat": {"feat_weight": 0.0}, "clean": CLEAN_RECIPE,
+                      "exact": {**CLEAN_RECIPE, "jac_estimator": "exact"}}
     DEFAULTS = {"ce_weight": 1.0, "kd_weight": 1.0, "kd_temperature": 1.0, "feat_weight": 1.0, "jac_weight": 0.0}
     OPTIONS = (
-        Option("feature_pairs", (), type=tuple, flag="--feature-pair", metavar="S:T",
+        Option("feature_pairs", (), type=tuple, flag="--feature-pair", metavar="S:T", item=parse_feature_pair,
+               item_text=":".join,
                help="student and teacher module names whose outputs are matched, any module of any source "
                     "(`rkd-fast layers MODEL` lists them); maps (N, C, H, W) or token sequences (N, L, C), an "
                     "adapter where channels or sizes differ; repeatable. Default: the last stage before the "

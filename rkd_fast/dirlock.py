@@ -62,7 +62,7 @@ def check_out_path(out, option="--out"):
     for parent in out.parents:
         if parent.exists():
             if not parent.is_dir():
-                raise ValueError(f"{option} {out}: {parent} exists and is not a directory")
+                raise ValueError(f"{option} {out}: {parent} is not a directory")
             break
 
 

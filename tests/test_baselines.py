@@ -144,7 +144,7 @@ def test_method_options_are_validated(options, message):
 def test_cli_refuses_rslad_without_teacher(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--method", "rslad", "--out", str(out), "--no-progress"]) == 2
-    assert "method 'rslad' needs a teacher model file" in capsys.readouterr().err
+    assert "method 'rslad' needs a teacher (--teacher MODEL)" in capsys.readouterr().err
     assert not out.exists()
 
 

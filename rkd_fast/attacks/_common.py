@@ -31,6 +31,16 @@ def check_number(name, value, *, positive=False):
     return value
 
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def check_float32(name, value):
+    """ValueError for a number beyond float32's range: the attacks compute in float32, where it is inf."""
+    if value is not None and not abs(value) <= FLOAT32_MAX:
+        raise ValueError(f"{name} {value!r} is beyond float32's range (±{FLOAT32_MAX:.4g}), the precision the attacks "
+                         "compute in")
+
+
 def check_count(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")

@@ -2,6 +2,7 @@
 (`rkd-fast train`), the same three things for every data set."""
 
 import dataclasses
+import warnings
 
 import torch
 
@@ -164,6 +165,9 @@ def _imagenet_data(cfg, device, info, shard):
     targets = torch.as_tensor(val_folder.targets)
     val_size = cfg.val_size or STREAMING_VAL_SIZE
     indices = stratified_split(targets, val_size)[1] if val_size < len(targets) else None
+    if cfg.val_size is not None and cfg.val_size > len(targets):
+        warnings.warn(f"--val-size {cfg.val_size}: {val_folder.root} holds {len(targets)} images; the robust "
+                      "validation evaluates all of them", RuntimeWarning, stacklevel=2)
     # Read per chunk: chunks of the per-process batch size, which the device already fits.
     return info, train, ValSet(val_folder, indices, chunk_size=cfg.batch_size, num_workers=workers, pin_memory=pin)
 

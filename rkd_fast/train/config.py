@@ -8,14 +8,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..attacks._common import PRECISIONS
+from ..attacks._common import PRECISIONS, check_float32
 from ..datasets import DATASETS, LOADERS, STREAMING_DATASETS
 from ..ops._dispatch import check_choice as _choice
+from ..seeding import check_seed
 from .methods import METHODS, all_options, resolve_options
 from .methods.distill import parse_feature_pairs
 from .options import check_number as _number
 
 SCHEDULES = ("cosine", "multistep", "constant")
+SYNTHETIC_VAL_LIMIT = 50_000  # synthetic-imagenet stands in for ImageNet: no larger val split than its
 
 # Options that may differ between a run and its --resume (they do not change what is computed).
 RESUME_MAY_CHANGE = ("resume", "overwrite", "progress", "out", "ckpt_every", "keep", "device", "command",
@@ -170,6 +172,9 @@ def check_config(cfg):
         _number(name, getattr(cfg, name))
     _number("eps", cfg.eps, allow_none=True)
     _number("alpha", cfg.alpha, strict=True, allow_none=True)
+    for name in ("eps", "alpha"):  # the attacks draw and step in float32: a radius past its range overflows there
+        check_float32(f"--{name}", getattr(cfg, name))
+    check_seed("--seed", cfg.seed)
     if not 0.0 <= cfg.label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {cfg.label_smoothing!r}")
     if cfg.nesterov and cfg.momentum == 0:
@@ -194,6 +199,9 @@ def check_config(cfg):
     if cfg.loader is not None:
         _choice("loader", cfg.loader, LOADERS)
     _number("val_size", cfg.val_size, minimum=1, integer=True, allow_none=True)
+    if cfg.dataset == "synthetic-imagenet" and cfg.val_size is not None and cfg.val_size > SYNTHETIC_VAL_LIMIT:
+        raise ValueError(f"--val-size {cfg.val_size}: synthetic-imagenet's val split has at most "
+                         f"{SYNTHETIC_VAL_LIMIT} images (ImageNet's val split)")
     _number("image_size", cfg.image_size, minimum=1, integer=True, allow_none=True)
     _number("num_workers", cfg.num_workers, integer=True, allow_none=True)
     _number("synthetic_batches", cfg.synthetic_batches, minimum=1, integer=True, allow_none=True)

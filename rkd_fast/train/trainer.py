@@ -87,6 +87,23 @@ def load_teacher(cfg, info, device):
 
 # --- the run -----------------------------------------------------------------------------------------------
 
+def _check_input_size(student, arch, info, device):
+    """A ValueError, before anything is written, when the architecture cannot take the data's images (a
+    synthetic-imagenet --image-size too small for its pooling): one forward of a zero batch in eval mode, which
+    draws no random numbers and updates no statistics."""
+    example = torch.zeros(2, info.in_channels, *info.input_size, device=device)
+    student.eval()
+    try:
+        with torch.no_grad():
+            student(example)
+    except RuntimeError as error:
+        size = "x".join(map(str, info.input_size))
+        raise ValueError(f"--arch {arch} cannot take {info.name}'s {size} images (--image-size): "
+                         f"{str(error).splitlines()[0]}") from error
+    finally:
+        student.train()
+
+
 def step_seed(seed, global_step):
     """Seed of a step's random draws (attack starts, directions, masks), handed to the method."""
     return seeding.derive_seed(seed, "step", global_step)
@@ -143,6 +160,7 @@ class Run:
         # The student is initialised right after seeding: its initial weights depend on the seed alone (building
         # the teacher draws random numbers too, before its weights are loaded).
         student = build_model(cfg.arch, **self.model_kwargs).to(self.device)
+        _check_input_size(student, cfg.arch, info, self.device)
         if cfg.sync_bn:  # before anything holds the BatchNorm modules (hooks, optimizer)
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         teacher = load_teacher(cfg, self.info, self.device) if cfg.teacher else None

@@ -24,8 +24,11 @@ C10_HOST_DEVICE inline PairResult normalized_pair(double xx, double yy, double x
   // would cancel when x̂ ≈ ŷ, and dividing by the smaller norm would blow up when it is near the floor.
   // dx ≥ dy: x̂ − ŷ = (x − y)/dx + k y;  dx < dy: x̂ − ŷ = (x − y)/dy + k x;  k = 1/dx − 1/dy.
   const double k = 1.0 / dx - 1.0 / dy;
-  const double loss = dx >= dy ? dd / (dx * dx) + 2.0 * k * (xy - yy) / dx + k * k * yy
-                               : dd / (dy * dy) + 2.0 * k * (xx - xy) / dy + k * k * xx;
+  const double around = dx >= dy ? dd / (dx * dx) + 2.0 * k * (xy - yy) / dx + k * k * yy
+                                 : dd / (dy * dy) + 2.0 * k * (xx - xy) / dy + k * k * xx;
+  // A squared distance: rounding can leave a tiny negative where x̂ = ŷ (1×1 attention maps), which loss.sqrt()
+  // would turn into NaN. (around < 0 is false for NaN, which stays NaN.)
+  const double loss = around < 0.0 ? 0.0 : around;
   // With r = 2(x̂ − ŷ): d loss / dx = (r − x̂ (x̂·r)) / dx above the floor and r / dx below it (the clamp
   // passes no gradient); x̂·r = 2(Σx²/dx² − Σxy/(dx dy)). The same for y with −r.
   const double cross = xy / (dx * dy);

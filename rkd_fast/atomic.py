@@ -15,7 +15,10 @@ def atomic_write(path, write, *, text=False, tmp_prefix=None):
     never a partial one under `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=tmp_prefix or f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=tmp_prefix or f".{path.name}.", suffix=".tmp")
+    except OSError as error:  # named by the file asked for, not the temporary name
+        raise OSError(error.errno, error.strerror, str(path)) from error
     try:
         # mkstemp makes the file 0600; give it the mode open() would (0666 less the umask), as users expect
         os.fchmod(fd, 0o666 & ~_umask())

@@ -4,6 +4,8 @@ TypeError or ValueError naming the argument, raised before any work is done."""
 import math
 import numbers
 
+import torch
+
 
 def check_choice(name, value, choices):
     """ValueError unless `value` is one of the strings `choices`."""
@@ -29,3 +31,13 @@ def check_number(name, value, *, minimum=0, strict=False, integer=False, allow_n
 def check_count(name, value):
     """`value` as an int >= 1 (a number of steps, restarts, examples...)."""
     return check_number(name, value, minimum=1, integer=True)
+
+
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def check_float32(name, value):
+    """ValueError for a number beyond float32's range: the attacks compute in float32, where it is inf."""
+    if value is not None and not abs(value) <= FLOAT32_MAX:
+        raise ValueError(f"{name} {value!r} is beyond float32's range (±{FLOAT32_MAX:.4g}), the precision the attacks "
+                         "compute in")

@@ -93,3 +93,13 @@ def bernoulli(shape, p, *, generator=None, device="cpu", dtype=torch.float32):
 
 def randint(low, high, shape, *, generator=None, device="cpu", dtype=torch.int64):
     return _draw(lambda t, g: t.random_(low, high, generator=g), shape, generator, device, dtype)
+
+
+SEED_LIMIT = 2 ** 64  # torch's generators take seeds in [0, 2**64)
+
+
+def check_seed(option, seed):
+    """ValueError naming `option` for an int seed outside [0, 2**64)."""
+    if isinstance(seed, numbers.Integral) and not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"{option} must be in [0, 2**64) (torch's random generators take 64-bit seeds), "
+                         f"got {seed}")

@@ -147,12 +147,12 @@ def test_os_errors_are_one_line_naming_the_path_and_errno(tmp_path, monkeypatch,
     import rkd_fast.atomic as atomic
 
     def denied(*args, **kwargs):
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path / "x"))
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path / "run" / ".tmp123"))
 
     monkeypatch.setattr(atomic.tempfile, "mkstemp", denied)
     assert main(["train", "--method", "natural", "--epochs", "1", "--out", str(tmp_path / "run"), *FAST]) == 1
-    err = capsys.readouterr().err.strip()
-    assert err == f"rkd-fast train: error: {tmp_path / 'x'}: Permission denied (EACCES)"
+    err = capsys.readouterr().err.strip()  # the file the run was writing, not the temporary name
+    assert err == f"rkd-fast train: error: {tmp_path / 'run' / '.rkd_fast_files'}: Permission denied (EACCES)"
 
 
 def test_torch_save_failing_on_a_full_disk_names_the_file(tmp_path, monkeypatch):

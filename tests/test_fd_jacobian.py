@@ -322,7 +322,7 @@ def test_opcheck(kernel_target, index):
                                             options(on, reduction, s_clean.requires_grad, s_pert.requires_grad)))
 
 
-def check_compiled(backend, device, on, h_kind, with_teacher, compiler):
+def check_compiled(backend, device, on, h_kind, with_teacher, compiler, dynamic=None):
     """The op under torch.compile(fullgraph=True): the same loss and gradients as eager."""
     def step(s_clean, s_pert, h, t_clean, t_pert):
         return rkd_fast.fd_jacobian_loss(s_clean, s_pert, h, t_clean=t_clean, t_pert=t_pert, on=on,
@@ -332,7 +332,7 @@ def check_compiled(backend, device, on, h_kind, with_teacher, compiler):
     s_clean, s_pert = make_pair(4, 9, device=device)
     t_clean, t_pert = make_pair(4, 9, device=device, requires_grad=False) if with_teacher else (None, None)
     h = make_h(h_kind, 4, device)
-    compiled = torch.compile(step, fullgraph=True, backend=compiler)
+    compiled = torch.compile(step, fullgraph=True, backend=compiler, dynamic=dynamic)
     loss = compiled(s_clean, s_pert, h, t_clean, t_pert)
     grads = torch.autograd.grad(loss, (s_clean, s_pert))
     eager_loss = step(s_clean, s_pert, h, t_clean, t_pert)
@@ -350,6 +350,13 @@ def test_compile_fullgraph(target, on, h_kind):
     # inductor without its C++ code generation, which takes minutes on 2 cores.
     backend, device = target
     check_compiled(backend, device, on, h_kind, True, "aot_eager")
+
+
+@pytest.mark.parametrize("on", ON)
+def test_compile_fullgraph_dynamic_with_a_float_step(target, on):
+    # dynamic=True makes a float h (and the temperature) symbolic: the argument checks must be traceable.
+    backend, device = target
+    check_compiled(backend, device, on, "float", True, "aot_eager", dynamic=True)
 
 
 def test_compile_inductor_on_gpu(gpu_target):

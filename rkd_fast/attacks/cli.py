@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 
 from ..dirlock import check_out_path, lock_directory
+from ..seeding import check_seed
+from ..checks import check_float32
 from ._common import NORMS, autocast_dtype, check_count, check_number
 from .evaluate import (ATTACK_NAMES_HELP, DEFAULT_ATTACKS, DEFAULT_ATTACKS_L2, gradient_only, parse_attack,
                        run_evaluation)
@@ -249,6 +251,8 @@ def prepare(args):
     if args.eps is None and args.norm != "linf":
         raise ValueError(f"--norm {args.norm} needs --eps (the radius on the [0, 1] pixel scale)")
     plan["eps"] = check_number("--eps", info.eps if args.eps is None else args.eps, strict=True)
+    check_float32("--eps", plan["eps"])
+    check_seed("--seed", args.seed)
     plan["attacks"] = _attack_names(args.attacks, args.norm)
     check_count("--batch-size", args.batch_size)
     for option in ("n_examples", "image_size"):

@@ -99,6 +99,10 @@ def resolve(args):
         _positive(name.replace("_", "-"), getattr(args, name))
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    for name in ("min_time", "kernel_min_time"):  # NaN would never end a timing loop, nor write as strict JSON
+        value = getattr(args, name)
+        if value is not None and not 0 <= value < math.inf:
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number of seconds >= 0, got {value}")
     known = steps.variants()
     variants = list(known) if args.methods is None else _csv(args.methods)
     unknown = [v for v in variants if v not in known]

@@ -3,6 +3,7 @@ or decoded by NVIDIA DALI (`DALILoader`, training batches). Both shard with a `S
 random crop and flip are drawn from an RNG seeded by (seed, epoch, sample), so they do not depend on the worker,
 rank or world size, and a resumed run replays them."""
 
+import warnings
 import contextlib
 from pathlib import Path
 
@@ -304,6 +305,9 @@ def _run_data(cfg, device, info, shard):
     targets = torch.as_tensor(val_folder.targets)
     val_size = cfg.val_size or STREAMING_VAL_SIZE
     indices = stratified_split(targets, val_size)[1] if val_size < len(targets) else None
+    if cfg.val_size is not None and cfg.val_size > len(targets):
+        warnings.warn(f"--val-size {cfg.val_size}: {val_folder.root} holds {len(targets)} images; the robust "
+                      "validation evaluates all of them", RuntimeWarning, stacklevel=2)
     # Read per chunk: chunks of the per-process batch size, which the device already fits.
     return info, train, ValSet(val_folder, indices, chunk_size=cfg.batch_size, num_workers=workers, pin_memory=pin)
 

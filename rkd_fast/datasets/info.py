@@ -64,6 +64,7 @@ class DatasetSpec:
     loader: Callable | None = None
     eval_data: Callable | None = None
     files: Callable | None = None
+    max_val_size: int | None = None  # the most --val-size can ask for
     needs_data_dir: bool = field(default=None)  # derived: data_dir is not None, unless given
 
     def __post_init__(self):

@@ -105,4 +105,5 @@ def _run_data(cfg, device, info, shard):
 
 # Not evaluated by `rkd-fast eval` (its labels are random).
 register_dataset(DatasetSpec(INFO, run_data=_run_data, loader=_loader, eval_split=None,
-                             options=("val_size", "image_size", "synthetic_batches")))
+                             options=("val_size", "image_size", "synthetic_batches"),
+                             max_val_size=50_000))  # it stands in for ImageNet, whose val split has 50,000 images

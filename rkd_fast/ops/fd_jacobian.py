@@ -105,7 +105,9 @@ def _check(s_clean, s_pert, h, t_clean, t_pert, on, temperature, reduction):
         check_float_tensor("t_pert", t_pert)
     check_choice("on", on, ON)
     check_choice("reduction", reduction, REDUCTIONS)
-    if not is_number(temperature) or not math.isfinite(temperature) or temperature <= 0:
+    # Comparisons, not math.isfinite: under torch.compile(dynamic=True) a float argument is symbolic, and
+    # comparisons are what Dynamo traces (False for NaN as well).
+    if not is_number(temperature) or not 0 < temperature < math.inf:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
 
     shape = s_clean.shape

@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ..checks import check_choice as _choice
+from ..checks import check_float32
 from ..checks import check_number as _number
 from ..datasets import DATASETS, LOADERS, SPECS, dataset_info
 from ..precision import PRECISIONS
+from ..seeding import check_seed
 from .methods import METHODS, all_options, on_change, resolve_options
 from .methods.base import ALPHA_OF_EPS
 
@@ -216,6 +218,9 @@ def check_config(cfg):
     _number("alpha", cfg.alpha, strict=True, allow_none=True)
     if cfg.validation_alpha() <= 0:
         raise ValueError("the PGD step alpha must be > 0: with eps = 0 give --alpha explicitly")
+    for name in ("eps", "alpha"):  # the attacks draw and step in float32: a radius past its range overflows there
+        check_float32(f"--{name}", getattr(cfg, name))
+    check_seed("--seed", cfg.seed)
     if not 0.0 <= cfg.label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {cfg.label_smoothing!r}")
     if cfg.nesterov and cfg.momentum == 0:
@@ -242,6 +247,8 @@ def check_config(cfg):
     _number("train_size", cfg.train_size, minimum=1, integer=True, allow_none=True)
     if cfg.train_size is not None and spec.read is None:
         raise ValueError(f"--train-size applies to the data sets held as tensors, not {cfg.dataset!r}")
+    if spec.max_val_size is not None and cfg.val_size is not None and cfg.val_size > spec.max_val_size:
+        raise ValueError(f"--val-size {cfg.val_size}: {cfg.dataset}'s val split has at most {spec.max_val_size} images")
     _number("image_size", cfg.image_size, minimum=1, integer=True, allow_none=True)
     _number("num_workers", cfg.num_workers, integer=True, allow_none=True)
     _number("synthetic_batches", cfg.synthetic_batches, minimum=1, integer=True, allow_none=True)

@@ -35,6 +35,8 @@ def check_out_dir(cfg):
     if cfg.resume:
         state, path = checkpoints.load_latest(out)
         if state is not None:
+            if (out / "run.json").exists():
+                read_run_record(out / "run.json")  # the resume appends to it: refused now, not after the work
             return state, path
         if holds_run and no_checkpoint:
             return None  # stopped before its first checkpoint: nothing to continue, it starts over
@@ -45,6 +47,18 @@ def check_out_dir(cfg):
                              "start it over from scratch, or --overwrite to replace it")
         raise ValueError(f"--out {out} holds another run; pass --resume to continue it or --overwrite to replace it")
     return None
+
+
+def read_run_record(path):
+    """The run.json at `path` as a dict; ValueError naming the file when it is not JSON or not an object."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}): restore it, or start a new run") from error
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} holds a JSON {type(record).__name__}, not a run's record (an object): restore "
+                         "it, or start a new run")
+    return record
 
 
 def _check_writable(out):
@@ -139,7 +153,7 @@ def start_run_files(cfg, out, meta, resume_from):
     checkpoints.remove_temporary_files(out)
     run_file = files.add(out / "run.json")
     if cfg.resume and not restart and run_file.exists():
-        record = json.loads(run_file.read_text())
+        record = read_run_record(run_file)
         record.setdefault("resumes", []).append({"from": str(resume_from[1]), **{
             k: meta[k] for k in ("command", "git_commit", "git_dirty", "versions", "device")}})
     else:

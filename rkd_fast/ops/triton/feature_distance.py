@@ -57,6 +57,7 @@ def _normalized_pair(xx, yy, xy, dd, eps_x, eps_y):
     k = 1.0 / dx - 1.0 / dy
     loss = tl.where(dx >= dy, dd / (dx * dx) + 2.0 * k * (xy - yy) / dx + k * k * yy,
                     dd / (dy * dy) + 2.0 * k * (xx - xy) / dy + k * k * xx)
+    loss = tl.where(loss < 0.0, 0.0, loss)  # a squared distance: no rounding below 0 (NaN stays NaN)
     cross = xy / (dx * dy)
     xr = tl.where(norm_x > eps_x, 2.0 * (xx / (dx * dx) - cross), 0.0)
     yr = tl.where(norm_y > eps_y, 2.0 * (yy / (dy * dy) - cross), 0.0)

@@ -218,7 +218,8 @@ def arch_kwargs(arch, info, *, width=None, mean=None, std=None, num_classes=None
     if kind == "rkd_fast":
         params = inspect.signature(MODELS[name]).parameters
         if width is not None:
-            if "width" not in params:
+            takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+            if "width" not in params and not takes_any:
                 raise SourceError(f"--width: architecture {name!r} has no width argument")
             kwargs["width"] = width
         if info.stem is not None and "stem" in params:

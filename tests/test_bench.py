@@ -57,12 +57,14 @@ def test_bench_end_to_end(tmp_path):
     assert r["command"] in md
 
 
-def test_missing_method_is_listed_not_fatal(tmp_path, monkeypatch):
+def test_missing_method_is_listed_not_fatal(tmp_path, monkeypatch, request):
     resolve = cli.resolve
+    registered = dict(methods_module.METHODS)  # restored in its order: later tests list methods in it
+    request.addfinalizer(lambda: (methods_module.METHODS.clear(), methods_module.METHODS.update(registered)))
 
     def resolve_then_unregister(args):  # ard's cases were chosen, then ard is gone when they run
         cfg = resolve(args)
-        monkeypatch.delitem(methods_module.METHODS, "ard")
+        del methods_module.METHODS["ard"]
         return cfg
 
     monkeypatch.setattr(cli, "resolve", resolve_then_unregister)

@@ -37,7 +37,7 @@ def describe(model, example):
 
 def run(args):
     from .datasets import STREAMING_DATASETS, dataset_info
-    from .model_source import load_source
+    from .teachers import load_source
 
     try:
         info = dataset_info(args.dataset)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_save, atomic_write
+from .model_source import _read_safetensors, build_architecture, load_weights_only, parse_arch
 from .models import MODELS, InputNormalization, model_info
 
 FORMAT = "rkd_fast.model"
@@ -76,8 +77,6 @@ def save_model(model, path, **meta):
     which record its architecture and keyword arguments on it) to `path`, atomically: a temporary file in the
     same directory, fsync'd, then renamed over `path`; as safetensors when `path` ends in .safetensors.
     ``meta``: extra plain metadata stored beside the weights (epoch, method, eps...)."""
-    from .model_source import parse_arch
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     arch, kwargs = model_info(model).get("arch"), model_info(model).get("kwargs")
@@ -117,8 +116,6 @@ def _save_safetensors(payload, path):
 
 
 def _read_safetensors_payload(path):
-    from .model_source import _read_safetensors
-
     tensors, metadata = _read_safetensors(path)
     if metadata.get("format") != json.dumps(FORMAT):
         raise ValueError(f"{path} is not an rkd_fast model file (its metadata has no 'format': {FORMAT!r}); "
@@ -130,33 +127,8 @@ def _read_safetensors_payload(path):
     return {**payload, "state_dict": tensors}
 
 
-def _reason(error):
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    detail = [line for line in lines if "WeightsUnpickler error" in line]  # the informative line, when there
-    return (detail or lines or ["no details"])[0]
-
-
-def load_weights_only(path, what="an rkd_fast model file"):
-    """torch.load(path, weights_only=True) on the CPU. A file that does not load (random bytes, truncated, not
-    a torch file) is a ValueError naming it and `what` it should have been; a missing file, a directory or a
-    permission error stays the OSError it is."""
-    path = Path(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (FileNotFoundError, IsADirectoryError, PermissionError):
-        raise
-    except OSError as error:  # a truncated zip archive: "[Errno 22] Invalid argument", with no file name
-        raise ValueError(f"{path} is not {what}: it cannot be read, truncated or damaged? "
-                         f"({type(error).__name__}: {_reason(error)})") from error
-    except Exception as error:  # unpickling errors differ by cause and torch version; all mean "not ours"
-        raise ValueError(f"{path} is not {what}: torch.load(weights_only=True) failed "
-                         f"({type(error).__name__}: {_reason(error)})") from error
-
-
 def read_model_file(path):
     """The checked contents of a model file (the dict described above), loaded with weights_only=True."""
-    from .model_source import parse_arch
-
     path = Path(path)
     payload = _read_safetensors_payload(path) if path.suffix == ".safetensors" else load_weights_only(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -180,8 +152,6 @@ def load_model(path, device=None):
     """The model stored in `path` by `save_model`, on `device` (default CPU), in eval mode.
 
     The file's metadata joins the model's `rkd_fast.models.model_info`: meta, num_classes, normalization."""
-    from .model_source import build_architecture
-
     payload = read_model_file(path)
     check_weights(payload, path)
     model = build_architecture(payload["arch"], **payload["kwargs"])
@@ -197,8 +167,6 @@ def check_weights(payload, path):
     """ValueError naming `path` unless the file's recorded architecture and arguments fit its weights, class count
     and normalisation, and every weight is finite. The model is built on the meta device to compare the shapes
     (no memory is allocated), so a file asking for an absurd width is refused before anything is built."""
-    from .model_source import build_architecture
-
     arch, kwargs, state = payload["arch"], payload["kwargs"], payload["state_dict"]
     if not isinstance(kwargs, dict) or not isinstance(state, dict) or \
             not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -245,49 +213,3 @@ def describe_names(names, shown=3):
     """'3 tensors (a, b, c)' or '5 tensors (a, b, c, ...)'."""
     more = ", ..." if len(names) > shown else ""
     return f"{len(names)} tensor{'s' if len(names) != 1 else ''} ({', '.join(names[:shown])}{more})"
-
-
-
-
-def load_any(source, device=None):
-    """The model of `source`, in eval mode: an rkd_fast model file (.pt or .safetensors), a training checkpoint
-    (its student, rebuilt from the architecture and arguments it records) or a run directory (its best.pt)."""
-    from .train import checkpoints
-
-    path = Path(source)
-    if path.is_dir():
-        if not (path / "best.pt").is_file():
-            raise ValueError(f"{path} is a directory without best.pt: not a run directory whose robust validation "
-                             "has run")
-        path = path / "best.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"model file {path} does not exist")
-    if path.suffix != ".safetensors":
-        payload = load_weights_only(path)  # "not an rkd_fast model file" when it does not load
-        if isinstance(payload, dict) and payload.get("format") == checkpoints.FORMAT:
-            return checkpoint_student(checkpoints.read_checkpoint(path), path, device)
-    return load_model(path, device)
-
-
-def checkpoint_student(state, path, device=None):
-    """The student of a training checkpoint's contents `state`, in eval mode, with the file's description (its
-    method, data set, eps, epoch and validation accuracies) as its meta."""
-    from .model_source import build_architecture
-
-    bad = nonfinite_tensors(state["student"])
-    if bad:
-        raise ValueError(f"{path}: the student has non-finite weights (NaN or Inf) in {describe_names(bad)}: "
-                         "a diverged run; use an earlier checkpoint")
-    model = build_architecture(state["model"]["arch"], **state["model"]["kwargs"])
-    model.load_state_dict(state["student"])
-    evaluated = [row for row in state["history"] if row.get("val_robust_acc") is not None]
-    config = state["config"]
-    model.rkd_info.update(num_classes=state["model"]["num_classes"], normalization=_normalization(model), meta={
-        "method": config["method"], "dataset": state["dataset"], "eps": state["eps"],
-        "epoch": state["position"]["epoch"], "global_step": state["position"]["global_step"],
-        "val_clean_acc": evaluated[-1]["val_clean_acc"] if evaluated else None,
-        "val_robust_acc": evaluated[-1]["val_robust_acc"] if evaluated else None,
-        "source_checkpoint": str(path), "train_config": config})
-    if device is not None:
-        model.to(device)
-    return model.eval()

@@ -239,12 +239,33 @@ def arch_kwargs(arch, info, *, width=None, mean=None, std=None, num_classes=None
 
 # --- weights ---------------------------------------------------------------------------------------------------
 
+def _reason(error):
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    detail = [line for line in lines if "WeightsUnpickler error" in line]  # the informative line, when there
+    return (detail or lines or ["no details"])[0]
+
+
+def load_weights_only(path, what="an rkd_fast model file"):
+    """torch.load(path, weights_only=True) on the CPU. A file that does not load (random bytes, truncated, not
+    a torch file) is a ValueError naming it and `what` it should have been; a missing file, a directory or a
+    permission error stays the OSError it is."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except OSError as error:  # a truncated zip archive: "[Errno 22] Invalid argument", with no file name
+        raise ValueError(f"{path} is not {what}: it cannot be read, truncated or damaged? "
+                         f"({type(error).__name__}: {_reason(error)})") from error
+    except Exception as error:  # unpickling errors differ by cause and torch version; all mean "not ours"
+        raise ValueError(f"{path} is not {what}: torch.load(weights_only=True) failed "
+                         f"({type(error).__name__}: {_reason(error)})") from error
+
+
 def read_weights(path):
     """The state_dict in `path`: a ``.safetensors`` file, or a ``.pt``/``.pth`` one read with
     ``torch.load(weights_only=True)`` (a dict of tensors, also under a "state_dict" key; a DataParallel
     "module." prefix removed). ValueError naming the file otherwise."""
-    from .model_file import FORMAT, load_weights_only
-
     path = Path(path)
     if not path.is_file():
         raise SourceError(f"weights file {path} does not exist")
@@ -252,7 +273,7 @@ def read_weights(path):
         payload = _read_safetensors(path)[0]
     else:
         payload = load_weights_only(path, "a state_dict file")
-        if isinstance(payload, dict) and payload.get("format") == FORMAT:
+        if isinstance(payload, dict) and isinstance(payload.get("format"), str):  # a model file or checkpoint
             raise SourceError(f"{path} is an rkd_fast model file, not a plain state_dict: pass it as the model "
                               "(eval --checkpoint, train --teacher)")
         if isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):
@@ -493,35 +514,3 @@ def check_model(model, example, num_classes, what):
 
 
 # --- loading any source ----------------------------------------------------------------------------------------
-
-def load_source(spec, info, *, weights=None, model_dir=None, num_classes=None, mean=None, std=None, width=None,
-                need_weights=True):
-    """(model, description) of any source `spec` for data set `info`, in eval mode on the CPU. An architecture
-    takes `weights` (required when `need_weights`); a trained model (robustbench:, a file) holds its own."""
-    kind = source_kind(spec)
-    if kind != "arch" and weights is not None:
-        raise SourceError(f"{spec} holds its weights; separate weights apply to an architecture")
-    if kind != "robustbench" and model_dir is not None:
-        raise SourceError("--model-dir applies to robustbench:DATASET/THREAT/NAME")
-    if kind == "robustbench":
-        from .teachers import load_robustbench
-
-        try:
-            model, classes = load_robustbench(spec, model_dir, num_classes or info.num_classes)
-        except (FileNotFoundError, ImportError) as error:
-            raise SourceError(str(error)) from error
-        model.rkd_info = {**model_info(model), "num_classes": classes}
-        return model.eval(), {"source": "robustbench", "spec": spec, "model_dir": str(model_dir or "models")}
-    if kind == "file":
-        from .model_file import load_any
-
-        model = load_any(spec)
-        return model, {"source": "file", "path": str(spec), **model_info(model)}
-    kwargs = arch_kwargs(spec, info, width=width, mean=mean, std=std, num_classes=num_classes)
-    if weights is None and need_weights:
-        raise SourceError(f"{spec} is an architecture: give its weights (a .pt, .pth or .safetensors state_dict)")
-    model = build_architecture(spec, **kwargs)
-    if weights is not None:
-        load_weights(model, weights, spec)
-    return model.eval(), {"source": "weights", "arch": spec, "weights": None if weights is None else str(weights),
-                          "kwargs": kwargs}

@@ -1,4 +1,6 @@
-"""Teacher loading for distillation: any model source (rkd_fast.model_source) that holds trained weights.
+"""Trained models from any source, for distillation (the teacher) and evaluation: `load_source` (any source
+of rkd_fast.model_source, with its weights), `load_any` (a model file, a training checkpoint or a run directory)
+and `load_teacher`. It sits above the model-file format and the training checkpoints, which it reads both.
 
 Specs:
 - a path to a model file written by `rkd_fast.model_file.save_model` (`rkd-fast export`; .pt or .safetensors), a
@@ -17,7 +19,11 @@ from pathlib import Path
 
 from torch import nn
 
+from .model_file import _normalization, describe_names, load_model, nonfinite_tensors
+from .model_source import (SourceError, arch_kwargs, build_architecture, load_weights, load_weights_only,
+                           source_kind)
 from .models import model_info
+from .train import checkpoints
 
 ROBUSTBENCH_PREFIX = "robustbench:"
 ROBUSTBENCH_PIP = "pip install git+https://github.com/RobustBench/robustbench"
@@ -71,8 +77,6 @@ def load_robustbench(spec, model_dir=None, num_classes=None):
 
 
 def _load_file(spec, num_classes, device, arch, in_channels):
-    from .model_file import load_any
-
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"teacher model file {path} does not exist (expected an rkd_fast model file, "
@@ -98,8 +102,6 @@ def load_teacher(spec, *, teacher_dir=None, num_classes=None, device=None, arch=
     given, a teacher with another class count is a ValueError. arch, in_channels: for model files, the architecture
     the file must hold and the input channels it must take. weights, info: for an architecture, its state_dict
     file and the data set (a `rkd_fast.datasets.DatasetInfo`) it is built for."""
-    from .model_source import load_source, source_kind
-
     if not isinstance(spec, (str, Path)):
         raise TypeError(f"teacher spec must be a str or path, got {type(spec).__name__}")
     spec = str(spec)
@@ -124,3 +126,72 @@ def load_teacher(spec, *, teacher_dir=None, num_classes=None, device=None, arch=
     model.eval().requires_grad_(False)
     model.rkd_info = {**model_info(model), "spec": spec, "source": kind, "num_classes": classes}
     return model
+
+
+def load_any(source, device=None):
+    """The model of `source`, in eval mode: an rkd_fast model file (.pt or .safetensors), a training checkpoint
+    (its student, rebuilt from the architecture and arguments it records) or a run directory (its best.pt)."""
+    path = Path(source)
+    if path.is_dir():
+        if not (path / "best.pt").is_file():
+            raise ValueError(f"{path} is a directory without best.pt: not a run directory whose robust validation "
+                             "has run")
+        path = path / "best.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} does not exist")
+    if path.suffix != ".safetensors":
+        payload = load_weights_only(path)  # "not an rkd_fast model file" when it does not load
+        if isinstance(payload, dict) and payload.get("format") == checkpoints.FORMAT:
+            return checkpoint_student(checkpoints.read_checkpoint(path), path, device)
+    return load_model(path, device)
+
+
+def checkpoint_student(state, path, device=None):
+    """The student of a training checkpoint's contents `state`, in eval mode, with the file's description (its
+    method, data set, eps, epoch and validation accuracies) as its meta."""
+    bad = nonfinite_tensors(state["student"])
+    if bad:
+        raise ValueError(f"{path}: the student has non-finite weights (NaN or Inf) in {describe_names(bad)}: "
+                         "a diverged run; use an earlier checkpoint")
+    model = build_architecture(state["model"]["arch"], **state["model"]["kwargs"])
+    model.load_state_dict(state["student"])
+    evaluated = [row for row in state["history"] if row.get("val_robust_acc") is not None]
+    config = state["config"]
+    model.rkd_info.update(num_classes=state["model"]["num_classes"], normalization=_normalization(model), meta={
+        "method": config["method"], "dataset": state["dataset"], "eps": state["eps"],
+        "epoch": state["position"]["epoch"], "global_step": state["position"]["global_step"],
+        "val_clean_acc": evaluated[-1]["val_clean_acc"] if evaluated else None,
+        "val_robust_acc": evaluated[-1]["val_robust_acc"] if evaluated else None,
+        "source_checkpoint": str(path), "train_config": config})
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def load_source(spec, info, *, weights=None, model_dir=None, num_classes=None, mean=None, std=None, width=None,
+                need_weights=True):
+    """(model, description) of any source `spec` for data set `info`, in eval mode on the CPU. An architecture
+    takes `weights` (required when `need_weights`); a trained model (robustbench:, a file) holds its own."""
+    kind = source_kind(spec)
+    if kind != "arch" and weights is not None:
+        raise SourceError(f"{spec} holds its weights; separate weights apply to an architecture")
+    if kind != "robustbench" and model_dir is not None:
+        raise SourceError("--model-dir applies to robustbench:DATASET/THREAT/NAME")
+    if kind == "robustbench":
+        try:
+            model, classes = load_robustbench(spec, model_dir, num_classes or info.num_classes)
+        except (FileNotFoundError, ImportError) as error:
+            raise SourceError(str(error)) from error
+        model.rkd_info = {**model_info(model), "num_classes": classes}
+        return model.eval(), {"source": "robustbench", "spec": spec, "model_dir": str(model_dir or "models")}
+    if kind == "file":
+        model = load_any(spec)
+        return model, {"source": "file", "path": str(spec), **model_info(model)}
+    kwargs = arch_kwargs(spec, info, width=width, mean=mean, std=std, num_classes=num_classes)
+    if weights is None and need_weights:
+        raise SourceError(f"{spec} is an architecture: give its weights (a .pt, .pth or .safetensors state_dict)")
+    model = build_architecture(spec, **kwargs)
+    if weights is not None:
+        load_weights(model, weights, spec)
+    return model.eval(), {"source": "weights", "arch": spec, "weights": None if weights is None else str(weights),
+                          "kwargs": kwargs}

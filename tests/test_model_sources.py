@@ -15,7 +15,8 @@ from torch import nn
 from rkd_fast.cli import main
 from rkd_fast.datasets import dataset_info
 from rkd_fast.losses import RobustKDLoss
-from rkd_fast.model_file import checkpoint_student, load_any, load_model
+from rkd_fast.model_file import load_model
+from rkd_fast.teachers import checkpoint_student, load_any
 from rkd_fast.model_source import (SourceError, arch_kwargs, as_feature_map, build_architecture,
                                    default_feature_layer, load_weights, parse_arch)
 from rkd_fast.train import checkpoints

@@ -173,7 +173,7 @@ def _check_model_options(args):
 
 def _load_model(args, source, info, num_classes):
     """(model, its description for the report)."""
-    from ..model_source import load_source
+    from ..teachers import load_source
 
     if source != "weights":
         model, description = load_source(args.checkpoint, info, model_dir=args.model_dir, num_classes=num_classes)

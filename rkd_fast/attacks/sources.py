@@ -9,7 +9,8 @@ attack runs."""
 import torch
 
 from ..model_file import _normalization as normalization  # {"mean", "std"} of a model's InputNormalization
-from ..model_source import Normalized, load_source
+from ..model_source import Normalized
+from ..teachers import load_source
 
 
 def with_normalization(model, mean, std):

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..model_file import atomic_save as _atomic_save
-from ..model_file import load_weights_only
+from ..model_source import load_weights_only
 
 FORMAT = "rkd_fast.train_checkpoint"
 VERSION = 1

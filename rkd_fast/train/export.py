@@ -32,7 +32,8 @@ def export_checkpoint(source, out, *, which="best", overwrite=False, format=None
     its path. The file records the student's architecture source and arguments (rkd_fast, torchvision or timm),
     and its meta the method, data set, eps, epoch and validation accuracies. `format`: "pt" (torch.save) or
     "safetensors"; None: from `out`'s suffix (.safetensors, else pt)."""
-    from ..model_file import checkpoint_student, save_model
+    from ..model_file import save_model
+    from ..teachers import checkpoint_student
 
     out = Path(out)
     format = format or ("safetensors" if out.suffix == ".safetensors" else "pt")

@@ -81,7 +81,7 @@ def test_an_image_size_the_architecture_cannot_take_is_refused_before_run_json(t
     assert main(["train", "--method", "natural", "--dataset", "synthetic-imagenet", "--arch", "small_cnn",
                  "--image-size", "1", "--synthetic-batches", "1", "--batch-size", "2", "--val-size", "2",
                  "--no-progress", "--out", str(out)]) == 2
-    _one_line(capsys, "the student small_cnn does not take inputs of shape (N, 3, 1, 1)")
+    _one_line(capsys, "small_cnn needs inputs of at least 4×4 pixels, got (1, 1)")
     assert not out.exists()
 
 

@@ -6,7 +6,6 @@ is written."""
 
 import dataclasses
 import sys
-import types
 
 import pytest
 import torch
@@ -20,6 +19,8 @@ from rkd_fast.teachers import checkpoint_student, load_any
 from rkd_fast.model_source import (SourceError, arch_kwargs, as_feature_map, build_architecture,
                                    default_feature_layer, load_weights, parse_arch)
 from rkd_fast.train import checkpoints
+
+from _robustbench_stub import install_robustbench
 
 timm = pytest.importorskip("timm")
 pytest.importorskip("torchvision")
@@ -132,15 +133,7 @@ def test_robustbench_format_file(tmp_path, monkeypatch, capsys):
     torch.manual_seed(0)
     torch.save(make().state_dict(), path)
 
-    def load_model(model_name, dataset, threat_model, model_dir):
-        model = make()
-        model.load_state_dict(torch.load(f"{model_dir}/{dataset}/{threat_model}/{model_name}.pt", weights_only=True))
-        return model.eval()
-
-    package, utils = types.ModuleType("robustbench"), types.ModuleType("robustbench.utils")
-    utils.load_model, package.utils = load_model, utils
-    monkeypatch.setitem(sys.modules, "robustbench", package)
-    monkeypatch.setitem(sys.modules, "robustbench.utils", utils)
+    install_robustbench(monkeypatch, make)
     assert main(["layers", "robustbench:cifar10/Linf/Tiny2026_test_resnet", "--model-dir", str(tmp_path),
                  "--dataset", "cifar10"]) == 0
     assert "layer4  " in capsys.readouterr().out

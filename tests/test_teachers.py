@@ -2,7 +2,6 @@
 download here, and is not importable on this machine)."""
 
 import sys
-import types
 
 import pytest
 import torch
@@ -10,6 +9,8 @@ import torch
 from rkd_fast.model_file import save_model
 from rkd_fast.models import build_model, model_info
 from rkd_fast.teachers import load_teacher
+
+from _robustbench_stub import install_robustbench
 
 
 def test_local_file_round_trip(tmp_path):
@@ -39,19 +40,9 @@ def test_robustbench_missing_names_the_install(monkeypatch):
 
 @pytest.fixture
 def fake_robustbench(monkeypatch):
-    """A robustbench stand-in whose load_model reads model_dir/dataset/threat/name.pt like the real one."""
+    """The robustbench stand-in with a width-4 ResNet-18; the list of its load_model calls."""
     calls = []
-
-    def load_model(model_name, dataset, threat_model, model_dir):
-        calls.append((model_name, dataset, threat_model, model_dir))
-        model = build_model("resnet18", width=4, num_classes=10)
-        model.load_state_dict(torch.load(f"{model_dir}/{dataset}/{threat_model}/{model_name}.pt", weights_only=True))
-        return model.eval()
-
-    package, utils = types.ModuleType("robustbench"), types.ModuleType("robustbench.utils")
-    utils.load_model, package.utils = load_model, utils
-    monkeypatch.setitem(sys.modules, "robustbench", package)
-    monkeypatch.setitem(sys.modules, "robustbench.utils", utils)
+    install_robustbench(monkeypatch, lambda: build_model("resnet18", width=4, num_classes=10), calls)
     return calls
 
 

@@ -22,7 +22,7 @@ import torch
 
 from .dirlock import holding_lock
 from .runfiles import RunFiles
-from .studies import SETTINGS, Stages, check_eps, check_int, check_samples, training_config  # noqa: F401
+from .studies import SETTINGS, Stages, check_eps, check_int, check_samples, plain, training_config
 
 # The models trained, in order (the teacher first: the distilling students load it). A student's name is its method.
 MODEL_NAMES = ("teacher", "natural", "kd", "robust-kd", "pgd-at")
@@ -136,7 +136,7 @@ def run_demo(out, *, dataset="digits", data_dir=None, eps=None, quick=False, all
             configs[name] = result.config.to_dict()
             files.written(save_model(result.model, files.add(out / "models" / f"{name}.pt"), name=name,
                                      method=cfg["method"], eps=float(eps), train_seconds=result.train_seconds,
-                                     config=_plain(configs[name])))
+                                     config=plain(configs[name])))
 
         scores = {}
         for name in names:
@@ -171,17 +171,6 @@ def run_demo(out, *, dataset="digits", data_dir=None, eps=None, quick=False, all
     plot(results, figure)
     files.written(atomic_write_json(files.add(out / "results.json"), results), figure)
     return results
-
-
-def _plain(value):
-    # save_model's meta must be plain containers: tuples become lists, anything else odd a string.
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if value is None or type(value) in (str, bool, int, float):
-        return value
-    return str(value)
 
 
 def run(args):

@@ -40,7 +40,7 @@ import torch
 
 from .dirlock import holding_lock
 from .runfiles import RunFiles
-from .studies import SETTINGS, Stages, check_eps, check_int, check_samples, training_config
+from .studies import SETTINGS, Stages, check_eps, check_int, check_samples, plain, training_config
 
 # The study's entries: rkd_fast.train.methods.study_variants() (each method and its declared STUDY_VARIANTS).
 TRANSFER_SOURCE = "pgd-at"  # the transfer attack's examples come from this student of the same seed
@@ -161,12 +161,6 @@ def _transfer_accuracy(path, x_adv, y):
         return float((model(x_adv).argmax(1) == y).float().mean())
 
 
-def _plain(value):
-    from .demo import _plain as plain
-
-    return plain(value)
-
-
 class _Finished:
     """The models and scores a resumed study keeps: each must come from this commit (and a clean tree) and, for a
     model, the same trainer options; anything else is a ValueError."""
@@ -191,7 +185,7 @@ class _Finished:
             return None
         meta = model_info(load_model(path))["meta"]
         self._check_commit(path, meta)
-        if meta.get("study_config") != _plain(cfg):
+        if meta.get("study_config") != plain(cfg):
             raise ValueError(f"--resume: {path} was trained with other options than this study's: the same "
                              "settings, or another --out")
         return meta
@@ -275,7 +269,7 @@ def run_frontier(out, *, dataset="digits", data_dir=None, variants=None, seeds=N
                 result = stages.run("train teacher", lambda: train_model(cfg))
                 files.written(save_model(result.model, teacher_path, name="teacher", method="pgd-at",
                                          eps=float(eps), train_seconds=result.train_seconds,
-                                         study_config=_plain(cfg), **stamp))
+                                         study_config=plain(cfg), **stamp))
         rows = []
         for seed in range(seeds):
             for variant in variants:
@@ -287,7 +281,7 @@ def run_frontier(out, *, dataset="digits", data_dir=None, variants=None, seeds=N
                     result = stages.run(f"train {variant} seed {seed}", lambda cfg=cfg: train_model(cfg))
                     files.written(save_model(result.model, path, name=variant, method=cfg["method"], seed=seed,
                                              eps=float(eps), train_seconds=result.train_seconds,
-                                             study_config=_plain(cfg), **stamp))
+                                             study_config=plain(cfg), **stamp))
                     meta = {"train_seconds": result.train_seconds}
                     (out / "models" / f"{variant}-seed{seed}.json").unlink(missing_ok=True)  # scores of another model
                 rows.append({"variant": variant, "method": cfg["method"], "seed": seed,

@@ -136,7 +136,6 @@ class RunFiles:
         for path in paths:
             self._files[self._name(path)] = sha256(path)
         self._save()
-        return paths[0] if len(paths) == 1 else paths
 
     def add_folder(self, path, pattern):
         """Records a folder the run fills itself with files named like `pattern` (one of FOLDER_PATTERNS): those

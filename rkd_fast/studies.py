@@ -170,3 +170,15 @@ class Stages:
             print(f"[{self.prefix}] {name}: {record['wall_seconds']:.1f} s wall, {record['cpu_seconds']:.1f} s CPU",
                   flush=True)
         return value
+
+
+def plain(value):
+    """`value` as plain containers for a model file's meta (save_model): tuples become lists, anything else odd a
+    string."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if value is None or type(value) in (str, bool, int, float):
+        return value
+    return str(value)

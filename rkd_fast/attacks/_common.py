@@ -7,9 +7,6 @@ import numbers
 import torch
 from torch import nn
 
-# One definition of each for the whole library; the attack modules import them from here.
-from ..checks import check_choice, check_count, check_number  # noqa: F401
-from ..precision import PRECISIONS, autocast_dtype, autocast_factory  # noqa: F401
 
 NORMS = ("linf", "l2")
 LOSSES = ("ce", "cw")

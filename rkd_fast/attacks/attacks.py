@@ -15,9 +15,10 @@ import torch.nn.functional as F
 
 from .. import seeding
 
-from ._common import (LOSSES, NORMS, attack_mode, autocast_dtype, check_choice, check_count, check_inputs,
-                      check_labels, check_model, check_number, input_gradient, like_input, logits_fp32,
-                      make_generator, model_dtype, to_attack_layout)
+from ..checks import check_choice, check_count, check_number
+from ..precision import autocast_dtype
+from ._common import (LOSSES, NORMS, attack_mode, check_inputs, check_labels, check_model, input_gradient, like_input,
+                      logits_fp32, make_generator, model_dtype, to_attack_layout)
 
 _TINY = 1e-12  # keeps L2 normalisation finite for an all-zero gradient or perturbation
 

@@ -7,8 +7,10 @@ perturbations, losses and step-size rules all stay fp32."""
 import torch
 from torch import nn
 
-from ._common import (NORMS, attack_mode, autocast_dtype, check_choice, check_count, check_inputs, check_labels,
-                      check_model, check_number, like_input, logits_fp32, model_dtype, to_attack_layout)
+from ..checks import check_choice, check_count, check_number
+from ..precision import autocast_dtype
+from ._common import (NORMS, attack_mode, check_inputs, check_labels, check_model, like_input, logits_fp32, model_dtype,
+                      to_attack_layout)
 
 VERSIONS = ("standard", "plus", "rand", "custom")
 CUSTOM_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")

@@ -26,8 +26,9 @@ import torch
 
 from ..dirlock import check_out_path, lock_directory
 from ..seeding import check_seed
-from ..checks import check_float32
-from ._common import NORMS, autocast_dtype, check_count, check_number
+from ..checks import check_count, check_float32, check_number
+from ..precision import autocast_dtype
+from ._common import NORMS
 from .evaluate import (ATTACK_NAMES_HELP, DEFAULT_ATTACKS, DEFAULT_ATTACKS_L2, gradient_only, parse_attack,
                        run_evaluation)
 from .sanity import EvaluationWarning

@@ -8,8 +8,9 @@ from typing import Callable
 import torch
 
 from .. import seeding
-from ._common import (NORMS, attack_mode, autocast_dtype, check_choice, check_count, check_inputs, check_labels,
-                      check_model, check_number, logits_fp32, model_dtype)
+from ..checks import check_choice, check_count, check_number
+from ..precision import autocast_dtype
+from ._common import NORMS, attack_mode, check_inputs, check_labels, check_model, logits_fp32, model_dtype
 from .attacks import fgsm, pgd
 from .autoattack import CUSTOM_ATTACKS, autoattack
 from .sanity import sanity_check

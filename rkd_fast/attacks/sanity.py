@@ -8,8 +8,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from ._common import (attack_mode, autocast_dtype, check_inputs, check_labels, check_model, input_gradient,
-                      logits_fp32, model_dtype)
+from ..precision import autocast_dtype
+from ._common import attack_mode, check_inputs, check_labels, check_model, input_gradient, logits_fp32, model_dtype
 
 
 class EvaluationWarning(UserWarning):

@@ -62,11 +62,9 @@ def read_run_record(path):
 
 
 def _check_writable(out):
-    check_out_path(out)
+    check_out_path(out)  # a directory, or a path that can become one
     for parent in (out, *out.parents):
         if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"--out {out}: {parent} exists and is not a directory")
             if not os.access(parent, os.W_OK | os.X_OK):
                 raise ValueError(f"--out {out}: cannot write in {parent} (permission denied or a read-only file "
                                  "system)")

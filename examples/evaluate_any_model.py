@@ -2,7 +2,7 @@
 AutoAttack's attacks (through pyautoattack), with rkd_fast.evaluate.
 
 The attacks expect a model that takes inputs in [0, 1] and returns logits, so the usual `Normalize(mean, std)`
-of the data pipeline moves into the model (rkd_fast.attacks.sources.with_normalization). Here the ResNet is
+of the data pipeline moves into the model (rkd_fast.attacks.eval_inputs.with_normalization). Here the ResNet is
 adapted to 8×8 grey digits and trained for two epochs first, so that the numbers mean something; for a
 torchvision or RobustBench model with its own weights, the command line does the same without code:
 
@@ -18,7 +18,7 @@ import torchvision
 from torch import nn
 
 import rkd_fast
-from rkd_fast.attacks.sources import with_normalization
+from rkd_fast.attacks.eval_inputs import with_normalization
 from rkd_fast.datasets import DIGITS_MEAN, DIGITS_STD, load_digits, stratified_split
 
 EPS = 0.1  # L∞ radius on the [0, 1] pixel scale

@@ -105,7 +105,7 @@ def run_demo(out, *, dataset="digits", data_dir=None, eps=None, quick=False, all
     from .model_file import save_model
     from .studies import common_options, evaluate_model, settings as study_settings, test_split
     from .train import train_model
-    from .info import provenance
+    from .provenance import provenance
 
     out = Path(out)
     settings = study_settings(dataset, "demo", quick)

@@ -213,7 +213,7 @@ def run_frontier(out, *, dataset="digits", data_dir=None, variants=None, seeds=N
     from .train import train_model
     from .train.methods import default_study_variants, study_variants
     from .bench.report import machine_info
-    from .info import provenance
+    from .provenance import provenance
 
     out = Path(out)
     known = study_variants()

@@ -36,10 +36,10 @@ from .checks import check_number
 from .clean_pass import CleanPassState, clean_rows, shares_clean_statistics
 from .jacobian import check_options, jacobian_penalty
 from .model_source import as_feature_map, token_prefix
-from .models import HoldsStudentTeacher
 from .ops.fd_jacobian import fd_jacobian_loss
 from .ops.feature_distance import MODES as FEATURE_MODES
 from .ops.feature_distance import feature_distance
+from .student_teacher import HoldsStudentTeacher
 
 # jacobian_penalty keyword arguments a caller may set through `jacobian={...}`; the loss supplies the others.
 JACOBIAN_OPTIONS = ("h", "direction", "norm", "on", "temperature", "fraction", "estimator")

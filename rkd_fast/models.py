@@ -7,7 +7,7 @@ keyword arguments (see `rkd_fast.model_file`)."""
 import torch
 from torch import nn
 
-from .datasets.info import CIFAR10_MEAN, CIFAR10_STD, DIGITS_MEAN, DIGITS_STD, IMAGENET_MEAN, IMAGENET_STD
+from .datasets.spec import CIFAR10_MEAN, CIFAR10_STD, DIGITS_MEAN, DIGITS_STD, IMAGENET_MEAN, IMAGENET_STD
 
 MODELS = {}
 
@@ -40,26 +40,10 @@ def model_info(model):
     return getattr(model, "rkd_info", {})
 
 
-
 def _global_average(x):
     """(N, C, H, W) -> (N, C) mean over positions: global average pooling (ATen lowers
     F.adaptive_avg_pool2d(x, 1) to this mean too, so it is deterministic on CUDA; tests/test_cuda_determinism.py)."""
     return x.mean(dim=(2, 3))
-
-class HoldsStudentTeacher:
-    """A mixin for the modules that use a student and a teacher without owning them: both are held by reference,
-    not as submodules, so the holder's parameters(), state_dict(), .to() and .train() leave them alone."""
-
-    def hold(self, student, teacher):
-        self._models = (student, teacher)
-
-    @property
-    def student(self):
-        return self._models[0]
-
-    @property
-    def teacher(self):
-        return self._models[1]
 
 
 class InputNormalization(nn.Module):

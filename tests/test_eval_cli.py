@@ -16,7 +16,7 @@ import torch
 import rkd_fast
 from rkd_fast import datasets
 from rkd_fast.attacks import cli as eval_cli
-from rkd_fast.attacks.sources import with_normalization
+from rkd_fast.attacks.eval_inputs import with_normalization
 from rkd_fast.model_file import save_model
 from rkd_fast.cli import main
 from rkd_fast.datasets import load_digits, stratified_split

@@ -103,13 +103,13 @@ def test_a_study_resumes_keeping_its_finished_models(tmp_path, monkeypatch, caps
         assert {k: kept[k] for k in ("clean", "pgd20", "autoattack", "train_seconds")} == \
             {k: row[k] for k in ("clean", "pgd20", "autoattack", "train_seconds")}
     # Another commit's models are refused, and so are other settings.
-    import rkd_fast.info
+    import rkd_fast.provenance
 
-    real = rkd_fast.info.provenance
-    monkeypatch.setattr(rkd_fast.info, "provenance", lambda: {**real(), "git_commit": "0" * 40})
+    real = rkd_fast.provenance.provenance
+    monkeypatch.setattr(rkd_fast.provenance, "provenance", lambda: {**real(), "git_commit": "0" * 40})
     assert main([*args, "--seeds", "2", "--resume"]) == 2
     assert "a study runs from one commit" in capsys.readouterr().err
-    monkeypatch.setattr(rkd_fast.info, "provenance", real)
+    monkeypatch.setattr(rkd_fast.provenance, "provenance", real)
     assert main([*args, "--seeds", "2", "--resume", "--eps", "0.2"]) == 2
     assert "other options" in capsys.readouterr().err
     assert main([*args, "--resume", "--out", str(tmp_path / "none")]) == 2  # nothing to resume

@@ -33,7 +33,7 @@ from .evaluate import (ATTACK_NAMES_HELP, DEFAULT_ATTACKS, DEFAULT_ATTACKS_L2, g
                        run_evaluation)
 from .sanity import EvaluationWarning
 from ..datasets import SPECS
-from .sources import EVAL_SPLITS, eval_batches, model_from_weights, normalization
+from .eval_inputs import EVAL_SPLITS, eval_batches, model_from_weights, normalization
 
 REPORT_FORMAT = "rkd_fast.eval"
 REPORT_VERSION = 2  # 1: digits only, no format key; 2: adds the RobustBench fields and seconds
@@ -324,7 +324,7 @@ def _model_name(args):
 
 
 def build_report(args, plan, evaluation, elapsed):
-    from ..info import package_versions, provenance
+    from ..provenance import package_versions, provenance
 
     accuracy = evaluation.accuracy
     autoattacks = [name for name in plan["attacks"] if parse_attack(name, plan["norm"])[0] == "autoattack"]

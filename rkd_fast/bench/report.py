@@ -16,7 +16,7 @@ REPORT_VERSION = 1
 
 def machine_info():
     """CPU model and cores, GPU, and the versions the numbers depend on."""
-    from ..info import cpu_model
+    from ..provenance import cpu_model
 
     cpu = cpu_model()
     try:

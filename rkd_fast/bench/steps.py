@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..clean_pass import share_clean_statistics
-from ..datasets.info import IMAGENET_MEAN, IMAGENET_STD
+from ..datasets.spec import IMAGENET_MEAN, IMAGENET_STD
 from ..model_source import build_architecture, default_feature_layer, parse_arch
 from ..models import build_model
 from ..precision import PRECISIONS, autocast_factory

@@ -25,7 +25,7 @@ from . import digits, cifar, fashion_mnist, imagenet, synthetic  # noqa: F401  (
 from .cifar import CIFAR_FILES, load_cifar
 from .digits import load_digits
 from .imagenet import DALI_PIP, DALILoader, ImageFolderLoader, image_folder, imagenet_transform, import_dali
-from .info import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, CIFAR_VAL_SIZE, DATASETS, DIGITS_MEAN,
+from .spec import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, CIFAR_VAL_SIZE, DATASETS, DIGITS_MEAN,
                    DIGITS_STD, IMAGENET_MEAN, IMAGENET_STD, IMAGENET_WORKERS, LOADERS, SPECS, STREAMING_VAL_SIZE,
                    SYNTHETIC_BATCHES, VAL_SPLIT_SEED, DatasetInfo, DatasetSpec, dataset_info, dataset_spec,
                    register_dataset, streaming_datasets)

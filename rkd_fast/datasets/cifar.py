@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .info import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, CIFAR_VAL_SIZE, DatasetInfo, DatasetSpec,
+from .spec import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, CIFAR_VAL_SIZE, DatasetInfo, DatasetSpec,
                    register_dataset)
 
 INFOS = {

@@ -9,7 +9,7 @@ import functools
 
 import torch
 
-from .info import DIGITS_MEAN, DIGITS_STD, DatasetInfo, DatasetSpec, register_dataset
+from .spec import DIGITS_MEAN, DIGITS_STD, DatasetInfo, DatasetSpec, register_dataset
 
 INFO = DatasetInfo("digits", 10, 1, (8, 8), DIGITS_MEAN, DIGITS_STD, 0.1, ("train", "val", "test"))
 SPLITS = INFO.splits

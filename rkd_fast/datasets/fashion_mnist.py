@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .info import DatasetInfo, DatasetSpec, register_dataset
+from .spec import DatasetInfo, DatasetSpec, register_dataset
 
 # Of the 59,000 images of the train split a run trains on (the 60,000 less the default val split), in [0, 1];
 # tests/test_fashion_mnist.py recomputes them from the real files.

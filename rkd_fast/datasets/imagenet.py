@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .. import seeding
-from .info import (IMAGENET_MEAN, IMAGENET_STD, IMAGENET_WORKERS, STREAMING_VAL_SIZE, DatasetInfo, DatasetSpec,
+from .spec import (IMAGENET_MEAN, IMAGENET_STD, IMAGENET_WORKERS, STREAMING_VAL_SIZE, DatasetInfo, DatasetSpec,
                    register_dataset)
 from .loaders import ShardSampler, ValSet, distributed_defaults
 from .splits import stratified_split

@@ -1,11 +1,11 @@
-"""A data set by name, from its declaration (rkd_fast.datasets.info.DatasetSpec): `open_split`, the one way a
+"""A data set by name, from its declaration (rkd_fast.datasets.spec.DatasetSpec): `open_split`, the one way a
 split held as tensors is read (training, evaluation, the demo and the study), `build_dataset`, the loader of one
 split, `run_data`, the data of a training run (`rkd-fast train`), and `eval_data`, the batches `rkd-fast eval`
 attacks. Nothing here knows a data set by name."""
 
 import torch
 
-from .info import dataset_spec
+from .spec import dataset_spec
 from .loaders import GPULoader, TensorValSet
 from .splits import stratified_split
 
@@ -108,7 +108,7 @@ def run_data(cfg, device, ctx):
 
 def eval_splits():
     """Data set name -> the split `rkd-fast eval` reads unless --split (the data sets eval reads)."""
-    from .info import SPECS
+    from .spec import SPECS
 
     return {name: spec.eval_split for name, spec in SPECS.items() if spec.eval_split is not None}
 

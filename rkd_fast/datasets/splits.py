@@ -3,7 +3,7 @@ run and every evaluation of a data set sees the same samples."""
 
 import torch
 
-from .info import VAL_SPLIT_SEED
+from .spec import VAL_SPLIT_SEED
 
 
 def stratified_split(y, val_size, seed=VAL_SPLIT_SEED):

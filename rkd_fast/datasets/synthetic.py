@@ -4,7 +4,7 @@ training step without reading files."""
 import torch
 
 from .. import seeding
-from .info import (IMAGENET_MEAN, IMAGENET_STD, STREAMING_VAL_SIZE, SYNTHETIC_BATCHES, VAL_SPLIT_SEED, DatasetInfo,
+from .spec import (IMAGENET_MEAN, IMAGENET_STD, STREAMING_VAL_SIZE, SYNTHETIC_BATCHES, VAL_SPLIT_SEED, DatasetInfo,
                    DatasetSpec, register_dataset)
 from .loaders import ValSet, check_sharding, distributed_defaults
 

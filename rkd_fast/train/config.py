@@ -287,7 +287,7 @@ def command_line(cfg):
 
 def run_metadata(cfg, device):
     """What every JSON output of a run records: command, full config, seed, git commit, library versions."""
-    from ..info import cpu_model, provenance
+    from ..provenance import cpu_model, provenance
 
     return {
         "command": list(cfg.command) or command_line(cfg),

@@ -75,7 +75,7 @@ def train_model(config=None, *, tensorboard=False, **overrides):
     return Run(make_config(config, **overrides), tensorboard=tensorboard).run()
 
 
-def load_teacher(cfg, info, device):
+def load_run_teacher(cfg, info, device):
     """The run's teacher (rkd_fast.teachers.load_teacher), checked against the data set; a missing file is bad
     input like any other option (ValueError)."""
     try:
@@ -142,7 +142,7 @@ class Run:
         student = build_architecture(cfg.arch, **self.model_kwargs).to(self.device)
         if cfg.sync_bn:  # before anything holds the BatchNorm modules (hooks, optimizer)
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-        teacher = load_teacher(cfg, self.info, self.device) if cfg.teacher else None
+        teacher = load_run_teacher(cfg, self.info, self.device) if cfg.teacher else None
         if cfg.channels_last:
             student = student.to(memory_format=torch.channels_last)
             if teacher is not None:

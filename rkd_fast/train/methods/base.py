@@ -23,7 +23,8 @@ from dataclasses import dataclass, replace
 
 from torch import nn
 
-from ...models import HoldsStudentTeacher, model_info
+from ...models import model_info
+from ...student_teacher import HoldsStudentTeacher
 
 METHODS = {}  # name → Method subclass, in registration order
 _ON_CHANGE = []  # called after a method is registered or removed (TrainConfig adds or drops its options' fields)

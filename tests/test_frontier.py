@@ -45,18 +45,69 @@ def _rows(variant, aa, seconds):
              "train_seconds": t, "masking": False} for i, (a, t) in enumerate(zip(aa, seconds))]
 
 
+def _known(*variants):
+    return {v: (v, {}) for v in variants}
+
+
 def test_criterion_from_the_means():
     rows = _rows("robust-kd", [0.80, 0.82], [1.2, 1.4]) + _rows("fgsm-rs", [0.78, 0.76], [1.0, 1.0])
-    summary = frontier.summarize(rows, ["robust-kd", "fgsm-rs"])
+    summary = frontier.summarize(rows, ["robust-kd", "fgsm-rs"], _known("robust-kd", "fgsm-rs"))
     c = frontier.criterion(summary)
     assert math.isclose(c["time_ratio_to_fgsm_rs"], 1.3) and c["met"] and c["dominated_by"] == []
+    assert c["best_single_step"] == "fgsm-rs" and math.isclose(c["margin"], 0.04)
+    # the best single-step baseline sets the bar: robust-kd must beat it by a point
+    close = rows + _rows("n-fgsm", [0.805, 0.805], [1.5, 1.5])
+    c = frontier.criterion(frontier.summarize(close, ["robust-kd", "fgsm-rs", "n-fgsm"],
+                                              _known("robust-kd", "fgsm-rs", "n-fgsm")))
+    assert c["best_single_step"] == "n-fgsm" and math.isclose(c["margin"], 0.005) and not c["met"]
+    assert c["dominated_by"] == []
     # a faster method with more AutoAttack accuracy dominates robust-kd
     rows += _rows("n-fgsm", [0.83, 0.83], [1.1, 1.1])
-    c = frontier.criterion(frontier.summarize(rows, ["robust-kd", "fgsm-rs", "n-fgsm"]))
+    c = frontier.criterion(frontier.summarize(rows, ["robust-kd", "fgsm-rs", "n-fgsm"],
+                                              _known("robust-kd", "fgsm-rs", "n-fgsm")))
     assert c["dominated_by"] == ["n-fgsm"] and not c["met"]
     # too slow
     slow = _rows("robust-kd", [0.80, 0.82], [1.6, 1.6]) + _rows("fgsm-rs", [0.78, 0.76], [1.0, 1.0])
-    assert not frontier.criterion(frontier.summarize(slow, ["robust-kd", "fgsm-rs"]))["met"]
+    assert not frontier.criterion(frontier.summarize(slow, ["robust-kd", "fgsm-rs"],
+                                                     _known("robust-kd", "fgsm-rs")))["met"]
+
+
+def test_variants_of_ones_own(tmp_path):
+    name, (method, options) = frontier.parse_variant("rkd-no-kd=robust-kd --kd-weight 0 --feature-pair conv2:conv3")
+    assert (name, method, options) == ("rkd-no-kd", "robust-kd", {"kd_weight": 0.0, "feature_pairs": ["conv2:conv3"]})
+    assert frontier.parse_variant("wide=fgsm-rs --width 16")[1] == ("fgsm-rs", {"width": 16})
+    for text, message in [("rkd", "expected NAME=METHOD"), ("Bad Name=robust-kd", "expected NAME=METHOD"),
+                          ("x=", "expected NAME=METHOD"), ("x=nope", "unknown method 'nope'"),
+                          ("x=robust-kd --kd-wieght 0", "unrecognized arguments: --kd-wieght"),
+                          ("x=robust-kd --kd-weight x", "invalid float value"),
+                          ("x=robust-kd --seed 3", "seed belong to the study"),
+                          ("x=robust-kd --eps 0.2 --dataset cifar10", "dataset, eps belong to the study"),
+                          ("x=robust-kd --method kd", "not a --method flag")]:
+        with pytest.raises(ValueError, match=message):
+            frontier.parse_variant(text)
+
+
+def test_a_variant_runs_beside_the_study(tmp_path, capsys):
+    out = tmp_path / "study"
+    args = ["frontier", "--quick", "--seeds", "1", "--methods", "fgsm-rs", "--variant", "fgsm-wide=fgsm-rs --width 6",
+            "--out", str(out), "--no-progress", "--jobs", "1"]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["variants"] == ["fgsm-rs", "fgsm-wide"] and results["options"]["fgsm-wide"] == {"width": 6}
+    from rkd_fast.model_file import load_model
+    from rkd_fast.models import model_info
+    wide = model_info(load_model(out / "models" / "fgsm-wide-seed0.pt"))
+    assert wide["meta"]["study_config"]["width"] == 6 and wide["meta"]["method"] == "fgsm-rs"
+    assert results["summary"]["fgsm-wide"]["method"] == "fgsm-rs"
+    # a resumed study with another definition of the same name is refused; a name the study has is refused
+    assert main([*args[:6], "--variant", "fgsm-wide=fgsm-rs --width 5", "--out", str(out), "--no-progress",
+                 "--resume"]) == 2
+    assert "other options" in capsys.readouterr().err
+    assert main(["frontier", "--variant", "pgd-2=pgd-at", "--out", str(tmp_path / "s")]) == 2
+    assert "already has an entry of that name" in capsys.readouterr().err
+    assert main(["frontier", "--variant", "a=kd", "--variant", "a=kd", "--out", str(tmp_path / "s")]) == 2
+    assert "given twice" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
 
 
 def test_bad_study_options_are_refused(tmp_path, capsys):

@@ -1,5 +1,6 @@
 """`rkd-fast train`: the command-line face of rkd_fast.train.train_model (same options, dashes for underscores)."""
 
+import argparse
 import dataclasses
 import sys
 
@@ -145,6 +146,20 @@ def config_from_args(args):
     if getattr(args, "config", None):  # the record, then the flags given on the command line
         return make_config({**rerun.read_run_config(args.config), **rerun.given(args, _options())})
     return make_config({name: rerun.unwrap(getattr(args, name)) for name in _options() if hasattr(args, name)})
+
+
+class _Refusal(argparse.ArgumentParser):
+    def error(self, message):
+        raise ValueError(message)
+
+
+def options_from_flags(words):
+    """{option: value} of the `rkd-fast train` flags `words` (e.g. ``["--kd-weight", "0"]``), as `--config`
+    reruns take them: only the options the words set, checked as the command checks them (ValueError)."""
+    parser = _Refusal(prog="rkd-fast train", add_help=False)
+    add_arguments(parser)
+    args = parser.parse_args([*words, "--out", "-"])
+    return {name: value for name, value in rerun.given(args, _options()).items() if name != "out"}
 
 
 def run(args):

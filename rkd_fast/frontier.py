@@ -8,7 +8,8 @@ distilling ones from one PGD-AT teacher (the demo's, trained once, or --teacher:
 committed beside a study's records). Training runs one model at a time, so its clock
 (`train_seconds`: the optimizer steps only) is not shared with anything this command runs; evaluation (clean,
 PGD-20 and AutoAttack standard on the whole test split, and a transfer attack: PGD-20 examples made on the seed's
-PGD-AT student, applied to every other model) runs afterwards in ``--jobs`` processes. Written into --out:
+PGD-AT student, or on the teacher when pgd-at is not in the study, applied to every other model) runs afterwards in
+``--jobs`` processes, the teacher's too. Written into --out:
 
     results.json      settings, machine, per-seed rows, per-method mean and standard deviation, the criterion
     seeds.csv         one row per (method, seed)
@@ -257,6 +258,8 @@ def run_frontier(out, *, dataset="digits", data_dir=None, variants=None, custom=
     from .train import train_model
     from .train.methods import default_study_variants, study_variants
     from .bench.report import machine_info
+    from .model_file import load_model
+    from .models import model_info
     from .provenance import provenance
 
     out = Path(out)
@@ -339,47 +342,62 @@ def run_frontier(out, *, dataset="digits", data_dir=None, variants=None, custom=
     finally:
         torch.set_num_threads(saved_threads)
 
-    # Evaluation: every model not yet evaluated in a worker, its scores saved beside it as they come; the transfer
-    # source writes its PGD-20 examples of the test split.
+    # Evaluation: every model not yet evaluated in a worker, its scores saved beside it as they come (the
+    # teacher's in models/teacher.json); the transfer source (the seed's PGD-AT student, else the teacher) writes
+    # its PGD-20 examples of the test split.
+    teacher_row = {"variant": "teacher", "method": "pgd-at", "seed": 0, "path": str(teacher_path),
+                   "scores_file": out / "models" / "teacher.json",
+                   "train_seconds": model_info(load_model(teacher_path))["meta"].get("train_seconds")}
+    use_teacher = TRANSFER_SOURCE not in variants
+
+    def transfer_file(seed):
+        return out / "models" / ("transfer-teacher.pt" if use_teacher else f"transfer-seed{seed}.pt")
+
+    def is_source(row):
+        return row["variant"] == ("teacher" if use_teacher else TRANSFER_SOURCE)
+
     jobs_list = []
-    for i, row in enumerate(rows):
-        scores_file = files.add(Path(row["path"]).with_suffix(".json"))
-        transfer = out / "models" / f"transfer-seed{row['seed']}.pt"
+    for i, row in enumerate([*rows, teacher_row]):
+        scores_file = files.add(row.get("scores_file") or Path(row["path"]).with_suffix(".json"))
         held = finished.scores(scores_file)
-        if held is not None and (row["variant"] != TRANSFER_SOURCE or transfer.is_file()):
+        if held is not None and (not is_source(row) or transfer_file(row["seed"]).is_file()):
             row.update(held)
             continue
         job = {"key": i, "path": row["path"], "test": str(test_file), "aa_index": aa_index, "eps": float(eps),
-               "seed": row["seed"], "threads": threads}
-        if row["variant"] == TRANSFER_SOURCE:
-            job["write_transfer"] = str(files.add(transfer))
+               "seed": row["seed"], "threads": threads, "scores_file": str(scores_file)}
+        if is_source(row):
+            job["write_transfer"] = str(files.add(transfer_file(row["seed"])))
         jobs_list.append(job)
     t = time.perf_counter()
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
         for key, scores in pool.map(_evaluate_job, jobs_list):
-            rows[key].update(scores)
-            files.written(atomic_write_json(Path(rows[key]["path"]).with_suffix(".json"), {"scores": scores, **stamp}))
+            r = rows[key] if key < len(rows) else teacher_row
+            r.update(scores)
+            job = next(j for j in jobs_list if j["key"] == key)
+            files.written(atomic_write_json(Path(job["scores_file"]), {"scores": scores, **stamp}))
             if progress:
-                r = rows[key]
                 print(f"[frontier] evaluated {r['variant']} seed {r['seed']}: clean {r['clean']:.3f} "
                       f"PGD-20 {r['pgd20']:.3f} AA {r['autoattack']:.3f}", flush=True)
     evaluation_seconds = time.perf_counter() - t
     files.written(*[job["write_transfer"] for job in jobs_list if "write_transfer" in job])
-    for row in rows:
-        source = out / "models" / f"transfer-seed{row['seed']}.pt"
+    teacher_row.pop("scores_file")
+    for row in [*rows, teacher_row]:
+        source = transfer_file(row["seed"])
         row["transfer"] = None
-        if row["variant"] != TRANSFER_SOURCE and source.is_file():
+        if not is_source(row) and source.is_file():
             row["transfer"] = _transfer_accuracy(row["path"], torch.load(source, weights_only=True), y)
         row["masking"] = row["autoattack"] < row["pgd20"] - MASKING_GAP
-        row["path"] = str(Path(row["path"]).relative_to(out))
+        if Path(row["path"]).is_relative_to(out):  # a --teacher file elsewhere keeps its own path
+            row["path"] = str(Path(row["path"]).relative_to(out))
+    teacher_row["masking"] = teacher_row["autoattack"] < teacher_row["pgd20"] - MASKING_GAP
 
     summary = summarize(rows, variants, known)
     results = {
         "dataset": dataset, "eps": float(eps), "norm": "linf", "settings": settings, "seeds": seeds,
         "variants": list(variants), "options": {v: known[v][1] for v in variants}, "threads": threads, "jobs": jobs,
         "device": device, "test_samples": len(y), "autoattack_samples": len(aa_index), "autoattack_version": "standard",
-        "transfer_source": TRANSFER_SOURCE, "masking_gap": MASKING_GAP,
-        "rows": rows, "summary": summary, "criterion": criterion(summary),
+        "transfer_source": "teacher" if use_teacher else TRANSFER_SOURCE, "masking_gap": MASKING_GAP,
+        "teacher": teacher_row, "rows": rows, "summary": summary, "criterion": criterion(summary),
         "stages": stages.records, "evaluation_seconds": round(evaluation_seconds, 1),
         "total_seconds": round(time.perf_counter() - started, 1),
         "machine": {**machine, "load_average_at_end": machine_info()["load_average_1_5_15"]},
@@ -427,10 +445,17 @@ def format_table(results):
         flag = "  masking?" if s["masking_flags"] else ""
         lines.append(f"{variant:<16} {cell(s, 'clean'):>12} {cell(s, 'pgd20'):>12} {cell(s, 'autoattack'):>12} "
                      f"{cell(s, 'transfer'):>12} {cell(s, 'train_seconds', 1.0, 2):>13} {ratio:>9}{flag}")
+    teacher = results.get("teacher")
+    if teacher:
+        seconds = "—" if teacher["train_seconds"] is None else f"{teacher['train_seconds']:.0f}"
+        lines.append(f"{'(teacher)':<16} {100 * teacher['clean']:>12.1f} {100 * teacher['pgd20']:>12.1f} "
+                     f"{100 * teacher['autoattack']:>12.1f} {'':>12} {seconds:>13}")
     c = results["criterion"]
+    source = ("the teacher" if results["transfer_source"] == "teacher"
+              else f"the {results['transfer_source']} student of the same seed")
     lines.append(f"{results['seeds']} seeds; L∞ eps {results['eps']}; clean/PGD-20 on {results['test_samples']} test "
                  f"samples, AutoAttack (standard) on {results['autoattack_samples']}; transfer: PGD-20 examples of "
-                 f"the {TRANSFER_SOURCE} student of the same seed")
+                 f"{source}")
     if c.get("evaluated"):
         lines.append(f"criterion {'met' if c['met'] else 'NOT met'}: robust-kd AA {100 * c['robust_kd_autoattack']:.1f} "
                      f"vs the best single-step ({c['best_single_step']}) {100 * c['best_single_step_autoattack']:.1f} "

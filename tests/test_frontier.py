@@ -33,6 +33,11 @@ def test_quick_study_end_to_end(tmp_path):
     assert s["n"] == 2 and math.isclose(s["train_seconds_mean"], sum(seconds) / 2)
     assert math.isclose(s["train_seconds_std"], abs(seconds[0] - seconds[1]) / math.sqrt(2))
     assert results["criterion"]["evaluated"] and isinstance(results["criterion"]["met"], bool)
+    # the teacher is evaluated as the students are, its training seconds recorded apart
+    teacher = results["teacher"]
+    assert all(0 <= teacher[k] <= 1 for k in ("clean", "pgd20", "autoattack")) and teacher["train_seconds"] > 0
+    assert teacher["path"] == "models/teacher.pt" and (out / "models" / "teacher.json").is_file()
+    assert results["transfer_source"] == "pgd-at"
     assert len(list(csv.DictReader(open(out / "seeds.csv")))) == 6
     assert [r["variant"] for r in csv.DictReader(open(out / "summary.csv"))] == ["robust-kd", "fgsm-rs", "pgd-at"]
     assert (out / "frontier.png").stat().st_size > 0
@@ -94,6 +99,9 @@ def test_a_variant_runs_beside_the_study(tmp_path, capsys):
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["variants"] == ["fgsm-rs", "fgsm-wide"] and results["options"]["fgsm-wide"] == {"width": 6}
+    # without a pgd-at student, the transfer examples are the teacher's
+    assert results["transfer_source"] == "teacher" and (out / "models" / "transfer-teacher.pt").is_file()
+    assert all(0 <= row["transfer"] <= 1 for row in results["rows"]) and results["teacher"]["transfer"] is None
     from rkd_fast.model_file import load_model
     from rkd_fast.models import model_info
     wide = model_info(load_model(out / "models" / "fgsm-wide-seed0.pt"))
@@ -182,6 +190,7 @@ def test_fashion_mnist_study_smoke_run(tmp_path):
     assert main(["frontier", "--dataset", "fashion-mnist", "--quick", "--seeds", "1", "--methods", "kd",
                  "--teacher", str(out / "models" / "teacher.pt"), "--out", str(again), "--no-progress",
                  "--jobs", "1"]) == 0
-    assert "train teacher" not in json.loads((again / "results.json").read_text())["stages"]
+    reused = json.loads((again / "results.json").read_text())
+    assert "train teacher" not in reused["stages"] and reused["teacher"]["path"] == str(out / "models" / "teacher.pt")
     assert main(["frontier", "--dataset", "digits", "--quick", "--teacher", str(out / "models" / "teacher.pt"),
                  "--out", str(tmp_path / "bad")]) == 2  # a 28×28 teacher cannot teach 8×8 digits

@@ -310,6 +310,32 @@ def _mismatch(expected, state):
     return "; ".join(p for p in parts if p)
 
 
+def adapt_input_channels(expected, state, where="the weights"):
+    """`state` with each convolution whose weights take RGB where the model takes grey (or the reverse) adapted,
+    as timm does (`adapt_input_conv`): RGB -> grey sums the three input channels' filters (the same function on a
+    grey image as the RGB model on that image copied to three channels), grey -> RGB repeats the filter divided
+    by 3. Says which, once, as a warning; every other entry unchanged."""
+    import warnings
+
+    adapted = dict(state)
+    for key, shape in expected.items():
+        value = state.get(key)
+        if value is None or value.dim() != 4 or len(shape) != 4 or tuple(value.shape) == shape:
+            continue
+        if tuple(value.shape[:1] + value.shape[2:]) != shape[:1] + shape[2:]:
+            continue
+        if (value.shape[1], shape[1]) == (3, 1):
+            adapted[key] = value.sum(dim=1, keepdim=True)
+        elif (value.shape[1], shape[1]) == (1, 3):
+            adapted[key] = value.repeat(1, 3, 1, 1) / 3
+        else:
+            continue
+        warnings.warn(f"{where}: {key} takes {value.shape[1]} input channels, the model {shape[1]}: adapted as "
+                      f"timm's adapt_input_conv does ({'summed over RGB' if shape[1] == 1 else 'repeated, / 3'})",
+                      stacklevel=3)
+    return adapted
+
+
 def _expected_shapes(arch, kwargs, inner):
     with torch.device("meta"):
         model = build_architecture(arch, **kwargs)
@@ -371,6 +397,7 @@ def load_weights(model, weights, arch=None):
     if target is model and isinstance(model, Normalized):
         # normalisation buffers absent from the file: the data set's (or the given) ones stay
         state = {**{k: v for k, v in model.state_dict().items() if k.startswith("normalize.")}, **state}
+    state = adapt_input_channels(expected, state, where)
     problem = _mismatch(expected, state)
     if problem:
         hint = None

@@ -16,6 +16,10 @@ from rkd_fast.model_file import save_model
 from rkd_fast.models import build_model
 
 EPS = 0.1  # L∞ radius used throughout the cross-checks (digits pixels in [0, 1])
+# The cheapest training the tests run: a width-4 student, batches of 256 (digits' 1,257 training images in 5 steps),
+# one attack step, no progress bars; as trainer options and as the same `rkd-fast train` flags.
+FAST_TRAINING = {"width": 4, "batch_size": 256, "attack_steps": 1, "progress": False}
+FAST_FLAGS = ["--width", "4", "--batch-size", "256", "--attack-steps", "1", "--no-progress"]
 
 
 def tiny_cnn(seed=None, *, width=4, **kwargs):

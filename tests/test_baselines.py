@@ -5,14 +5,14 @@ import math
 
 import pytest
 import torch
-from _digits_model import digits_batch, tiny_cnn
+from _digits_model import FAST_TRAINING, digits_batch, tiny_cnn
 
 from rkd_fast.cli import main
 from rkd_fast.train import make_config, train_model
 from rkd_fast.attacks.attacks import kl_attack
 from rkd_fast.train.methods import build_method
 
-FAST = dict(epochs=1, width=4, batch_size=256, attack_steps=2, progress=False, deterministic=True)
+FAST = {**FAST_TRAINING, "epochs": 1, "attack_steps": 2, "deterministic": True}
 
 
 def _kl(p, log_q):

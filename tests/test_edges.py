@@ -12,9 +12,9 @@ import pytest
 
 from rkd_fast.cli import main
 from rkd_fast.train import checkpoints
+from _digits_model import FAST_FLAGS
 
-FAST = ["--width", "4", "--batch-size", "256", "--attack-steps", "1", "--no-progress"]
-TRAIN = ["train", "--method", "natural", "--epochs", "1", *FAST]
+TRAIN = ["train", "--method", "natural", "--epochs", "1", *FAST_FLAGS]
 
 
 def _one_line(capsys, *parts):

@@ -16,7 +16,7 @@ from rkd_fast import dirlock
 from rkd_fast.cli import main
 from rkd_fast.train import checkpoints
 
-FAST = ["--width", "4", "--batch-size", "256", "--attack-steps", "1", "--no-progress"]
+from _digits_model import FAST_FLAGS
 
 # A process that takes --out's lock as every command does, says so, and holds it until killed.
 HOLDER = """
@@ -43,8 +43,8 @@ def holder(tmp_path):
 
 def _commands(out, teacher):
     return {
-        "train": ["train", "--method", "natural", "--epochs", "1", "--out", str(out), *FAST],
-        "train --resume": ["train", "--method", "natural", "--epochs", "1", "--out", str(out), "--resume", *FAST],
+        "train": ["train", "--method", "natural", "--epochs", "1", "--out", str(out), *FAST_FLAGS],
+        "train --resume": ["train", "--method", "natural", "--epochs", "1", "--out", str(out), "--resume", *FAST_FLAGS],
         "demo": ["demo", "--quick", "--out", str(out), "--no-progress"],
         "frontier": ["frontier", "--quick", "--out", str(out), "--no-progress"],
         "eval": ["eval", "--checkpoint", str(teacher), "--dataset", "digits", "--attacks", "clean", "--n-examples",
@@ -66,7 +66,7 @@ def test_a_killed_holder_leaves_no_lock(holder, capsys):
     child.send_signal(signal.SIGKILL)
     child.wait()
     assert (out / dirlock.LOCK_FILE).is_file()  # the file stays, the kernel's lock went with the process
-    assert main(["train", "--method", "natural", "--epochs", "1", "--out", str(out), *FAST]) == 0
+    assert main(["train", "--method", "natural", "--epochs", "1", "--out", str(out), *FAST_FLAGS]) == 0
     assert checkpoints.list_checkpoints(out) and not (out / dirlock.LOCK_FILE).exists()
 
 
@@ -82,7 +82,7 @@ def test_a_lock_taken_in_a_missing_folder_leaves_nothing_when_released(tmp_path)
 # --- a full disk at every write of a run ---------------------------------------------------------------------
 
 RUN = ["train", "--method", "natural", "--epochs", "2", "--ckpt-every", "3", "--keep", "2", "--deterministic",
-       "--seed", "3", *FAST]
+       "--seed", "3", *FAST_FLAGS]
 
 
 def _final(out):
@@ -150,7 +150,7 @@ def test_os_errors_are_one_line_naming_the_path_and_errno(tmp_path, monkeypatch,
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path / "run" / ".tmp123"))
 
     monkeypatch.setattr(atomic.tempfile, "mkstemp", denied)
-    assert main(["train", "--method", "natural", "--epochs", "1", "--out", str(tmp_path / "run"), *FAST]) == 1
+    assert main(["train", "--method", "natural", "--epochs", "1", "--out", str(tmp_path / "run"), *FAST_FLAGS]) == 1
     err = capsys.readouterr().err.strip()  # the file the run was writing, not the temporary name
     assert err == f"rkd-fast train: error: {tmp_path / 'run' / '.rkd_fast_files'}: Permission denied (EACCES)"
 
@@ -192,13 +192,13 @@ def test_ctrl_c_is_one_line_naming_the_step(tmp_path, capsys, monkeypatch):
     try:
         out = tmp_path / "run"
         assert main(["train", "--method", "natural", "--epochs", "2", "--ckpt-every", "2", "--out", str(out),
-                     *FAST]) == 130
+                     *FAST_FLAGS]) == 130
     finally:
         handle.remove()
     err = capsys.readouterr().err.strip()
     assert err == "rkd-fast train: interrupted at step 3; resume with --resume"
     assert main(["train", "--method", "natural", "--epochs", "2", "--ckpt-every", "2", "--out", str(out), "--resume",
-                 *FAST]) == 0
+                 *FAST_FLAGS]) == 0
 
 
 # --- inputs that changed between a kill and --resume ------------------------------------------------------------
@@ -209,7 +209,7 @@ def test_a_resume_whose_teacher_file_changed_is_refused_naming_it(tmp_path, caps
     teacher = tmp_path / "teacher.pt"
     save_model(tiny_cnn(1), teacher)
     out = tmp_path / "run"
-    args = ["train", "--method", "kd", "--teacher", str(teacher), "--epochs", "1", "--out", str(out), *FAST]
+    args = ["train", "--method", "kd", "--teacher", str(teacher), "--epochs", "1", "--out", str(out), *FAST_FLAGS]
     assert main(args) == 0
     state = checkpoints.load_latest(out)[0]
     assert len(state["inputs"]["teacher"]) == 64
@@ -266,7 +266,7 @@ def test_a_hung_peer_stops_the_run_naming_its_rank(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(port), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
     args = ["train", "--method", "natural", "--epochs", "1", "--device", "cpu", "--dist-timeout", "4",
-            "--out", str(tmp_path / "run"), *FAST]
+            "--out", str(tmp_path / "run"), *FAST_FLAGS]
     ranks = [subprocess.Popen([sys.executable, "-c", RANK, *args], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
     try:
@@ -292,7 +292,7 @@ def test_a_dangling_symlink_out_is_refused_before_anything_runs(tmp_path, teache
     out.symlink_to(tmp_path / "missing")
     attacked = []
     monkeypatch.setattr(eval_cli, "run_evaluation", lambda *a, **k: attacked.append(1))
-    for args in (["train", "--method", "natural", "--epochs", "1", "--out", str(out), *FAST],
+    for args in (["train", "--method", "natural", "--epochs", "1", "--out", str(out), *FAST_FLAGS],
                  ["eval", "--checkpoint", str(teacher_file), "--dataset", "digits", "--attacks", "clean",
                   "--out", str(out)]):
         assert main(args) == 2

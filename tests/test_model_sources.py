@@ -245,3 +245,20 @@ def test_bench_step_case_with_timm_student_and_teacher():
     assert "error" not in row, row
     assert row["ms"] > 0 and row["predicted_ms"] > 0 and row["units"] == {"S_fb": 2, "T_f": 1, "O": 1}
     assert record["student"] == "timm:test_resnet" and record["student_GFLOPs_per_image"]
+
+
+@pytest.mark.parametrize("weights_channels, model_channels", [(3, 1), (1, 3)])
+def test_rgb_weights_fit_a_grey_model_and_back(weights_channels, model_channels):
+    # timm's published weights are RGB; a grey data set's timm model takes one channel (and the reverse)
+    torch.manual_seed(0)
+    source = timm.create_model("test_vit", num_classes=10, in_chans=weights_channels, img_size=8, patch_size=2).eval()
+    info = dataclasses.replace(DIGITS, in_channels=model_channels, mean=(0.0,) * model_channels,
+                               std=(1.0,) * model_channels)
+    model = build_architecture(VIT, **arch_kwargs(VIT, info))
+    with pytest.warns(UserWarning, match="patch_embed.proj.weight takes "
+                                         f"{weights_channels} input channels, the model {model_channels}"):
+        load_weights(model, source.state_dict(), VIT)
+    grey = torch.rand(2, 1, 8, 8)
+    # the same function on a grey image: RGB filters summed, or a grey filter spread over three equal channels
+    torch.testing.assert_close(model.model(grey.expand(-1, model_channels, -1, -1)),
+                               source(grey.expand(-1, weights_channels, -1, -1)), atol=1e-5, rtol=1e-5)

@@ -18,8 +18,8 @@ from rkd_fast.runfiles import RunFiles
 from rkd_fast.train import checkpoints, make_config, train_model
 from rkd_fast.train.health import NonFiniteError
 from rkd_fast.train.trainer import Run
+from _digits_model import FAST_FLAGS
 
-FAST = ["--width", "4", "--batch-size", "256", "--attack-steps", "1", "--no-progress"]
 
 
 def _nan_model_file(path):
@@ -33,7 +33,7 @@ def _nan_model_file(path):
 
 def test_nan_loss_stops_the_run_and_writes_nothing_non_finite(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--method", "natural", "--lr", "1e6", "--epochs", "3", "--out", str(out), *FAST]) == 1
+    assert main(["train", "--method", "natural", "--lr", "1e6", "--epochs", "3", "--out", str(out), *FAST_FLAGS]) == 1
     err = capsys.readouterr().err
     assert "NaN or infinite" in err and "global step" in err and "term" in err and "Traceback" not in err
     assert not (out / "best.pt").exists() and not checkpoints.list_checkpoints(out)  # nothing after step 1 is kept
@@ -62,13 +62,13 @@ def test_non_finite_model_files_are_refused_by_name(tmp_path, capsys):
         model_file.load_model(path)
     # as a teacher: refused before the run writes anything
     out = tmp_path / "run"
-    assert main(["train", "--method", "kd", "--teacher", str(path), "--out", str(out), *FAST]) == 2
+    assert main(["train", "--method", "kd", "--teacher", str(path), "--out", str(out), *FAST_FLAGS]) == 2
     assert "diverged.pt: non-finite weights" in capsys.readouterr().err and not out.exists()
 
 
 def test_export_refuses_a_diverged_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--method", "natural", "--epochs", "1", "--out", str(out), *FAST]) == 0
+    assert main(["train", "--method", "natural", "--epochs", "1", "--out", str(out), *FAST_FLAGS]) == 0
     ckpt = checkpoints.list_checkpoints(out)[0][1]
     state = torch.load(ckpt, weights_only=True)
     next(iter(state["student"].values())).fill_(float("nan"))
@@ -86,10 +86,10 @@ def test_truncated_files_are_named_everywhere(tmp_path, capsys, fraction):
     saved.write_bytes(data[: int(len(data) * fraction)])
     with pytest.raises(ValueError, match="model.pt"):
         model_file.load_model(saved)
-    assert main(["train", "--method", "kd", "--teacher", str(saved), "--out", str(tmp_path / "r"), *FAST]) == 2
+    assert main(["train", "--method", "kd", "--teacher", str(saved), "--out", str(tmp_path / "r"), *FAST_FLAGS]) == 2
     assert "model.pt" in capsys.readouterr().err
     run = tmp_path / "run"
-    assert main(["train", "--method", "natural", "--epochs", "1", "--out", str(run), *FAST]) == 0
+    assert main(["train", "--method", "natural", "--epochs", "1", "--out", str(run), *FAST_FLAGS]) == 0
     ckpt = checkpoints.list_checkpoints(run)[0][1]
     data = ckpt.read_bytes()
     ckpt.write_bytes(data[: int(len(data) * fraction)])
@@ -140,7 +140,7 @@ def test_overwrite_keeps_other_files(tmp_path):
     mine.write_bytes(b"a user's file")
     notes = out / "notes.txt"
     notes.write_text("not a run")
-    args = ["train", "--method", "natural", "--epochs", "1", "--out", str(out), *FAST]
+    args = ["train", "--method", "natural", "--epochs", "1", "--out", str(out), *FAST_FLAGS]
     assert main(args) == 0  # unrelated files are not "another run's results"
     recorded = RunFiles(out).names()
     assert "checkpoints/my_other_model.pt" not in recorded and "notes.txt" not in recorded
@@ -190,10 +190,10 @@ def test_train_with_a_relative_out_records_its_files(tmp_path, monkeypatch):
 def test_out_under_a_file_or_unwritable(tmp_path, capsys, monkeypatch):
     blocker = tmp_path / "file.txt"
     blocker.write_text("x")
-    assert main(["train", "--method", "natural", "--out", str(blocker / "run"), *FAST]) == 2
+    assert main(["train", "--method", "natural", "--out", str(blocker / "run"), *FAST_FLAGS]) == 2
     assert "is not a directory" in capsys.readouterr().err
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # a read-only file system, as root cannot be denied
-    assert main(["train", "--method", "natural", "--out", str(tmp_path / "ro" / "run"), *FAST]) == 2
+    assert main(["train", "--method", "natural", "--out", str(tmp_path / "ro" / "run"), *FAST_FLAGS]) == 2
     assert "cannot write in" in capsys.readouterr().err and not (tmp_path / "ro").exists()
 
 
@@ -207,7 +207,7 @@ def test_jacobian_options_are_refused_when_read(tmp_path, capsys, option, messag
     out = tmp_path / "run"
     teacher = model_file.save_model(build_model("small_cnn", width=4), tmp_path / "t.pt")
     assert main(["train", "--method", "robust-kd", "--teacher", str(teacher), "--out", str(out), *option,
-                 *FAST]) == 2
+                 *FAST_FLAGS]) == 2
     assert message in capsys.readouterr().err and not out.exists()
 
 
@@ -223,7 +223,7 @@ def test_robust_kd_loss_options_are_refused_at_construction():
 
 def test_a_run_killed_before_its_first_checkpoint_can_start_over(tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["train", "--method", "natural", "--epochs", "1", "--out", str(out), *FAST]
+    args = ["train", "--method", "natural", "--epochs", "1", "--out", str(out), *FAST_FLAGS]
     run = Run(make_config(method="natural", epochs=1, width=4, batch_size=256, progress=False, out=str(out)))
     run.prepare()  # run.json written, then the process "dies" before the first step
     run.close()

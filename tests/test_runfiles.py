@@ -10,9 +10,9 @@ import pytest
 from rkd_fast.cli import main
 from rkd_fast.demo import check_out
 from rkd_fast.runfiles import FORMAT, RECORD, VERSION, RunFiles, sha256
+from _digits_model import FAST_FLAGS
 
-FAST_TRAIN = ["--method", "natural", "--epochs", "1", "--width", "4", "--batch-size", "256", "--attack-steps", "1",
-              "--no-progress"]
+FAST_TRAIN = ["--method", "natural", "--epochs", "1", *FAST_FLAGS]
 
 
 def _write_record(out, files, folders=None):

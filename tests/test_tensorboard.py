@@ -9,9 +9,9 @@ import pytest
 from rkd_fast.cli import main
 from rkd_fast.train import train_model
 from rkd_fast.train.tensorboard import tag
+from _digits_model import FAST_FLAGS
 
-FAST_ARGS = ["--epochs", "2", "--width", "4", "--batch-size", "256", "--attack-steps", "1", "--no-progress",
-             "--deterministic"]
+FAST_ARGS = ["--epochs", "2", *FAST_FLAGS, "--deterministic"]
 
 
 def _scalars(log_dir):

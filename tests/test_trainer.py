@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import rkd_fast
-from _digits_model import save_teacher
+from _digits_model import FAST_FLAGS, FAST_TRAINING, save_teacher
 
 from rkd_fast.cli import main
 from rkd_fast.models import build_model, model_info
@@ -20,9 +20,8 @@ from rkd_fast.train import TrainConfig, train_model
 from rkd_fast.precision import resolve_precision
 from rkd_fast.train.schedule import lr_lambda
 
-FAST = dict(epochs=1, width=4, batch_size=256, attack_steps=1, progress=False, deterministic=True)
-FAST_ARGS = ["--epochs", "1", "--width", "4", "--batch-size", "256", "--attack-steps", "1", "--no-progress",
-             "--deterministic"]
+FAST = {**FAST_TRAINING, "epochs": 1, "deterministic": True}
+FAST_ARGS = ["--epochs", "1", *FAST_FLAGS, "--deterministic"]
 
 
 @pytest.fixture(scope="module")

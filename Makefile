@@ -43,7 +43,7 @@ endif
 test: install test-python test-default-cpu test-triton test-cpp
 
 test-python: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 # The tests that compare numbers across code paths with a tolerance (ops against their reference, losses,
 # baselines, shared statistics, one process against two) once more with ATen's portable kernels instead of

@@ -21,7 +21,8 @@ only the forward the terms are evaluated at (x, or x'): they are armed before it
 model's forward returns, so the other forwards (the Jacobian term's, the attack pass) pass through unrecorded.
 Module names are those of the bare model (rkd_fast.model_source: ``layer4``, not ``model.layer4``); a token
 sequence (N, L, C) is compared as a map (`rkd_fast.model_source.as_feature_map`: its patches as an (N, C, s, s)
-grid when they make a square, else (N, C, L, 1)).
+grid when they make a square, else (N, C, L, 1)), and the (N, H, W, C) maps of a timm model whose ``output_fmt``
+is NHWC as (N, C, H, W) ones.
 
 The student and teacher are held by reference, not as submodules: `parameters()`, `state_dict()`, `.to()` and
 `.train()` of the loss see only the feature adapters.
@@ -35,7 +36,7 @@ from . import seeding
 from .checks import check_number
 from .clean_pass import CleanPassState, clean_rows, shares_clean_statistics
 from .jacobian import check_options, jacobian_penalty
-from .model_source import as_feature_map, token_prefix
+from .model_source import as_feature_map, nhwc_maps, token_prefix
 from .ops.fd_jacobian import fd_jacobian_loss
 from .ops.feature_distance import MODES as FEATURE_MODES
 from .ops.feature_distance import feature_distance
@@ -217,9 +218,9 @@ class RobustKDLoss(HoldsStudentTeacher, nn.Module):
         if feature_pairs:
             for side, model, names, capture in (("student", student, [p[0] for p in feature_pairs], self._captures[0]),
                                                 ("teacher", teacher, [p[1] for p in feature_pairs], self._captures[1])):
-                prefix = token_prefix(model)
+                prefix, nhwc = token_prefix(model), nhwc_maps(model)
                 for i, module in enumerate(_named_modules(model, names, side)):
-                    self._hooks.append(module.register_forward_hook(_record_hook(capture, i, prefix)))
+                    self._hooks.append(module.register_forward_hook(_record_hook(capture, i, prefix, nhwc)))
                 # Registered after the feature hooks and on the root, so it runs when the whole forward is done.
                 self._hooks.append(model.register_forward_hook(_disarm_hook(capture)))
         elif self.feat_weight > 0:
@@ -425,14 +426,14 @@ def kd_loss(student_logits, teacher_logits, temperature):
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
 
 
-def _record_hook(capture, index, prefix=0):
+def _record_hook(capture, index, prefix=0, nhwc=False):
     def hook(module, inputs, output):
         if capture.armed:
             if not isinstance(output, torch.Tensor):  # refused by _inspect, with the layer's name
                 capture.features[index] = output
                 return
             rows = capture.rows
-            output = as_feature_map(output, prefix)  # token sequences (N, L, C) as maps
+            output = as_feature_map(output, prefix, nhwc)  # token sequences (N, L, C), NHWC maps as NCHW maps
             capture.features[index] = output if rows == slice(None) else output[rows]
     return hook
 

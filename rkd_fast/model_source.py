@@ -438,10 +438,19 @@ def token_prefix(model):
     return int(prefix)
 
 
-def as_feature_map(output, prefix=0):
-    """A module's output as the (N, C, H, W) map the feature term compares: a map as it is; a token sequence
-    (N, L, C) without its `prefix` non-patch tokens, as a (N, C, s, s) grid when the patches make a square, else
-    (N, C, L, 1) (a view: no copy)."""
+def nhwc_maps(model):
+    """Whether `model`'s stages give (N, H, W, C) maps: timm's models that say so (``output_fmt`` "NHWC": Swin,
+    MambaOut...)."""
+    fmt = getattr(bare(model), "output_fmt", None)
+    return getattr(fmt, "value", fmt) == "NHWC"
+
+
+def as_feature_map(output, prefix=0, nhwc=False):
+    """A module's output as the (N, C, H, W) map the feature term compares: a map as it is (`nhwc`: an (N, H, W, C)
+    one permuted); a token sequence (N, L, C) without its `prefix` non-patch tokens, as a (N, C, s, s) grid when the
+    patches make a square, else (N, C, L, 1) (views: no copy)."""
+    if output.dim() == 4 and nhwc:
+        return output.permute(0, 3, 1, 2)
     if output.dim() != 3:
         return output
     tokens = output[:, prefix:] if 0 < prefix < output.shape[1] else output

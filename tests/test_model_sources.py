@@ -262,3 +262,30 @@ def test_rgb_weights_fit_a_grey_model_and_back(weights_channels, model_channels)
     # the same function on a grey image: RGB filters summed, or a grey filter spread over three equal channels
     torch.testing.assert_close(model.model(grey.expand(-1, model_channels, -1, -1)),
                                source(grey.expand(-1, weights_channels, -1, -1)), atol=1e-5, rtol=1e-5)
+
+
+def test_nhwc_stage_outputs_are_compared_as_maps():
+    # timm's MambaOut (like Swin) returns its stages as (N, H, W, C): the feature term permutes them to (N, C, H, W)
+    from rkd_fast.model_source import nhwc_maps
+    from rkd_fast.ops.feature_distance import feature_distance
+
+    arch = "timm:test_mambaout"
+    kwargs = {"num_classes": 10, "in_channels": 3, "mean": [0.0] * 3, "std": [1.0] * 3}
+    torch.manual_seed(0)
+    student, teacher = build_architecture(arch, **kwargs), build_architecture(arch, **kwargs)
+    assert nhwc_maps(student) and not nhwc_maps(build_architecture(TV, **kwargs))
+    x = torch.rand(2, 3, 32, 32)
+    loss = RobustKDLoss(student, teacher, feature_pairs=[("stages.2", "stages.2")], example_input=x, ce_weight=0,
+                        kd_weight=0, jac_weight=0)
+    assert not list(loss.parameters())  # the same maps on both sides: no adapter
+    student.eval(), teacher.eval()
+    _, terms = loss(x, torch.zeros(2, dtype=torch.long))
+    maps = {}
+    for name, model in (("s", student), ("t", teacher)):
+        handle = model.model.stages[2].register_forward_hook(lambda m, i, o, name=name: maps.__setitem__(name, o))
+        with torch.no_grad():
+            model(x)
+        handle.remove()
+    assert maps["s"].shape[-1] == 48  # NHWC: 48 channels last
+    expected = feature_distance(maps["s"].permute(0, 3, 1, 2), maps["t"].permute(0, 3, 1, 2), mode="normalized")
+    torch.testing.assert_close(terms["feat"], expected.float(), rtol=1e-5, atol=1e-6)

@@ -1,6 +1,6 @@
 """A method or an architecture registered at run time (as a user's own module would) appears everywhere one
-should: the `rkd-fast train` flags and help, run.json and its `--config` rerun, the bench's step cases; and its
-options are refused where they do not apply."""
+should: the `rkd-fast train` flags and help, run.json and its `--config` rerun, the bench's step cases, the demo's
+--all and the study's entries (a baseline); and its options are refused where they do not apply."""
 
 import json
 
@@ -15,7 +15,7 @@ from rkd_fast.cli import build_parser, main
 from rkd_fast.models import MODELS, InputNormalization, register_model
 from rkd_fast.train import TrainConfig, make_config, train_model
 from rkd_fast.train.cli import config_from_args
-from rkd_fast.train.methods import Method, register, unregister
+from rkd_fast.train.methods import Method, default_study_variants, register, study_variants, unregister
 from rkd_fast.train.options import Option
 
 TINY = ["--epochs", "1", "--width", "4", "--batch-size", "256", "--attack-steps", "1", "--no-progress"]
@@ -175,3 +175,30 @@ def test_bench_variants_are_not_inherited(toy):
         assert "toy-sub" in steps.variants() and "toy-sub:smooth" not in steps.variants()
     finally:
         unregister("toy-sub")
+
+
+class ToyBaseline(Toy):
+    """The toy method declared a baseline, with a study variant of its own."""
+
+    name = "toy-baseline"
+    baseline = True
+    STUDY_VARIANTS = {"toy-baseline:smooth": {"toy_smooth": True}}
+
+
+def test_toy_baseline_is_in_the_demo_and_the_study(capsys):
+    from rkd_fast import demo, frontier
+
+    register(ToyBaseline)
+    try:
+        assert "toy-baseline" in demo.model_names(all_baselines=True)
+        assert "toy-baseline" not in demo.model_names(all_baselines=False)
+        assert frontier.study_config(study_variants()["toy-baseline:smooth"], {"student_width": 4, "student_epochs": 1},
+                                     {"seed": 0, "eps": 0.1}, None)["toy_smooth"] is True
+        assert {"toy-baseline", "toy-baseline:smooth"} <= set(default_study_variants())
+        for command in ("demo", "frontier"):
+            with pytest.raises(SystemExit):
+                main([command, "--help"])
+            assert "toy-baseline" in capsys.readouterr().out
+    finally:
+        unregister("toy-baseline")
+    assert "toy-baseline" not in demo.model_names(all_baselines=True) and "toy-baseline" not in study_variants()

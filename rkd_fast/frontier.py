@@ -170,12 +170,13 @@ def criterion(summary):
                     and s["autoattack_mean"] > mine["autoattack_mean"]
                     and s["train_seconds_mean"] < mine["train_seconds_mean"]]
     margin = mine["autoattack_mean"] - summary[best]["autoattack_mean"]
+    clears = margin >= MARGIN - 1e-12  # a margin of exactly MARGIN counts, whatever the rounding
     result = {"evaluated": True, "robust_kd_autoattack": mine["autoattack_mean"],
               "best_single_step": best, "best_single_step_autoattack": summary[best]["autoattack_mean"],
-              "margin": margin, f"margin_at_least_{MARGIN}": margin >= MARGIN - 1e-12,
+              "margin": margin, f"margin_at_least_{MARGIN}": clears,
               "fgsm_rs_autoattack": fgsm["autoattack_mean"], "time_ratio_to_fgsm_rs": ratio,
               f"time_at_most_{TIME_RATIO}x_fgsm_rs": ratio <= TIME_RATIO, "dominated_by": dominated_by}
-    result["met"] = margin >= MARGIN - 1e-12 and ratio <= TIME_RATIO and not dominated_by
+    result["met"] = clears and ratio <= TIME_RATIO and not dominated_by
     return result
 
 
@@ -252,13 +253,12 @@ def run_frontier(out, *, dataset="digits", data_dir=None, variants=None, custom=
     """The study as a function; returns the results dict (also written to out/results.json). `custom`: entries of
     the caller's own, name -> (method, {option: value}) (`parse_variant`), run after `variants`."""
     from .atomic import atomic_write, atomic_write_json
-    from .model_file import save_model
+    from .model_file import load_model, save_model
     from .plots import plot_frontier
     from .studies import check_teacher, common_options, settings as study_settings, test_split
     from .train import train_model
     from .train.methods import default_study_variants, study_variants
     from .bench.report import machine_info
-    from .model_file import load_model
     from .models import model_info
     from .provenance import provenance
 
@@ -346,9 +346,12 @@ def run_frontier(out, *, dataset="digits", data_dir=None, variants=None, custom=
     # teacher's in models/teacher.json); the transfer source (the seed's PGD-AT student, else the teacher) writes
     # its PGD-20 examples of the test split.
     teacher_row = {"variant": "teacher", "method": "pgd-at", "seed": 0, "path": str(teacher_path),
-                   "scores_file": out / "models" / "teacher.json",
                    "train_seconds": model_info(load_model(teacher_path))["meta"].get("train_seconds")}
+    evaluated = [*rows, teacher_row]
     use_teacher = TRANSFER_SOURCE not in variants
+
+    def scores_file(row):
+        return out / "models" / "teacher.json" if row is teacher_row else Path(row["path"]).with_suffix(".json")
 
     def transfer_file(seed):
         return out / "models" / ("transfer-teacher.pt" if use_teacher else f"transfer-seed{seed}.pt")
@@ -357,31 +360,28 @@ def run_frontier(out, *, dataset="digits", data_dir=None, variants=None, custom=
         return row["variant"] == ("teacher" if use_teacher else TRANSFER_SOURCE)
 
     jobs_list = []
-    for i, row in enumerate([*rows, teacher_row]):
-        scores_file = files.add(row.get("scores_file") or Path(row["path"]).with_suffix(".json"))
-        held = finished.scores(scores_file)
+    for i, row in enumerate(evaluated):
+        held = finished.scores(files.add(scores_file(row)))
         if held is not None and (not is_source(row) or transfer_file(row["seed"]).is_file()):
             row.update(held)
             continue
         job = {"key": i, "path": row["path"], "test": str(test_file), "aa_index": aa_index, "eps": float(eps),
-               "seed": row["seed"], "threads": threads, "scores_file": str(scores_file)}
+               "seed": row["seed"], "threads": threads}
         if is_source(row):
             job["write_transfer"] = str(files.add(transfer_file(row["seed"])))
         jobs_list.append(job)
     t = time.perf_counter()
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
         for key, scores in pool.map(_evaluate_job, jobs_list):
-            r = rows[key] if key < len(rows) else teacher_row
+            r = evaluated[key]
             r.update(scores)
-            job = next(j for j in jobs_list if j["key"] == key)
-            files.written(atomic_write_json(Path(job["scores_file"]), {"scores": scores, **stamp}))
+            files.written(atomic_write_json(scores_file(r), {"scores": scores, **stamp}))
             if progress:
                 print(f"[frontier] evaluated {r['variant']} seed {r['seed']}: clean {r['clean']:.3f} "
                       f"PGD-20 {r['pgd20']:.3f} AA {r['autoattack']:.3f}", flush=True)
     evaluation_seconds = time.perf_counter() - t
     files.written(*[job["write_transfer"] for job in jobs_list if "write_transfer" in job])
-    teacher_row.pop("scores_file")
-    for row in [*rows, teacher_row]:
+    for row in evaluated:
         source = transfer_file(row["seed"])
         row["transfer"] = None
         if not is_source(row) and source.is_file():
@@ -389,7 +389,6 @@ def run_frontier(out, *, dataset="digits", data_dir=None, variants=None, custom=
         row["masking"] = row["autoattack"] < row["pgd20"] - MASKING_GAP
         if Path(row["path"]).is_relative_to(out):  # a --teacher file elsewhere keeps its own path
             row["path"] = str(Path(row["path"]).relative_to(out))
-    teacher_row["masking"] = teacher_row["autoattack"] < teacher_row["pgd20"] - MASKING_GAP
 
     summary = summarize(rows, variants, known)
     results = {

@@ -314,7 +314,7 @@ def adapt_input_channels(expected, state, where="the weights"):
     """`state` with each convolution whose weights take RGB where the model takes grey (or the reverse) adapted,
     as timm does (`adapt_input_conv`): RGB -> grey sums the three input channels' filters (the same function on a
     grey image as the RGB model on that image copied to three channels), grey -> RGB repeats the filter divided
-    by 3. Says which, once, as a warning; every other entry unchanged."""
+    by 3. One warning per adapted layer names it; every other entry unchanged."""
     import warnings
 
     adapted = dict(state)

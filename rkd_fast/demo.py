@@ -86,7 +86,7 @@ def format_table(results):
         lines.append(f"{name:<10} {r['clean']:7.1%} {r['fgsm']:7.1%} {r['pgd20']:7.1%} {r['autoattack']:7.1%} "
                      f"{r['train_seconds']:8.2f} {r['train_seconds'] / base:8.2f}×")
     lines.append(f"L∞ eps = {results['eps']}; clean/FGSM/PGD-20 on {results['test_samples']} test samples, "
-                 f"AutoAttack (standard) on {results['autoattack_samples']}")
+                 f"AutoAttack ({results['autoattack_version']}) on {results['autoattack_samples']}")
     return "\n".join(lines)
 
 
@@ -141,7 +141,8 @@ def run_demo(out, *, dataset="digits", data_dir=None, eps=None, quick=False, all
         scores = {}
         for name in names:
             scores[name] = stages.run(f"evaluate {name}",
-                                      lambda name=name: evaluate_model(models[name], test, aa, eps, seed))
+                                      lambda name=name: evaluate_model(models[name], test, aa, eps, seed,
+                                                                     autoattack=settings["autoattack"]))
     finally:
         torch.set_num_threads(saved_threads)
 
@@ -154,7 +155,7 @@ def run_demo(out, *, dataset="digits", data_dir=None, eps=None, quick=False, all
         "autoattack_samples": len(aa[1]),
         "autoattack_subset": "all test samples" if len(aa[1]) == len(test[1]) else
         "class-stratified: the first samples of each class in turn (rkd_fast.datasets.stratified_subset)",
-        "autoattack_version": "standard",
+        "autoattack_version": settings["autoattack"],
         "quick": bool(quick),
         "settings": settings,
         "threads": threads,

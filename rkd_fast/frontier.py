@@ -191,7 +191,8 @@ def _evaluate_job(job):
     model = load_model(job["path"])
     x, y = torch.load(job["test"], weights_only=True)
     aa = job["aa_index"]
-    row = evaluate_model(model, (x, y), (x[aa], y[aa]), job["eps"], job["seed"], attacks=("clean", "pgd20"))
+    row = evaluate_model(model, (x, y), (x[aa], y[aa]), job["eps"], job["seed"], attacks=("clean", "pgd20"),
+                         autoattack=job["autoattack"])
     if job.get("write_transfer"):
         x_adv = pgd(model, x, y, job["eps"], job["eps"] / 4, 20, random_start=True, seed=job["seed"])
         torch.save(x_adv, job["write_transfer"])
@@ -366,7 +367,7 @@ def run_frontier(out, *, dataset="digits", data_dir=None, variants=None, custom=
             row.update(held)
             continue
         job = {"key": i, "path": row["path"], "test": str(test_file), "aa_index": aa_index, "eps": float(eps),
-               "seed": row["seed"], "threads": threads}
+               "seed": row["seed"], "threads": threads, "autoattack": settings["autoattack"]}
         if is_source(row):
             job["write_transfer"] = str(files.add(transfer_file(row["seed"])))
         jobs_list.append(job)
@@ -394,7 +395,8 @@ def run_frontier(out, *, dataset="digits", data_dir=None, variants=None, custom=
     results = {
         "dataset": dataset, "eps": float(eps), "norm": "linf", "settings": settings, "seeds": seeds,
         "variants": list(variants), "options": {v: known[v][1] for v in variants}, "threads": threads, "jobs": jobs,
-        "device": device, "test_samples": len(y), "autoattack_samples": len(aa_index), "autoattack_version": "standard",
+        "device": device, "test_samples": len(y), "autoattack_samples": len(aa_index),
+        "autoattack_version": settings["autoattack"],
         "transfer_source": "teacher" if use_teacher else TRANSFER_SOURCE, "masking_gap": MASKING_GAP,
         "teacher": teacher_row, "rows": rows, "summary": summary, "criterion": criterion(summary),
         "stages": stages.records, "evaluation_seconds": round(evaluation_seconds, 1),
@@ -453,8 +455,8 @@ def format_table(results):
     source = ("the teacher" if results["transfer_source"] == "teacher"
               else f"the {results['transfer_source']} student of the same seed")
     lines.append(f"{results['seeds']} seeds; L∞ eps {results['eps']}; clean/PGD-20 on {results['test_samples']} test "
-                 f"samples, AutoAttack (standard) on {results['autoattack_samples']}; transfer: PGD-20 examples of "
-                 f"{source}")
+                 f"samples, AutoAttack ({results['autoattack_version']}) on {results['autoattack_samples']}; "
+                 f"transfer: PGD-20 examples of {source}")
     if c.get("evaluated"):
         lines.append(f"criterion {'met' if c['met'] else 'NOT met'}: robust-kd AA {100 * c['robust_kd_autoattack']:.1f} "
                      f"vs the best single-step ({c['best_single_step']}) {100 * c['best_single_step_autoattack']:.1f} "

@@ -26,12 +26,13 @@ SETTINGS = {
                       "demo_autoattack_samples": 500, "study_autoattack_samples": 500, "seeds": 5,
                       "quick_train_size": 1000},
 }
-# Smoke runs (--quick, for tests; the numbers mean little), over any data set's row.
+# Smoke runs (--quick, for tests; the numbers mean little), over any data set's row. Their AutoAttack is its first
+# two attacks only: FAB-T's and Square's thousands of small steps took most of a smoke run's time.
 QUICK = {
     "demo": {"teacher_width": 8, "student_width": 8, "teacher_epochs": 2, "student_epochs": 2, "test_samples": 40,
-             "autoattack_samples": 10},
+             "autoattack_samples": 10, "autoattack": "apgd-ce+apgd-t"},
     "frontier": {"seeds": 2, "teacher_width": 4, "student_width": 4, "teacher_epochs": 1, "student_epochs": 1,
-                 "test_samples": 30, "autoattack_samples": 10},
+                 "test_samples": 30, "autoattack_samples": 10, "autoattack": "apgd-ce+apgd-t"},
 }
 
 
@@ -43,6 +44,7 @@ def settings(dataset, command, quick=False):
     row = dict(SETTINGS[dataset])
     samples = {"demo": row.pop("demo_autoattack_samples"), "frontier": row.pop("study_autoattack_samples")}
     row["autoattack_samples"] = samples[command]
+    row["autoattack"] = "standard"
     if command == "demo":
         row.pop("seeds")
     quick_train_size = row.pop("quick_train_size")
@@ -142,13 +144,15 @@ def test_split(dataset, test_samples, autoattack_samples, data_dir=None):
     return x, y, stratified_subset(y, autoattack_samples or 0)
 
 
-def evaluate_model(model, test, aa, eps, seed, attacks=("clean", "fgsm", "pgd20")):
-    """`attacks` on `test` and AutoAttack standard on `aa` (both ``(x, y)``): {name: accuracy, "autoattack": ...}."""
+def evaluate_model(model, test, aa, eps, seed, attacks=("clean", "fgsm", "pgd20"), autoattack="standard"):
+    """`attacks` on `test` and AutoAttack on `aa` (both ``(x, y)``): {name: accuracy, "autoattack": ...}.
+    `autoattack`: "standard", or a custom list of AutoAttack's attacks such as "apgd-ce+apgd-t"."""
     from .attacks import evaluate
 
+    aa_attack = "autoattack" if autoattack == "standard" else f"autoattack:{autoattack}"
     scores = evaluate(model, test, attacks=list(attacks), eps=eps, seed=seed)
-    scores_aa = evaluate(model, aa, attacks=["autoattack"], eps=eps, seed=seed, sanity_checks=False)
-    return {**{name: scores[name] for name in attacks}, "autoattack": scores_aa["autoattack"]}
+    scores_aa = evaluate(model, aa, attacks=[aa_attack], eps=eps, seed=seed, sanity_checks=False)
+    return {**{name: scores[name] for name in attacks}, "autoattack": scores_aa[aa_attack]}
 
 
 class Stages:

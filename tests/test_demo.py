@@ -44,6 +44,8 @@ def test_results_keys_and_ranges(demo_run):
         assert entry["train_seconds"] > 0
     assert results["test_samples"] == SETTINGS["quick"]["test_samples"]
     assert results["autoattack_samples"] == SETTINGS["quick"]["autoattack_samples"]
+    # the smoke run's AutoAttack is its first two attacks; the demo itself runs the standard version
+    assert results["autoattack_version"] == "apgd-ce+apgd-t" and SETTINGS["full"]["autoattack"] == "standard"
     for key in ("command", "configs", "versions", "git_commit", "stages"):
         assert key in results
     assert results["configs"]["robust-kd"]["method"] == "robust-kd"

@@ -45,14 +45,12 @@ test: install test-python test-default-cpu test-triton test-cpp
 test-python: install
 	$(PY) -m pytest -q --durations=25 tests
 
-# The tests that compare numbers across code paths with a tolerance (ops against their reference, losses,
-# baselines, shared statistics, one process against two) once more with ATen's portable kernels instead of
-# this CPU's SIMD ones: reduction orders differ between machines, and a tolerance tuned on one CPU shows up
-# here, not on the next machine. The trainer and resume runs compare a run with itself, bit for bit.
-CROSS_PATH_TESTS := tests/test_feature_distance.py tests/test_fd_jacobian.py tests/test_jacobian_penalty.py \
-  tests/test_losses.py tests/test_baselines.py tests/test_shared_statistics.py tests/test_distributed.py
+# The tests marked cross_path (ops against their reference, losses and baselines against a direct computation,
+# shared statistics, one process against two) once more with ATen's portable kernels instead of this CPU's SIMD
+# ones: reduction orders differ between machines, and a tolerance tuned on one CPU shows up here, not on the next
+# machine. A run compared with itself bit for bit (resume, determinism) needs no second pass.
 test-default-cpu: install
-	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q $(CROSS_PATH_TESTS)
+	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q -m cross_path tests
 
 # Triton kernels on CPU run under the interpreter, which must be switched on before triton is imported:
 # a process of their own.

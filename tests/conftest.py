@@ -22,7 +22,8 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
 if os.environ.get("TRITON_INTERPRET", "") != "1" and not torch.cuda.is_available():
     collect_ignore.append("triton")
 
-from _digits_model import digits_batch, save_teacher  # noqa: E402  (imports rkd_fast: after the cache is chosen)
+# _digits_model imports rkd_fast: after the cache is chosen
+from _digits_model import digits_batch, one_thread, robust_digits_model, save_teacher  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -41,3 +42,23 @@ def teacher_file(tmp_path_factory):
 def tiny_batch():
     """6 random digits-sized images in [0, 1] and their labels, from the seeded global RNG."""
     return digits_batch(6)
+
+
+@pytest.fixture
+def single_thread():
+    """One torch thread for the test (the attack and evaluation tests' small models run fastest so)."""
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="session")
+def robust_model():
+    """The attack and evaluation tests' model: small_cnn (width 16) after 12 epochs of PGD-AT on digits."""
+    return robust_digits_model()
+
+
+@pytest.fixture(scope="session")
+def digits_test():
+    """Digits' test split, (x, y)."""
+    from rkd_fast.datasets import load_digits
+    return load_digits("test")

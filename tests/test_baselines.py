@@ -49,6 +49,7 @@ def _method(name, teacher=None, **options):
     return build_method(cfg, student, teacher, x[:4], contextlib.nullcontext), student
 
 
+@pytest.mark.cross_path
 @pytest.mark.parametrize("name,options", [("trades", {}), ("trades", {"trades_beta": 2.5}), ("ard", {}),
                                           ("ard", {"ard_alpha": 0.7, "ard_temperature": 4.0}), ("rslad", {})])
 def test_loss_matches_direct_computation(name, options):
@@ -157,6 +158,7 @@ def _signed_step_by_hand(student, start, y):
     return grad.sign()
 
 
+@pytest.mark.cross_path
 @pytest.mark.parametrize("name", ["fgsm-rs", "n-fgsm"])
 def test_single_step_baselines_match_their_papers(name):
     """fgsm-rs (Wong et al. 2020): uniform start in the eps-ball, step 1.25·eps, projected onto the ball and [0, 1].

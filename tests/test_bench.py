@@ -15,6 +15,7 @@ TINY = ["--quick", "--device", "cpu", "--width", "4", "--wrn-widen", "1", "--bat
         "--kernel-shapes", "2x4x3x3", "--kernel-impls", "rkd_fast,eager", "--kernel-min-time", "0.01"]
 
 
+@pytest.mark.slow
 def test_bench_end_to_end(tmp_path):
     out = tmp_path / "report"
     assert top_cli.main(["bench", *TINY, "--scenarios", "cifar-same,cifar-10x", "--out", str(out)]) == 0

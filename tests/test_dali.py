@@ -70,6 +70,7 @@ def test_dali_resumes_mid_epoch_and_refuses_val(smooth_folder):
         datasets.DALILoader(smooth_folder / "nowhere", "train", 3)
 
 
+@pytest.mark.slow
 def test_train_with_the_dali_loader_and_resume_bit_identically(smooth_folder, tmp_path):
     # 10 train images at batch 4: 3 steps per epoch, a checkpoint after each; resumed after step 4 of 6.
     args = ["--method", "natural", "--dataset", "imagenet", "--data-dir", str(smooth_folder), "--loader", "dali",

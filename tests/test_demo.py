@@ -32,6 +32,7 @@ def demo_run(tmp_path_factory):
     return out, json.loads((out / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_results_keys_and_ranges(demo_run):
     _, results = demo_run
     assert results["eps"] == 0.1
@@ -60,12 +61,14 @@ def test_results_keys_and_ranges(demo_run):
         assert record["wall_seconds"] >= 0 and record["cpu_seconds"] >= 0
 
 
+@pytest.mark.slow
 def test_plot_written(demo_run):
     out, _ = demo_run
     png = out / "robustness_vs_cost.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_models_load_and_match_results(demo_run):
     out, results = demo_run
     x, y = load_digits("test")
@@ -80,6 +83,7 @@ def test_models_load_and_match_results(demo_run):
         assert clean == pytest.approx(results["models"][name]["clean"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_refuses_to_overwrite(demo_run, capsys):
     out, _ = demo_run
     assert main(["demo", "--quick", "--out", str(out)]) == 2

@@ -132,6 +132,8 @@ def test_derived_seeds_differ_by_key_and_are_stable():
         seeding.derive_seed(0, 1.5)
 
 
+@pytest.mark.slow
+@pytest.mark.cross_path
 def test_two_processes_train_like_one_natural(tmp_path):
     _train(tmp_path / "one", 1, ["--method", "natural"])
     _train(tmp_path / "two", 2, ["--method", "natural"])
@@ -142,6 +144,8 @@ def test_two_processes_train_like_one_natural(tmp_path):
     assert len(list((tmp_path / "two" / "checkpoints").iterdir())) == 4  # steps 3, 6, 9 and the epoch end
 
 
+@pytest.mark.slow
+@pytest.mark.cross_path
 def test_two_processes_train_like_one_robust_kd(tmp_path, two_process_run, robust_kd):
     _train(tmp_path / "one", 1, robust_kd)
     one, two = _final(tmp_path / "one"), _final(two_process_run)
@@ -160,6 +164,7 @@ def stopped_run(tmp_path_factory, robust_kd):
     return out
 
 
+@pytest.mark.slow
 def test_stopped_two_process_run_resumes_bit_identical(tmp_path, stopped_run, two_process_run, robust_kd):
     out = tmp_path / "resumed"
     shutil.copytree(stopped_run, out)
@@ -172,6 +177,8 @@ def test_stopped_two_process_run_resumes_bit_identical(tmp_path, stopped_run, tw
                                                              ("train_seconds", "images_per_s", "eval_seconds")}}]
 
 
+@pytest.mark.slow
+@pytest.mark.cross_path
 def test_two_process_checkpoint_resumes_in_one_process(tmp_path, stopped_run, two_process_run, robust_kd):
     out = tmp_path / "resumed"
     shutil.copytree(stopped_run, out)
@@ -187,6 +194,7 @@ def test_two_process_checkpoint_resumes_in_one_process(tmp_path, stopped_run, tw
     _assert_same_training(resumed, _final(two_process_run), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_module_entry_point_under_torchrun_refuses_sync_bn_on_cpu(tmp_path):
     result = _launch(2, ["train", "--method", "natural", "--out", str(tmp_path / "run"), "--device", "cpu",
                          "--sync-bn", "--epochs", "1", "--no-progress"], module=True)

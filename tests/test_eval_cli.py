@@ -159,6 +159,7 @@ def test_robustbench_not_installed_is_a_clear_error(cifar10_dir, tmp_path, monke
 
 # --- threat models and AutoAttack versions ----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_l2_with_autoattack(cifar10_dir, tmp_path):
     torch.manual_seed(0)
     model = build_model("resnet18", width=4).eval()
@@ -199,6 +200,7 @@ def test_autoattack_versions_reach_pyautoattack(monkeypatch, name, version, atta
     assert results[name] == 1.0  # the recorder returns the inputs unchanged
 
 
+@pytest.mark.slow
 def test_autoattack_rand_runs(tmp_path):
     # The real thing once (APGD-CE and APGD-DLR, 20 EOT draws per step): a tiny digits model, a few samples.
     model = build_model("small_cnn", width=4).eval()

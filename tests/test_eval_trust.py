@@ -10,31 +10,21 @@ import torch
 from torch import nn
 
 import rkd_fast
-from _digits_model import EPS, one_thread, robust_digits_model
+from _digits_model import EPS
 from rkd_fast.attacks import sanity
 from rkd_fast.attacks.cli import _check_input_shape
 from rkd_fast.attacks.evaluate import gradient_only
 from rkd_fast.attacks.sanity import GradientMaskingWarning, GradientMismatchWarning, sanity_check
 from rkd_fast.cli import main
-from rkd_fast.datasets import load_digits
 from rkd_fast.models import InputNormalization, build_model
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
-def model():
-    return robust_digits_model()
-
-
-@pytest.fixture(scope="module")
-def batch():
-    x, y = load_digits("test")
-    return x[:128], y[:128]
+def batch(digits_test):
+    return digits_test[0][:128], digits_test[1][:128]
 
 
 class ReversedGradient(nn.Module):
@@ -75,30 +65,30 @@ class Constant(nn.Module):
 
 
 @pytest.mark.parametrize("trick", [ReversedGradient, TinyRandomGradient], ids=["reversed", "tiny-random"])
-def test_gradient_tricks_are_flagged(model, batch, trick):
+def test_gradient_tricks_are_flagged(robust_model, batch, trick):
     x, y = batch
     with pytest.warns(GradientMismatchWarning, match="finite difference of the loss disagrees"):
-        assert "gradient_mismatch" in sanity_check(trick(model), x, y, eps=EPS)
+        assert "gradient_mismatch" in sanity_check(trick(robust_model), x, y, eps=EPS)
     with pytest.warns(GradientMismatchWarning):  # evaluate runs it on the first batch, before the attacks
-        rkd_fast.evaluate(trick(model), (x, y), attacks=["clean", "pgd5"], eps=EPS)
+        rkd_fast.evaluate(trick(robust_model), (x, y), attacks=["clean", "pgd5"], eps=EPS)
 
 
-def test_gradient_free_queries_flag_a_reversed_gradient_without_finite_differences(model, batch, monkeypatch):
+def test_gradient_free_queries_flag_a_reversed_gradient_without_finite_differences(robust_model, batch, monkeypatch):
     x, y = batch
     monkeypatch.setattr(sanity, "FD_MEASURABLE", float("inf"))  # no sample can tell by finite differences
     with pytest.warns(GradientMismatchWarning, match="random queries of the eps = 0.1 ball raise"):
-        sanity_check(ReversedGradient(model), x, y, eps=EPS)
+        sanity_check(ReversedGradient(robust_model), x, y, eps=EPS)
     with warnings.catch_warnings():
         warnings.simplefilter("error", GradientMismatchWarning)
-        assert sanity_check(model, x, y, eps=EPS) == []
+        assert sanity_check(robust_model, x, y, eps=EPS) == []
 
 
 @pytest.mark.parametrize("norm, eps", [("linf", EPS), ("l2", 0.5)])
-def test_honest_models_pass_the_gradient_checks(model, batch, norm, eps):
+def test_honest_models_pass_the_gradient_checks(robust_model, batch, norm, eps):
     x, y = batch
     with warnings.catch_warnings():
         warnings.simplefilter("error", GradientMismatchWarning)
-        assert sanity_check(model, x, y, eps=eps, norm=norm) == []
+        assert sanity_check(robust_model, x, y, eps=eps, norm=norm) == []
         assert sanity_check(build_model("small_cnn", width=4).eval(), x, y, eps=eps, norm=norm) == []
 
 
@@ -109,12 +99,12 @@ def test_a_model_blind_to_its_input_is_a_warning_not_an_error(batch):
     assert results["pgd5"] == results["clean"]
 
 
-def test_only_gradient_attacks_carry_a_warning(tmp_path, model, capsys):
+def test_only_gradient_attacks_carry_a_warning(tmp_path, robust_model, capsys):
     assert gradient_only(["clean", "pgd20"]) and gradient_only(["fgsm", "cw20", "autoattack-rand"])
     assert gradient_only(["clean", "autoattack:apgd-ce+apgd-t"])
     assert not gradient_only(["clean", "pgd20", "autoattack"]) and not gradient_only(["autoattack:apgd-ce+square"])
     assert not gradient_only(["clean"])  # nothing attacked, nothing claimed
-    path = rkd_fast.save_model(model, tmp_path / "m.pt")
+    path = rkd_fast.save_model(robust_model, tmp_path / "m.pt")
     out = tmp_path / "eval"
     assert main(["eval", "--checkpoint", str(path), "--dataset", "digits", "--attacks", "clean", "pgd5",
                  "--n-examples", "40", "--out", str(out), "--no-progress"]) == 0
@@ -124,11 +114,11 @@ def test_only_gradient_attacks_carry_a_warning(tmp_path, model, capsys):
     assert any(w.startswith("only gradient attacks ran") for w in report["warnings"])
 
 
-def test_the_sanity_warnings_reach_eval_json(tmp_path, model):
+def test_the_sanity_warnings_reach_eval_json(tmp_path, robust_model):
     # A tricked model is code, not a model file: the CLI loads the honest file, wrapped by a patched loader.
     import rkd_fast.attacks.cli as eval_cli
 
-    saved = rkd_fast.save_model(model, tmp_path / "m.pt")
+    saved = rkd_fast.save_model(robust_model, tmp_path / "m.pt")
     real = eval_cli._load_model
 
     def tricked(*args, **kwargs):

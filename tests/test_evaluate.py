@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import rkd_fast
-from _digits_model import EPS, one_thread, robust_digits_model
+from _digits_model import EPS
 from rkd_fast.attacks import (EvaluationWarning, GradientMaskingWarning, ProbabilityOutputWarning,
                               RandomizedModelWarning, parse_attack, sanity_check)
 from rkd_fast.attacks.evaluate import run_evaluation
@@ -23,27 +23,13 @@ from rkd_fast.models import build_model
 pyautoattack = pytest.importorskip("pyautoattack")
 torchattacks = pytest.importorskip("torchattacks")
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="session")
-def model():
-    return robust_digits_model()
-
-
-@pytest.fixture(scope="session")
-def data():
-    return load_digits("test")
-
-
-def test_default_attacks_on_a_robust_model(model, data):
-    x, y = data[0][:50], data[1][:50]  # AutoAttack standard (with FAB-T and Square) on 50 samples: ~25 s
-    results = rkd_fast.evaluate(model, (x, y), eps=EPS)
+@pytest.mark.slow
+def test_default_attacks_on_a_robust_model(robust_model, digits_test):
+    x, y = digits_test[0][:50], digits_test[1][:50]  # AutoAttack standard (with FAB-T and Square) on 50 samples: ~25 s
+    results = rkd_fast.evaluate(robust_model, (x, y), eps=EPS)
     assert list(results) == ["clean", "fgsm", "pgd20", "cw20", "autoattack", "worst_case"]
     assert all(0 <= acc <= 1 for acc in results.values())
     assert results["clean"] > 0.9 and results["autoattack"] > 0.3  # meaningful, not trivially 0
@@ -52,23 +38,23 @@ def test_default_attacks_on_a_robust_model(model, data):
     assert results["pgd20"] <= results["fgsm"] + 0.005 and results["fgsm"] <= results["clean"]
 
 
-def test_worst_case_is_the_intersection(model, data):
-    x, y = data
-    only_clean = rkd_fast.evaluate(model, (x, y), attacks=["clean"], eps=EPS)
+def test_worst_case_is_the_intersection(robust_model, digits_test):
+    x, y = digits_test
+    only_clean = rkd_fast.evaluate(robust_model, (x, y), attacks=["clean"], eps=EPS)
     assert only_clean["worst_case"] == only_clean["clean"]
     # Every attack's accuracy already requires the clean prediction to be right, so with one attack the
     # worst case is that attack's accuracy; with two it lies between the union bound and the smaller.
-    two = rkd_fast.evaluate(model, (x, y), attacks=["fgsm", "cw5"], eps=EPS)
+    two = rkd_fast.evaluate(robust_model, (x, y), attacks=["fgsm", "cw5"], eps=EPS)
     assert two["worst_case"] <= min(two["fgsm"], two["cw5"])
     assert two["worst_case"] >= two["fgsm"] + two["cw5"] - only_clean["clean"] - 1e-9
-    one = rkd_fast.evaluate(model, (x, y), attacks=["pgd5"], eps=EPS)
+    one = rkd_fast.evaluate(robust_model, (x, y), attacks=["pgd5"], eps=EPS)
     assert one["worst_case"] == one["pgd5"]
 
 
-def test_step_counts_are_parsed(model, data):
-    x, y = data
-    results = rkd_fast.evaluate(model, (x, y), attacks=["pgd1", "pgd10"], eps=EPS)
-    assert results["pgd10"] < results["pgd1"]  # more steps find more adversarials on this model
+def test_step_counts_are_parsed(robust_model, digits_test):
+    x, y = digits_test
+    results = rkd_fast.evaluate(robust_model, (x, y), attacks=["pgd1", "pgd10"], eps=EPS)
+    assert results["pgd10"] < results["pgd1"]  # more steps find more adversarials on this robust model
     assert parse_attack("pgd50") == ("pgd", 50) and parse_attack("cw7") == ("cw", 7)
     assert parse_attack("autoattack") == ("autoattack", "standard")
     assert parse_attack("autoattack-plus") == ("autoattack", "plus")
@@ -76,26 +62,26 @@ def test_step_counts_are_parsed(model, data):
     assert parse_attack("autoattack:apgd-ce+square") == ("autoattack", ("apgd-ce", "square"))
 
 
-def test_iterable_of_batches_equals_the_pair(model, data):
-    x, y = data
+def test_iterable_of_batches_equals_the_pair(robust_model, digits_test):
+    x, y = digits_test
     attacks = ["clean", "fgsm", "pgd3"]
-    pair = rkd_fast.evaluate(model, (x, y), attacks=attacks, eps=EPS, batch_size=100)
+    pair = rkd_fast.evaluate(robust_model, (x, y), attacks=attacks, eps=EPS, batch_size=100)
     batches = [(x[i:i + 100], y[i:i + 100]) for i in range(0, len(x), 100)]
-    assert rkd_fast.evaluate(model, batches, attacks=attacks, eps=EPS, batch_size=100) == pair
-    assert rkd_fast.evaluate(model, iter(batches), attacks=attacks, eps=EPS) == pair  # no len() either
+    assert rkd_fast.evaluate(robust_model, batches, attacks=attacks, eps=EPS, batch_size=100) == pair
+    assert rkd_fast.evaluate(robust_model, iter(batches), attacks=attacks, eps=EPS) == pair  # no len() either
 
 
-def test_bf16_evaluation_matches_fp32(model, data):
+def test_bf16_evaluation_matches_fp32(robust_model, digits_test):
     attacks = ["pgd20", "cw20"]
-    fp32 = rkd_fast.evaluate(model, data, attacks=attacks, eps=EPS)
-    bf16 = rkd_fast.evaluate(model, data, attacks=attacks, eps=EPS, precision="bf16")
+    fp32 = rkd_fast.evaluate(robust_model, digits_test, attacks=attacks, eps=EPS)
+    bf16 = rkd_fast.evaluate(robust_model, digits_test, attacks=attacks, eps=EPS, precision="bf16")
     for name in attacks:
         assert abs(bf16[name] - fp32[name]) <= 0.01, name
 
 
-def test_model_state_restored_after_evaluate(data):
+def test_model_state_restored_after_evaluate(digits_test):
     model = build_model("small_cnn", width=4).train()
-    rkd_fast.evaluate(model, (data[0][:16], data[1][:16]), attacks=["clean", "pgd2"], eps=EPS,
+    rkd_fast.evaluate(model, (digits_test[0][:16], digits_test[1][:16]), attacks=["clean", "pgd2"], eps=EPS,
                       sanity_checks=False)
     assert model.training and all(p.requires_grad and p.grad is None for p in model.parameters())
 
@@ -118,16 +104,16 @@ def test_model_state_restored_after_evaluate(data):
     ({"precision": "int8"}, ValueError, "unknown precision"),
     ({"seed": "0"}, TypeError, "seed must be an int"),
 ], ids=lambda value: str(value) if isinstance(value, dict) else None)
-def test_bad_arguments(data, kwargs, error, match):
+def test_bad_arguments(digits_test, kwargs, error, match):
     model = build_model("small_cnn", width=4)
     kwargs = {"eps": EPS, **kwargs}
     with pytest.raises(error, match=match):
-        rkd_fast.evaluate(model, (data[0][:4], data[1][:4]), **kwargs)
+        rkd_fast.evaluate(model, (digits_test[0][:4], digits_test[1][:4]), **kwargs)
 
 
-def test_bad_data(data):
+def test_bad_data(digits_test):
     model = build_model("small_cnn", width=4)
-    x, y = data
+    x, y = digits_test
     with pytest.raises(ValueError, match="no samples"):
         rkd_fast.evaluate(model, [], attacks=["clean"], eps=EPS)
     with pytest.raises(ValueError, match="same number of samples"):
@@ -140,35 +126,35 @@ def test_bad_data(data):
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("sanity_checks", [True, False])
-def test_non_finite_inputs_in_any_batch_are_refused(model, data, value, sanity_checks):
+def test_non_finite_inputs_in_any_batch_are_refused(robust_model, digits_test, value, sanity_checks):
     # NaN compares false with both bounds: without the check it scored as class 0 (10%), never an error.
-    x, y = data[0].clone(), data[1]
+    x, y = digits_test[0].clone(), digits_test[1]
     x[300, 0, 3, 4] = value  # in the second batch of 256: the first batch's sanity checks never see it
     with pytest.raises(ValueError, match=r"x holds 1 NaN or infinite value"):
-        rkd_fast.evaluate(model, (x, y), attacks=["clean"], eps=EPS, sanity_checks=sanity_checks)
+        rkd_fast.evaluate(robust_model, (x, y), attacks=["clean"], eps=EPS, sanity_checks=sanity_checks)
 
 
 @pytest.mark.parametrize("label", [99, 10, -1])
 @pytest.mark.parametrize("sanity_checks", [True, False])
-def test_labels_of_every_batch_are_checked(model, data, label, sanity_checks):
+def test_labels_of_every_batch_are_checked(robust_model, digits_test, label, sanity_checks):
     # y[256:] = 99 used to drop clean accuracy from 96% to 69% without a word; with sanity_checks=False nothing
     # was checked at all.
-    x, y = data[0], data[1].clone()
+    x, y = digits_test[0], digits_test[1].clone()
     y[256:] = label
     with pytest.raises(ValueError, match=rf"labels must lie in \[0, 10\).*got values in \[{label}, {label}\]"):
-        rkd_fast.evaluate(model, (x, y), attacks=["clean"], eps=EPS, sanity_checks=sanity_checks)
+        rkd_fast.evaluate(robust_model, (x, y), attacks=["clean"], eps=EPS, sanity_checks=sanity_checks)
     batches = [(x[:256], y[:256]), (x[256:], y[256:])]  # an iterable of batches is checked the same way
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
-        rkd_fast.evaluate(model, batches, attacks=["clean", "fgsm"], eps=EPS, sanity_checks=sanity_checks)
+        rkd_fast.evaluate(robust_model, batches, attacks=["clean", "fgsm"], eps=EPS, sanity_checks=sanity_checks)
 
 
-def test_run_evaluation_reports_seconds_and_samples(model, data):
-    x, y = data[0][:100], data[1][:100]
-    evaluation = run_evaluation(model, (x, y), attacks=["clean", "fgsm", "pgd5"], eps=EPS, batch_size=40)
+def test_run_evaluation_reports_seconds_and_samples(robust_model, digits_test):
+    x, y = digits_test[0][:100], digits_test[1][:100]
+    evaluation = run_evaluation(robust_model, (x, y), attacks=["clean", "fgsm", "pgd5"], eps=EPS, batch_size=40)
     assert evaluation.n_examples == 100 and set(evaluation.seconds) == {"clean", "fgsm", "pgd5"}
     assert all(seconds > 0 for seconds in evaluation.seconds.values())
     assert evaluation.seconds["pgd5"] > evaluation.seconds["clean"]  # five forward-backward passes vs one forward
-    assert evaluation.accuracy == rkd_fast.evaluate(model, (x, y), attacks=["clean", "fgsm", "pgd5"], eps=EPS,
+    assert evaluation.accuracy == rkd_fast.evaluate(robust_model, (x, y), attacks=["clean", "fgsm", "pgd5"], eps=EPS,
                                                     batch_size=40)
 
 
@@ -177,31 +163,32 @@ def test_run_evaluation_reports_seconds_and_samples(model, data):
 EPS_L2 = 0.8  # about the L2 size of an L∞ 0.1 perturbation of 64 pixels
 
 
-def test_l2_pgd_matches_torchattacks(model, data):
-    x, y = data
-    ours = rkd_fast.evaluate(model, (x, y), attacks=["clean", "pgd10"], eps=EPS_L2, norm="l2")
+def test_l2_pgd_matches_torchattacks(robust_model, digits_test):
+    x, y = digits_test
+    ours = rkd_fast.evaluate(robust_model, (x, y), attacks=["clean", "pgd10"], eps=EPS_L2, norm="l2")
     torch.manual_seed(0)  # torchattacks draws its random start from the global RNG
-    x_theirs = torchattacks.PGDL2(model, eps=EPS_L2, alpha=EPS_L2 / 4, steps=10, random_start=True)(x, y)
+    x_theirs = torchattacks.PGDL2(robust_model, eps=EPS_L2, alpha=EPS_L2 / 4, steps=10, random_start=True)(x, y)
     with torch.no_grad():
-        theirs = ((model(x_theirs).argmax(1) == y) & (model(x).argmax(1) == y)).float().mean().item()
+        theirs = ((robust_model(x_theirs).argmax(1) == y) & (robust_model(x).argmax(1) == y)).float().mean().item()
     assert 0.3 < ours["pgd10"] < ours["clean"]  # a meaningful comparison: neither 0 nor the clean accuracy
     assert abs(ours["pgd10"] - theirs) <= 0.02
     # On 64 pixels the L∞ ball of 0.1 lies inside the L2 ball of 0.8: L2 PGD finds at least as many adversarials
     # (and an L∞ attack of radius 0.8, the norm ignored, would have left next to nothing above).
-    assert ours["pgd10"] <= rkd_fast.evaluate(model, (x, y), attacks=["pgd10"], eps=EPS_L2 / 8)["pgd10"] + 0.01
+    assert ours["pgd10"] <= rkd_fast.evaluate(robust_model, (x, y), attacks=["pgd10"], eps=EPS_L2 / 8)["pgd10"] + 0.01
 
 
-def test_l2_autoattack_matches_pyautoattack(model, data):
-    x, y = data[0][:100], data[1][:100]
+@pytest.mark.slow
+def test_l2_autoattack_matches_pyautoattack(robust_model, digits_test):
+    x, y = digits_test[0][:100], digits_test[1][:100]
     attacks = ["apgd-ce", "apgd-t"]
-    ours = rkd_fast.evaluate(model, (x, y), attacks=["clean", "autoattack:" + "+".join(attacks)], eps=EPS_L2,
+    ours = rkd_fast.evaluate(robust_model, (x, y), attacks=["clean", "autoattack:" + "+".join(attacks)], eps=EPS_L2,
                              norm="l2", batch_size=100)
-    direct = pyautoattack.AutoAttack(model, norm="L2", eps=EPS_L2, version="custom", attacks=attacks, seed=0)
+    direct = pyautoattack.AutoAttack(robust_model, norm="L2", eps=EPS_L2, version="custom", attacks=attacks, seed=0)
     x_direct, _ = direct.run_standard_evaluation(x, y, batch_size=100)
     with torch.no_grad():
-        theirs = (model(x_direct).argmax(1) == y).float().mean().item()
+        theirs = (robust_model(x_direct).argmax(1) == y).float().mean().item()
     assert abs(ours["autoattack:apgd-ce+apgd-t"] - theirs) <= 0.01
-    assert ours["autoattack:apgd-ce+apgd-t"] <= rkd_fast.evaluate(model, (x, y), attacks=["pgd20"], eps=EPS_L2,
+    assert ours["autoattack:apgd-ce+apgd-t"] <= rkd_fast.evaluate(robust_model, (x, y), attacks=["pgd20"], eps=EPS_L2,
                                                                   norm="l2")["pgd20"] + 0.01
     assert (x_direct - x).flatten(1).norm(dim=1).max() <= EPS_L2 + 1e-4
 
@@ -235,9 +222,9 @@ class Quantised(nn.Module):
     (Quantised, GradientMaskingWarning),
     (lambda m: nn.Sequential(m, nn.Softmax(dim=1)), ProbabilityOutputWarning),
 ], ids=["randomized", "zero-gradients", "probabilities"])
-def test_sanity_checks_warn(model, data, wrap, warning):
-    suspicious = wrap(model)
-    x, y = data[0][:64], data[1][:64]
+def test_sanity_checks_warn(robust_model, digits_test, wrap, warning):
+    suspicious = wrap(robust_model)
+    x, y = digits_test[0][:64], digits_test[1][:64]
     with pytest.warns(warning):
         sanity_check(suspicious, x, y)
     with pytest.warns(warning):  # evaluate runs them on its first batch
@@ -245,17 +232,17 @@ def test_sanity_checks_warn(model, data, wrap, warning):
     assert issubclass(warning, EvaluationWarning)
 
 
-def test_sanity_checks_pass_on_a_plain_model(model, data):
+def test_sanity_checks_pass_on_a_plain_model(robust_model, digits_test):
     with warnings.catch_warnings():
         warnings.simplefilter("error", EvaluationWarning)
-        assert sanity_check(model, data[0][:64], data[1][:64]) == []
+        assert sanity_check(robust_model, digits_test[0][:64], digits_test[1][:64]) == []
 
 
 # --- rkd-fast eval ------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
-def model_file(model, tmp_path_factory):
-    return rkd_fast.save_model(model, tmp_path_factory.mktemp("model") / "robust.pt", method="pgd-at", eps=EPS)
+def model_file(robust_model, tmp_path_factory):
+    return rkd_fast.save_model(robust_model, tmp_path_factory.mktemp("model") / "robust.pt", method="pgd-at", eps=EPS)
 
 
 def test_eval_cli_end_to_end(model_file, tmp_path, capsys):
@@ -274,7 +261,8 @@ def test_eval_cli_end_to_end(model_file, tmp_path, capsys):
     assert {"torch", "rkd_fast", "pyautoattack", "python"} <= set(report["versions"])
     assert "git_commit" in report
     # RobustBench's field names; no AutoAttack in the list, so no AutoAttack accuracy
-    assert (report["dataset"], report["threat_model"], report["eps"], report["n_examples"]) == ("digits", "Linf", EPS, 60)
+    assert (report["dataset"], report["threat_model"], report["eps"], report["n_examples"]) == \
+        ("digits", "Linf", EPS, 60)
     assert report["clean_acc"] == report["results"]["clean"] and report["autoattack_acc"] is None
     assert report["worst_case"] == report["results"]["worst_case"] and set(report["seconds"]) == {"clean", "fgsm",
                                                                                                    "pgd5", "cw5"}
@@ -299,6 +287,7 @@ def test_eval_cli_rejects_a_bad_attack_name(model_file, capsys):
     assert "unknown attack 'pgdx'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_eval_cli_as_a_process(model_file, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run([sys.executable, "-m", "rkd_fast", "eval", "--checkpoint", str(model_file),

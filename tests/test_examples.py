@@ -27,6 +27,7 @@ def _percent(text, label):
     return float(re.search(rf"{label}\s+([\d.]+)%", text).group(1))
 
 
+@pytest.mark.slow
 def test_distil_in_your_loop():
     out = _run("distil_in_your_loop.py")
     assert "epoch 6: ce" in out and "kd" in out and "feat" in out
@@ -36,6 +37,7 @@ def test_distil_in_your_loop():
     assert _percent(student, "clean") > 90 and _percent(student, "pgd20") > 60
 
 
+@pytest.mark.slow
 def test_evaluate_any_model():
     pytest.importorskip("torchvision")
     out = _run("evaluate_any_model.py")
@@ -44,6 +46,7 @@ def test_evaluate_any_model():
     assert "L2 eps = 0.5: pgd20" in out
 
 
+@pytest.mark.slow
 def test_fused_losses():
     out = _run("fused_losses.py")
     assert "gradients: compiled == eager" in out and "after 20 compiled steps" in out

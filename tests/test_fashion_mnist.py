@@ -226,6 +226,7 @@ def test_real_files_statistics_match_dataset_info():
     assert len(datasets.open_split("fashion-mnist", "test")[1]) == 10000
 
 
+@pytest.mark.slow
 def test_real_files_train_and_evaluate(tmp_path, capsys):
     _real_files_or_skip()
     pytest.importorskip("pyautoattack")

@@ -98,6 +98,7 @@ def _same(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_a_full_disk_at_any_write_leaves_a_run_that_resumes_to_the_same_result(tmp_path, monkeypatch, capsys):
     whole = tmp_path / "whole"
     writes = []
@@ -256,6 +257,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_a_hung_peer_stops_the_run_naming_its_rank(tmp_path):
     import socket
     import time

@@ -20,6 +20,8 @@ from _op_backends import (COPY_OPS, assert_close_scaled, needs_cpu_kernel, ops_r
 import rkd_fast
 from rkd_fast.ops.fd_jacobian import options
 
+pytestmark = pytest.mark.cross_path  # `make test` runs it again on ATen's portable kernels
+
 target, kernel_target, cxx_kernel_target, gpu_target = target_fixtures(
     "fd_jacobian", "target", "kernel_target", "cxx_kernel_target", "gpu_target")
 needs_cpu = needs_cpu_kernel("fd_jacobian")

@@ -25,6 +25,8 @@ import rkd_fast
 from rkd_fast.ops import backend_status
 from rkd_fast.ops.feature_distance import MODE_IDS, REDUCTION_IDS
 
+pytestmark = pytest.mark.cross_path  # `make test` runs it again on ATen's portable kernels
+
 target, kernel_target, triton_target, gpu_target = target_fixtures(
     "feature_distance", "target", "kernel_target", "triton_target", "gpu_target")
 needs_cpu = needs_cpu_kernel("feature_distance")

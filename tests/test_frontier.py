@@ -17,6 +17,7 @@ from rkd_fast.train.methods import build_method
 pytest.importorskip("pyautoattack", reason="the study evaluates with AutoAttack: pip install pyautoattack")
 
 
+@pytest.mark.slow
 def test_quick_study_end_to_end(tmp_path):
     out = tmp_path / "study"
     args = ["frontier", "--quick", "--methods", "robust-kd,fgsm-rs,pgd-at", "--out", str(out), "--no-progress"]
@@ -92,6 +93,7 @@ def test_variants_of_ones_own(tmp_path):
             frontier.parse_variant(text)
 
 
+@pytest.mark.slow
 def test_a_variant_runs_beside_the_study(tmp_path, capsys):
     out = tmp_path / "study"
     args = ["frontier", "--quick", "--seeds", "1", "--methods", "fgsm-rs", "--variant", "fgsm-wide=fgsm-rs --width 6",
@@ -147,6 +149,7 @@ def test_default_step_is_in_units_of_the_threat_model(shape, eps):
     assert _robust_kd(shape, eps=eps, jac_h=0.3).loss_fn.jacobian["h"] == 0.3  # an absolute step overrides
 
 
+@pytest.mark.slow
 def test_a_study_resumes_keeping_its_finished_models(tmp_path, monkeypatch, capsys):
     out = tmp_path / "study"
     args = ["frontier", "--quick", "--methods", "fgsm-rs,pgd-at", "--out", str(out), "--no-progress", "--jobs", "1"]
@@ -174,6 +177,7 @@ def test_a_study_resumes_keeping_its_finished_models(tmp_path, monkeypatch, caps
     assert main([*args, "--resume", "--out", str(tmp_path / "none")]) == 2  # nothing to resume
 
 
+@pytest.mark.slow
 def test_fashion_mnist_study_smoke_run(tmp_path):
     from rkd_fast.datasets import fashion_mnist as fm
 

@@ -15,6 +15,8 @@ from rkd_fast.bench.jacobian_accuracy import penalty_rows, relative_error, train
 from rkd_fast.datasets import load_digits
 from rkd_fast.jacobian import STEP_PER_PIXEL, default_step, draw_direction, jacobian_penalty
 
+pytestmark = pytest.mark.cross_path  # `make test` runs it again on ATen's portable kernels
+
 
 def _fd_by_hand(student, teacher, x, d, h):
     """‖(S(x+hd) - S(x))/h - (T(x+hd) - T(x))/h‖² per sample, eval-mode models."""

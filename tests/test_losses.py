@@ -27,6 +27,7 @@ def _features(model, x, names):
     return logits, [out[n] for n in names]
 
 
+@pytest.mark.cross_path
 def test_terms_match_plain_pytorch():
     student, teacher = _models()
     student.eval()  # eval mode: a second forward of the reference sees the same function
@@ -248,6 +249,7 @@ def test_bad_arguments(kwargs, match):
 
 # --- the adapter's resize: the functions of F.adaptive_avg_pool2d and F.interpolate, by matrix products --------
 
+@pytest.mark.cross_path
 @pytest.mark.parametrize("src, dst", [((8, 8), (4, 4)), ((7, 5), (3, 2)), ((6, 6), (6, 3)), ((5, 5), (1, 1)),
                                       ((2, 2), (4, 4)), ((3, 5), (7, 6)), ((1, 1), (3, 3)), ((4, 2), (5, 5))],
                          ids=str)
@@ -273,6 +275,7 @@ def test_adapter_resize_matches_torch(src, dst, layout):
                                rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.cross_path
 def test_adapter_resize_keeps_low_precision_inputs_accurate():
     from rkd_fast.losses import FeatureAdapter
 
@@ -287,6 +290,7 @@ def test_adapter_resize_keeps_low_precision_inputs_accurate():
 
 # --- the terms at the student's adversarial point (eps given: the trainer's default) ------------------------------
 
+@pytest.mark.cross_path
 @pytest.mark.parametrize("jac_weight", [0.0, 0.5])
 @pytest.mark.parametrize("train", [False, True])
 def test_adversarial_point_terms_match_a_direct_computation(jac_weight, train):

@@ -50,6 +50,7 @@ def _one_line_error(capsys, command):
     return captured.err
 
 
+@pytest.mark.slow
 def test_timm_student_from_torchvision_teacher_save_eval_export(tmp_path, capsys):
     weights = _bare_weights(TV, tmp_path / "shufflenet.pth")
     out = tmp_path / "run"
@@ -84,6 +85,7 @@ def test_timm_student_from_torchvision_teacher_save_eval_export(tmp_path, capsys
     assert not (tmp_path / "student.pt").exists()
 
 
+@pytest.mark.slow
 def test_torchvision_student_from_timm_vit_teacher_tokens_to_map(tmp_path):
     # synthetic-imagenet at 32×32 (one step of 4 images: bf16 autocast is slow on a CPU), ViT patches of 8×8. Not
     # 16×16: ShuffleNet's stage4 would then run a stride-2 depthwise conv on a 1×1 map, whose bf16 weight gradient
@@ -291,6 +293,7 @@ def test_nhwc_stage_outputs_are_compared_as_maps():
     torch.testing.assert_close(terms["feat"], expected.float(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_compiled_timm_student_trains(tmp_path, monkeypatch):
     # --compile with a timm student and a torchvision teacher: dynamo captures the student's graph and training runs
     # through it. aot_eager (dynamo and AOTAutograd without Inductor's C++ code generation): the same graph capture

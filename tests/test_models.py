@@ -65,6 +65,7 @@ def test_stem_changes_resolution_and_bad_stem_is_rejected():
     assert {"resnet34", "resnet50", "wide_resnet34_10", "mobilenet_v2"} <= set(MODELS)
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_without_breaks():
     model = build_model("mobilenet_v2").eval()
     compiled = torch.compile(model, fullgraph=True, backend="eager")  # fullgraph: a graph break raises

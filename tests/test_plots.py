@@ -30,6 +30,7 @@ def _png(path):
         return image.size
 
 
+@pytest.mark.slow
 def test_plot_runs_draws_every_loss_term_and_the_validation_accuracy(runs, tmp_path):
     drawn = plots.plot_runs([runs / "natural", runs / "kd"], tmp_path / "curves.png")
     natural, kd = plots.read_metrics(runs / "natural"), plots.read_metrics(runs / "kd")
@@ -44,6 +45,7 @@ def test_plot_runs_draws_every_loss_term_and_the_validation_accuracy(runs, tmp_p
     assert width > 3 * height / 2  # panels side by side: 4 panels, 3 to a row
 
 
+@pytest.mark.slow
 def test_plot_command(runs, tmp_path, capsys):
     assert main(["plot", str(runs / "kd")]) == 0  # one run: RUN_DIR/curves.png
     assert f"wrote {runs / 'kd' / 'curves.png'}" in capsys.readouterr().out
@@ -52,6 +54,7 @@ def test_plot_command(runs, tmp_path, capsys):
     _png(tmp_path / "both.png")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["{runs}/kd", "{runs}/natural"], "several runs need --out FILE.png"),
     (["{runs}"], "holds no metrics.csv"),

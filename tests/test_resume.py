@@ -44,6 +44,7 @@ def _wait_for(path, process, timeout=120):
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, teacher_file):
     uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
     assert main(_args(uninterrupted, teacher_file)) == 0

@@ -13,6 +13,8 @@ from rkd_fast import RobustKDLoss
 from rkd_fast.clean_pass import share_clean_statistics
 from rkd_fast.jacobian import jacobian_penalty
 
+pytestmark = pytest.mark.cross_path  # `make test` runs it again on ATen's portable kernels
+
 
 # float64: the finite difference divides rounding differences by h (convolutions of a batch of 2N round
 # differently than of N), which in float32 moves gradients by up to ~1%; in float64 both schemes agree closely.

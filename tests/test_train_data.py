@@ -90,6 +90,7 @@ def test_cifar_training_batches_are_augmented_and_digits_are_not(tmp_path):
     assert torch.equal(xb, xd[yb]) and sorted(yb.tolist()) == list(range(len(xd)))
 
 
+@pytest.mark.slow
 def test_cifar_mid_epoch_resume_is_bit_identical(tmp_path):
     _make_cifar10(tmp_path / "data", per_batch=8)
     # 32 train images at batch 8: 4 steps per epoch, a checkpoint after every step (global steps 1..8).

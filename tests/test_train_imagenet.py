@@ -43,6 +43,7 @@ def _weights(out, step):
     return checkpoints.read_checkpoint(checkpoints.checkpoint_path(out, step))["student"]
 
 
+@pytest.mark.slow
 def test_imagenet_run_files_export_and_bit_identical_resume(folder, tmp_path):
     # 8 train images at batch 3: 3 steps per epoch (3, 3, 2), a checkpoint after every step (global steps 1..6).
     args = ["--method", "natural", "--dataset", "imagenet", "--data-dir", str(folder), "--epochs", "2",
@@ -171,6 +172,7 @@ def test_synthetic_loader_is_the_seeds_global_batch():
     assert len(_epoch(single, 0, start_batch=1)) == 1 and single.num_samples == 8
 
 
+@pytest.mark.slow
 def test_synthetic_imagenet_robust_kd_throughput_run(tmp_path):
     # docs/training.md's throughput command, scaled down: ResNet-50 student and (randomly initialised) teacher. At
     # 64×64 layer4 is 2×2: train-mode BatchNorm over fewer values (32×32, batch 2) sent the Jacobian term to inf.
@@ -194,6 +196,7 @@ def test_synthetic_imagenet_robust_kd_throughput_run(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                     reason="torch.distributed with gloo is not available")
 def test_two_processes_train_imagenet_like_one(folder, tmp_path):

@@ -71,6 +71,7 @@ def test_kd_without_its_kd_term_is_natural_training(teacher_file):
     assert {"train_ce", "train_kd"} <= set(kd.metrics[0]) and "train_feat" not in kd.metrics[0]
 
 
+@pytest.mark.slow
 def test_cli_robust_kd_run_files_and_export(tmp_path, teacher_file):
     out = tmp_path / "run"
     args = ["train", "--method", "robust-kd", "--teacher", str(teacher_file), "--teacher-arch", "small_cnn",
@@ -210,6 +211,7 @@ def test_cifar_stem_resnets(arch):
     assert torch.isfinite(total)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("distill_at", ["adversarial", "clean"])
 def test_compiled_robust_kd_with_batchnorm_student(tmp_path, teacher_file, distill_at):
     # --compile converts the student's BatchNorms to share the clean statistics in one batched Jacobian call

@@ -80,7 +80,9 @@ def add_arguments(parser):
     parser.add_argument("--jobs", type=int, default=2, help="evaluation processes (training runs one at a time)")
     parser.add_argument("--device", default="cpu", help="where the models train (default: the demo's cpu); the "
                                                          "evaluation runs on the CPU")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of training and of each evaluation")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of training; the --jobs evaluation processes share them (each gets "
+                             "threads // jobs, at least 1: more threads than cores spin and run several times slower)")
     parser.add_argument("--autoattack-samples", type=int, default=None, metavar="N",
                         help="AutoAttack on a fixed class-stratified subset of N test samples (default: the data "
                              "set's; digits: all)")
@@ -360,6 +362,7 @@ def run_frontier(out, *, dataset="digits", data_dir=None, variants=None, custom=
     def is_source(row):
         return row["variant"] == ("teacher" if use_teacher else TRANSFER_SOURCE)
 
+    evaluation_threads = max(1, threads // jobs)
     jobs_list = []
     for i, row in enumerate(evaluated):
         held = finished.scores(files.add(scores_file(row)))
@@ -367,7 +370,7 @@ def run_frontier(out, *, dataset="digits", data_dir=None, variants=None, custom=
             row.update(held)
             continue
         job = {"key": i, "path": row["path"], "test": str(test_file), "aa_index": aa_index, "eps": float(eps),
-               "seed": row["seed"], "threads": threads, "autoattack": settings["autoattack"]}
+               "seed": row["seed"], "threads": evaluation_threads, "autoattack": settings["autoattack"]}
         if is_source(row):
             job["write_transfer"] = str(files.add(transfer_file(row["seed"])))
         jobs_list.append(job)
@@ -395,6 +398,7 @@ def run_frontier(out, *, dataset="digits", data_dir=None, variants=None, custom=
     results = {
         "dataset": dataset, "eps": float(eps), "norm": "linf", "settings": settings, "seeds": seeds,
         "variants": list(variants), "options": {v: known[v][1] for v in variants}, "threads": threads, "jobs": jobs,
+        "evaluation_threads": evaluation_threads,
         "device": device, "test_samples": len(y), "autoattack_samples": len(aa_index),
         "autoattack_version": settings["autoattack"],
         "transfer_source": "teacher" if use_teacher else TRANSFER_SOURCE, "masking_gap": MASKING_GAP,

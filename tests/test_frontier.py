@@ -24,6 +24,7 @@ def test_quick_study_end_to_end(tmp_path):
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["seeds"] == 2 and results["variants"] == ["robust-kd", "fgsm-rs", "pgd-at"]
+    assert results["threads"] == 1 and results["jobs"] == 2 and results["evaluation_threads"] == 1
     assert len(results["rows"]) == 6 and {r["seed"] for r in results["rows"]} == {0, 1}
     for row in results["rows"]:
         assert all(0 <= row[k] <= 1 for k in ("clean", "pgd20", "autoattack")) and row["train_seconds"] > 0

@@ -51,8 +51,8 @@ def main():
 
     # AutoAttack through pyautoattack: here its first attack alone, APGD-CE (5 restarts of 100 steps, AutoAttack's
     # own settings for a custom list, "autoattack:apgd-ce+apgd-t" for more); "autoattack" runs the standard version
-    # (APGD-CE, APGD-T on 9 target classes, FAB-T and the 5,000-query Square attack): minutes on a CPU. A fixed class-stratified subset of the test split keeps it short; rkd-fast eval
-    # --n-examples picks the same subset.
+    # (APGD-CE, APGD-T on 9 target classes, FAB-T and the 5,000-query Square attack): minutes on a CPU. A fixed
+    # class-stratified subset of the test split keeps it short; rkd-fast eval --n-examples picks the same subset.
     subset = stratified_split(y_test, 50)[1]
     x, y = x_test[subset], y_test[subset]
     attacks = ["clean", "pgd20", "autoattack:apgd-ce"]

@@ -20,7 +20,8 @@ endif
 
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py pyproject.toml
 
-.PHONY: install test test-python test-default-cpu test-triton test-cpp demo bench clean
+TEST_STAGES := test-python test-default-cpu test-triton test-cpp
+.PHONY: install test $(TEST_STAGES) demo bench clean
 
 install: $(STAMP)
 
@@ -40,7 +41,10 @@ $(STAMP): $(SOURCES) | $(VENV)/bin/python
 	touch $@
 endif
 
-test: install test-python test-default-cpu test-triton test-cpp
+# The four test stages are independent processes, and the main pytest run keeps about one core busy: two stages at a
+# time, each stage's output printed whole when it ends (pytest's numbered temporary directories are safe to share).
+test: install
+	$(MAKE) --no-print-directory -j2 --keep-going --output-sync=target $(TEST_STAGES)
 
 test-python: install
 	$(PY) -m pytest -q --durations=25 tests

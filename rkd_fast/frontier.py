@@ -23,7 +23,8 @@ commit and the same settings; anything else is refused), the rest are trained an
 over several sessions.
 
 A model whose AutoAttack accuracy falls more than MASKING_GAP under its PGD-20 accuracy is flagged: AutoAttack's
-gradient-free Square attack and its step-size-free APGD find what a masked gradient hides from PGD.
+gradient-free Square attack and its step-size-free APGD find what a masked gradient hides from PGD. The evaluation's
+sanity checks (rkd_fast.attacks.sanity) are kept per model too, as its "warnings".
 
 --variant NAME=METHOD [FLAGS] adds a study entry of the user's own: METHOD with `rkd-fast train` flags over the
 study's settings (e.g. ``--variant "rkd-no-kd=robust-kd --kd-weight 0"``), so a table of tries is a study like any
@@ -186,6 +187,7 @@ def _evaluate_job(job):
     """One model's evaluation, in a worker process: clean and PGD-20 on the test split, AutoAttack standard on
     it (or the subset), the transfer examples' accuracy; writes the transfer examples when asked."""
     from .attacks import pgd
+    from .attacks.sanity import collect_cautions
     from .model_file import load_model
     from .studies import evaluate_model
 
@@ -193,12 +195,13 @@ def _evaluate_job(job):
     model = load_model(job["path"])
     x, y = torch.load(job["test"], weights_only=True)
     aa = job["aa_index"]
-    row = evaluate_model(model, (x, y), (x[aa], y[aa]), job["eps"], job["seed"], attacks=("clean", "pgd20"),
-                         autoattack=job["autoattack"])
+    with collect_cautions() as cautions:
+        row = evaluate_model(model, (x, y), (x[aa], y[aa]), job["eps"], job["seed"], attacks=("clean", "pgd20"),
+                             autoattack=job["autoattack"])
     if job.get("write_transfer"):
         x_adv = pgd(model, x, y, job["eps"], job["eps"] / 4, 20, random_start=True, seed=job["seed"])
         torch.save(x_adv, job["write_transfer"])
-    return job["key"], row
+    return job["key"], {**row, "warnings": cautions}
 
 
 def _transfer_accuracy(path, x_adv, y):
@@ -383,6 +386,8 @@ def run_frontier(out, *, dataset="digits", data_dir=None, variants=None, custom=
             if progress:
                 print(f"[frontier] evaluated {r['variant']} seed {r['seed']}: clean {r['clean']:.3f} "
                       f"PGD-20 {r['pgd20']:.3f} AA {r['autoattack']:.3f}", flush=True)
+                for caution in r["warnings"]:
+                    print(f"[frontier] warning ({r['variant']} seed {r['seed']}): {caution}", flush=True)
     evaluation_seconds = time.perf_counter() - t
     files.written(*[job["write_transfer"] for job in jobs_list if "write_transfer" in job])
     for row in evaluated:
@@ -410,7 +415,8 @@ def run_frontier(out, *, dataset="digits", data_dir=None, variants=None, custom=
         "quick": bool(quick), "resumed": bool(resume), **record,
     }
     files.written(
-        _write_csv(files.add(out / "seeds.csv"), rows, ["variant", "method", "seed", *FIGURES, "masking", "path"]),
+        _write_csv(files.add(out / "seeds.csv"), rows, ["variant", "method", "seed", *FIGURES, "masking", "warnings",
+                                                          "path"]),
         _write_csv(files.add(out / "summary.csv"), [{"variant": v, **s} for v, s in summary.items()],
                    ["variant", "method", "n", *[f"{f}_{k}" for f in FIGURES for k in ("mean", "std")],
                     "masking_flags"]),
@@ -430,7 +436,7 @@ def _write_csv(path, rows, columns):
     def write(f):
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: " | ".join(v) if isinstance(v, list) else v for k, v in row.items()} for row in rows)
     return atomic_write(path, write, text=True)
 
 

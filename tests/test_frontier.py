@@ -4,6 +4,7 @@ trainer derives from the threat model."""
 import csv
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -40,11 +41,35 @@ def test_quick_study_end_to_end(tmp_path):
     assert all(0 <= teacher[k] <= 1 for k in ("clean", "pgd20", "autoattack")) and teacher["train_seconds"] > 0
     assert teacher["path"] == "models/teacher.pt" and (out / "models" / "teacher.json").is_file()
     assert results["transfer_source"] == "pgd-at"
-    assert len(list(csv.DictReader(open(out / "seeds.csv")))) == 6
+    seeds_csv = list(csv.DictReader(open(out / "seeds.csv")))
+    assert len(seeds_csv) == 6 and all(isinstance(r["warnings"], list) for r in results["rows"])
+    assert [r["warnings"] for r in seeds_csv] == [" | ".join(r["warnings"]) for r in results["rows"]]
     assert [r["variant"] for r in csv.DictReader(open(out / "summary.csv"))] == ["robust-kd", "fgsm-rs", "pgd-at"]
     assert (out / "frontier.png").stat().st_size > 0
     assert main(args) == 2  # a second study into the same --out is refused
     assert main([*args, "--overwrite"]) == 0
+
+
+def test_an_evaluation_keeps_the_sanity_checks_warnings_and_shows_the_others(tmp_path, teacher_file, monkeypatch,
+                                                                              single_thread):
+    from rkd_fast import studies
+    from rkd_fast.attacks import GradientMismatchWarning
+
+    def evaluate_model(model, test, aa, eps, seed, attacks, autoattack):
+        warnings.warn("the gradient lies", GradientMismatchWarning)
+        warnings.warn("something else", RuntimeWarning)
+        return {"clean": 1.0, "pgd20": 0.5, "autoattack": 0.25}
+
+    monkeypatch.setattr(studies, "evaluate_model", evaluate_model)
+    torch.save((torch.rand(4, 1, 8, 8), torch.arange(4)), tmp_path / "test.pt")
+    job = {"key": 3, "path": str(teacher_file), "test": str(tmp_path / "test.pt"), "aa_index": [0, 1], "eps": 0.1,
+           "seed": 0, "threads": 1, "autoattack": "standard"}
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        key, scores = frontier._evaluate_job(job)
+    assert key == 3 and scores == {"clean": 1.0, "pgd20": 0.5, "autoattack": 0.25,
+                                   "warnings": ["GradientMismatchWarning: the gradient lies"]}
+    assert [w.category for w in shown] == [RuntimeWarning]
 
 
 def _rows(variant, aa, seconds):

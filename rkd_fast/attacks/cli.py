@@ -19,7 +19,6 @@ import os
 import shlex
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -31,7 +30,7 @@ from ..precision import autocast_dtype
 from ._common import NORMS
 from .evaluate import (ATTACK_NAMES_HELP, DEFAULT_ATTACKS, DEFAULT_ATTACKS_L2, gradient_only, parse_attack,
                        run_evaluation)
-from .sanity import EvaluationWarning
+from .sanity import collect_cautions
 from ..datasets import SPECS
 from .eval_inputs import EVAL_SPLITS, eval_batches, model_from_weights, normalization
 
@@ -387,18 +386,13 @@ def _evaluate_and_report(args, plan):
 
     start = time.perf_counter()
     try:
-        with warnings.catch_warnings(record=True) as caught:  # the sanity checks': shown, and kept in eval.json
-            warnings.simplefilter("always", EvaluationWarning)
+        with collect_cautions() as cautions:  # the sanity checks': shown, and kept in eval.json
             evaluation = run_evaluation(plan["model"], plan["batches"], attacks=plan["attacks"], eps=plan["eps"],
                                         norm=plan["norm"], batch_size=args.batch_size, precision=args.precision,
                                         seed=args.seed, progress=not args.no_progress)
     except ValueError as error:  # a later batch's data (NaN, labels outside the classes): nothing is written
         return _fail(error)
     elapsed = time.perf_counter() - start
-    for warning in caught:
-        if not issubclass(warning.category, EvaluationWarning):
-            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-    cautions = [f"{w.category.__name__}: {w.message}" for w in caught if issubclass(w.category, EvaluationWarning)]
     caveat = gradient_only(plan["attacks"], plan["norm"])
     if caveat:
         cautions.append(caveat)

@@ -3,6 +3,7 @@ a randomised model, gradient masking, probabilities instead of logits, and a gra
 (checked against finite differences and a few gradient-free queries). Each problem raises a warning of its own
 `EvaluationWarning` subclass, so a caller can filter them or turn them into errors."""
 
+import contextlib
 import warnings
 
 import torch
@@ -32,6 +33,21 @@ class GradientMismatchWarning(EvaluationWarning):
     """The input gradient does not describe the loss: a finite difference of the loss along it disagrees with
     it, or a few random queries raise the loss more than a step along it (a backward pass that is not the
     forward's derivative: gradient attacks are misled, and their accuracy overstates robustness)."""
+
+
+@contextlib.contextmanager
+def collect_cautions():
+    """Collects the sanity checks' warnings raised inside it (`EvaluationWarning`, each time it is raised) as
+    "Name: message" strings into the list it yields, for a report to keep; any other warning is shown as usual."""
+    cautions = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", EvaluationWarning)
+        yield cautions
+    for warning in caught:
+        if issubclass(warning.category, EvaluationWarning):
+            cautions.append(f"{warning.category.__name__}: {warning.message}")
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 # The finite-difference check: central differences of step FD_STEP along sign(gradient), in fp32, on the samples

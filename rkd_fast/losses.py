@@ -10,7 +10,8 @@ Jacobian term along a random direction (`jacobian_penalty`). With ``eps`` (the t
 student's single-step adversarial point x' in the L∞ threat model of radius eps, built as N-FGSM builds it (de
 Jorge et al. 2022): a start x̃ = x + η, η uniform in [−noise·eps, noise·eps], then one step of h along the sign of
 the input gradient of the student's cross-entropy at x̃, h = eps by default, clamped to [0, 1]. CE, KD and the
-feature maps are matched at x' (the teacher's soft labels and features where the student is weakest), and the
+feature maps are matched at x' (the teacher's soft labels and features where the student is weakest; with
+``teacher_at="clean"`` the teacher's at x are the targets, as in ARD and RSLAD), and the
 Jacobian term is the finite difference along that step: ‖(S(x') − S(x̃))/h − (T(x') − T(x̃))/h‖². One
 gradient pass of the student finds x' (the attack pass, eval mode, no parameter gradients); with jac_weight 0
 the step is then one student forward + backward at x' and one teacher forward: what single-step adversarial
@@ -47,6 +48,8 @@ JACOBIAN_OPTIONS = ("h", "direction", "norm", "on", "temperature", "fraction", "
 JACOBIAN_DEFAULTS = {"direction": "gaussian"}
 # N-FGSM's start noise, in units of eps (de Jorge et al. 2022: uniform in [−2·eps, 2·eps])
 ADVERSARIAL_NOISE = 2.0
+# with eps, the teacher's input: the student's adversarial point, or the clean input (ARD's and RSLAD's targets)
+TEACHER_AT = ("adversarial", "clean")
 
 
 def resize_matrix(src, dst, pool):
@@ -151,6 +154,10 @@ class RobustKDLoss(HoldsStudentTeacher, nn.Module):
         eps: None, or the L∞ radius of the threat model (on the [0, 1] pixel scale): evaluate every term at the
             student's single-step adversarial point (module docstring).
         noise: with ``eps``: the start's uniform noise, in units of eps (N-FGSM's 2).
+        teacher_at: with ``eps``: where the teacher's soft labels and feature maps come from, ``"adversarial"``
+            (the student's point x', the default) or ``"clean"`` (the input x, as ARD and RSLAD take them: the
+            targets do not move with the student's attack). ``"clean"`` needs ``jac_weight`` 0 (the Jacobian term
+            compares the teacher's change between x̃ and x').
 
     Returns ``(total, terms)``: ``total`` a 0-d float32 tensor with a gradient, ``terms`` a dict of detached
     0-d tensors (``"ce"``, ``"kd"``, ``"feat"``, ``"jac"`` for the terms computed, and ``"total"``). Nothing
@@ -159,7 +166,7 @@ class RobustKDLoss(HoldsStudentTeacher, nn.Module):
 
     def __init__(self, student, teacher, *, feature_pairs=(), example_input=None, feature_mode="normalized",
                  ce_weight=1.0, kd_weight=1.0, kd_temperature=4.0, feat_weight=1.0, jac_weight=1.0,
-                 label_smoothing=0.0, jacobian=None, eps=None, noise=ADVERSARIAL_NOISE):
+                 label_smoothing=0.0, jacobian=None, eps=None, noise=ADVERSARIAL_NOISE, teacher_at="adversarial"):
         super().__init__()
         for name, model in (("student", student), ("teacher", teacher)):
             if not isinstance(model, nn.Module):
@@ -189,8 +196,18 @@ class RobustKDLoss(HoldsStudentTeacher, nn.Module):
                 raise ValueError(f"jacobian option(s) {', '.join(fixed)} do not apply with eps: the step is along the "
                                  "sign of the student's input gradient, on the whole batch, by finite difference")
             self.jacobian = {"h": self.eps, "on": "logits", "temperature": 1.0, **jacobian}
+            if teacher_at not in TEACHER_AT:
+                raise ValueError(f"unknown teacher_at {teacher_at!r}; expected one of {', '.join(TEACHER_AT)}")
+            if teacher_at == "clean" and self.jac_weight > 0:
+                raise ValueError("teacher_at='clean' needs jac_weight 0: the Jacobian term compares the teacher's "
+                                 "outputs at the student's start and adversarial point")
+            self.teacher_at = teacher_at
         else:
+            if teacher_at != "adversarial":
+                raise ValueError("teacher_at applies with eps (the terms at the student's adversarial point); "
+                                 "without it every term is at the clean input already")
             self.eps = None
+            self.teacher_at = "clean"
             self.jacobian = {**JACOBIAN_DEFAULTS, **jacobian}
         check_options(**self.jacobian)  # now, not at the first step
 
@@ -350,7 +367,8 @@ class RobustKDLoss(HoldsStudentTeacher, nn.Module):
         return s_logits, t_logits, jac
 
     def _adversarial_passes(self, x, y, seed):
-        """(student logits at x', teacher logits at x', the Jacobian term or None), features recorded at x'."""
+        """(student logits at x', teacher logits at x' (x with teacher_at "clean"), the Jacobian term or None),
+        features recorded there."""
         from .attacks import n_fgsm
 
         student, teacher = self._models
@@ -388,7 +406,8 @@ class RobustKDLoss(HoldsStudentTeacher, nn.Module):
                 if self.feature_pairs:
                     t_capture.arm(rows=slice(0, n))
                 with torch.no_grad():  # with the Jacobian term, x' and x̃ in one call (the teacher is frozen)
-                    t_out = self._teach(torch.cat([x_adv, start]) if self.jac_weight > 0 else x_adv)
+                    t_in = x if self.teacher_at == "clean" else x_adv
+                    t_out = self._teach(torch.cat([t_in, start]) if self.jac_weight > 0 else t_in)
                 t_logits, t_start = t_out[:n], (t_out[n:] if self.jac_weight > 0 else None)
         finally:
             s_capture.armed = t_capture.armed = False
@@ -415,7 +434,7 @@ class RobustKDLoss(HoldsStudentTeacher, nn.Module):
     def extra_repr(self):
         return (f"ce_weight={self.ce_weight}, kd_weight={self.kd_weight}, kd_temperature={self.kd_temperature}, "
                 f"feat_weight={self.feat_weight}, jac_weight={self.jac_weight}, feature_mode={self.feature_mode!r}, "
-                f"feature_pairs={self.feature_pairs}, jacobian={self.jacobian}")
+                f"feature_pairs={self.feature_pairs}, jacobian={self.jacobian}, teacher_at={self.teacher_at!r}")
 
 
 def kd_loss(student_logits, teacher_logits, temperature):

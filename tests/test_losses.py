@@ -291,19 +291,21 @@ def test_adapter_resize_keeps_low_precision_inputs_accurate():
 # --- the terms at the student's adversarial point (eps given: the trainer's default) ------------------------------
 
 @pytest.mark.cross_path
-@pytest.mark.parametrize("jac_weight", [0.0, 0.5])
+@pytest.mark.parametrize("jac_weight, teacher_at", [(0.0, "adversarial"), (0.5, "adversarial"), (0.0, "clean")])
 @pytest.mark.parametrize("train", [False, True])
-def test_adversarial_point_terms_match_a_direct_computation(jac_weight, train):
+def test_adversarial_point_terms_match_a_direct_computation(jac_weight, teacher_at, train):
     """With eps: x̃ = clamp(x + U(−2·eps, 2·eps)), x' = clamp(x̃ + h·sign(∇x̃ CE(S_eval(x̃), y))) with h = eps; CE, KD and
-    features at x'; the Jacobian term (S(x') − S(x̃))/h against the teacher's, S(x') normalised with the
-    statistics of the S(x̃) batch (train mode). Written out here from the seed."""
+    features at x' (the teacher's at x with teacher_at "clean"); the Jacobian term (S(x') − S(x̃))/h against the
+    teacher's, S(x') normalised with the statistics of the S(x̃) batch (train mode). Written out here from the
+    seed."""
     student, teacher = _models()
     student.train(train)
     x, y = digits_batch(12)
     eps, h = 0.1, 0.1
     pairs = [("block2", "block3")]
     loss_fn = RobustKDLoss(student, teacher, feature_pairs=pairs, example_input=x, eps=eps, ce_weight=0.7,
-                           kd_weight=1.3, kd_temperature=1.0, feat_weight=0.4, jac_weight=jac_weight)
+                           kd_weight=1.3, kd_temperature=1.0, feat_weight=0.4, jac_weight=jac_weight,
+                           teacher_at=teacher_at)
     state = copy.deepcopy(student.state_dict())
     total, terms = loss_fn(x, y, seed=11)
     student.load_state_dict(state)  # undo the running-statistics update
@@ -340,7 +342,7 @@ def test_adversarial_point_terms_match_a_direct_computation(jac_weight, train):
         s_start = student(start) if jac_weight else None
         s_adv, s_feats = _features(student, x_adv, ["block2"])
     with torch.no_grad():
-        t_adv, t_feats = _features(teacher, x_adv, ["block3"])
+        t_adv, t_feats = _features(teacher, x if teacher_at == "clean" else x_adv, ["block3"])
         t_start = teacher(start)
     expected = {"ce": F.cross_entropy(s_adv, y), "kd": kd_loss(s_adv, t_adv, 1.0),
                 "feat": _reference.feature_distance(loss_fn.adapters[0](s_feats[0]), t_feats[0], mode="normalized")}
@@ -359,6 +361,12 @@ def test_adversarial_point_options():
         RobustKDLoss(student, teacher, eps=0.1, feat_weight=0, jacobian={"direction": "rademacher"})
     with pytest.raises(ValueError, match="eps must be > 0"):
         RobustKDLoss(student, teacher, eps=0.0, feat_weight=0)
+    with pytest.raises(ValueError, match="unknown teacher_at 'x'"):
+        RobustKDLoss(student, teacher, eps=0.1, feat_weight=0, teacher_at="x")
+    with pytest.raises(ValueError, match="teacher_at='clean' needs jac_weight 0"):
+        RobustKDLoss(student, teacher, eps=0.1, feat_weight=0, jac_weight=0.5, teacher_at="clean")
+    with pytest.raises(ValueError, match="teacher_at applies with eps"):
+        RobustKDLoss(student, teacher, feat_weight=0, teacher_at="clean")
     loss_fn = RobustKDLoss(student, teacher, eps=0.1, feat_weight=0, jac_weight=0)
     student.eval()  # (in train mode the first call's update of the running statistics moves the attack pass)
     x, y = digits_batch(12)

@@ -5,7 +5,7 @@ import math
 from ...clean_pass import share_clean_statistics
 from ...jacobian import ESTIMATORS as JACOBIAN_ESTIMATORS
 from ...jacobian import check_options
-from ...losses import RobustKDLoss
+from ...losses import TEACHER_AT, RobustKDLoss
 from ...model_source import default_feature_layer
 from ...models import DEFAULT_FEATURE_LAYER
 from ...ops.feature_distance import MODES as FEATURE_MODES
@@ -122,6 +122,9 @@ class RobustKD(Distill):
         Option("distill_at", "adversarial", type=str, choices=DISTILL_AT,
                help="evaluate the terms at the student's single-step adversarial point (default) or at the clean "
                     "input, with the Jacobian term along a random direction (Zhang & Yi)"),
+        Option("teacher_at", "adversarial", type=str, choices=TEACHER_AT,
+               help="--distill-at adversarial: the teacher's soft labels and features at the student's adversarial "
+                    "point (default) or at the clean input (ARD's and RSLAD's targets; needs --jac-weight 0)"),
         Option("adv_noise", 2.0, "the adversarial point's start noise, in units of --eps (default: %(default)s)"),
         Option("jac_step", 1.0, strict=True,
                help="finite-difference step in units of the threat model: jac_step·eps (L∞, and the adversarial "
@@ -148,6 +151,12 @@ class RobustKD(Distill):
                           temperature=opt.jac_temperature, fraction=opt.jac_fraction)
         except ValueError as error:
             raise ValueError(f"--jac-{error}") from error
+        if opt.distill_at == "clean" and opt.teacher_at != "adversarial":
+            raise ValueError("--teacher-at applies to --distill-at adversarial (at the clean input the teacher "
+                             "sees it already)")
+        if opt.teacher_at == "clean" and opt.jac_weight > 0:
+            raise ValueError("--teacher-at clean needs --jac-weight 0: the Jacobian term compares the teacher's "
+                             "outputs at the student's start and adversarial point")
         if opt.distill_at == "adversarial" and opt.jac_estimator != "fd":
             raise ValueError(f"--jac-estimator {opt.jac_estimator} applies to --distill-at clean: at the adversarial "
                              "point the Jacobian term is the finite difference along the attack's step")
@@ -171,7 +180,8 @@ class RobustKD(Distill):
         jacobian = {"on": opt.jac_on, "temperature": opt.jac_temperature}
         if opt.distill_at == "adversarial":
             h = opt.jac_h if opt.jac_h is not None else opt.jac_step * eps
-            return {**options, "eps": eps, "noise": opt.adv_noise, "jacobian": {**jacobian, "h": h}}
+            return {**options, "eps": eps, "noise": opt.adv_noise, "teacher_at": opt.teacher_at,
+                    "jacobian": {**jacobian, "h": h}}
         h = opt.jac_h if opt.jac_h is not None else step_in_threat_units(opt.jac_step, eps, opt.jac_norm,
                                                                           self.example_shape)
         return {**options, "jacobian": {**jacobian, "h": h, "direction": opt.jac_direction, "norm": opt.jac_norm,

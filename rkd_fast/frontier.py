@@ -127,6 +127,12 @@ def parse_variant(text):
     return name, (method, options)
 
 
+def model_path(out, variant, seed):
+    """The model file of an entry's seed. Windows forbids ':' in file names (the built-in robust-kd:clean has
+    one); it becomes '@', which entry names cannot hold, so no two entries share a file."""
+    return out / "models" / f"{variant.replace(':', '@')}-seed{seed}.pt"
+
+
 def study_config(entry, settings, common, teacher_path):
     """The trainer options of a study entry (method, options): the demo's student of its method (`common`: the
     options every model shares, seed included), with the entry's options."""
@@ -334,7 +340,7 @@ def run_frontier(out, *, dataset="digits", data_dir=None, variants=None, custom=
             for variant in variants:
                 common = common_options(dataset, settings, eps=eps, seed=seed, device=device, data_dir=data_dir)
                 cfg = study_config(known[variant], settings, common, teacher_path)
-                path = files.add(out / "models" / f"{variant}-seed{seed}.pt")
+                path = files.add(model_path(out, variant, seed))
                 meta = finished.model(path, cfg)
                 if meta is None:
                     result = stages.run(f"train {variant} seed {seed}", lambda cfg=cfg: train_model(cfg))
@@ -342,7 +348,7 @@ def run_frontier(out, *, dataset="digits", data_dir=None, variants=None, custom=
                                              eps=float(eps), train_seconds=result.train_seconds,
                                              study_config=plain(cfg), **stamp))
                     meta = {"train_seconds": result.train_seconds}
-                    (out / "models" / f"{variant}-seed{seed}.json").unlink(missing_ok=True)  # scores of another model
+                    path.with_suffix(".json").unlink(missing_ok=True)  # scores of another model
                 rows.append({"variant": variant, "method": cfg["method"], "seed": seed,
                              "train_seconds": meta["train_seconds"], "path": str(path)})
     finally:

@@ -48,6 +48,8 @@ JACOBIAN_OPTIONS = ("h", "direction", "norm", "on", "temperature", "fraction", "
 JACOBIAN_DEFAULTS = {"direction": "gaussian"}
 # N-FGSM's start noise, in units of eps (de Jorge et al. 2022: uniform in [−2·eps, 2·eps])
 ADVERSARIAL_NOISE = 2.0
+# the samples the soft-label term is on: all, or those whose label the teacher predicts where it is asked
+KD_SAMPLES = ("all", "teacher-correct")
 # with eps, the teacher's input: the student's adversarial point, or the clean input (ARD's and RSLAD's targets)
 TEACHER_AT = ("adversarial", "clean")
 
@@ -147,6 +149,8 @@ class RobustKDLoss(HoldsStudentTeacher, nn.Module):
         ce_weight, kd_weight, feat_weight, jac_weight: the terms' weights; a weight of 0 skips its term, and
             when kd, feat and jac are all 0 the teacher is not run.
         kd_temperature: T of the KD term (the term is multiplied by T²).
+        kd_samples: ``"all"``, or ``"teacher-correct"``: the KD term only on the samples whose label the teacher
+            predicts at the input it sees (the others add 0; the term stays a mean over the batch).
         label_smoothing: of the cross-entropy term.
         jacobian: keyword arguments of :func:`rkd_fast.jacobian.jacobian_penalty` (h, direction, norm, on,
             temperature, fraction, estimator); ``direction`` defaults to ``"gaussian"``. With ``eps``, only ``h``
@@ -165,7 +169,7 @@ class RobustKDLoss(HoldsStudentTeacher, nn.Module):
     """
 
     def __init__(self, student, teacher, *, feature_pairs=(), example_input=None, feature_mode="normalized",
-                 ce_weight=1.0, kd_weight=1.0, kd_temperature=4.0, feat_weight=1.0, jac_weight=1.0,
+                 ce_weight=1.0, kd_weight=1.0, kd_temperature=4.0, kd_samples="all", feat_weight=1.0, jac_weight=1.0,
                  label_smoothing=0.0, jacobian=None, eps=None, noise=ADVERSARIAL_NOISE, teacher_at="adversarial"):
         super().__init__()
         for name, model in (("student", student), ("teacher", teacher)):
@@ -178,6 +182,9 @@ class RobustKDLoss(HoldsStudentTeacher, nn.Module):
         self.feat_weight = check_number("feat_weight", feat_weight)
         self.jac_weight = check_number("jac_weight", jac_weight)
         self.kd_temperature = check_number("kd_temperature", kd_temperature, strict=True)
+        if kd_samples not in KD_SAMPLES:
+            raise ValueError(f"unknown kd_samples {kd_samples!r}; expected one of {', '.join(KD_SAMPLES)}")
+        self.kd_samples = kd_samples
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
         self.label_smoothing = float(label_smoothing)
@@ -330,7 +337,8 @@ class RobustKDLoss(HoldsStudentTeacher, nn.Module):
         if self.ce_weight > 0:
             add("ce", self.ce_weight, F.cross_entropy(s_logits.float(), y, label_smoothing=self.label_smoothing))
         if self.kd_weight > 0:
-            add("kd", self.kd_weight, kd_loss(s_logits, t_logits, self.kd_temperature))
+            kept = t_logits.argmax(1) == y if self.kd_samples == "teacher-correct" else None
+            add("kd", self.kd_weight, kd_loss(s_logits, t_logits, self.kd_temperature, kept))
         if self.feat_weight > 0:
             add("feat", self.feat_weight, self._feature_term(s_logits.shape[0]))
         if self.jac_weight > 0:
@@ -433,16 +441,21 @@ class RobustKDLoss(HoldsStudentTeacher, nn.Module):
 
     def extra_repr(self):
         return (f"ce_weight={self.ce_weight}, kd_weight={self.kd_weight}, kd_temperature={self.kd_temperature}, "
+                f"kd_samples={self.kd_samples!r}, "
                 f"feat_weight={self.feat_weight}, jac_weight={self.jac_weight}, feature_mode={self.feature_mode!r}, "
                 f"feature_pairs={self.feature_pairs}, jacobian={self.jacobian}, teacher_at={self.teacher_at!r}")
 
 
-def kd_loss(student_logits, teacher_logits, temperature):
-    """Hinton et al.'s distillation term: T² · KL(softmax(t/T) ‖ softmax(s/T)), batch mean, in float32."""
+def kd_loss(student_logits, teacher_logits, temperature, kept=None):
+    """Hinton et al.'s distillation term: T² · KL(softmax(t/T) ‖ softmax(s/T)), batch mean, in float32; with
+    `kept` (a boolean mask of the batch), the samples outside it count 0."""
     t = float(temperature)
     log_p_s = F.log_softmax(student_logits.float() / t, dim=1)
     log_p_t = F.log_softmax(teacher_logits.float() / t, dim=1)
-    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
+    if kept is None:
+        return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
+    per_sample = F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(1)
+    return (per_sample * kept).sum() / kept.shape[0] * (t * t)
 
 
 def _record_hook(capture, index, prefix=0, nhwc=False):

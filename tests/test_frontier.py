@@ -122,21 +122,23 @@ def test_variants_of_ones_own(tmp_path):
 @pytest.mark.slow
 def test_a_variant_runs_beside_the_study(tmp_path, capsys):
     out = tmp_path / "study"
-    args = ["frontier", "--quick", "--seeds", "1", "--methods", "fgsm-rs", "--variant", "fgsm-wide=fgsm-rs --width 6",
+    args = ["frontier", "--quick", "--seeds", "1", "--methods", "fgsm-rs", "--variant", "fgsm:wide=fgsm-rs --width 6",
             "--out", str(out), "--no-progress", "--jobs", "1"]
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["variants"] == ["fgsm-rs", "fgsm-wide"] and results["options"]["fgsm-wide"] == {"width": 6}
+    assert results["variants"] == ["fgsm-rs", "fgsm:wide"] and results["options"]["fgsm:wide"] == {"width": 6}
     # without a pgd-at student, the transfer examples are the teacher's
     assert results["transfer_source"] == "teacher" and (out / "models" / "transfer-teacher.pt").is_file()
     assert all(0 <= row["transfer"] <= 1 for row in results["rows"]) and results["teacher"]["transfer"] is None
     from rkd_fast.model_file import load_model
     from rkd_fast.models import model_info
-    wide = model_info(load_model(out / "models" / "fgsm-wide-seed0.pt"))
+    # ':' (which Windows forbids in file names) becomes '@' in the model's file name
+    assert not [p for p in out.rglob("*") if ":" in p.name]
+    wide = model_info(load_model(out / "models" / "fgsm@wide-seed0.pt"))
     assert wide["meta"]["study_config"]["width"] == 6 and wide["meta"]["method"] == "fgsm-rs"
-    assert results["summary"]["fgsm-wide"]["method"] == "fgsm-rs"
+    assert results["summary"]["fgsm:wide"]["method"] == "fgsm-rs"
     # a resumed study with another definition of the same name is refused; a name the study has is refused
-    assert main([*args[:6], "--variant", "fgsm-wide=fgsm-rs --width 5", "--out", str(out), "--no-progress",
+    assert main([*args[:6], "--variant", "fgsm:wide=fgsm-rs --width 5", "--out", str(out), "--no-progress",
                  "--resume"]) == 2
     assert "other options" in capsys.readouterr().err
     assert main(["frontier", "--variant", "pgd-2=pgd-at", "--out", str(tmp_path / "s")]) == 2

@@ -207,6 +207,9 @@ def test_kd_loss_is_zero_for_equal_logits_and_scales_with_t_squared():
     p_t = F.softmax(other, dim=1)
     plain = (p_t * (p_t.log() - F.log_softmax(logits, dim=1))).sum(1).mean()
     torch.testing.assert_close(kd_loss(logits, other, 1.0), plain)
+    kept = torch.tensor([True, False, True, False, False])  # the others count 0 in the batch mean
+    per_sample = (p_t * (p_t.log() - F.log_softmax(logits, dim=1))).sum(1)
+    torch.testing.assert_close(kd_loss(logits, other, 1.0, kept), per_sample[kept].sum() / 5)
 
 
 def test_unknown_layer_names_list_the_available_ones():
@@ -291,13 +294,15 @@ def test_adapter_resize_keeps_low_precision_inputs_accurate():
 # --- the terms at the student's adversarial point (eps given: the trainer's default) ------------------------------
 
 @pytest.mark.cross_path
-@pytest.mark.parametrize("jac_weight, teacher_at", [(0.0, "adversarial"), (0.5, "adversarial"), (0.0, "clean")])
+@pytest.mark.parametrize("jac_weight, teacher_at, kd_samples", [
+    (0.0, "adversarial", "all"), (0.5, "adversarial", "all"), (0.0, "clean", "all"),
+    (0.0, "adversarial", "teacher-correct")])
 @pytest.mark.parametrize("train", [False, True])
-def test_adversarial_point_terms_match_a_direct_computation(jac_weight, teacher_at, train):
+def test_adversarial_point_terms_match_a_direct_computation(jac_weight, teacher_at, kd_samples, train):
     """With eps: x̃ = clamp(x + U(−2·eps, 2·eps)), x' = clamp(x̃ + h·sign(∇x̃ CE(S_eval(x̃), y))) with h = eps; CE, KD and
-    features at x' (the teacher's at x with teacher_at "clean"); the Jacobian term (S(x') − S(x̃))/h against the
-    teacher's, S(x') normalised with the statistics of the S(x̃) batch (train mode). Written out here from the
-    seed."""
+    features at x' (the teacher's at x with teacher_at "clean"; KD only where the teacher is right with kd_samples
+    "teacher-correct"); the Jacobian term (S(x') − S(x̃))/h against the teacher's, S(x') normalised with the
+    statistics of the S(x̃) batch (train mode). Written out here from the seed."""
     student, teacher = _models()
     student.train(train)
     x, y = digits_batch(12)
@@ -305,7 +310,7 @@ def test_adversarial_point_terms_match_a_direct_computation(jac_weight, teacher_
     pairs = [("block2", "block3")]
     loss_fn = RobustKDLoss(student, teacher, feature_pairs=pairs, example_input=x, eps=eps, ce_weight=0.7,
                            kd_weight=1.3, kd_temperature=1.0, feat_weight=0.4, jac_weight=jac_weight,
-                           teacher_at=teacher_at)
+                           teacher_at=teacher_at, kd_samples=kd_samples)
     state = copy.deepcopy(student.state_dict())
     total, terms = loss_fn(x, y, seed=11)
     student.load_state_dict(state)  # undo the running-statistics update
@@ -344,7 +349,11 @@ def test_adversarial_point_terms_match_a_direct_computation(jac_weight, teacher_
     with torch.no_grad():
         t_adv, t_feats = _features(teacher, x if teacher_at == "clean" else x_adv, ["block3"])
         t_start = teacher(start)
-    expected = {"ce": F.cross_entropy(s_adv, y), "kd": kd_loss(s_adv, t_adv, 1.0),
+    kept = None
+    if kd_samples == "teacher-correct":
+        kept = t_adv.argmax(1) == y
+        assert 0 < kept.sum() < len(y)  # the mask matters in this batch
+    expected = {"ce": F.cross_entropy(s_adv, y), "kd": kd_loss(s_adv, t_adv, 1.0, kept),
                 "feat": _reference.feature_distance(loss_fn.adapters[0](s_feats[0]), t_feats[0], mode="normalized")}
     if jac_weight:
         expected["jac"] = (((s_adv - s_start) - (t_adv - t_start)) / h).square().sum(1).mean()
@@ -365,6 +374,8 @@ def test_adversarial_point_options():
         RobustKDLoss(student, teacher, eps=0.1, feat_weight=0, teacher_at="x")
     with pytest.raises(ValueError, match="teacher_at='clean' needs jac_weight 0"):
         RobustKDLoss(student, teacher, eps=0.1, feat_weight=0, jac_weight=0.5, teacher_at="clean")
+    with pytest.raises(ValueError, match="unknown kd_samples 'some'"):
+        RobustKDLoss(student, teacher, eps=0.1, feat_weight=0, kd_samples="some")
     with pytest.raises(ValueError, match="teacher_at applies with eps"):
         RobustKDLoss(student, teacher, feat_weight=0, teacher_at="clean")
     loss_fn = RobustKDLoss(student, teacher, eps=0.1, feat_weight=0, jac_weight=0)

@@ -5,7 +5,7 @@ import math
 from ...clean_pass import share_clean_statistics
 from ...jacobian import ESTIMATORS as JACOBIAN_ESTIMATORS
 from ...jacobian import check_options
-from ...losses import TEACHER_AT, RobustKDLoss
+from ...losses import KD_SAMPLES, TEACHER_AT, RobustKDLoss
 from ...model_source import default_feature_layer
 from ...models import DEFAULT_FEATURE_LAYER
 from ...ops.feature_distance import MODES as FEATURE_MODES
@@ -26,6 +26,9 @@ class Distill(Method):
         Option("ce_weight", None, "weight of the cross-entropy term (each method's default: above)"),
         Option("kd_weight", None, "weight of the soft-label (KL) term"),
         Option("kd_temperature", None, "temperature of the soft labels", strict=True),
+        Option("kd_samples", "all", type=str, choices=KD_SAMPLES,
+               help="the soft-label term on every sample (default) or only where the teacher predicts the label "
+                    "at the input it sees"),
         Option("feat_weight", None, "robust-kd: weight of the feature-map term"),
         Option("jac_weight", None, "robust-kd: weight of the finite-difference Jacobian term"),
     )
@@ -39,7 +42,8 @@ class Distill(Method):
         self.example_input = example_input
         self.loss_fn = RobustKDLoss(student, teacher, example_input=example_input,
                                     label_smoothing=run.label_smoothing, kd_temperature=opt.kd_temperature,
-                                    ce_weight=opt.ce_weight, kd_weight=opt.kd_weight, **self.loss_options())
+                                    kd_samples=opt.kd_samples, ce_weight=opt.ce_weight, kd_weight=opt.kd_weight,
+                                    **self.loss_options())
 
     def forward(self, x, y, step_seed):
         with self.autocast():

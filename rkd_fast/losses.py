@@ -50,8 +50,9 @@ JACOBIAN_DEFAULTS = {"direction": "gaussian"}
 ADVERSARIAL_NOISE = 2.0
 # the samples the soft-label term is on: all, or those whose label the teacher predicts where it is asked
 KD_SAMPLES = ("all", "teacher-correct")
-# with eps, the teacher's input: the student's adversarial point, or the clean input (ARD's and RSLAD's targets)
-TEACHER_AT = ("adversarial", "clean")
+# the input of the teacher's targets (soft labels, features): the student's (x', or x without eps), or the clean x
+# (ARD's and RSLAD's targets)
+TEACHER_AT = ("student", "clean")
 
 
 def resize_matrix(src, dst, pool):
@@ -158,10 +159,10 @@ class RobustKDLoss(HoldsStudentTeacher, nn.Module):
         eps: None, or the L∞ radius of the threat model (on the [0, 1] pixel scale): evaluate every term at the
             student's single-step adversarial point (module docstring).
         noise: with ``eps``: the start's uniform noise, in units of eps (N-FGSM's 2).
-        teacher_at: with ``eps``: where the teacher's soft labels and feature maps come from, ``"adversarial"``
-            (the student's point x', the default) or ``"clean"`` (the input x, as ARD and RSLAD take them: the
-            targets do not move with the student's attack). ``"clean"`` needs ``jac_weight`` 0 (the Jacobian term
-            compares the teacher's change between x̃ and x').
+        teacher_at: where the teacher's soft labels and feature maps come from: ``"student"``, the student's input
+            (x', or x without ``eps``), or ``"clean"``, the input x, as ARD and RSLAD take them (with ``eps`` the
+            targets then do not move with the student's attack; the Jacobian term still compares the teacher's
+            change between x̃ and x').
 
     Returns ``(total, terms)``: ``total`` a 0-d float32 tensor with a gradient, ``terms`` a dict of detached
     0-d tensors (``"ce"``, ``"kd"``, ``"feat"``, ``"jac"`` for the terms computed, and ``"total"``). Nothing
@@ -170,7 +171,7 @@ class RobustKDLoss(HoldsStudentTeacher, nn.Module):
 
     def __init__(self, student, teacher, *, feature_pairs=(), example_input=None, feature_mode="normalized",
                  ce_weight=1.0, kd_weight=1.0, kd_temperature=4.0, kd_samples="all", feat_weight=1.0, jac_weight=1.0,
-                 label_smoothing=0.0, jacobian=None, eps=None, noise=ADVERSARIAL_NOISE, teacher_at="adversarial"):
+                 label_smoothing=0.0, jacobian=None, eps=None, noise=ADVERSARIAL_NOISE, teacher_at="student"):
         super().__init__()
         for name, model in (("student", student), ("teacher", teacher)):
             if not isinstance(model, nn.Module):
@@ -203,19 +204,12 @@ class RobustKDLoss(HoldsStudentTeacher, nn.Module):
                 raise ValueError(f"jacobian option(s) {', '.join(fixed)} do not apply with eps: the step is along the "
                                  "sign of the student's input gradient, on the whole batch, by finite difference")
             self.jacobian = {"h": self.eps, "on": "logits", "temperature": 1.0, **jacobian}
-            if teacher_at not in TEACHER_AT:
-                raise ValueError(f"unknown teacher_at {teacher_at!r}; expected one of {', '.join(TEACHER_AT)}")
-            if teacher_at == "clean" and self.jac_weight > 0:
-                raise ValueError("teacher_at='clean' needs jac_weight 0: the Jacobian term compares the teacher's "
-                                 "outputs at the student's start and adversarial point")
-            self.teacher_at = teacher_at
         else:
-            if teacher_at != "adversarial":
-                raise ValueError("teacher_at applies with eps (the terms at the student's adversarial point); "
-                                 "without it every term is at the clean input already")
             self.eps = None
-            self.teacher_at = "clean"
             self.jacobian = {**JACOBIAN_DEFAULTS, **jacobian}
+        if teacher_at not in TEACHER_AT:
+            raise ValueError(f"unknown teacher_at {teacher_at!r}; expected one of {', '.join(TEACHER_AT)}")
+        self.teacher_at = teacher_at
         check_options(**self.jacobian)  # now, not at the first step
 
         # Held by reference (a tuple is not registered as a submodule): the loss's state_dict and train()
@@ -375,8 +369,8 @@ class RobustKDLoss(HoldsStudentTeacher, nn.Module):
         return s_logits, t_logits, jac
 
     def _adversarial_passes(self, x, y, seed):
-        """(student logits at x', teacher logits at x' (x with teacher_at "clean"), the Jacobian term or None),
-        features recorded there."""
+        """(student logits at x', teacher logits at x' (at x with teacher_at "clean"), the Jacobian term or None);
+        the features recorded at the same inputs."""
         from .attacks import n_fgsm
 
         student, teacher = self._models
@@ -408,19 +402,27 @@ class RobustKDLoss(HoldsStudentTeacher, nn.Module):
                 if self.feature_pairs:
                     s_capture.arm()
                 s_logits = student(x_adv)
-            t_logits = t_start = None
+            t_logits = t_adv = t_start = None
             if self.uses_teacher:
                 n = x.shape[0]
+                # one call (the teacher is frozen): the targets' input first (its features recorded), then x' and
+                # x̃ where the Jacobian term needs them
+                inputs = [x] if self.teacher_at == "clean" else []
+                if self.teacher_at == "student" or self.jac_weight > 0:
+                    inputs.append(x_adv)
+                if self.jac_weight > 0:
+                    inputs.append(start)
                 if self.feature_pairs:
                     t_capture.arm(rows=slice(0, n))
-                with torch.no_grad():  # with the Jacobian term, x' and x̃ in one call (the teacher is frozen)
-                    t_in = x if self.teacher_at == "clean" else x_adv
-                    t_out = self._teach(torch.cat([t_in, start]) if self.jac_weight > 0 else t_in)
-                t_logits, t_start = t_out[:n], (t_out[n:] if self.jac_weight > 0 else None)
+                with torch.no_grad():
+                    t_out = self._teach(torch.cat(inputs) if len(inputs) > 1 else inputs[0])
+                t_logits = t_out[:n]
+                if self.jac_weight > 0:
+                    t_adv, t_start = t_out[-2 * n:-n], t_out[-n:]
         finally:
             s_capture.armed = t_capture.armed = False
         if self.jac_weight > 0:
-            jac = fd_jacobian_loss(s_start, s_logits, h, t_clean=t_start, t_pert=t_logits, on=self.jacobian["on"],
+            jac = fd_jacobian_loss(s_start, s_logits, h, t_clean=t_start, t_pert=t_adv, on=self.jacobian["on"],
                                    temperature=self.jacobian["temperature"], reduction="mean")
         return s_logits, t_logits, jac
 

@@ -152,10 +152,6 @@ def _bad_teachers(tmp_path):
     ("no_teacher", ["--method", "robust-kd"], "needs a teacher"),
     ("layer_name", ["--method", "robust-kd", "--teacher", "{teacher}", "--feature-pair", "blok3:block3"],
      "student has no module named 'blok3'; available: "),
-    ("teacher_at_jacobian", ["--method", "robust-kd", "--teacher", "{teacher}", "--teacher-at", "clean",
-                             "--jac-weight", "0.5"], "--teacher-at clean needs --jac-weight 0"),
-    ("teacher_at_clean_input", ["--method", "robust-kd", "--teacher", "{teacher}", "--distill-at", "clean",
-                                "--teacher-at", "clean"], "--teacher-at applies to --distill-at adversarial"),
     ("fp16_on_cpu", ["--method", "natural", "--precision", "fp16", "--device", "cpu"], "'fp16' needs a CUDA device"),
     ("bad_option", ["--method", "natural", "--keep", "0"], "keep must be >= 1"),
 ])

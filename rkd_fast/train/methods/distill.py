@@ -126,9 +126,10 @@ class RobustKD(Distill):
         Option("distill_at", "adversarial", type=str, choices=DISTILL_AT,
                help="evaluate the terms at the student's single-step adversarial point (default) or at the clean "
                     "input, with the Jacobian term along a random direction (Zhang & Yi)"),
-        Option("teacher_at", "adversarial", type=str, choices=TEACHER_AT,
-               help="--distill-at adversarial: the teacher's soft labels and features at the student's adversarial "
-                    "point (default) or at the clean input (ARD's and RSLAD's targets; needs --jac-weight 0)"),
+        Option("teacher_at", "student", type=str, choices=TEACHER_AT,
+               help="the input of the teacher's soft labels and features: the student's (its adversarial point, or "
+                    "the clean input with --distill-at clean; default) or the clean input (ARD's and RSLAD's "
+                    "targets)"),
         Option("adv_noise", 2.0, "the adversarial point's start noise, in units of --eps (default: %(default)s)"),
         Option("jac_step", 1.0, strict=True,
                help="finite-difference step in units of the threat model: jac_step·eps (L∞, and the adversarial "
@@ -155,12 +156,6 @@ class RobustKD(Distill):
                           temperature=opt.jac_temperature, fraction=opt.jac_fraction)
         except ValueError as error:
             raise ValueError(f"--jac-{error}") from error
-        if opt.distill_at == "clean" and opt.teacher_at != "adversarial":
-            raise ValueError("--teacher-at applies to --distill-at adversarial (at the clean input the teacher "
-                             "sees it already)")
-        if opt.teacher_at == "clean" and opt.jac_weight > 0:
-            raise ValueError("--teacher-at clean needs --jac-weight 0: the Jacobian term compares the teacher's "
-                             "outputs at the student's start and adversarial point")
         if opt.distill_at == "adversarial" and opt.jac_estimator != "fd":
             raise ValueError(f"--jac-estimator {opt.jac_estimator} applies to --distill-at clean: at the adversarial "
                              "point the Jacobian term is the finite difference along the attack's step")

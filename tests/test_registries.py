@@ -202,3 +202,23 @@ def test_toy_baseline_is_in_the_demo_and_the_study(capsys):
     finally:
         unregister("toy-baseline")
     assert "toy-baseline" not in demo.model_names(all_baselines=True) and "toy-baseline" not in study_variants()
+
+
+def test_a_data_set_s_method_defaults_apply_on_it_only(monkeypatch, capsys):
+    """DatasetInfo.method_defaults: over the method's DEFAULTS on that data set, under what the user gives, in the
+    help; every data set's entries name a method and options of it."""
+    from rkd_fast.datasets import DATASETS
+    from rkd_fast.train.methods import METHODS
+
+    for name, info in DATASETS.items():
+        for method, given in info.method_defaults.items():
+            assert method in METHODS and set(given) <= set(METHODS[method].options()), (name, method)
+            config = make_config(method=method, dataset=name, teacher="t.pt")
+            assert {k: getattr(config, k) for k in given} == given
+    monkeypatch.setitem(DATASETS["digits"].method_defaults, "robust-kd", {"ce_weight": 0.5, "teacher_at": "clean"})
+    config = make_config(method="robust-kd", teacher="t.pt")
+    assert (config.ce_weight, config.teacher_at, config.kd_weight) == (0.5, "clean", 1.0)  # kd_weight: the method's
+    assert make_config(method="robust-kd", teacher="t.pt", ce_weight=2.0).ce_weight == 2.0  # the user's value wins
+    assert make_config(method="kd", teacher="t.pt").ce_weight == 1.0  # another method: its own
+    assert _config(["--method", "robust-kd", "--teacher", "t.pt", "--out", "run"]).ce_weight == 0.5
+    assert "robust-kd on digits: ce_weight 0.5" in " ".join(_help(capsys).split())

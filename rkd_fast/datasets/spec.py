@@ -32,6 +32,9 @@ class DatasetInfo:
     eps: float  # the usual L∞ radius on this data set (pixels in [0, 1])
     splits: tuple
     stem: str | None = None  # the stem of the models that take a `stem` argument; None: their default (CIFAR's)
+    # a method's option defaults on this data set, over the method's own DEFAULTS (each one measured: the data
+    # set's section of docs/frontier.md); read only by rkd_fast.train.config.resolve_method_defaults
+    method_defaults: dict = field(default_factory=dict, hash=False, compare=False)
 
 
 @dataclass(frozen=True)

@@ -128,9 +128,11 @@ def add_method_arguments(parser):
         by_owners.setdefault(owners, []).append(option)
     for owners, options in by_owners.items():
         names = {option.name for option in options}
-        defaults = "; ".join(f"{m}: " + ", ".join(f"{k} {_text(v)}" for k, v in METHODS[m].DEFAULTS.items()
-                                                   if k in names)
-                             for m in owners if names & set(METHODS[m].DEFAULTS))
+        defaults = "; ".join(f"{m}{where}: " + ", ".join(f"{k} {_text(v)}" for k, v in given.items() if k in names)
+                             for m in owners
+                             for where, given in [("", METHODS[m].DEFAULTS)] + [
+                                 (f" on {name}", info.method_defaults.get(m, {})) for name, info in DATASETS.items()]
+                             if names & set(given))
         group = parser.add_argument_group(f"{', '.join(owners)} options", f"defaults: {defaults}" if defaults else None)
         for option in options:
             option.add_argument(group)

@@ -164,12 +164,20 @@ def make_config(config=None, **overrides):
     return cfg
 
 
+def method_defaults(method, dataset):
+    """The defaults of `method`'s options left None on `dataset`: the method's DEFAULTS, and over them the data
+    set's own (DatasetInfo.method_defaults)."""
+    cls = METHODS.get(method)
+    info = DATASETS.get(dataset)
+    return {**(cls.DEFAULTS if cls else {}), **(info.method_defaults.get(method, {}) if info else {})}
+
+
 def resolve_method_defaults(values):
-    """`values` (TrainConfig fields) with the method's DEFAULTS for its options left None: resolved when the config
-    is made, so run.json records the values the run used."""
+    """`values` (TrainConfig fields) with the defaults of the method's options left None on the run's data set
+    (`method_defaults`): resolved when the config is made, so run.json records the values the run used."""
     values = dict(values)
-    method = METHODS.get(values.get("method", TrainConfig.method))
-    for name, value in (method.DEFAULTS if method else {}).items():
+    defaults = method_defaults(values.get("method", TrainConfig.method), values.get("dataset", TrainConfig.dataset))
+    for name, value in defaults.items():
         if values.get(name) is None:
             values[name] = value
     return values

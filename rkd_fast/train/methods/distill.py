@@ -14,8 +14,9 @@ from .base import Method, register
 
 DISTILL_AT = ("adversarial", "clean")
 # Zhang & Yi's recipe at the clean input: feature weight 3, Jacobian weight 1, T 4 (the trainer's defaults before
-# the frontier study)
-CLEAN_RECIPE = {"distill_at": "clean", "feat_weight": 3.0, "jac_weight": 1.0, "kd_temperature": 4.0}
+# the frontier study), whatever a data set's own defaults (DatasetInfo.method_defaults)
+CLEAN_RECIPE = {"distill_at": "clean", "teacher_at": "student", "ce_weight": 1.0, "kd_weight": 1.0, "feat_weight": 3.0,
+                "jac_weight": 1.0, "kd_temperature": 4.0}
 
 
 class Distill(Method):
@@ -101,9 +102,10 @@ class RobustKD(Distill):
     student's single-step adversarial point (distill_at="adversarial", the default) or at the clean input
     (distill_at="clean"); see rkd_fast.losses.
 
-    Its defaults: the best of the frontier study's search (docs/frontier.md): CE and the teacher's soft labels at
-    T = 1 at the student's adversarial point, the feature maps there too; its finite-difference Jacobian term
-    lowered AutoAttack accuracy there, so it is off."""
+    Its defaults: the best of the frontier study's search on digits (docs/frontier.md): CE and the teacher's soft
+    labels at T = 1 at the student's adversarial point, the feature maps there too; its finite-difference Jacobian
+    term lowered AutoAttack accuracy there, so it is off. A data set may set its own (DatasetInfo.method_defaults):
+    on Fashion-MNIST the teacher's clean soft labels alone, the best measured there."""
 
     name = "robust-kd"
     # Zhang & Yi's recipe at the clean input, with the trainer's defaults before the frontier study (h = 0.3 L2)
@@ -112,7 +114,8 @@ class RobustKD(Distill):
     # Jacobian instead of the finite difference
     BENCH_VARIANTS = {"+jac": {"jac_weight": 1.0}, "-feat": {"feat_weight": 0.0}, "clean": CLEAN_RECIPE,
                       "exact": {**CLEAN_RECIPE, "jac_estimator": "exact"}}
-    DEFAULTS = {"ce_weight": 1.0, "kd_weight": 1.0, "kd_temperature": 1.0, "feat_weight": 1.0, "jac_weight": 0.0}
+    DEFAULTS = {"ce_weight": 1.0, "kd_weight": 1.0, "kd_temperature": 1.0, "feat_weight": 1.0, "jac_weight": 0.0,
+                "teacher_at": "student"}
     OPTIONS = (
         Option("feature_pairs", (), type=tuple, flag="--feature-pair", metavar="S:T", item=parse_feature_pair,
                item_text=":".join,
@@ -126,7 +129,7 @@ class RobustKD(Distill):
         Option("distill_at", "adversarial", type=str, choices=DISTILL_AT,
                help="evaluate the terms at the student's single-step adversarial point (default) or at the clean "
                     "input, with the Jacobian term along a random direction (Zhang & Yi)"),
-        Option("teacher_at", "student", type=str, choices=TEACHER_AT,
+        Option("teacher_at", None, type=str, choices=TEACHER_AT,
                help="the input of the teacher's soft labels and features: the student's (its adversarial point, or "
                     "the clean input with --distill-at clean; default) or the clean input (ARD's and RSLAD's "
                     "targets)"),

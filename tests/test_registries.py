@@ -2,6 +2,7 @@
 should: the `rkd-fast train` flags and help, run.json and its `--config` rerun, the bench's step cases, the demo's
 --all and the study's entries (a baseline); and its options are refused where they do not apply."""
 
+import contextlib
 import json
 
 import pytest
@@ -15,7 +16,8 @@ from rkd_fast.cli import build_parser, main
 from rkd_fast.models import MODELS, InputNormalization, register_model
 from rkd_fast.train import TrainConfig, make_config, train_model
 from rkd_fast.train.cli import config_from_args
-from rkd_fast.train.methods import Method, default_study_variants, register, study_variants, unregister
+from rkd_fast.train.methods import (Method, default_study_variants, register, resolve_options, study_variants,
+                                   unregister)
 from rkd_fast.train.options import Option
 
 TINY = ["--epochs", "1", "--width", "4", "--batch-size", "256", "--attack-steps", "1", "--no-progress"]
@@ -222,3 +224,19 @@ def test_a_data_set_s_method_defaults_apply_on_it_only(monkeypatch, capsys):
     assert make_config(method="kd", teacher="t.pt").ce_weight == 1.0  # another method: its own
     assert _config(["--method", "robust-kd", "--teacher", "t.pt", "--out", "run"]).ce_weight == 0.5
     assert "robust-kd on digits: ce_weight 0.5" in " ".join(_help(capsys).split())
+    # the Python API's methods read the same table: resolve_options / create given the data set, the method's alone
+    # without one
+    assert resolve_options("robust-kd", {}, "digits").ce_weight == 0.5
+    assert resolve_options("robust-kd", {}).ce_weight == 1.0
+    assert resolve_options("robust-kd", {"ce_weight": 2.0}, "digits").ce_weight == 2.0
+    from rkd_fast.models import build_model
+    from rkd_fast.train.methods import RunSettings, create
+
+    student, teacher = build_model("small_cnn", width=4), build_model("small_cnn", width=4)
+    run = RunSettings(eps=0.1, alpha=None, attack_steps=1, precision="fp32", label_smoothing=0.0, batch_size=2,
+                      arch="small_cnn", teacher_arch="small_cnn")
+    made = [create("robust-kd", student, teacher, run, torch.rand(2, 1, 8, 8), contextlib.nullcontext, **given).opt
+            for given in ({"dataset": "digits"}, {})]
+    assert (made[0].ce_weight, made[0].teacher_at, made[1].ce_weight, made[1].teacher_at) == (0.5, "clean", 1.0,
+                                                                                              "student")
+

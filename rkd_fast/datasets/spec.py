@@ -33,7 +33,7 @@ class DatasetInfo:
     splits: tuple
     stem: str | None = None  # the stem of the models that take a `stem` argument; None: their default (CIFAR's)
     # a method's option defaults on this data set, over the method's own DEFAULTS (each one measured: the data
-    # set's section of docs/frontier.md); read only by rkd_fast.train.config.resolve_method_defaults
+    # set's section of docs/frontier.md); read only by rkd_fast.train.methods.method_defaults
     method_defaults: dict = field(default_factory=dict, hash=False, compare=False)
 
 

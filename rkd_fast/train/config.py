@@ -14,7 +14,7 @@ from ..checks import check_number as _number
 from ..datasets import DATASETS, LOADERS, SPECS, dataset_info
 from ..precision import PRECISIONS
 from ..seeding import check_seed
-from .methods import METHODS, all_options, on_change, resolve_options
+from .methods import METHODS, all_options, method_defaults, on_change, resolve_options
 from .methods.base import ALPHA_OF_EPS
 
 SCHEDULES = ("cosine", "multistep", "constant")
@@ -164,19 +164,12 @@ def make_config(config=None, **overrides):
     return cfg
 
 
-def method_defaults(method, dataset):
-    """The defaults of `method`'s options left None on `dataset`: the method's DEFAULTS, and over them the data
-    set's own (DatasetInfo.method_defaults)."""
-    cls = METHODS.get(method)
-    info = DATASETS.get(dataset)
-    return {**(cls.DEFAULTS if cls else {}), **(info.method_defaults.get(method, {}) if info else {})}
-
-
 def resolve_method_defaults(values):
     """`values` (TrainConfig fields) with the defaults of the method's options left None on the run's data set
     (`method_defaults`): resolved when the config is made, so run.json records the values the run used."""
     values = dict(values)
-    defaults = method_defaults(values.get("method", TrainConfig.method), values.get("dataset", TrainConfig.dataset))
+    method = values.get("method", TrainConfig.method)
+    defaults = method_defaults(method, values.get("dataset", TrainConfig.dataset)) if method in METHODS else {}
     for name, value in defaults.items():
         if values.get(name) is None:
             values[name] = value
@@ -193,7 +186,7 @@ def check_method_options(cfg):
         elif value != option.default:
             raise ValueError(f"{option.cli_flag} applies to --method {'/'.join(owners)}, not {cfg.method!r}")
     method = METHODS[cfg.method]
-    method.check(resolve_options(cfg.method, {name: getattr(cfg, name) for name in method.options()}))
+    method.check(resolve_options(cfg.method, {name: getattr(cfg, name) for name in method.options()}, cfg.dataset))
     if method.needs_teacher and not cfg.teacher:
         raise ValueError(f"method {cfg.method!r} needs a teacher (--teacher MODEL)")
     if not method.needs_teacher and cfg.teacher:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 
 from torch import nn
 
+from ...datasets import DATASETS
 from ...models import model_info
 from ...student_teacher import HoldsStudentTeacher
 
@@ -166,16 +167,25 @@ def teacher_methods():
     return tuple(name for name, cls in METHODS.items() if cls.needs_teacher)
 
 
-def resolve_options(method, values):
-    """`values` (option name → value; missing or None: the default) as the namespace a method reads."""
+def method_defaults(method, dataset=None):
+    """The defaults of `method`'s options left None on `dataset`: the method's DEFAULTS, and over them the data
+    set's own (DatasetInfo.method_defaults); None or an unknown name: the method's alone."""
+    info = DATASETS.get(dataset)
+    return {**METHODS[method].DEFAULTS, **(info.method_defaults.get(method, {}) if info else {})}
+
+
+def resolve_options(method, values, dataset=None):
+    """`values` (option name → value; missing or None: the default on `dataset`, `method_defaults`) as the
+    namespace a method reads."""
     cls = METHODS[method]
     unknown = sorted(set(values) - set(cls.options()))
     if unknown:
         raise TypeError(f"method {method!r} has no option(s) {', '.join(unknown)}")
+    defaults = method_defaults(method, dataset)
     resolved = {}
     for name, option in cls.options().items():
         value = values.get(name, option.default)
-        resolved[name] = cls.DEFAULTS.get(name) if value is None else value
+        resolved[name] = defaults.get(name) if value is None else value
     return types.SimpleNamespace(**resolved)
 
 
@@ -183,11 +193,11 @@ def _with_alpha(cls, run):
     return run if run.alpha is not None else replace(run, alpha=cls.alpha_of_eps * run.eps)
 
 
-def create(method, student, teacher, run, example_input, autocast, **options):
+def create(method, student, teacher, run, example_input, autocast, dataset=None, **options):
     """The method `method` for a run: `run` a RunSettings (alpha None: the method's default), `options` its own
-    settings (the rest take defaults), checked here."""
+    settings (the rest take their defaults on `dataset`, as `rkd-fast train --dataset` does), checked here."""
     cls = METHODS[method]
-    opt = resolve_options(method, options)
+    opt = resolve_options(method, options, dataset)
     cls.check(opt)
     return cls(student, teacher, _with_alpha(cls, run), opt, example_input, autocast)
 
@@ -200,5 +210,5 @@ def build_method(cfg, student, teacher, example_input, autocast):
     run = RunSettings(eps=cfg.attack_eps(), alpha=cfg.alpha, attack_steps=cfg.attack_steps, precision=cfg.precision,
                       label_smoothing=cfg.label_smoothing, batch_size=cfg.batch_size, arch=cfg.arch,
                       teacher_arch=teacher_arch)
-    opt = resolve_options(cfg.method, {name: getattr(cfg, name) for name in cls.options()})
+    opt = resolve_options(cfg.method, {name: getattr(cfg, name) for name in cls.options()}, cfg.dataset)
     return cls(student, teacher, _with_alpha(cls, run), opt, example_input, autocast)

@@ -159,6 +159,10 @@ class RobustKDLoss(HoldsStudentTeacher, nn.Module):
         eps: None, or the L∞ radius of the threat model (on the [0, 1] pixel scale): evaluate every term at the
             student's single-step adversarial point (module docstring).
         noise: with ``eps``: the start's uniform noise, in units of eps (N-FGSM's 2).
+        steps: with ``eps``: 1, the N-FGSM point (the default); k ≥ 2, a PGD-k point instead (Madry et al.: a
+            uniform start in the eps-ball, k signed-gradient steps of ``alpha``, each projected onto the ball), as
+            the pgd-at baseline takes it; the Jacobian term needs the single step (``jac_weight`` 0).
+        alpha: with ``steps`` ≥ 2: the PGD step on the [0, 1] pixel scale (default eps / 2, the pgd-2 baseline's).
         teacher_at: where the teacher's soft labels and feature maps come from: ``"student"``, the student's input
             (x', or x without ``eps``), or ``"clean"``, the input x, as ARD and RSLAD take them (with ``eps`` the
             targets then do not move with the student's attack; the Jacobian term still compares the teacher's
@@ -171,7 +175,8 @@ class RobustKDLoss(HoldsStudentTeacher, nn.Module):
 
     def __init__(self, student, teacher, *, feature_pairs=(), example_input=None, feature_mode="normalized",
                  ce_weight=1.0, kd_weight=1.0, kd_temperature=4.0, kd_samples="all", feat_weight=1.0, jac_weight=1.0,
-                 label_smoothing=0.0, jacobian=None, eps=None, noise=ADVERSARIAL_NOISE, teacher_at="student"):
+                 label_smoothing=0.0, jacobian=None, eps=None, noise=ADVERSARIAL_NOISE, steps=1, alpha=None,
+                 teacher_at="student"):
         super().__init__()
         for name, model in (("student", student), ("teacher", teacher)):
             if not isinstance(model, nn.Module):
@@ -204,7 +209,16 @@ class RobustKDLoss(HoldsStudentTeacher, nn.Module):
                 raise ValueError(f"jacobian option(s) {', '.join(fixed)} do not apply with eps: the step is along the "
                                  "sign of the student's input gradient, on the whole batch, by finite difference")
             self.jacobian = {"h": self.eps, "on": "logits", "temperature": 1.0, **jacobian}
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+                raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+            if steps > 1 and self.jac_weight > 0:
+                raise ValueError(f"steps={steps} with the Jacobian term: its finite difference runs along the single "
+                                 "N-FGSM step (steps=1), or set jac_weight=0")
+            self.steps = steps
+            self.alpha = self.eps / 2 if alpha is None else check_number("alpha", alpha, strict=True)
         else:
+            if steps != 1 or alpha is not None:
+                raise ValueError("steps and alpha set the adversarial point: they apply with eps")
             self.eps = None
             self.jacobian = {**JACOBIAN_DEFAULTS, **jacobian}
         if teacher_at not in TEACHER_AT:
@@ -371,12 +385,16 @@ class RobustKDLoss(HoldsStudentTeacher, nn.Module):
     def _adversarial_passes(self, x, y, seed):
         """(student logits at x', teacher logits at x' (at x with teacher_at "clean"), the Jacobian term or None);
         the features recorded at the same inputs."""
-        from .attacks import n_fgsm
+        from .attacks import n_fgsm, pgd
 
         student, teacher = self._models
         h = self.jacobian["h"]
-        start, x_adv = n_fgsm(student, x, y, self.eps, alpha=h, noise=self.noise * self.eps, seed=seed,
-                              return_start=True)
+        if self.steps == 1:
+            start, x_adv = n_fgsm(student, x, y, self.eps, alpha=h, noise=self.noise * self.eps, seed=seed,
+                                  return_start=True)
+        else:  # no start to difference from: the Jacobian term is off (checked in __init__)
+            start, x_adv = None, pgd(student, x, y, self.eps, self.alpha, self.steps, norm="linf", random_start=True,
+                                     seed=seed)
         s_capture, t_capture = self._captures
         jac = None
         try:
@@ -445,7 +463,8 @@ class RobustKDLoss(HoldsStudentTeacher, nn.Module):
         return (f"ce_weight={self.ce_weight}, kd_weight={self.kd_weight}, kd_temperature={self.kd_temperature}, "
                 f"kd_samples={self.kd_samples!r}, "
                 f"feat_weight={self.feat_weight}, jac_weight={self.jac_weight}, feature_mode={self.feature_mode!r}, "
-                f"feature_pairs={self.feature_pairs}, jacobian={self.jacobian}, teacher_at={self.teacher_at!r}")
+                f"feature_pairs={self.feature_pairs}, jacobian={self.jacobian}, teacher_at={self.teacher_at!r}"
+                + (f", eps={self.eps}, steps={self.steps}" if self.eps is not None else ""))
 
 
 def kd_loss(student_logits, teacher_logits, temperature, kept=None):

@@ -364,8 +364,50 @@ def test_adversarial_point_terms_match_a_direct_computation(jac_weight, teacher_
     torch.testing.assert_close(total, sum(weights[k] * v for k, v in expected.items()), rtol=1e-4, atol=1e-5)
 
 
-def test_adversarial_point_options():
+@pytest.mark.parametrize("teacher_at", ["student", "clean"])
+def test_a_pgd_point_replaces_the_n_fgsm_one(teacher_at):
+    """steps=2: the terms at pgd's point (a uniform start in the eps-ball, two projected steps of alpha, the same
+    seed), not at N-FGSM's; the teacher's targets there, or at x with teacher_at "clean"."""
+    from rkd_fast.attacks import n_fgsm, pgd
+
     student, teacher = _models()
+    student.eval()  # no running-statistics update between the loss's attack and the one written out here
+    x, y = digits_batch(12)
+    eps, alpha = 0.1, 0.03
+    loss_fn = RobustKDLoss(student, teacher, feature_pairs=[("block2", "block3")], example_input=x, eps=eps,
+                           steps=2, alpha=alpha, ce_weight=0.7, kd_weight=1.3, kd_temperature=1.0, feat_weight=0.4,
+                           jac_weight=0, teacher_at=teacher_at)
+    total, terms = loss_fn(x, y, seed=11)
+    x_adv = pgd(student, x, y, eps, alpha, 2, norm="linf", random_start=True, seed=11)
+    assert (x_adv - x).abs().max() <= eps + 1e-6 < (n_fgsm(student, x, y, eps, seed=11) - x).abs().max()
+    s_adv, s_feats = _features(student, x_adv, ["block2"])
+    with torch.no_grad():
+        t_target, t_feats = _features(teacher, x if teacher_at == "clean" else x_adv, ["block3"])
+    expected = {"ce": F.cross_entropy(s_adv, y), "kd": kd_loss(s_adv, t_target, 1.0),
+                "feat": _reference.feature_distance(loss_fn.adapters[0](s_feats[0]), t_feats[0], mode="normalized")}
+    assert set(terms) == set(expected) | {"total"}
+    for name, value in expected.items():
+        torch.testing.assert_close(terms[name], value.detach(), rtol=1e-4, atol=1e-5, msg=name)
+    torch.testing.assert_close(total, 0.7 * expected["ce"] + 1.3 * expected["kd"] + 0.4 * expected["feat"],
+                               rtol=1e-4, atol=1e-5)
+    assert RobustKDLoss(student, teacher, eps=eps, steps=2, jac_weight=0, feat_weight=0).alpha == eps / 2
+
+
+def test_adversarial_point_options():
+    from rkd_fast.train import make_config
+
+    student, teacher = _models()
+    for steps in (0, 1.5, True):
+        with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+            RobustKDLoss(student, teacher, eps=0.1, feat_weight=0, jac_weight=0, steps=steps)
+    with pytest.raises(ValueError, match="finite difference runs along the single N-FGSM step"):
+        RobustKDLoss(student, teacher, eps=0.1, feat_weight=0, jac_weight=0.5, steps=2)
+    with pytest.raises(ValueError, match="they apply with eps"):
+        RobustKDLoss(student, teacher, feat_weight=0, steps=2)
+    for given in ({"jac_weight": 0.5}, {"distill_at": "clean"}):
+        with pytest.raises(ValueError, match="--adv-steps 2 sets the adversarial point"):
+            make_config(method="robust-kd", teacher="t.pt", adv_steps=2, **given)
+    assert make_config(method="robust-kd", teacher="t.pt", adv_steps=3).adv_steps == 3
     with pytest.raises(ValueError, match="direction do not apply with eps"):
         RobustKDLoss(student, teacher, eps=0.1, feat_weight=0, jacobian={"direction": "rademacher"})
     with pytest.raises(ValueError, match="eps must be > 0"):

@@ -134,6 +134,11 @@ class RobustKD(Distill):
                     "the clean input with --distill-at clean; default) or the clean input (ARD's and RSLAD's "
                     "targets)"),
         Option("adv_noise", 2.0, "the adversarial point's start noise, in units of --eps (default: %(default)s)"),
+        Option("adv_steps", 1, type=int, minimum=1,
+               help="the adversarial point's attack steps: 1, N-FGSM (default); k >= 2, PGD-k as pgd-at takes it (a "
+                    "uniform start in the eps-ball, steps of --adv-alpha, projected); no Jacobian term"),
+        Option("adv_alpha", 0.5, strict=True,
+               help="--adv-steps >= 2: the PGD step, in units of --eps (default: %(default)s, the study's pgd-2)"),
         Option("jac_step", 1.0, strict=True,
                help="finite-difference step in units of the threat model: jac_step·eps (L∞, and the adversarial "
                     "point) or jac_step·eps·sqrt(D) (L2 directions) (default: %(default)s)"),
@@ -159,6 +164,10 @@ class RobustKD(Distill):
                           temperature=opt.jac_temperature, fraction=opt.jac_fraction)
         except ValueError as error:
             raise ValueError(f"--jac-{error}") from error
+        if opt.adv_steps > 1 and (opt.distill_at != "adversarial" or opt.jac_weight > 0):
+            raise ValueError(f"--adv-steps {opt.adv_steps} sets the adversarial point of --distill-at adversarial, "
+                             "without the Jacobian term (its finite difference runs along the single N-FGSM step): "
+                             "--jac-weight 0")
         if opt.distill_at == "adversarial" and opt.jac_estimator != "fd":
             raise ValueError(f"--jac-estimator {opt.jac_estimator} applies to --distill-at clean: at the adversarial "
                              "point the Jacobian term is the finite difference along the attack's step")
@@ -182,8 +191,8 @@ class RobustKD(Distill):
         jacobian = {"on": opt.jac_on, "temperature": opt.jac_temperature}
         if opt.distill_at == "adversarial":
             h = opt.jac_h if opt.jac_h is not None else opt.jac_step * eps
-            return {**options, "eps": eps, "noise": opt.adv_noise, "teacher_at": opt.teacher_at,
-                    "jacobian": {**jacobian, "h": h}}
+            return {**options, "eps": eps, "noise": opt.adv_noise, "steps": opt.adv_steps,
+                    "alpha": opt.adv_alpha * eps, "teacher_at": opt.teacher_at, "jacobian": {**jacobian, "h": h}}
         h = opt.jac_h if opt.jac_h is not None else step_in_threat_units(opt.jac_step, eps, opt.jac_norm,
                                                                           self.example_shape)
         return {**options, "jacobian": {**jacobian, "h": h, "direction": opt.jac_direction, "norm": opt.jac_norm,
@@ -207,7 +216,8 @@ class RobustKD(Distill):
         if opt.distill_at == "adversarial":
             # the attack pass (forward + input backward), the training pass at the adversarial point and its
             # teacher forward; with the Jacobian term, the start's student pass (backpropagated) and teacher forward
-            return {"S_fb": 3, "T_f": 2} if jacobian else {"S_fb": 2, "T_f": 1}
+            # (--adv-steps k: k attack passes)
+            return {"S_fb": 3, "T_f": 2} if jacobian else {"S_fb": 1 + opt.adv_steps, "T_f": 1}
         if jacobian and opt.jac_estimator == "exact":
             # double backprop: forward, backward with create_graph, then backward through both (~3 fwd+bwd), and
             # the teacher's J·d by an input backward

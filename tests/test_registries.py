@@ -13,11 +13,11 @@ from torch import nn
 from rkd_fast.bench import cli as bench_cli
 from rkd_fast.bench import steps
 from rkd_fast.cli import build_parser, main
-from rkd_fast.models import MODELS, InputNormalization, register_model
+from rkd_fast.models import MODELS, InputNormalization, build_model, register_model
 from rkd_fast.train import TrainConfig, make_config, train_model
 from rkd_fast.train.cli import config_from_args
-from rkd_fast.train.methods import (Method, default_study_variants, register, resolve_options, study_variants,
-                                   unregister)
+from rkd_fast.train.methods import (Method, RunSettings, create, default_study_variants, register, resolve_options,
+                                   study_variants, unregister)
 from rkd_fast.train.options import Option
 
 TINY = ["--epochs", "1", "--width", "4", "--batch-size", "256", "--attack-steps", "1", "--no-progress"]
@@ -229,9 +229,6 @@ def test_a_data_set_s_method_defaults_apply_on_it_only(monkeypatch, capsys):
     assert resolve_options("robust-kd", {}, "digits").ce_weight == 0.5
     assert resolve_options("robust-kd", {}).ce_weight == 1.0
     assert resolve_options("robust-kd", {"ce_weight": 2.0}, "digits").ce_weight == 2.0
-    from rkd_fast.models import build_model
-    from rkd_fast.train.methods import RunSettings, create
-
     student, teacher = build_model("small_cnn", width=4), build_model("small_cnn", width=4)
     run = RunSettings(eps=0.1, alpha=None, attack_steps=1, precision="fp32", label_smoothing=0.0, batch_size=2,
                       arch="small_cnn", teacher_arch="small_cnn")

@@ -268,6 +268,20 @@ class RobustKDLoss(HoldsStudentTeacher, nn.Module):
     def uses_teacher(self):
         return self.kd_weight > 0 or self.feat_weight > 0 or self.jac_weight > 0
 
+    @property
+    def takes_teacher_logits(self):
+        """Whether the teacher's one output the loss needs is its logits at the clean input: the soft labels
+        alone, taken at x (without ``eps``, or ``teacher_at="clean"``). Then ``forward`` accepts them computed
+        beforehand (``teacher_logits``) and does not run the teacher."""
+        return (self.kd_weight > 0 and self.feat_weight == 0 and self.jac_weight == 0
+                and (self.eps is None or self.teacher_at == "clean"))
+
+    def teacher_logits(self, x):
+        """The teacher's logits at x (no_grad), as a step of this loss computes them: what ``forward`` takes as
+        ``teacher_logits`` for the same samples."""
+        with torch.no_grad():
+            return self._teach(x)
+
     def _inspect(self, example_input):
         """Runs both models once on example_input (eval mode, no_grad; training flags restored) to check the
         class counts agree and to build an adapter for each feature pair."""
@@ -319,11 +333,20 @@ class RobustKDLoss(HoldsStudentTeacher, nn.Module):
             handle.remove()
         self._hooks = []
 
-    def forward(self, x, y, seed=None):
+    def forward(self, x, y, seed=None, teacher_logits=None):
         """``(total, terms)`` for the batch (x, y). ``seed`` seeds the step's random draws, the adversarial start's
         noise (with ``eps``) or the Jacobian term's directions (without), from local generators, so a rerun or a
-        resumed run replays them; None: fresh draws (torch's global generator for the directions)."""
-        if self.teacher.training:  # someone called teacher.train(): BN statistics must stay frozen
+        resumed run replays them; None: fresh draws (torch's global generator for the directions).
+        ``teacher_logits``: the teacher's logits at x, computed beforehand (`teacher_logits`), where the soft labels
+        at x are all the loss asks of the teacher (`takes_teacher_logits`); the teacher is then not run."""
+        if teacher_logits is not None:
+            if not self.takes_teacher_logits:
+                raise ValueError("teacher_logits replace the teacher's forward only where its soft labels at the clean "
+                                 "input are all the loss uses (kd_weight > 0, feat_weight and jac_weight 0, and "
+                                 "teacher_at='clean' with eps)")
+            if teacher_logits.shape[0] != x.shape[0]:
+                raise ValueError(f"teacher_logits hold {teacher_logits.shape[0]} rows for a batch of {x.shape[0]}")
+        elif self.teacher.training:  # someone called teacher.train(): BN statistics must stay frozen
             self.teacher.eval()
         terms = {}
         total = None
@@ -334,8 +357,12 @@ class RobustKDLoss(HoldsStudentTeacher, nn.Module):
             terms[name] = value.detach()
             total = weight * value if total is None else total + weight * value
 
-        passes = self._adversarial_passes(x, y, seed) if self.eps is not None else self._clean_passes(x, y, seed)
+        given = teacher_logits is not None
+        passes = (self._adversarial_passes(x, y, seed, given) if self.eps is not None
+                  else self._clean_passes(x, y, seed, given))
         s_logits, t_logits, jac = passes
+        if given:
+            t_logits = teacher_logits
         if t_logits is not None:
             t_logits = t_logits.detach()
             if t_logits.shape != s_logits.shape:
@@ -356,8 +383,9 @@ class RobustKDLoss(HoldsStudentTeacher, nn.Module):
         terms["total"] = total.detach()
         return total, terms
 
-    def _clean_passes(self, x, y, seed):
-        """(student logits at x, teacher logits at x, the Jacobian term or None), features recorded at x."""
+    def _clean_passes(self, x, y, seed, teacher_logits_given):
+        """(student logits at x, teacher logits at x (None when given), the Jacobian term or None), features
+        recorded at x."""
         student, teacher = self._models
         s_capture, t_capture = self._captures
         if self.feature_pairs:
@@ -375,16 +403,16 @@ class RobustKDLoss(HoldsStudentTeacher, nn.Module):
                                                            return_outputs=True, generator=generator, **self.jacobian)
             else:
                 s_logits = student(x)
-                if self.uses_teacher:
+                if self.uses_teacher and not teacher_logits_given:
                     with torch.no_grad():
                         t_logits = self._teach(x)
         finally:
             s_capture.armed = t_capture.armed = False
         return s_logits, t_logits, jac
 
-    def _adversarial_passes(self, x, y, seed):
-        """(student logits at x', teacher logits at x' (at x with teacher_at "clean"), the Jacobian term or None);
-        the features recorded at the same inputs."""
+    def _adversarial_passes(self, x, y, seed, teacher_logits_given):
+        """(student logits at x', teacher logits at x' (at x with teacher_at "clean"; None when given), the
+        Jacobian term or None); the features recorded at the same inputs."""
         from .attacks import n_fgsm, pgd
 
         student, teacher = self._models
@@ -421,7 +449,7 @@ class RobustKDLoss(HoldsStudentTeacher, nn.Module):
                     s_capture.arm()
                 s_logits = student(x_adv)
             t_logits = t_adv = t_start = None
-            if self.uses_teacher:
+            if self.uses_teacher and not teacher_logits_given:
                 n = x.shape[0]
                 # one call (the teacher is frozen): the targets' input first (its features recorded), then x' and
                 # x̃ where the Jacobian term needs them

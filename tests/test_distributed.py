@@ -154,6 +154,16 @@ def test_two_processes_train_like_one_robust_kd(tmp_path, two_process_run, robus
     assert two["history"][-1]["val_robust_acc"] == pytest.approx(one["history"][-1]["val_robust_acc"], abs=0.01)
 
 
+@pytest.mark.slow
+@pytest.mark.cross_path
+def test_two_processes_with_the_teacher_cache_train_like_one_without(tmp_path, teacher_file):
+    # Each rank looks its share's soft labels up by the samples' indices in the split.
+    kd = ["--method", "kd", "--teacher", str(teacher_file)]
+    _train(tmp_path / "one", 1, [*kd, "--teacher-cache", "off"])
+    _train(tmp_path / "two", 2, [*kd, "--teacher-cache", "on"])
+    _assert_same_training(_final(tmp_path / "one"), _final(tmp_path / "two"), atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def stopped_run(tmp_path_factory, robust_kd):
     # Two processes ended abruptly after their 5th step: the newest checkpoint is step 3's.

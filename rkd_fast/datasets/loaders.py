@@ -61,7 +61,10 @@ class GPULoader:
     training batches: shuffled, never cropped or flipped).
 
     Shuffling, crop offsets and flips come from a CPU generator seeded by ``(seed, epoch)`` and are indexed by
-    sample, so a sample's augmentation does not depend on the rank, world size or device."""
+    sample, so a sample's augmentation does not depend on the rank, world size or device.
+
+    With ``yield_indices`` set, each batch comes as ``(x, y, indices)``: the samples' positions in the split, for
+    a step that looks up something computed per sample beforehand (`in_order` serves the split for it)."""
 
     def __init__(self, x, y, batch_size, *, augment=True, shuffle=None, drop_last=None, seed=0, pad=4,
                  padding="reflect", rank=None, world_size=None, device=None, dtype=torch.float32,
@@ -85,6 +88,7 @@ class GPULoader:
         self.drop_last = augment if drop_last is None else drop_last
         self.seed, self.dtype, self.channels_last = seed, dtype, channels_last
         self.epoch, self.start_batch = 0, 0
+        self.yield_indices = False
 
     @property
     def num_samples(self):
@@ -136,7 +140,7 @@ class GPULoader:
         out = out.to(self.dtype) / 255 if self.x.dtype == torch.uint8 else out.to(self.dtype)
         if not self.channels_last:
             out = out.contiguous()
-        return out, self.y[index]
+        return (out, self.y[index], index) if self.yield_indices else (out, self.y[index])
 
     def __iter__(self):
         # The epoch's plan goes to the device once, so the batches below never wait on a host copy.
@@ -145,6 +149,19 @@ class GPULoader:
         self.start_batch = 0  # a resume offset applies to one pass only
         for b in range(start, len(self)):
             yield self._batch(order[b * self.batch_size:(b + 1) * self.batch_size], offsets, flips)
+
+    def in_order(self, batch_size):
+        """Every sample of the split once (not only this rank's), in index order, as the training batches serve
+        it: ``(x, y)`` batches of ``batch_size``. Only for an unaugmented split, whose batches are a function of
+        the samples alone."""
+        if self.augment:
+            raise ValueError("the training batches are cropped and flipped anew each epoch: a sample has no one "
+                             "input to compute anything from beforehand")
+        check_sharding(batch_size, 0, 1)
+        n = self.num_samples
+        for start in range(0, n, batch_size):
+            index = torch.arange(start, min(start + batch_size, n), device=self.x.device)
+            yield self._batch(index, None, None)[:2]
 
 
 class ShardSampler(torch.utils.data.Sampler):

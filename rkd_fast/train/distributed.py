@@ -193,12 +193,13 @@ class StepModule(nn.Module):
         self.student = student
         self.method = method
 
-    def forward(self, x, y, step_seed):
-        return self.method(x, y, step_seed)
+    def forward(self, x, y, step_seed, indices=None):
+        return self.method(x, y, step_seed) if indices is None else self.method(x, y, step_seed, indices)
 
 
 def wrap(student, method, ctx, device):
-    """The callable a step runs: ``step(x, y, step_seed) -> (total, terms)``; DDP-wrapped when distributed."""
+    """The callable a step runs: ``step(x, y, step_seed[, indices]) -> (total, terms)``; DDP-wrapped when
+    distributed."""
     module = StepModule(student, method)
     if not ctx.enabled:
         return module

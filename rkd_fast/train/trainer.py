@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .. import seeding, teachers
-from ..datasets import run_data
+from ..datasets import GPULoader, run_data
 from ..model_source import arch_kwargs, build_architecture, check_model
 from ..precision import autocast_factory, resolve_device, resolve_precision
 from ..runfiles import TENSORBOARD_EVENTS
@@ -156,6 +156,10 @@ class Run:
         if teacher is not None:
             check_model(teacher, example, info.num_classes, f"the teacher {cfg.teacher}")
         self.method = build_method(cfg, student, teacher, example, self.autocast).to(self.device)
+        fixed_inputs = isinstance(self.train_batches, GPULoader) and not self.train_batches.augment
+        self.precomputes = self.method.plan_precompute(fixed_inputs)
+        self.train_batches.yield_indices = self.precomputes
+        self.precomputed = False
         self.eps, self.alpha = cfg.attack_eps(), cfg.validation_alpha()
 
         # A step takes the next global batch (batch_size per process) of the epoch order.
@@ -334,8 +338,11 @@ class Run:
             # Seconds of training in this epoch: the clock excludes checkpoint writes; `base` carries the
             # seconds of a resumed epoch's earlier part.
             base, started, paused = self.accum["seconds"], time.perf_counter(), 0.0
-            for step, x, y, size in self._epoch_steps(epoch, first):
-                self._step(x, y, size)
+            if self.precomputes and not self.precomputed:  # in the clock: part of the training's cost
+                self.method.precompute((self._layout(x), y) for x, y in self.train_batches.in_order(cfg.batch_size))
+                self.precomputed = True
+            for step, x, y, size, indices in self._epoch_steps(epoch, first):
+                self._step(x, y, size, indices)
                 self.position.update(step=step + 1, global_step=self.position["global_step"] + 1)
                 bar.update(1)
                 last_step = step + 1 == self.steps_per_epoch
@@ -363,27 +370,30 @@ class Run:
         return self._result()
 
     def _epoch_steps(self, epoch, first):
-        """(step, x, y, global batch size) of each optimizer step of `epoch` from its step `first` (a resumed
-        epoch skips the steps done): each batch serves `replays` consecutive steps (free-at's; 1 otherwise)."""
+        """(step, x, y, global batch size, the samples' indices or None) of each optimizer step of `epoch` from its
+        step `first` (a resumed epoch skips the steps done): each batch serves `replays` consecutive steps
+        (free-at's; 1 otherwise). The indices come with the batch when the method precomputes per sample."""
         m, batch = self.replays, self.global_batch
         self.train_batches.set_epoch(epoch, start_batch=first // m)
         step = first
-        for index, (x, y) in enumerate(self.train_batches, start=first // m):
+        for index, (x, y, *indices) in enumerate(self.train_batches, start=first // m):
+            indices = indices[0] if indices else None
             size = min(batch, self.num_train - index * batch)  # the global batch; (x, y) is this rank's share
             # imagenet's batches come from the host (pinned); the others are on the device already.
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             x = self._layout(x)
             while step < (index + 1) * m:
-                yield step, x, y, size
+                yield step, x, y, size, indices
                 step += 1
 
-    def _step(self, x, y, global_size):
-        """One optimizer step on this rank's share (x, y) of a global batch of `global_size` samples."""
+    def _step(self, x, y, global_size, indices=None):
+        """One optimizer step on this rank's share (x, y) of a global batch of `global_size` samples (`indices`:
+        their positions in the split, for a method that precomputes per sample)."""
         ctx, seed = self.dist, step_seed(self.cfg.seed, self.position["global_step"])
         # Per-sample random draws come from (seed, step, position in the global batch): any world size
         # draws the same numbers for a sample (rkd_fast.seeding).
         with seeding.per_sample_draws(ctx.rows(global_size), global_size, seed):
-            total, terms = self.step_module(x, y, seed)
+            total, terms = self.step_module(x, y, seed, indices)
         if x.shape[0] * ctx.world_size != global_size:
             # Shares of a short last batch differ in size: weigh each rank's mean by its share of the batch,
             # so that DDP's average of the gradients is the gradient of the global batch's mean.

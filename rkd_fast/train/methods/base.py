@@ -14,7 +14,8 @@ A method is built once per run with ``Method(student, teacher, run, opt, example
 detached 0-d tensors (no host sync). ``run`` holds the run's shared settings (RunSettings), ``opt`` the method's
 own, resolved (a namespace of its OPTIONS); it never sees the whole config. ``autocast()`` returns the context the
 forward passes run in (the run's mixed precision). ``step_seed`` seeds any randomness of the step (the attacks'
-random starts), so a resumed run replays it. A method's own trainable parameters (the feature adapters) are
+random starts), so a resumed run replays it. A method that computes something per training sample beforehand
+(``plan_precompute``) is also given the batch's sample indices. A method's own trainable parameters (the feature adapters) are
 ``method.parameters()`` and its state is ``method.state_dict()``.
 """
 
@@ -95,6 +96,18 @@ class Method(HoldsStudentTeacher, nn.Module):
         """One optimizer step with settings `opt` in forward/backward units (rkd_fast.bench.steps.cost_units
         explains them); None when this method has no cost model."""
         return None
+
+    def plan_precompute(self, fixed_inputs):
+        """Whether this run computes something per training sample before its first step; `fixed_inputs`: whether
+        each training sample reaches the steps as one fixed input (an unaugmented split held in memory). If so the
+        trainer calls `precompute` once per run (again after a resume) and serves each batch with its samples'
+        positions in the split: ``method(x, y, step_seed, indices)``. ValueError where an option asks for it and
+        it cannot be done."""
+        return False
+
+    def precompute(self, batches):
+        """`batches`: ``(x, y)`` of every training sample once, in index order, as the steps see them."""
+        raise NotImplementedError(f"method {self.name!r} precomputes nothing")
 
     def prepare_student(self, *, compile, sync_bn, world_size):
         """Called once the student is built (SyncBatchNorm converted when sync_bn) and before it is compiled:

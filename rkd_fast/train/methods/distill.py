@@ -2,6 +2,8 @@
 
 import math
 
+import torch
+
 from ...clean_pass import share_clean_statistics
 from ...jacobian import ESTIMATORS as JACOBIAN_ESTIMATORS
 from ...jacobian import check_options
@@ -13,6 +15,7 @@ from ..options import Option
 from .base import Method, register
 
 DISTILL_AT = ("adversarial", "clean")
+TEACHER_CACHE = ("auto", "on", "off")
 # Zhang & Yi's recipe at the clean input: feature weight 3, Jacobian weight 1, T 4 (the trainer's defaults before
 # the frontier study), whatever a data set's own defaults (DatasetInfo.method_defaults)
 CLEAN_RECIPE = {"distill_at": "clean", "teacher_at": "student", "ce_weight": 1.0, "kd_weight": 1.0, "feat_weight": 3.0,
@@ -32,6 +35,12 @@ class Distill(Method):
                     "at the input it sees"),
         Option("feat_weight", None, "robust-kd: weight of the feature-map term"),
         Option("jac_weight", None, "robust-kd: weight of the finite-difference Jacobian term"),
+        Option("teacher_cache", "auto", type=str, choices=TEACHER_CACHE,
+               help="compute the teacher's soft labels once per training image before the first step instead of in "
+                    "every step, where they are all the loss asks of the teacher (kd; robust-kd with --teacher-at "
+                    "clean, --feat-weight 0 and --jac-weight 0) and the data set does not crop or flip its training "
+                    "images: auto (default) where both hold, on (an error where they do not), off. The same "
+                    "loss up to the rounding of the teacher's forward in other batches"),
     )
 
     def loss_options(self):
@@ -45,10 +54,26 @@ class Distill(Method):
                                     label_smoothing=run.label_smoothing, kd_temperature=opt.kd_temperature,
                                     kd_samples=opt.kd_samples, ce_weight=opt.ce_weight, kd_weight=opt.kd_weight,
                                     **self.loss_options())
+        if opt.teacher_cache == "on" and not self.loss_fn.takes_teacher_logits:
+            raise ValueError("--teacher-cache on: the teacher's soft labels at the clean input must be all the loss "
+                             "asks of the teacher (--kd-weight > 0, --feat-weight 0, --jac-weight 0 and, at the "
+                             "adversarial point, --teacher-at clean)")
+        self.cached_teacher_logits = None  # (N, classes) on the device, by training sample: not model state
 
-    def forward(self, x, y, step_seed):
+    def plan_precompute(self, fixed_inputs):
+        if self.opt.teacher_cache == "on" and not fixed_inputs:
+            raise ValueError("--teacher-cache on: the training images are cropped and flipped anew each epoch, so "
+                             "the teacher's soft labels differ from one epoch to the next")
+        return self.opt.teacher_cache != "off" and fixed_inputs and self.loss_fn.takes_teacher_logits
+
+    def precompute(self, batches):
         with self.autocast():
-            return self.loss_fn(x, y, seed=step_seed)
+            self.cached_teacher_logits = torch.cat([self.loss_fn.teacher_logits(x) for x, _ in batches])
+
+    def forward(self, x, y, step_seed, indices=None):
+        teacher_logits = None if indices is None else self.cached_teacher_logits[indices]
+        with self.autocast():
+            return self.loss_fn(x, y, seed=step_seed, teacher_logits=teacher_logits)
 
 
 @register
@@ -69,7 +94,7 @@ class KD(Distill):
 
     @classmethod
     def cost_units(cls, opt, attack_steps):
-        return {"S_fb": 1, "T_f": 1}
+        return {"S_fb": 1} if opt.teacher_cache == "on" else {"S_fb": 1, "T_f": 1}  # as robust-kd's
 
 
 def parse_feature_pair(item):
@@ -213,14 +238,17 @@ class RobustKD(Distill):
     @classmethod
     def cost_units(cls, opt, attack_steps):
         jacobian = opt.jac_weight > 0
+        # the soft labels' teacher forward, unless they are computed before training (counted where "auto" may
+        # compute them: it depends on the data set)
+        soft_labels = {} if opt.teacher_cache == "on" else {"T_f": 1}
         if opt.distill_at == "adversarial":
             # the attack pass (forward + input backward), the training pass at the adversarial point and its
             # teacher forward; with the Jacobian term, the start's student pass (backpropagated) and teacher forward
             # (--adv-steps k: k attack passes)
-            return {"S_fb": 3, "T_f": 2} if jacobian else {"S_fb": 1 + opt.adv_steps, "T_f": 1}
+            return {"S_fb": 3, "T_f": 2} if jacobian else {"S_fb": 1 + opt.adv_steps, **soft_labels}
         if jacobian and opt.jac_estimator == "exact":
             # double backprop: forward, backward with create_graph, then backward through both (~3 fwd+bwd), and
             # the teacher's J·d by an input backward
             return {"S_fb": 3, "T_fb": 1}
         # clean (+ perturbed, with the Jacobian term) student passes, backpropagated; and their teacher passes
-        return {"S_fb": 2, "T_f": 2} if jacobian else {"S_fb": 1, "T_f": 1}
+        return {"S_fb": 2, "T_f": 2} if jacobian else {"S_fb": 1, **soft_labels}

@@ -158,7 +158,8 @@ class Run:
         self.method = build_method(cfg, student, teacher, example, self.autocast).to(self.device)
         fixed_inputs = isinstance(self.train_batches, GPULoader) and not self.train_batches.augment
         self.precomputes = self.method.plan_precompute(fixed_inputs)
-        self.train_batches.yield_indices = self.precomputes
+        if self.precomputes:
+            self.train_batches.yield_indices = True
         self.precomputed = False
         self.eps, self.alpha = cfg.attack_eps(), cfg.validation_alpha()
 

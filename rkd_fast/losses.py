@@ -357,12 +357,9 @@ class RobustKDLoss(HoldsStudentTeacher, nn.Module):
             terms[name] = value.detach()
             total = weight * value if total is None else total + weight * value
 
-        given = teacher_logits is not None
-        passes = (self._adversarial_passes(x, y, seed, given) if self.eps is not None
-                  else self._clean_passes(x, y, seed, given))
+        passes = (self._adversarial_passes(x, y, seed, teacher_logits) if self.eps is not None
+                  else self._clean_passes(x, y, seed, teacher_logits))
         s_logits, t_logits, jac = passes
-        if given:
-            t_logits = teacher_logits
         if t_logits is not None:
             t_logits = t_logits.detach()
             if t_logits.shape != s_logits.shape:
@@ -383,9 +380,9 @@ class RobustKDLoss(HoldsStudentTeacher, nn.Module):
         terms["total"] = total.detach()
         return total, terms
 
-    def _clean_passes(self, x, y, seed, teacher_logits_given):
-        """(student logits at x, teacher logits at x (None when given), the Jacobian term or None), features
-        recorded at x."""
+    def _clean_passes(self, x, y, seed, teacher_logits):
+        """(student logits at x, teacher logits at x (`teacher_logits` when given), the Jacobian term or None),
+        features recorded at x."""
         student, teacher = self._models
         s_capture, t_capture = self._captures
         if self.feature_pairs:
@@ -393,7 +390,7 @@ class RobustKDLoss(HoldsStudentTeacher, nn.Module):
             # the perturbed ones
             s_capture.arm(rows=slice(0, x.shape[0]))
             t_capture.arm()
-        jac = t_logits = None
+        jac, t_logits = None, teacher_logits
         try:
             if self.jac_weight > 0:
                 # One call makes the clean forwards of both models (recorded by the hooks) and the perturbed
@@ -403,16 +400,15 @@ class RobustKDLoss(HoldsStudentTeacher, nn.Module):
                                                            return_outputs=True, generator=generator, **self.jacobian)
             else:
                 s_logits = student(x)
-                if self.uses_teacher and not teacher_logits_given:
-                    with torch.no_grad():
-                        t_logits = self._teach(x)
+                if self.uses_teacher and t_logits is None:
+                    t_logits = self.teacher_logits(x)
         finally:
             s_capture.armed = t_capture.armed = False
         return s_logits, t_logits, jac
 
-    def _adversarial_passes(self, x, y, seed, teacher_logits_given):
-        """(student logits at x', teacher logits at x' (at x with teacher_at "clean"; None when given), the
-        Jacobian term or None); the features recorded at the same inputs."""
+    def _adversarial_passes(self, x, y, seed, teacher_logits):
+        """(student logits at x', teacher logits at x' (at x with teacher_at "clean"; `teacher_logits` when given),
+        the Jacobian term or None); the features recorded at the same inputs."""
         from .attacks import n_fgsm, pgd
 
         student, teacher = self._models
@@ -448,8 +444,8 @@ class RobustKDLoss(HoldsStudentTeacher, nn.Module):
                 if self.feature_pairs:
                     s_capture.arm()
                 s_logits = student(x_adv)
-            t_logits = t_adv = t_start = None
-            if self.uses_teacher and not teacher_logits_given:
+            t_logits, t_adv, t_start = teacher_logits, None, None
+            if self.uses_teacher and t_logits is None:
                 n = x.shape[0]
                 # one call (the teacher is frozen): the targets' input first (its features recorded), then x' and
                 # x̃ where the Jacobian term needs them

@@ -14,7 +14,6 @@ from _digits_model import FAST_FLAGS, FAST_TRAINING, digits_batch, tiny_cnn
 from rkd_fast import RobustKDLoss
 from rkd_fast.cli import main
 from rkd_fast.datasets import GPULoader
-from rkd_fast.losses import RobustKDLoss as LossClass
 from rkd_fast.train import checkpoints, train_model
 from rkd_fast.train.methods import RunSettings, create
 
@@ -26,13 +25,13 @@ CLEAN_SOFT_LABELS = {"teacher_at": "clean", "ce_weight": 0.0, "feat_weight": 0.0
 def _counting_teacher_calls(monkeypatch):
     """The number of the loss's teacher forwards so far, as a one-element list updated in place."""
     calls = [0]
-    teach = LossClass._teach
+    teach = RobustKDLoss._teach
 
     def counted(self, x):
         calls[0] += 1
         return teach(self, x)
 
-    monkeypatch.setattr(LossClass, "_teach", counted)
+    monkeypatch.setattr(RobustKDLoss, "_teach", counted)
     return calls
 
 

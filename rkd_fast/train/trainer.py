@@ -160,7 +160,6 @@ class Run:
         self.precomputes = self.method.plan_precompute(fixed_inputs)
         if self.precomputes:
             self.train_batches.yield_indices = True
-        self.precomputed = False
         self.eps, self.alpha = cfg.attack_eps(), cfg.validation_alpha()
 
         # A step takes the next global batch (batch_size per process) of the epoch order.
@@ -330,7 +329,8 @@ class Run:
         cfg = self.cfg
         ctx = self.dist
         progress = cfg.progress and ctx.is_main
-        for epoch in range(self.position["epoch"], cfg.epochs):
+        first_epoch = self.position["epoch"]
+        for epoch in range(first_epoch, cfg.epochs):
             self.student.train()
             self.method.train()
             first = self.position["step"]
@@ -339,9 +339,8 @@ class Run:
             # Seconds of training in this epoch: the clock excludes checkpoint writes; `base` carries the
             # seconds of a resumed epoch's earlier part.
             base, started, paused = self.accum["seconds"], time.perf_counter(), 0.0
-            if self.precomputes and not self.precomputed:  # in the clock: part of the training's cost
+            if self.precomputes and epoch == first_epoch:  # in the clock: part of the training's cost
                 self.method.precompute((self._layout(x), y) for x, y in self.train_batches.in_order(cfg.batch_size))
-                self.precomputed = True
             for step, x, y, size, indices in self._epoch_steps(epoch, first):
                 self._step(x, y, size, indices)
                 self.position.update(step=step + 1, global_step=self.position["global_step"] + 1)

@@ -15,8 +15,8 @@ detached 0-d tensors (no host sync). ``run`` holds the run's shared settings (Ru
 own, resolved (a namespace of its OPTIONS); it never sees the whole config. ``autocast()`` returns the context the
 forward passes run in (the run's mixed precision). ``step_seed`` seeds any randomness of the step (the attacks'
 random starts), so a resumed run replays it. A method that computes something per training sample beforehand
-(``plan_precompute``) is also given the batch's sample indices. A method's own trainable parameters (the feature adapters) are
-``method.parameters()`` and its state is ``method.state_dict()``.
+(``plan_precompute``) is also given the batch's sample indices. A method's own trainable parameters (the feature
+adapters) are ``method.parameters()`` and its state is ``method.state_dict()``.
 """
 
 import types

@@ -20,7 +20,8 @@ PGD-AT student, or on the teacher when pgd-at is not in the study, applied to ev
 
 --resume continues a study in --out: the models and scores already there are kept (they must come from this
 commit and the same settings; anything else is refused), the rest are trained and evaluated, so a study can run
-over several sessions.
+over several sessions. A copy of a study without its transfer examples (31 MB for Fashion-MNIST's, left out of the
+records) gets them written again by their source; its scores are kept.
 
 A model whose AutoAttack accuracy falls more than MASKING_GAP under its PGD-20 accuracy is flagged: AutoAttack's
 gradient-free Square attack and its step-size-free APGD find what a masked gradient hides from PGD. The evaluation's
@@ -191,7 +192,8 @@ def criterion(summary):
 
 def _evaluate_job(job):
     """One model's evaluation, in a worker process: clean and PGD-20 on the test split, AutoAttack standard on
-    it (or the subset), the transfer examples' accuracy; writes the transfer examples when asked."""
+    it (or the subset), the transfer examples' accuracy; writes the transfer examples when asked. A job that
+    brings its `scores` only writes the transfer examples."""
     from .attacks import pgd
     from .attacks.sanity import collect_cautions
     from .model_file import load_model
@@ -201,13 +203,16 @@ def _evaluate_job(job):
     model = load_model(job["path"])
     x, y = torch.load(job["test"], weights_only=True)
     aa = job["aa_index"]
-    with collect_cautions() as cautions:
-        row = evaluate_model(model, (x, y), (x[aa], y[aa]), job["eps"], job["seed"], attacks=("clean", "pgd20"),
-                             autoattack=job["autoattack"])
+    scores = job.get("scores")
+    if scores is None:
+        with collect_cautions() as cautions:
+            row = evaluate_model(model, (x, y), (x[aa], y[aa]), job["eps"], job["seed"], attacks=("clean", "pgd20"),
+                                 autoattack=job["autoattack"])
+        scores = {**row, "warnings": cautions}
     if job.get("write_transfer"):
         x_adv = pgd(model, x, y, job["eps"], job["eps"] / 4, 20, random_start=True, seed=job["seed"])
         torch.save(x_adv, job["write_transfer"])
-    return job["key"], {**row, "warnings": cautions}
+    return job["key"], scores
 
 
 def _transfer_accuracy(path, x_adv, y):
@@ -380,17 +385,20 @@ def run_frontier(out, *, dataset="digits", data_dir=None, variants=None, custom=
             continue
         job = {"key": i, "path": row["path"], "test": str(test_file), "aa_index": aa_index, "eps": float(eps),
                "seed": row["seed"], "threads": evaluation_threads, "autoattack": settings["autoattack"]}
+        if held is not None:  # a source whose transfer examples are missing (a copied study leaves them out)
+            job["scores"] = held
         if is_source(row):
             job["write_transfer"] = str(files.add(transfer_file(row["seed"])))
         jobs_list.append(job)
     t = time.perf_counter()
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-        for key, scores in pool.map(_evaluate_job, jobs_list):
+        for job, (key, scores) in zip(jobs_list, pool.map(_evaluate_job, jobs_list)):
             r = evaluated[key]
             r.update(scores)
             files.written(atomic_write_json(scores_file(r), {"scores": scores, **stamp}))
             if progress:
-                print(f"[frontier] evaluated {r['variant']} seed {r['seed']}: clean {r['clean']:.3f} "
+                done = "kept the scores and wrote the transfer examples of" if "scores" in job else "evaluated"
+                print(f"[frontier] {done} {r['variant']} seed {r['seed']}: clean {r['clean']:.3f} "
                       f"PGD-20 {r['pgd20']:.3f} AA {r['autoattack']:.3f}", flush=True)
                 for caution in r["warnings"]:
                     print(f"[frontier] warning ({r['variant']} seed {r['seed']}): {caution}", flush=True)

@@ -72,6 +72,25 @@ def test_an_evaluation_keeps_the_sanity_checks_warnings_and_shows_the_others(tmp
     assert [w.category for w in shown] == [RuntimeWarning]
 
 
+def test_a_job_with_its_scores_only_writes_the_transfer_examples(tmp_path, teacher_file, monkeypatch,
+                                                                  single_thread):
+    from rkd_fast import studies
+
+    def evaluate_model(*args, **kwargs):
+        raise AssertionError("a model with its scores is not evaluated again")
+
+    monkeypatch.setattr(studies, "evaluate_model", evaluate_model)
+    x, y = torch.rand(4, 1, 8, 8), torch.arange(4)
+    torch.save((x, y), tmp_path / "test.pt")
+    held = {"clean": 0.75, "pgd20": 0.5, "autoattack": 0.25, "warnings": []}
+    job = {"key": 1, "path": str(teacher_file), "test": str(tmp_path / "test.pt"), "aa_index": [0, 1], "eps": 0.1,
+           "seed": 0, "threads": 1, "autoattack": "standard", "scores": held,
+           "write_transfer": str(tmp_path / "transfer.pt")}
+    assert frontier._evaluate_job(job) == (1, held)
+    x_adv = torch.load(tmp_path / "transfer.pt", weights_only=True)
+    assert x_adv.shape == x.shape and (x_adv - x).abs().max() <= 0.1 + 1e-6
+
+
 def _rows(variant, aa, seconds):
     return [{"variant": variant, "seed": i, "clean": 1.0, "pgd20": a + 0.01, "autoattack": a, "transfer": None,
              "train_seconds": t, "masking": False} for i, (a, t) in enumerate(zip(aa, seconds))]
@@ -192,6 +211,13 @@ def test_a_study_resumes_keeping_its_finished_models(tmp_path, monkeypatch, caps
         kept = next(r for r in second["rows"] if (r["variant"], r["seed"]) == (row["variant"], row["seed"]))
         assert {k: kept[k] for k in ("clean", "pgd20", "autoattack", "train_seconds")} == \
             {k: row[k] for k in ("clean", "pgd20", "autoattack", "train_seconds")}
+    # A copy without the transfer examples gets them again from their source, whose scores are kept.
+    (out / "models" / "transfer-seed0.pt").unlink()
+    assert main([*args, "--seeds", "2", "--resume"]) == 0
+    third = json.loads((out / "results.json").read_text())
+    assert third["stages"] == {} and (out / "models" / "transfer-seed0.pt").is_file()
+    assert [{k: r[k] for k in ("clean", "pgd20", "autoattack", "transfer")} for r in third["rows"]] == \
+        [{k: r[k] for k in ("clean", "pgd20", "autoattack", "transfer")} for r in second["rows"]]
     # Another commit's models are refused, and so are other settings.
     import rkd_fast.provenance
 

@@ -1,4 +1,4 @@
-"""The Fashion-MNIST frontier from its records: every method's five seeds (the studies of 86901a7 and dc2627f; TRADES's first two) beside
+"""The Fashion-MNIST frontier from its records: every method's five seeds (the studies of 86901a7 and dc2627f) beside
 its training cost timed side by side (timing-3885936, run C). Prints the table of docs/frontier.md and the README
 and draws frontier.png (AutoAttack accuracy against the cost). From the repository root:
 
@@ -22,7 +22,7 @@ METHODS = [
     ("… the same students without the teacher cache", "study-dc2627f", "rkd-tclean-kd-only", "robust-kd-no-cache"),
     ("pgd-2", "study-dc2627f", "pgd-2", "pgd-2"),
     ("pgd-at (PGD-10)", "study-dc2627f", "pgd-at-10", "pgd-at-10"),
-    ("trades (seeds 0-1)", "trades-dc2627f", "trades", "trades"),
+    ("trades", "trades-dc2627f", "trades", "trades"),
 ]
 STUDY_EPOCHS = 6
 
